@@ -1,0 +1,74 @@
+"""Spawn helpers for the distributed tests: one process per rank, gloo on CPU or NCCL on GPUs.
+
+The backend comes from ``ULYSSES_SP_TEST_BACKEND`` (``gloo`` by default, ``nccl`` for the GPU run,
+see tests/distributed/run_gpu.sh), so the same test bodies run on both. Bodies must be module-level
+functions (spawn pickles them by name); they receive ``(ctx, *args)`` and assert inside the worker:
+a failed assertion on any rank fails the test with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def backend() -> str:
+    return os.environ.get("ULYSSES_SP_TEST_BACKEND", "gloo")
+
+
+def on_gpu() -> bool:
+    return backend() == "nccl"
+
+
+@dataclass
+class Ctx:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the parity tests: fp32, or bf16 when ULYSSES_SP_TEST_DTYPE=bf16."""
+        return torch.bfloat16 if os.environ.get("ULYSSES_SP_TEST_DTYPE") == "bf16" else torch.float32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    if on_gpu():
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world_size, timeout=timedelta(seconds=300),
+                                device_id=device)
+    else:
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=300))
+    try:
+        fn(Ctx(rank, world_size, device), *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(fn, world_size: int, *args) -> None:
+    """Run ``fn(ctx, *args)`` on ``world_size`` fresh processes; re-raise the first failure."""
+    if on_gpu() and torch.cuda.device_count() < world_size:
+        import pytest
+
+        pytest.skip(f"needs {world_size} GPUs, found {torch.cuda.device_count()}")
+    mp.start_processes(_worker, args=(world_size, _free_port(), fn, args), nprocs=world_size,
+                       join=True, start_method="spawn")
+
+

@@ -1,0 +1,51 @@
+"""Shared helpers of the tests: tiny models, deterministic batches, tolerances, grad comparison."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import transformers
+
+from ulysses_sp.presets import build_config
+
+
+def tiny_model(name: str, seed: int = 0, attn: str = "sdpa", dtype=torch.float32, **overrides):
+    """A random-init preset model, identical on every rank for the same seed."""
+    torch.manual_seed(seed)
+    config = build_config(name, **overrides)
+    config._attn_implementation = attn
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.train()
+
+
+def tokens(batch: int, seq: int, vocab: int = 256, seed: int = 1, device="cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+
+
+def tolerances(dtype: torch.dtype) -> dict:
+    """fp32: tight; bf16: documented loose bound (docs/testing.md)."""
+    if dtype == torch.bfloat16:
+        return dict(rtol=2e-2, atol=2e-2)
+    return dict(rtol=1e-5, atol=1e-5)
+
+
+def clone(model):
+    return copy.deepcopy(model)
+
+
+def assert_grads_close(model, ref, **tol) -> int:
+    """Every parameter's .grad equal to the reference's; returns how many were compared."""
+    ref_params = dict(ref.named_parameters())
+    n = 0
+    for name, p in model.named_parameters():
+        r = ref_params[name]
+        if r.grad is None:
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0, f"{name}: grad where reference has none"
+            continue
+        assert p.grad is not None, f"{name}: no gradient under SP"
+        torch.testing.assert_close(p.grad, r.grad, msg=lambda m: f"{name}: {m}", **tol)
+        n += 1
+    assert n > 0, "no gradients compared"
+    return n

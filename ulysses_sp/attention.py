@@ -1,0 +1,106 @@
+"""UlyssesAttention: the all-to-all wrapper around one model's core attention.
+
+Shape legend: B batch, S full sequence, s = S/P local tokens, P = sp_size, Nq/Nkv heads of the
+model, nq/nk heads this rank computes, H head dim (Hv for values).
+
+transformers calls ``fn(module, query, key, value, attention_mask, **kwargs)`` with q/k/v laid out
+[B, N, s, H] (RoPE already applied with global positions) and expects ``([B, s, Nq, Hv], weights)``.
+We re-shard to [B, S, n, H], run the backend over the whole sequence, and re-shard back.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from . import backends, comm
+from .heads import plan_heads
+from .positions import SEQ_INFO_KWARG, SequenceInfo
+from .topology import SPTopology
+
+logger = logging.getLogger("ulysses_sp")
+
+
+class UlyssesAttention:
+    """Callable registered with transformers' AttentionInterface for one model.
+
+    ``backend`` is the core kernel ("sdpa", "flash_attention_2", "flash_attention_3",
+    "flex_attention" or "eager"); it always sees the full sequence, never a shard.
+    """
+
+    def __init__(self, topology: SPTopology, backend: str):
+        if backend not in backends.SUPPORTED:
+            raise ValueError(
+                f"attention implementation {backend!r} is not supported by ulysses_sp; "
+                f"use one of {list(backends.SUPPORTED)}"
+            )
+        self.topology = topology
+        self.backend = backend
+        self._warned_eager = False
+
+    def __call__(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        is_causal: bool | None = None,
+        s_aux: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        if s_aux is not None:
+            raise ValueError("ulysses_sp does not support attention sinks (s_aux) yet")
+        topo = self.topology
+        P, rank = topo.sp_size, topo.sp_rank
+        B, Nq, s, H = query.shape
+        info: SequenceInfo = kwargs.get(SEQ_INFO_KWARG) or SequenceInfo(s * P)
+        if info.seq_len != s * P:
+            raise ValueError(
+                f"attention got {s} local tokens on each of {P} SP ranks ({s * P} in all) but the step's "
+                f"sequence info describes {info.seq_len} tokens; pass the output of ulysses_sp.shard_batch"
+            )
+        if self.backend == "eager" and not self._warned_eager:
+            warnings.warn(f"ulysses_sp: eager attention materialises [B, N/P, S, S] scores ({s * P}^2 per head); "
+                          "prefer sdpa, flex_attention or flash_attention_2 for long sequences", stacklevel=2)
+            self._warned_eager = True
+        plan = plan_heads(Nq, key.shape[1], P)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, s, N, H]
+        if P > 1:
+            q, k, v = comm.seq_to_heads([q, k, v], [plan.q_heads, plan.kv_heads, plan.kv_heads],
+                                        topo.sp_group, rank)  # [B, S, n, H]
+        spec = backends.AttnSpec(
+            causal=is_causal if is_causal is not None else getattr(module, "is_causal", True),
+            scale=scaling if scaling is not None else H ** -0.5,
+            dropout=dropout,
+            window=sliding_window,
+            softcap=softcap,
+            info=info,
+            custom_mask=self._full_mask(attention_mask, s * P, Nq, plan.q_heads[rank]),
+        )
+        out = backends.run(self.backend, q, k, v, spec)  # [B, S, nq, Hv]
+        if P > 1:
+            out = comm.heads_to_seq(out, plan.q_heads, topo.sp_group, rank)  # [B, s, Nq, Hv]
+        return out, None
+
+    @staticmethod
+    def _full_mask(mask, S: int, Nq: int, my_heads: tuple[int, ...]):
+        """A user's 4-D mask must describe the full sequence: [B|1, 1|Nq, S, S] (sliced to our heads)."""
+        if mask is None:
+            return None
+        shape = tuple(mask.shape)
+        if len(shape) != 4 or shape[-2:] != (S, S) or shape[1] not in (1, Nq):
+            raise ValueError(
+                f"under sequence parallelism a custom attention mask must cover the full sequence: "
+                f"[B, 1 or {Nq}, {S}, {S}], got {list(shape)}. A 2-D padding mask should be passed "
+                "as attention_mask of the local shard ([B, S/P]) so ulysses_sp can gather it."
+            )
+        if shape[1] == Nq and Nq > 1 and isinstance(mask, torch.Tensor):
+            mask = mask[:, my_heads[0] : my_heads[-1] + 1]  # [B, nq, S, S]
+        return mask

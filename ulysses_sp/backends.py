@@ -1,0 +1,275 @@
+"""Core attention kernels over the full sequence, run between the two all-to-alls.
+
+Shape legend: B batch, S full sequence, n heads on this rank (nq query, nk key/value), H head dim
+(Hv for values), T valid tokens over B*S. Inputs and outputs are [B, S, n, H] ("BSNH").
+
+Each backend honours the same rule (masks.py): causal, sliding window, packed documents and
+padding, plus a user's full [B, 1|N, S, S] mask where the kernel can take one. Nothing S x S is
+built on the sdpa/flash/flex paths unless the batch needs a mask no sparse kernel can express,
+and that fallback warns above ``DENSE_MASK_WARN_TOKENS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from . import masks
+from .positions import SequenceInfo
+
+logger = logging.getLogger("ulysses_sp")
+
+SUPPORTED = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "eager")
+DENSE_MASK_WARN_TOKENS = 16384
+
+
+@dataclass
+class AttnSpec:
+    """What one attention call must compute, beyond q/k/v."""
+
+    causal: bool
+    scale: float
+    dropout: float
+    window: int | None  # attend the last `window` keys (transformers' sliding_window), None: all
+    softcap: float | None
+    info: SequenceInfo
+    custom_mask: torch.Tensor | object | None  # a user's full-sequence mask (dense or BlockMask)
+
+
+def run(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
+    """[B, S, nq, H], [B, S, nk, H], [B, S, nk, Hv] -> [B, S, nq, Hv]."""
+    if spec.window is not None and spec.window >= spec.info.seq_len:
+        spec.window = None  # a window longer than the sequence is full attention
+    if impl == "sdpa":
+        return _sdpa(q, k, v, spec)
+    if impl in ("flash_attention_2", "flash_attention_3"):
+        return _flash(q, k, v, spec, version=3 if impl.endswith("3") else 2)
+    if impl == "flex_attention":
+        return _flex(q, k, v, spec)
+    if impl == "eager":
+        return _eager(q, k, v, spec)
+    raise AssertionError(f"unsupported backend {impl!r} passed validation")
+
+
+# --- sdpa --------------------------------------------------------------------------------------
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, S, nk, H] -> [B, S, nk*groups, H] (each kv head next to the q heads that read it)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
+def _custom_dense(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(
+            f"a {type(mask).__name__} attention mask works only with attn_implementation='flex_attention'"
+        )
+    return mask if mask.dtype == torch.bool else mask.to(dtype)
+
+
+def _sdpa(q, k, v, spec: AttnSpec) -> torch.Tensor:
+    groups = q.shape[2] // k.shape[2]
+    if spec.softcap is not None:
+        raise ValueError("sdpa has no logit softcapping; use attn_implementation='eager', 'flex_attention' "
+                         "or 'flash_attention_2' for this model")
+    needs_mask = spec.custom_mask is not None or not spec.info.is_plain or spec.window is not None
+    if needs_mask and spec.custom_mask is None and q.is_cuda and spec.dropout == 0.0:
+        varlen = _varlen_route(q, k, v, spec)
+        if varlen is not None:
+            return varlen
+    mask, is_causal = None, spec.causal
+    if spec.custom_mask is not None:
+        mask, is_causal = _custom_dense(spec.custom_mask, q.dtype), False
+    elif needs_mask:
+        mask, is_causal = _dense(spec, q.device), False
+    if mask is not None and groups > 1:
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)  # masked GQA falls back to math on CUDA
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, n, S, H]
+        attn_mask=mask, dropout_p=spec.dropout, is_causal=is_causal, scale=spec.scale,
+        enable_gqa=mask is None and groups > 1,
+    )  # [B, nq, S, Hv]
+    return out.transpose(1, 2)  # [B, S, nq, Hv]
+
+
+def _dense(spec: AttnSpec, device) -> torch.Tensor:
+    S = spec.info.seq_len
+    if S > DENSE_MASK_WARN_TOKENS:
+        warnings.warn(
+            f"ulysses_sp: building a dense {S}x{S} attention mask (packed/padded/windowed batch on a "
+            "backend without a sparse route); use flash_attention_2 or flex_attention on GPU to avoid it",
+            stacklevel=3,
+        )
+    key = ("dense", spec.causal, spec.window, str(device))
+    if key not in spec.info.cache:
+        spec.info.cache[key] = masks.dense_mask(spec.info, spec.causal, spec.window, device)
+    return spec.info.cache[key]
+
+
+def _varlen_route(q, k, v, spec: AttnSpec) -> torch.Tensor | None:
+    """torch's varlen flash kernel for packed/padded/windowed batches on CUDA (no dense mask)."""
+    fn = _torch_varlen()
+    if fn is None or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] != v.shape[-1]:
+        return None
+    cu, max_len = _cu_seqlens(spec.info, q.shape[0], q.device)
+    window = (-1 if spec.window is None else spec.window - 1, 0 if spec.causal else
+              (-1 if spec.window is None else spec.window - 1))
+    qf, kf, vf = (_flatten_valid(t, spec.info) for t in (q, k, v))  # [T, n, H]
+    out = fn(qf, kf, vf, cu, cu, max_len, max_len, scale=spec.scale, window_size=window,
+             enable_gqa=q.shape[2] != k.shape[2])  # [T, nq, H]
+    return _unflatten_valid(out, spec.info, q.shape[0])
+
+
+@lru_cache(maxsize=1)
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+# --- varlen helpers (flash-attn and torch varlen) -----------------------------------------------
+
+
+def _cu_seqlens(info: SequenceInfo, batch: int, device) -> tuple[torch.Tensor, int]:
+    """cu_seqlens over the flattened valid tokens; one document per row when the info is plain."""
+    if info.cu_seqlens is not None:
+        return info.cu_seqlens.to(device), int(info.max_seqlen)
+    key = ("cu", batch, str(device))
+    if key not in info.cache:
+        info.cache[key] = torch.arange(0, (batch + 1) * info.seq_len, info.seq_len, dtype=torch.int32, device=device)
+    return info.cache[key], info.seq_len
+
+
+def _flatten_valid(x: torch.Tensor, info: SequenceInfo) -> torch.Tensor:
+    flat = x.reshape(-1, *x.shape[2:])  # [B*S, n, H]
+    return flat if info.valid_index is None else flat.index_select(0, info.valid_index.to(x.device))  # [T, n, H]
+
+
+def _unflatten_valid(out: torch.Tensor, info: SequenceInfo, batch: int) -> torch.Tensor:
+    if info.valid_index is None:
+        return out.view(batch, info.seq_len, *out.shape[1:])  # [B, S, n, H]
+    full = out.new_zeros(batch * info.seq_len, *out.shape[1:])  # padding queries read nothing: zeros
+    full = full.index_copy(0, info.valid_index.to(out.device), out)  # [B*S, n, H]
+    return full.view(batch, info.seq_len, *out.shape[1:])
+
+
+# --- flash-attn 2 / 3 ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=2)
+def flash_functions(version: int):
+    """(flash_attn_func, flash_attn_varlen_func) of flash-attn 2 or 3; ImportError when absent."""
+    if version == 3:
+        from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
+    else:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def _flash(q, k, v, spec: AttnSpec, version: int) -> torch.Tensor:
+    if spec.custom_mask is not None:
+        raise ValueError(
+            "flash-attention cannot take a dense [B, 1, S, S] attention mask; pass packed documents as "
+            "position_ids/cu_seqlens, or use attn_implementation='sdpa' or 'eager' for custom masks"
+        )
+    if version == 3 and spec.dropout > 0:
+        raise ValueError("flash_attention_3 has no attention dropout; set attention_dropout=0")
+    func, varlen_func = flash_functions(version)
+    in_dtype, hv = q.dtype, v.shape[-1]
+    if in_dtype not in (torch.float16, torch.bfloat16):
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))  # flash kernels are half precision only
+    if hv != q.shape[-1]:
+        v = F.pad(v, [0, q.shape[-1] - hv])  # MLA: value head dim < query head dim
+    left = -1 if spec.window is None else spec.window - 1
+    kwargs = dict(softmax_scale=spec.scale, causal=spec.causal, window_size=(left, 0 if spec.causal else left))
+    if spec.softcap is not None:
+        kwargs["softcap"] = spec.softcap
+    if version == 2:
+        kwargs["dropout_p"] = spec.dropout
+    if spec.info.is_plain:
+        out = func(q, k, v, **kwargs)  # [B, S, nq, H]
+    else:
+        cu, max_len = _cu_seqlens(spec.info, q.shape[0], q.device)
+        qf, kf, vf = (_flatten_valid(t, spec.info) for t in (q, k, v))  # [T, n, H]
+        out = varlen_func(qf, kf, vf, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                          max_seqlen_k=max_len, **kwargs)  # [T, nq, H]
+        out = out[0] if isinstance(out, tuple) else out
+        out = _unflatten_valid(out, spec.info, q.shape[0])  # [B, S, nq, H]
+    out = out[0] if isinstance(out, tuple) else out
+    return out[..., :hv].to(in_dtype)
+
+
+# --- flex ---------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, spec: AttnSpec) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+    if spec.dropout > 0:
+        raise ValueError("flex_attention has no attention dropout; set attention_dropout=0 or use sdpa")
+    B, S = q.shape[:2]
+    if spec.custom_mask is not None:
+        if not isinstance(spec.custom_mask, BlockMask):
+            raise ValueError("with flex_attention pass a custom mask as a BlockMask over the full sequence")
+        block_mask = spec.custom_mask
+    else:
+        key = ("flex", spec.causal, spec.window, str(q.device))
+        if key not in spec.info.cache:
+            batch = None if spec.info.is_plain else B
+            spec.info.cache[key] = create_block_mask(
+                masks.mask_mod(spec.info, spec.causal, spec.window), batch, None, S, S, device=q.device
+            )
+        block_mask = spec.info.cache[key]
+    score_mod = None
+    if spec.softcap is not None:
+        cap = spec.softcap
+
+        def score_mod(score, b, h, qi, ki):
+            return torch.tanh(score / cap) * cap
+
+    fn = flex_attention if (q.device.type == "cpu" or torch.compiler.is_compiling()) else _compiled_flex()
+    out = fn(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, n, S, H]
+        score_mod=score_mod, block_mask=block_mask, scale=spec.scale, enable_gqa=q.shape[2] != k.shape[2],
+    )  # [B, nq, S, Hv]
+    return out.transpose(1, 2)  # [B, S, nq, Hv]
+
+
+# --- eager --------------------------------------------------------------------------------------
+
+
+def _eager(q, k, v, spec: AttnSpec) -> torch.Tensor:
+    groups = q.shape[2] // k.shape[2]
+    qt = q.transpose(1, 2)  # [B, nq, S, H]
+    kt = _repeat_kv(k, groups).transpose(1, 2)  # [B, nq, S, H]
+    vt = _repeat_kv(v, groups).transpose(1, 2)  # [B, nq, S, Hv]
+    scores = torch.matmul(qt, kt.transpose(2, 3)) * spec.scale  # [B, nq, S, S]
+    if spec.softcap is not None:
+        scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    if spec.custom_mask is not None:
+        mask = _custom_dense(spec.custom_mask, scores.dtype)
+    else:
+        mask = _dense(spec, q.device) if (spec.causal or not spec.info.is_plain or spec.window) else None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if spec.dropout > 0:
+        probs = F.dropout(probs, p=spec.dropout, training=True)
+    return torch.matmul(probs, vt).transpose(1, 2)  # [B, S, nq, Hv]

@@ -1,0 +1,81 @@
+"""Which attention heads each SP rank computes: pure logic, no tensors, no communication.
+
+Query heads are split into P contiguous, balanced ranges (uneven when N % P != 0: the first
+N % P ranks get one more). Each rank then needs the key/value heads its query heads read (GQA):
+ - N_kv divisible by P and aligned with the query split: plain split, no replication;
+ - N_kv < P (MQA/GQA with few kv heads): a kv head is sent to every rank whose query heads use it,
+   i.e. replicated only as often as needed (P / N_kv times when that divides);
+ - anything irregular: one kv head per local query head (group 1), which is always correct.
+Uneven counts across ranks are fine: the all-to-all then runs with per-rank split sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """Head assignment for one attention call shape (num_q, num_kv) over ``sp`` ranks.
+
+    ``q_heads[r]`` / ``kv_heads[r]`` are the global head indices rank ``r`` receives (q heads are a
+    contiguous range; kv indices may repeat across ranks when replicated).
+    """
+
+    sp: int
+    num_q: int
+    num_kv: int
+    q_heads: tuple[tuple[int, ...], ...]
+    kv_heads: tuple[tuple[int, ...], ...]
+
+    @property
+    def even(self) -> bool:
+        """Every rank receives the same number of q heads and of kv heads (one a2a shape for all)."""
+        return len({len(h) for h in self.q_heads}) == 1 and len({len(h) for h in self.kv_heads}) == 1
+
+    @property
+    def kv_is_plain_split(self) -> bool:
+        """kv heads are a plain contiguous split in rank order (no replication, no gather)."""
+        flat = [h for heads in self.kv_heads for h in heads]
+        return self.even and flat == list(range(self.num_kv))
+
+    def q_count(self, rank: int) -> int:
+        return len(self.q_heads[rank])
+
+    def kv_count(self, rank: int) -> int:
+        return len(self.kv_heads[rank])
+
+
+def valid_sp_sizes(num_q: int, up_to: int = 64) -> list[int]:
+    """SP sizes with at least one query head per rank (uneven splits included)."""
+    return [p for p in range(1, min(num_q, up_to) + 1)]
+
+
+@lru_cache(maxsize=256)
+def plan_heads(num_q: int, num_kv: int, sp: int) -> HeadPlan:
+    """Plan the head split of ``num_q`` query / ``num_kv`` kv heads over ``sp`` ranks."""
+    if num_kv < 1 or num_q % num_kv != 0:
+        raise ValueError(
+            f"num_attention_heads={num_q} must be a multiple of num_key_value_heads={num_kv}"
+        )
+    if sp > num_q:
+        raise ValueError(
+            f"sp_size={sp} exceeds num_attention_heads={num_q}: every SP rank needs at least one "
+            f"query head. Use sp_size <= {num_q}."
+        )
+    group = num_q // num_kv
+    base, extra = divmod(num_q, sp)
+    q_heads, kv_heads = [], []
+    start = 0
+    for r in range(sp):
+        count = base + (1 if r < extra else 0)
+        q = tuple(range(start, start + count))
+        start += count
+        needed = [j // group for j in q]
+        unique = sorted(set(needed))
+        # GQA works locally when every kv head this rank needs serves the same number of its q heads
+        uniform = all(needed.count(u) == len(q) // len(unique) for u in unique) and len(q) % len(unique) == 0
+        kv_heads.append(tuple(unique) if uniform else tuple(needed))
+        q_heads.append(q)
+    return HeadPlan(sp=sp, num_q=num_q, num_kv=num_kv, q_heads=tuple(q_heads), kv_heads=tuple(kv_heads))

@@ -1,0 +1,225 @@
+"""Apply / remove Ulysses SP on one transformers model, and nothing else in the process.
+
+How it is scoped: transformers picks the attention function by the *name* in
+``config._attn_implementation``. ``apply`` gives the model private copies of its configs (two models
+built from one config object would otherwise switch together), registers a name unique to this
+model whose function is this model's :class:`UlyssesAttention`, and sets that name on the copies.
+A name transformers has no mask builder for makes it skip mask construction (nothing S x S, nothing
+sized for the shard); the masks are ours, built from the step's SequenceInfo. ``remove`` puts the
+original configs back and unregisters the name.
+
+A forward pre-hook on the model's backbone completes each call with what the shard alone does not
+carry: global position ids when absent, and the SequenceInfo of the full sequence (from
+``shard_batch``, or gathered once per step here).
+
+Shape legend: B batch, s = S/P local tokens, S full sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+from dataclasses import dataclass
+
+import torch
+import transformers
+from packaging.version import Version
+
+from .. import comm
+from ..attention import UlyssesAttention
+from ..heads import plan_heads
+from ..positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, local_position_ids
+from ..topology import SPTopology
+
+MIN_TRANSFORMERS = Version("5.0")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+_names = itertools.count()
+
+
+@dataclass
+class _State:
+    topology: SPTopology
+    attention: UlyssesAttention
+    name: str
+    original_impl: str
+    config_refs: list  # (module, original config object) for every module whose config we swapped
+    hook: torch.utils.hooks.RemovableHandle
+    forward_params: tuple[str, ...]
+
+
+def _check_transformers() -> None:
+    version = Version(transformers.__version__)
+    if version < MIN_TRANSFORMERS:
+        raise RuntimeError(
+            f"ulysses_sp needs transformers >= {MIN_TRANSFORMERS} (AttentionInterface and attention kwargs "
+            f"passthrough); found {transformers.__version__}. Upgrade with: pip install -U 'transformers>=5'"
+        )
+
+
+def _attention_interface():
+    from transformers import AttentionInterface
+
+    return AttentionInterface
+
+
+def is_applied(model: torch.nn.Module) -> bool:
+    return getattr(model, "_ulysses_sp", None) is not None
+
+
+def _validate(model, config, topology: SPTopology, impl: str) -> None:
+    if not hasattr(model, "_can_set_attn_implementation") or not model._can_set_attn_implementation():
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
+            "so ulysses_sp cannot wrap it; use a model whose attention calls ALL_ATTENTION_FUNCTIONS"
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
+    if unsupported:
+        raise ValueError(
+            f"{type(model).__name__} has layers of type {unsupported}; ulysses_sp shards the sequence "
+            f"across ranks and supports only {list(SUPPORTED_LAYER_TYPES)} layers (recurrent/linear-attention "
+            "layers need the whole sequence in order)"
+        )
+    if getattr(config, "attention_chunk_size", None):
+        raise ValueError("chunked attention (attention_chunk_size) is not supported by ulysses_sp yet")
+    heads = getattr(config, "num_attention_heads", None)
+    if heads is None:
+        raise ValueError(f"{type(config).__name__} has no num_attention_heads; cannot plan the head split")
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    plan_heads(heads, kv if heads % kv == 0 else heads, topology.sp_size)  # raises on sp > heads
+    if impl in ("flash_attention_2", "flash_attention_3"):
+        from ..backends import flash_functions
+
+        try:
+            flash_functions(3 if impl.endswith("3") else 2)
+        except ImportError as e:
+            raise ValueError(
+                f"attn_implementation={impl!r} needs the flash-attn package ({e}); install it with "
+                "pip install 'ulysses_sp[flash]' or choose 'sdpa'"
+            ) from None
+
+
+def _swap_configs(model, text_config, name: str) -> list:
+    """Give every module a private copy of its config; set ``name`` on the copied text config."""
+    copies: dict[int, object] = {}
+    refs = []
+    for module in model.modules():
+        cfg = module.__dict__.get("config")
+        if not isinstance(cfg, transformers.PretrainedConfig):
+            continue
+        if id(cfg) not in copies:
+            copies[id(cfg)] = copy.deepcopy(cfg)
+        refs.append((module, cfg))
+        module.config = copies[id(cfg)]
+    copies[id(text_config)]._attn_implementation_internal = name
+    return refs
+
+
+def apply(model: torch.nn.Module, topology: SPTopology, attn_implementation: str | None = None):
+    """Wrap the attention of ``model`` (only) with Ulysses SP over ``topology``; returns ``model``.
+
+    ``attn_implementation`` picks the core kernel run over the full sequence (default: the model's
+    own, e.g. "sdpa"). Afterwards call the model with the local shard:
+    ``model(input_ids=[B, S/P], position_ids=[B, S/P] global positions)``, ideally the output of
+    :func:`ulysses_sp.shard_batch`; outputs are the local shard's.
+    """
+    _check_transformers()
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise ValueError(f"ulysses_sp.apply expects a transformers PreTrainedModel, got {type(model).__name__}")
+    if is_applied(model):
+        raise ValueError("ulysses_sp is already applied to this model; call ulysses_sp.remove(model) first")
+    config = model.config
+    text_config = config.get_text_config(decoder=True)
+    if text_config is not config:
+        raise ValueError(
+            f"{type(model).__name__} is a composite (e.g. multimodal) model; ulysses_sp supports "
+            "decoder-only language models for now"
+        )
+    original = config._attn_implementation or "sdpa"
+    impl = attn_implementation or original
+    if impl.startswith("ulysses_sp"):
+        raise ValueError("the model's attention is already a ulysses_sp wrapper (applied to a shared config?)")
+    _validate(model, text_config, topology, impl)
+    attention = UlyssesAttention(topology, impl)
+    name = f"ulysses_sp_{next(_names)}"
+    _attention_interface().register(name, attention)
+    refs = _swap_configs(model, text_config, name)
+    backbone = model.base_model
+    params = tuple(inspect.signature(backbone.forward).parameters)
+    hook = backbone.register_forward_pre_hook(_make_pre_hook(model), with_kwargs=True)
+    model._ulysses_sp = _State(topology, attention, name, original, refs, hook, params)
+    return model
+
+
+def remove(model: torch.nn.Module):
+    """Undo :func:`apply`: original configs (and attention), no hook, name unregistered."""
+    state: _State | None = getattr(model, "_ulysses_sp", None)
+    if state is None:
+        raise ValueError("ulysses_sp is not applied to this model")
+    state.hook.remove()
+    for module, cfg in state.config_refs:
+        module.config = cfg
+    _attention_interface()._global_mapping.pop(state.name, None)
+    del model._ulysses_sp
+    return model
+
+
+def _make_pre_hook(model):
+    def pre_hook(module, args, kwargs):
+        state: _State = model._ulysses_sp
+        kwargs = {**dict(zip(state.forward_params, args)), **kwargs}
+        return (), complete_kwargs(kwargs, state.topology)
+
+    return pre_hook
+
+
+def complete_kwargs(kwargs: dict, topology: SPTopology) -> dict:
+    """Fill in what attention needs for a call on the local shard (see module docstring)."""
+    P, rank = topology.sp_size, topology.sp_rank
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None:
+        raise ValueError("the model was called without input_ids or inputs_embeds")
+    B, s = tokens.shape[:2]
+    if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+        raise ValueError("ulysses_sp shards the sequence for training/scoring; KV caches (use_cache=True, "
+                         "past_key_values) are not supported. Pass use_cache=False")
+    kwargs["use_cache"] = False
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = local_position_ids(B, s, rank, tokens.device)
+        kwargs["position_ids"] = position_ids
+    elif position_ids.shape[-1] != s or position_ids.dim() not in (2, 3):
+        raise ValueError(
+            f"position_ids must be the local shard's global positions, [B, {s}] (or [3, B, {s}] for mRoPE), "
+            f"got {list(position_ids.shape)}"
+        )
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        if tuple(mask.shape) != (B, s):
+            raise ValueError(f"a 2-D attention_mask must be the local shard's, [{B}, {s}]; got {list(mask.shape)}")
+        kwargs["attention_mask"] = None  # consumed into the SequenceInfo below
+    elif mask is not None and mask.dim() != 4:
+        raise ValueError(f"attention_mask must be 2-D [B, S/P] or 4-D [B, 1, S, S]; got {list(mask.shape)}")
+    else:
+        mask = None
+    info = kwargs.get(SEQ_INFO_KWARG)
+    if info is None:
+        kwargs[SEQ_INFO_KWARG] = gather_sequence_info(position_ids.expand(*position_ids.shape[:-2], B, s), mask, topology)
+    elif not isinstance(info, SequenceInfo) or info.seq_len != s * P:
+        raise ValueError(f"{SEQ_INFO_KWARG} must be the SequenceInfo of a {s * P}-token sequence "
+                         f"({P} ranks x {s} local tokens), from ulysses_sp.shard_batch")
+    return kwargs
+
+
+def gather_sequence_info(position_ids: torch.Tensor, mask: torch.Tensor | None, topology: SPTopology) -> SequenceInfo:
+    """Gather the shards' position ids (and 2-D mask) once and describe the full sequence."""
+    if position_ids.dim() == 3:
+        position_ids = position_ids[0]  # [B, s] temporal row of mRoPE ids
+    if topology.sp_size > 1:
+        position_ids = comm.all_gather(position_ids.contiguous(), topology.sp_group, dim=-1)  # [B, S]
+        if mask is not None:
+            mask = comm.all_gather(mask.to(torch.int32), topology.sp_group, dim=-1)  # [B, S]
+    return build_sequence_info(position_ids, mask)
