@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from . import backends, comm
-from .heads import plan_heads
+from .heads import HeadPlan, plan_heads
 from .positions import SEQ_INFO_KWARG, SequenceInfo
 from .topology import SPTopology
 
@@ -39,6 +39,7 @@ class UlyssesAttention:
         self.topology = topology
         self.backend = backend
         self._warned_eager = False
+        self._plans: dict[tuple[int, int], HeadPlan] = {}  # (Nq, Nkv) -> plan; a dict, not lru_cache, for dynamo
 
     def __call__(
         self,
@@ -70,7 +71,9 @@ class UlyssesAttention:
             warnings.warn(f"ulysses_sp: eager attention materialises [B, N/P, S, S] scores ({s * P}^2 per head); "
                           "prefer sdpa, flex_attention or flash_attention_2 for long sequences", stacklevel=2)
             self._warned_eager = True
-        plan = plan_heads(Nq, key.shape[1], P)
+        plan = self._plans.get((Nq, key.shape[1]))
+        if plan is None:
+            plan = self._plans[(Nq, key.shape[1])] = plan_heads(Nq, key.shape[1], P)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, s, N, H]
         if P > 1:
             q, k, v = comm.seq_to_heads([q, k, v], [plan.q_heads, plan.kv_heads, plan.kv_heads],

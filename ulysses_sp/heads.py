@@ -12,7 +12,6 @@ Uneven counts across ranks are fine: the all-to-all then runs with per-rank spli
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,6 @@ def valid_sp_sizes(num_q: int, up_to: int = 64) -> list[int]:
     return [p for p in range(1, min(num_q, up_to) + 1)]
 
 
-@lru_cache(maxsize=256)
 def plan_heads(num_q: int, num_kv: int, sp: int) -> HeadPlan:
     """Plan the head split of ``num_q`` query / ``num_kv`` kv heads over ``sp`` ranks."""
     if num_kv < 1 or num_q % num_kv != 0:

@@ -67,7 +67,7 @@ def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) 
     flat = torch.zeros(batch * seq_len, dtype=torch.int32, device=cu_seqlens.device)
     flat[cu_seqlens[1:-1].long()] = 1
     flat[torch.arange(0, batch * seq_len, seq_len, device=cu_seqlens.device)] = 1
-    return (flat.cumsum(0) - 1).to(torch.int32).view(batch, seq_len)
+    return (flat.view(batch, seq_len).cumsum(1) - 1).to(torch.int32)  # [B, S], ids restart per row
 
 
 def build_sequence_info(

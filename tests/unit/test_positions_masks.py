@@ -1,0 +1,62 @@
+"""SequenceInfo construction and the one masking rule, against brute-force definitions."""
+
+import torch
+
+from ulysses_sp import masks
+from ulysses_sp.positions import build_sequence_info, doc_ids_from_cu_seqlens, local_position_ids
+
+
+def _brute(doc, valid, causal, window, S):
+    out = torch.zeros(doc.shape[0], 1, S, S, dtype=torch.bool)
+    for b in range(doc.shape[0]):
+        for q in range(S):
+            for k in range(S):
+                ok = (k <= q) if causal else True
+                if window is not None:
+                    ok = ok and (q - k < window if causal else abs(q - k) < window)
+                ok = ok and bool(doc[b, q] == doc[b, k])
+                ok = ok and (bool(valid[b, k]) or q == k)
+                out[b, 0, q, k] = ok
+    return out
+
+
+def test_plain_batch_gives_plain_info():
+    pos = torch.arange(12).unsqueeze(0).expand(2, -1)
+    info = build_sequence_info(pos)
+    assert info.is_plain and info.seq_len == 12
+
+
+def test_packed_positions_to_docs_and_cu_seqlens():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1]])
+    info = build_sequence_info(pos)
+    assert info.doc_ids.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1]]
+    assert info.cu_seqlens.tolist() == [0, 3, 5, 8, 14, 16]
+    assert info.max_seqlen == 6 and info.valid_index is None
+
+
+def test_cu_seqlens_input_matches_positions():
+    cu = torch.tensor([0, 3, 5, 8, 14, 16], dtype=torch.int32)
+    assert doc_ids_from_cu_seqlens(cu, 2, 8).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1]]
+    info = build_sequence_info(cu_seqlens=cu, batch=2, seq_len=8)
+    assert info.cu_seqlens.tolist() == cu.tolist()
+
+
+def test_padding_mask_drops_pad_tokens_from_varlen():
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1]])
+    info = build_sequence_info(local_position_ids(2, 6, 0, "cpu"), mask)
+    assert info.valid_index.tolist() == [0, 1, 4, 5, 8, 9, 10, 11]
+    assert info.cu_seqlens.tolist() == [0, 4, 8]  # interior padding: one sequence of the valid tokens
+
+
+def test_dense_mask_matches_brute_force():
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5, 6, 7]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1]])
+    info = build_sequence_info(pos, mask)
+    for causal in (True, False):
+        for window in (None, 3):
+            got = masks.dense_mask(info, causal, window, "cpu")
+            want = _brute(info.doc_ids, info.key_valid, causal, window, 8)
+            assert torch.equal(got.expand_as(want), want), (causal, window)
+            rule = masks.mask_mod(info, causal, window)
+            b, q, k = torch.meshgrid(torch.arange(2), torch.arange(8), torch.arange(8), indexing="ij")
+            assert torch.equal(rule(b, 0, q, k), want[:, 0]), (causal, window)
