@@ -5,6 +5,7 @@ tokens are re-sharded by heads (all-to-all), attention runs over the full sequen
 output is re-sharded back. See README.md and docs/ for usage.
 """
 
+from .backends import SUPPORTED as SUPPORTED_ATTENTION
 from .integrations.hf import apply, is_applied, remove
 from .positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
 from .topology import SPTopology, init_sp
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SEQ_INFO_KWARG",
+    "SUPPORTED_ATTENTION",
     "SPTopology",
     "SequenceInfo",
     "apply",

@@ -17,6 +17,11 @@ import torch.distributed._functional_collectives as funcol
 
 
 
+# torch >= 2.13 names the dim-0 all-gathers *_single; older releases call them *_tensor
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
 def _wait(t: torch.Tensor) -> torch.Tensor:
     # Functional collectives return AsyncCollectiveTensor outside compile; materialise so callers can
     # view/split the result freely.
@@ -35,7 +40,7 @@ def all_to_all(
 
 def all_gather(x: torch.Tensor, group: dist.ProcessGroup, dim: int = 0) -> torch.Tensor:
     """All-gather of equally shaped tensors, concatenated along ``dim`` in rank order. No autograd."""
-    out = _wait(funcol.all_gather_tensor(x.contiguous(), 0, group))  # [P * x.shape[0], ...]
+    out = _wait(_all_gather(x.contiguous(), 0, group))  # [P * x.shape[0], ...]
     if dim != 0:
         out = torch.cat(out.chunk(dist.get_world_size(group), dim=0), dim=dim)
     return out
@@ -43,15 +48,23 @@ def all_gather(x: torch.Tensor, group: dist.ProcessGroup, dim: int = 0) -> torch
 
 def all_gather_autograd(x: torch.Tensor, group: dist.ProcessGroup, dim: int = 0) -> torch.Tensor:
     """Differentiable all-gather along ``dim``; the backward reduce-scatters (sums) the gradient."""
-    out = _wait(funcol.all_gather_tensor_autograd(x.contiguous(), 0, group))  # [P * x.shape[0], ...]
+    out = _wait(_all_gather_autograd(x.contiguous(), 0, group))  # [P * x.shape[0], ...]
     if dim != 0:
         out = torch.cat(out.chunk(dist.get_world_size(group), dim=0), dim=dim)
     return out
 
 
-def all_reduce(x: torch.Tensor, group: dist.ProcessGroup, op: str = "sum") -> torch.Tensor:
-    """Out-of-place all-reduce (``op``: sum, max, min, avg). No autograd."""
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, op: str = "sum") -> torch.Tensor:
+    """Out-of-place all-reduce (``op``: sum, max, min, avg) over ``group`` (None: the world). No autograd."""
+    group = group if group is not None else dist.group.WORLD
+    if op == "avg":  # gloo has no AVG
+        return _wait(funcol.all_reduce(x, "sum", group)) / dist.get_world_size(group)
     return _wait(funcol.all_reduce(x, op, group))
+
+
+def broadcast(x: torch.Tensor, src: int = 0, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Out-of-place broadcast of ``x`` from global rank ``src``. No autograd."""
+    return _wait(funcol.broadcast(x.contiguous(), src, group if group is not None else dist.group.WORLD))
 
 
 def all_reduce_autograd_sum(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

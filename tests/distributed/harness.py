@@ -9,7 +9,7 @@ a failed assertion on any rank fails the test with that rank's traceback.
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -38,24 +38,19 @@ class Ctx:
         return torch.bfloat16 if os.environ.get("ULYSSES_SP_TEST_DTYPE") == "bf16" else torch.float32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, fn, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+def _worker(rank: int, world_size: int, store_path: str, fn, args) -> None:
+    # a FileStore rendezvous: no TCP port to race for between concurrent test runs
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    init = dict(init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+                timeout=timedelta(seconds=300))
     if on_gpu():
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-        dist.init_process_group("nccl", rank=rank, world_size=world_size, timeout=timedelta(seconds=300),
-                                device_id=device)
+        dist.init_process_group("nccl", device_id=device, **init)
     else:
         torch.set_num_threads(1)
         device = torch.device("cpu")
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=300))
+        dist.init_process_group("gloo", **init)
     try:
         fn(Ctx(rank, world_size, device), *args)
     finally:
@@ -68,7 +63,8 @@ def run(fn, world_size: int, *args) -> None:
         import pytest
 
         pytest.skip(f"needs {world_size} GPUs, found {torch.cuda.device_count()}")
-    mp.start_processes(_worker, args=(world_size, _free_port(), fn, args), nprocs=world_size,
-                       join=True, start_method="spawn")
+    with tempfile.TemporaryDirectory(prefix="ulysses_sp_store_") as tmp:
+        mp.start_processes(_worker, args=(world_size, os.path.join(tmp, "store"), fn, args),
+                           nprocs=world_size, join=True, start_method="spawn")
 
 

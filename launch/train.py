@@ -1,0 +1,68 @@
+"""Train a causal LM with Ulysses sequence parallelism.
+
+    deepspeed --num_gpus 8 launch/train.py --sp-size 4 --deepspeed configs/deepspeed/zero3.json
+    torchrun --nproc_per_node 4 launch/train.py --sp-size 2 --device cpu
+    accelerate launch --config_file configs/accelerate/sp2.yaml launch/train.py
+
+DP = world / SP. Every rank of an SP group reads the same samples and keeps S/P tokens of them.
+Metrics (JSON lines, ``--metrics``): step, loss (global token mean), tokens (per step, all ranks),
+tok_per_s (all ranks), tok_per_s_per_gpu, peak_mem_gb, lr, grad_norm, step_time_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import ulysses_sp  # noqa: E402
+from ulysses_sp.training import TrainingRun  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sp-size", type=int, default=None, help="SP group size (default: the DeepSpeed JSON's "
+                   "sequence_parallel_size, else the Accelerate config's, else 1)")
+    p.add_argument("--model", default="tiny-llama", help="preset name or a local config.json / model directory")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per DP replica")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default=None, help="default: bundled corpus; or .txt, .jsonl, datasets dir")
+    p.add_argument("--pack", action="store_true", help="pack documents into rows (positions reset per doc)")
+    p.add_argument("--attn", default=None, choices=list(ulysses_sp.SUPPORTED_ATTENTION),
+                   help="core attention kernel (default: flash_attention_2 on CUDA when installed, else sdpa)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p.add_argument("--deepspeed", default=None, metavar="CONFIG.json", help="train with DeepSpeed (ZeRO config)")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of decoder layers")
+    p.add_argument("--metrics", default=None, metavar="FILE", help="append JSON lines per step")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--timeout-s", type=float, default=600.0, help="collective timeout: a dead rank fails the job")
+    p.add_argument("--check-identical", action="store_true", help="verify the SP group reads identical samples")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    run = TrainingRun.start(args)
+    try:
+        run.train()
+    finally:
+        run.close()
+
+
+if __name__ == "__main__":
+    main()

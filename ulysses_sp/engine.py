@@ -1,0 +1,136 @@
+"""Training engines for the trainer: plain torch (gradient all-reduce over all ranks) or DeepSpeed.
+
+Both take the loss of :func:`ulysses_sp.loss.causal_lm_loss` (the SP group's loss, whose
+gradients summed over the SP ranks are P x the reference) and end each optimizer step at the
+reference gradient:
+ - TorchEngine averages gradients over all dp x sp ranks, which divides the P back out;
+ - DeepSpeedEngine scales the loss by ``integrations.deepspeed.loss_scale`` for the division its
+   ZeRO stage does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from . import comm
+from .topology import SPTopology
+
+_BUCKET_ELEMS = 1 << 25
+
+
+class TorchEngine:
+    """AdamW over the model's parameters; gradients averaged over the world after accumulation."""
+
+    def __init__(self, model: torch.nn.Module, topology: SPTopology, lr: float, weight_decay: float = 0.0,
+                 max_grad_norm: float = 0.0, warmup_steps: int = 0, total_steps: int = 1):
+        self.module = model
+        self.topology = topology
+        self.max_grad_norm = max_grad_norm
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(warmup_steps, total_steps))
+        self._sync_initial_weights()
+
+    def _sync_initial_weights(self) -> None:
+        # every rank built the model from the same seed; make it bit-identical anyway (rank 0 wins)
+        with torch.no_grad():
+            for p in self.module.parameters():
+                p.copy_(comm.broadcast(p.detach(), src=0))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """All-reduce-average gradients over all ranks, clip, update; returns the gradient norm."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        world = self.topology.world_size
+        if world > 1:
+            for bucket in _buckets([p.grad for p in params]):
+                flat = _flatten_dense_tensors(bucket)  # [sum numel]
+                flat = comm.all_reduce(flat, None, op="avg")
+                for g, new in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                    g.copy_(new)
+        clip = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _buckets(tensors: list[torch.Tensor]):
+    bucket, size = [], 0
+    for t in tensors:
+        bucket.append(t)
+        size += t.numel()
+        if size >= _BUCKET_ELEMS:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
+def _warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize with our mpu; the loss is scaled for the stage's gradient division."""
+
+    def __init__(self, model: torch.nn.Module, topology: SPTopology, ds_config: dict, args, dtype: torch.dtype):
+        import deepspeed
+
+        from .integrations import deepspeed as ds_integration
+
+        config = dict(ds_config)
+        config["train_micro_batch_size_per_gpu"] = args.batch_size
+        config["gradient_accumulation_steps"] = args.grad_accum
+        config.pop("train_batch_size", None)
+        config.pop("sequence_parallel_size", None)  # resolved into the topology already
+        config["gradient_clipping"] = args.max_grad_norm
+        config["bf16"] = {"enabled": dtype == torch.bfloat16}
+        config["fp16"] = {**config.get("fp16", {}), "enabled": dtype == torch.float16}
+        config.setdefault("optimizer", {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": args.weight_decay}})
+        config["optimizer"].setdefault("params", {})["lr"] = args.lr
+        self.scale = ds_integration.loss_scale(config, topology)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config,
+            mpu=ds_integration.SPMpu(topology))
+        self.module = self.engine.module
+        self.topology = topology
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss * self.scale)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
