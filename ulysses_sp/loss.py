@@ -1,0 +1,214 @@
+"""Causal-LM loss on the local shard of an SP group, normalised by a global count of tokens.
+
+Shape legend: B batch, s = S/P local tokens, S full (padded) sequence, P sp_size, D hidden size,
+V vocabulary, T = B*s local tokens flattened.
+
+Convention (docs/loss.md has the derivation):
+
+* :func:`causal_lm_loss` returns ``L = (sum of CE over every labelled token of the SP group's
+  sequences) / n``, the same value on every rank of the group. ``n`` is ``num_items_in_batch``, by
+  default the labelled tokens of this micro-batch over the group. The local CE sum goes through a
+  differentiable sum all-reduce over the SP group, whose backward sums the upstream gradients of the
+  P ranks; so the parameter gradients of one SP group sum to **P x** dL/dtheta. An engine that
+  averages gradients over all world ranks (DDP on the world group, DeepSpeed with
+  ``sequence_parallel_size``: both divide by dp*P) cancels the P exactly.
+* With data parallelism and/or gradient accumulation pass ``n = count_label_tokens(step, topology)``
+  = N / dp, N being the labelled tokens of the whole step (every micro-batch of every DP replica).
+  After summing the micro-batches and averaging over the world, the gradient is that of
+  ``sum(CE over the step) / N``: what one process running the whole step would compute.
+* A micro-batch without any labelled token (over the group) gives a loss of 0 whose gradients are 0
+  (never NaN). An explicit ``num_items_in_batch <= 0`` is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+from .integrations.hf import is_applied
+from .tiled_ce import (
+    DEFAULT_TILE_BYTES,
+    IGNORE_INDEX,
+    LogitTransform,
+    liger_cross_entropy_sum,
+    liger_unsupported_reason,
+    tile_tokens_for_budget,
+    tiled_cross_entropy_sum,
+)
+from .topology import SPTopology
+
+# How ``config.logits_scaling`` enters each model family's logits (the name means different things).
+_LOGITS_SCALING = {
+    "granite": "divide", "granite_swa": "divide", "granitemoe": "divide", "granitemoe_swa": "divide",
+    "granitemoeshared": "divide", "granitemoehybrid": "divide",
+    "minicpm3": "divide",  # divides the hidden states before a bias-free head: the same logits
+    "hyperclovax": "multiply",
+}
+# Logit processing seen in transformers that this module does not reproduce.
+_UNSUPPORTED_CONFIG = ("output_multiplier", "unpadded_vocab_size")
+_UNSUPPORTED_MODULE = ("final_logits_bias", "logit_softcap")
+
+
+def logit_transform(model: torch.nn.Module) -> LogitTransform:
+    """The scale / softcap ``model`` applies to ``lm_head(hidden)``; ValueError for processing we
+    do not reproduce. Covers a bias in the head (part of the module call), Gemma-style
+    ``final_logit_softcapping``, Cohere's ``logit_scale`` and the families in ``_LOGITS_SCALING``."""
+    config = model.config.get_text_config(decoder=True)
+    name = type(model).__name__
+    found = [a for a in _UNSUPPORTED_CONFIG if getattr(config, a, None) is not None]
+    found += [a for a in _UNSUPPORTED_MODULE if getattr(model, a, None) is not None]
+    if found:
+        raise ValueError(f"{name} post-processes its logits ({', '.join(found)}), which ulysses_sp's "
+                         "sharded loss does not reproduce; compute the loss from the model's logits instead")
+    scale = 1.0
+    logit_scale = getattr(model, "logit_scale", None)
+    if logit_scale is not None:
+        if not isinstance(logit_scale, (int, float)):
+            raise ValueError(f"{name}.logit_scale is a {type(logit_scale).__name__}, not a number; unsupported")
+        scale = float(logit_scale)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None:
+        how = _LOGITS_SCALING.get(config.model_type)
+        if how is None:
+            raise ValueError(f"{name} has config.logits_scaling={scaling} with no known meaning for model_type "
+                             f"{config.model_type!r}; known: {sorted(_LOGITS_SCALING)}")
+        if config.model_type == "minicpm3" and getattr(model.get_output_embeddings(), "bias", None) is not None:
+            raise ValueError(f"{name} scales the hidden states before a biased head; unsupported")
+        scale *= 1.0 / scaling if how == "divide" else float(scaling)
+    softcap = getattr(model, "final_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None)
+    return LogitTransform(scale=scale, softcap=float(softcap) if softcap else None)
+
+
+def _labels_of(batch: Mapping) -> torch.Tensor:
+    """The local ``shift_labels`` [B, s], checked against the inputs' shape."""
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"the local batch must be a dict of tensors, got {type(batch).__name__}")
+    labels = batch.get("shift_labels")
+    if labels is None:
+        hint = (" It has `labels`: labels must be shifted on the full sequence before sharding "
+                "(a shard's last token is labelled with the next shard's first), so use "
+                "ulysses_sp.shard_batch.") if "labels" in batch else ""
+        raise ValueError(f"the local batch has no `shift_labels` [B, S/P].{hint}")
+    tokens = batch.get("input_ids", batch.get("inputs_embeds"))
+    if tokens is None:
+        raise ValueError("the local batch has neither input_ids nor inputs_embeds")
+    if labels.dim() != 2 or tuple(labels.shape) != tuple(tokens.shape[:2]):
+        raise ValueError(f"shift_labels must have the local tokens' shape {list(tokens.shape[:2])}, "
+                         f"got {list(labels.shape)}")
+    return labels
+
+
+def _check_count(n) -> None:
+    if torch.is_tensor(n) and n.numel() != 1:
+        raise ValueError(f"num_items_in_batch must be a scalar, got shape {list(n.shape)}")
+    value = float(n) if not torch.is_tensor(n) else float(n.detach().reshape(()))  # one host sync
+    if not value > 0:
+        raise ValueError(f"num_items_in_batch must be > 0 (it divides the summed loss), got {value}; "
+                         "a step without labelled tokens should be skipped, or pass None")
+
+
+def causal_lm_loss(
+    model: torch.nn.Module,
+    local_batch: Mapping[str, torch.Tensor],
+    topology: SPTopology,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    *,
+    tile_tokens: int | None = None,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+    use_liger: bool | None = None,
+) -> torch.Tensor:
+    """Next-token CE of the SP group's sequences / ``num_items_in_batch``; a 0-dim fp32 tensor,
+    equal on every rank of the group (see the module docstring for the gradient convention).
+
+    ``local_batch``: this rank's shard, ``input_ids`` [B, s], ``position_ids`` [B, s] (global),
+    ``shift_labels`` [B, s] (-100 ignored), optionally ``ulysses_sp_info`` and other model inputs;
+    every key but ``shift_labels`` / ``labels`` goes to the backbone (``model.base_model``).
+    The head runs over tiles of ``tile_tokens`` tokens (default: ``tile_bytes`` of fp32 logits per
+    tile). ``use_liger``: None uses liger-kernel's fused loss when it can run (CUDA, installed, plain
+    Linear head), True requires it, False uses the torch path.
+    """
+    labels = _labels_of(local_batch)
+    if num_items_in_batch is not None:
+        _check_count(num_items_in_batch)
+    if topology.sp_size > 1 and not is_applied(model):
+        raise ValueError("the model runs on a shard of the sequence: call ulysses_sp.apply(model, topology) first")
+    backbone, head = model.base_model, model.get_output_embeddings()
+    if backbone is model or head is None:
+        raise ValueError(f"{type(model).__name__} is not a causal LM with a backbone and an output head "
+                         "(e.g. LlamaForCausalLM); causal_lm_loss needs both")
+    transform = logit_transform(model)
+    inputs = {k: v for k, v in local_batch.items() if k not in ("shift_labels", "labels")}
+    inputs.setdefault("use_cache", False)
+    hidden = backbone(**inputs)[0]  # [B, s, D]
+    hidden, flat_labels = hidden.flatten(0, 1), labels.flatten().to(hidden.device)  # [T, D], [T]
+
+    reason = liger_unsupported_reason(hidden, head, transform) if use_liger is not False else "disabled"
+    if use_liger and reason is not None:
+        raise ValueError(f"use_liger=True but the fused liger loss cannot run: {reason}")
+    if reason is None:
+        ce_sum = liger_cross_entropy_sum(hidden, flat_labels, head, transform)
+    else:
+        vocab = getattr(head, "out_features", None) or model.config.get_text_config(decoder=True).vocab_size
+        tile = tile_tokens if tile_tokens is not None else tile_tokens_for_budget(vocab, tile_bytes)
+        ce_sum = tiled_cross_entropy_sum(hidden, flat_labels, head, tile, transform)  # scalar fp32
+
+    if topology.sp_size > 1:
+        ce_sum = comm.all_reduce_autograd_sum(ce_sum, topology.sp_group)
+    if num_items_in_batch is None:
+        count = (flat_labels != IGNORE_INDEX).sum()
+        if topology.sp_size > 1:
+            count = comm.all_reduce(count, topology.sp_group)
+        n = count.clamp(min=1).to(torch.float32)
+    else:
+        n = torch.as_tensor(num_items_in_batch, device=ce_sum.device).to(torch.float32).reshape(())
+    return ce_sum / n
+
+
+def count_label_tokens(local_batches: Mapping | Iterable[Mapping], topology: SPTopology) -> torch.Tensor:
+    """N / dp_size for one optimiser step: N = labelled tokens over every micro-batch of every DP
+    replica (``local_batches`` = this rank's shards of the step's micro-batches, or one batch).
+
+    One sum all-reduce over the world: the shards of a sequence partition its tokens, so summing
+    every rank's local count counts each token once. Pass the result as ``num_items_in_batch`` to
+    every micro-batch's :func:`causal_lm_loss`. Returns a 0-dim float64 tensor (0 if N == 0).
+    """
+    batches = [local_batches] if isinstance(local_batches, Mapping) else list(local_batches)
+    if not batches:
+        raise ValueError("count_label_tokens needs the step's micro-batches, got none")
+    counts = [(_labels_of(b) != IGNORE_INDEX).sum() for b in batches]
+    local = torch.stack(counts).sum().to(torch.int64)
+    if dist.get_world_size() != topology.world_size:
+        raise ValueError(f"the topology spans {topology.world_size} ranks but the world has {dist.get_world_size()}")
+    total = comm.all_reduce(local, dist.group.WORLD) if topology.world_size > 1 else local
+    return total.to(torch.float64) / topology.dp_size
+
+
+def reduce_loss_for_logging(step_losses: Iterable[torch.Tensor], topology: SPTopology) -> torch.Tensor:
+    """Global token-mean loss of a step from its micro-batch losses (each normalised with
+    :func:`count_label_tokens`): their sum, averaged over the DP replicas. Detached fp32, equal on
+    every rank. (With one micro-batch and dp == 1 any normalisation works: the loss is returned.)"""
+    losses = [loss.detach().float().reshape(()) for loss in step_losses]
+    if not losses:
+        raise ValueError("reduce_loss_for_logging needs at least one loss")
+    total = torch.stack(losses).sum()
+    if topology.dp_size > 1:
+        total = comm.all_reduce(total, topology.dp_group)
+    return total / topology.dp_size
+
+
+class CausalLMLoss(torch.nn.Module):
+    """``model`` whose forward returns :func:`causal_lm_loss`: the module to hand to an engine
+    (``DistributedDataParallel``, ``deepspeed.initialize``), so the loss runs inside the engine's
+    forward (DDP prepares its gradient reduction there). ``loss = engine(local_batch, n)``."""
+
+    def __init__(self, model: torch.nn.Module, topology: SPTopology, **loss_kwargs):
+        super().__init__()
+        self.model = model
+        self.topology = topology
+        self.loss_kwargs = loss_kwargs
+
+    def forward(self, local_batch: Mapping[str, torch.Tensor], num_items_in_batch=None) -> torch.Tensor:
+        return causal_lm_loss(self.model, local_batch, self.topology, num_items_in_batch, **self.loss_kwargs)

@@ -1,0 +1,127 @@
+"""Summed cross-entropy of ``head(hidden)`` against labels, in token tiles: no [T, V] logits.
+
+Shape legend: T tokens of the local shard (B*s flattened), D hidden size, V vocabulary,
+t tokens per tile.
+
+Torch path (the reference, any device): the tokens are cut into tiles of ``t`` and each tile's
+``head -> transform -> fp32 -> cross_entropy(sum)`` runs under non-reentrant
+``torch.utils.checkpoint``. Autograd keeps only each tile's inputs (a view of ``hidden`` and of the
+labels); the backward recomputes one tile's [t, V] logits at a time. So the fp32 logits alive at any
+moment are those of one tile (plus its log-softmax / gradient, a small constant factor), in the
+forward and in the backward, while the gradient is exact. The cost is one extra ``head`` forward
+per tile (about 2*T*D*V FLOPs, ~2% of a step for an 8B model).
+
+Why recompute rather than compute the gradients inside the forward (ALST's TiledFusedLogitsLoss,
+liger's kernel): ``head`` stays a module call, so ZeRO-3 / FSDP parameter hooks, PEFT-wrapped or
+quantised heads keep working; no [V, D] fp32 weight-gradient buffer is held from forward to
+backward; and it is right for any upstream gradient, with nothing to keep in sync by hand.
+
+Liger path (CUDA, ``liger-kernel`` installed, a plain ``nn.Linear`` head): liger's fused linear
+cross-entropy, which chunks the tokens itself and computes the gradients in its forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+#: default budget for the fp32 logits of one tile (tile tokens = budget / (4 * V)).
+DEFAULT_TILE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to ``lm_head(hidden)`` before the softmax: ``z * scale``, then, when
+    ``softcap`` is set, ``softcap * tanh(z / softcap)`` (Gemma-style). Applied in the logits' dtype,
+    before the fp32 cast, as transformers' models do."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def tile_tokens_for_budget(vocab_size: int, budget_bytes: int = DEFAULT_TILE_BYTES) -> int:
+    """Tokens per tile so that one tile's fp32 logits [t, V] take at most ``budget_bytes``."""
+    return max(1, int(budget_bytes) // (4 * vocab_size))
+
+
+def _tile_ce_sum(head, transform: LogitTransform, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """h [t, D], y [t] -> scalar fp32 sum of CE over the non-ignored tokens (0 when none)."""
+    logits = transform(head(h)).float()  # [t, V]
+    return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def tiled_cross_entropy_sum(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head,
+    tile_tokens: int,
+    transform: LogitTransform = LogitTransform(),
+) -> torch.Tensor:
+    """Sum over tokens of CE(transform(head(hidden[i])), labels[i]); -100 labels are skipped.
+
+    hidden [T, D], labels [T] int64, ``head`` maps [t, D] -> [t, V] (a module, called once per tile
+    and once more per tile in the backward). Returns a 0-dim fp32 tensor.
+    """
+    if tile_tokens < 1:
+        raise ValueError(f"tile_tokens must be >= 1, got {tile_tokens}")
+    recompute = torch.is_grad_enabled()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, y in zip(hidden.split(tile_tokens), labels.split(tile_tokens)):  # [t, D], [t]
+        if recompute:
+            part = checkpoint(_tile_ce_sum, head, transform, h, y, use_reentrant=False, preserve_rng_state=False)
+        else:
+            part = _tile_ce_sum(head, transform, h, y)
+        total = total + part
+    return total
+
+
+@functools.cache
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_unsupported_reason(hidden: torch.Tensor, head, transform: LogitTransform) -> str | None:
+    """Why liger's fused kernel cannot run here (None: it can)."""
+    if not liger_available():
+        return "liger-kernel is not installed (pip install 'ulysses_sp[liger]')"
+    if not hidden.is_cuda:
+        return "liger-kernel runs on CUDA tensors only"
+    if type(head) is not torch.nn.Linear:
+        return f"the output head is a {type(head).__name__}, not a plain torch.nn.Linear"
+    weight = head.weight
+    if hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
+        return "the head's weight is sharded (ZeRO-3 / FSDP); the fused kernel needs the full weight"
+    if transform.scale != 1.0 and head.bias is not None:
+        return "a logit scale with a biased head cannot be folded into the hidden states"
+    return None
+
+
+def liger_cross_entropy_sum(
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear, transform: LogitTransform = LogitTransform()
+) -> torch.Tensor:
+    """Same value as :func:`tiled_cross_entropy_sum` through liger's fused linear cross-entropy.
+
+    hidden [T, D] (CUDA), labels [T]. A logit scale is folded into ``hidden`` (bias-free heads only:
+    see :func:`liger_unsupported_reason`); the softcap is liger's own.
+    """
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    if transform.scale != 1.0:
+        hidden = hidden * transform.scale
+    return liger_fused_linear_cross_entropy(
+        hidden.contiguous(), head.weight, labels.contiguous(), bias=head.bias,
+        ignore_index=IGNORE_INDEX, reduction="sum", softcap=transform.softcap,
+    ).float()
