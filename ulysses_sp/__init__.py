@@ -6,8 +6,12 @@ output is re-sharded back. See README.md and docs/ for usage.
 """
 
 from .backends import SUPPORTED as SUPPORTED_ATTENTION
+from .data import SPDataLoader, SPShardAdapter, load_text_dataset
 from .integrations.hf import apply, is_applied, remove
+from .loss import CausalLMLoss, causal_lm_loss, count_label_tokens, reduce_loss_for_logging
 from .positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
+from .rng import sharded_rng, sync_rng
+from .sharding import shard_batch, to_device
 from .topology import SPTopology, init_sp
 
 __version__ = "0.1.0"
@@ -15,11 +19,22 @@ __version__ = "0.1.0"
 __all__ = [
     "SEQ_INFO_KWARG",
     "SUPPORTED_ATTENTION",
+    "CausalLMLoss",
+    "SPDataLoader",
+    "SPShardAdapter",
     "SPTopology",
     "SequenceInfo",
     "apply",
     "build_sequence_info",
+    "causal_lm_loss",
+    "count_label_tokens",
     "init_sp",
     "is_applied",
+    "load_text_dataset",
+    "reduce_loss_for_logging",
     "remove",
+    "shard_batch",
+    "sharded_rng",
+    "sync_rng",
+    "to_device",
 ]

@@ -40,7 +40,7 @@ def all_to_all(
 
 def all_gather(x: torch.Tensor, group: dist.ProcessGroup, dim: int = 0) -> torch.Tensor:
     """All-gather of equally shaped tensors, concatenated along ``dim`` in rank order. No autograd."""
-    out = _wait(_all_gather(x.contiguous(), 0, group))  # [P * x.shape[0], ...]
+    out = _wait(_all_gather(x.detach().contiguous(), 0, group))  # [P * x.shape[0], ...]
     if dim != 0:
         out = torch.cat(out.chunk(dist.get_world_size(group), dim=0), dim=dim)
     return out
@@ -57,6 +57,7 @@ def all_gather_autograd(x: torch.Tensor, group: dist.ProcessGroup, dim: int = 0)
 def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, op: str = "sum") -> torch.Tensor:
     """Out-of-place all-reduce (``op``: sum, max, min, avg) over ``group`` (None: the world). No autograd."""
     group = group if group is not None else dist.group.WORLD
+    x = x.detach()  # torch >= 2.13 collectives carry autograd; these helpers never should
     if op == "avg":  # gloo has no AVG
         return _wait(funcol.all_reduce(x, "sum", group)) / dist.get_world_size(group)
     return _wait(funcol.all_reduce(x, op, group))
@@ -64,7 +65,7 @@ def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, op: str = "sum"
 
 def broadcast(x: torch.Tensor, src: int = 0, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Out-of-place broadcast of ``x`` from global rank ``src``. No autograd."""
-    return _wait(funcol.broadcast(x.contiguous(), src, group if group is not None else dist.group.WORLD))
+    return _wait(funcol.broadcast(x.detach().contiguous(), src, group if group is not None else dist.group.WORLD))
 
 
 def all_reduce_autograd_sum(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """Training engines for the trainer: plain torch (gradient all-reduce over all ranks) or DeepSpeed.
 
-Both take the loss of :func:`ulysses_sp.loss.causal_lm_loss` (the SP group's loss, whose
-gradients summed over the SP ranks are P x the reference) and end each optimizer step at the
-reference gradient:
+Both run :func:`ulysses_sp.loss.causal_lm_loss` (the SP group's loss, whose gradients summed over
+the SP ranks are P x the reference) and end each optimizer step at the reference gradient:
  - TorchEngine averages gradients over all dp x sp ranks, which divides the P back out;
- - DeepSpeedEngine scales the loss by ``integrations.deepspeed.loss_scale`` for the division its
-   ZeRO stage does.
+ - DeepSpeedEngine runs the loss inside the DeepSpeed engine's forward (ZeRO hooks see it) and
+   scales it by ``integrations.deepspeed.loss_scale`` for the division its ZeRO stage does.
+``forward_backward(local_batch, num_items)`` returns the micro-batch's (unscaled) loss.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import comm
+from .loss import CausalLMLoss, causal_lm_loss
 from .topology import SPTopology
 
 _BUCKET_ELEMS = 1 << 25
@@ -39,8 +40,10 @@ class TorchEngine:
             for p in self.module.parameters():
                 p.copy_(comm.broadcast(p.detach(), src=0))
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def forward_backward(self, local_batch, num_items) -> torch.Tensor:
+        loss = causal_lm_loss(self.module, local_batch, self.topology, num_items_in_batch=num_items)
         loss.backward()
+        return loss.detach()
 
     def step(self) -> float:
         """All-reduce-average gradients over all ranks, clip, update; returns the gradient norm."""
@@ -118,13 +121,16 @@ class DeepSpeedEngine:
         config["optimizer"].setdefault("params", {})["lr"] = args.lr
         self.scale = ds_integration.loss_scale(config, topology)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config,
-            mpu=ds_integration.SPMpu(topology))
-        self.module = self.engine.module
+            model=CausalLMLoss(model, topology), model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=config, mpu=ds_integration.SPMpu(topology))
+        self.module = model
         self.topology = topology
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss * self.scale)
+    def forward_backward(self, local_batch, num_items) -> torch.Tensor:
+        loss = self.engine(local_batch, num_items)
+        # the loss is already normalised by the whole step's token count: no extra 1/accumulation
+        self.engine.backward(loss * self.scale, scale_wrt_gas=False)
+        return loss.detach()
 
     def step(self) -> float:
         self.engine.step()

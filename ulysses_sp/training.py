@@ -25,7 +25,7 @@ from .data import SPDataLoader, load_text_dataset
 from .engine import DeepSpeedEngine, TorchEngine
 from .integrations import deepspeed as ds_integration
 from .integrations.hf import apply
-from .loss import causal_lm_loss, count_label_tokens
+from .loss import count_label_tokens, reduce_loss_for_logging
 from .presets import build_config
 from .rng import sharded_rng, sync_rng
 from .sharding import to_device
@@ -49,6 +49,9 @@ def init_distributed(device: str, timeout_s: float) -> None:
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local), **kwargs)
     else:
+        if "OMP_NUM_THREADS" not in os.environ:  # the deepspeed launcher leaves every rank all cores
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         dist.init_process_group("gloo", **kwargs)
 
 
@@ -139,26 +142,23 @@ class TrainingRun:
             micro = [to_device(next(batches), self.device) for _ in range(args.grad_accum)]
             start = time.perf_counter()
             num_items = count_label_tokens(micro, topo)
-            step_loss = torch.zeros((), device=self.device)
+            losses = []
             for mb in micro:
                 with self.autocast, sharded_rng(topo):
-                    loss = causal_lm_loss(self.engine.module, mb, topo, num_items_in_batch=num_items)
-                self.engine.backward(loss)
-                step_loss += loss.detach().float()
+                    losses.append(self.engine.forward_backward(mb, num_items))
             grad_norm = self.engine.step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
-            record = self._record(step, micro, step_loss, grad_norm, elapsed)
+            record = self._record(step, micro, losses, grad_norm, elapsed)
             if self.rank0:
                 self._emit(record, progress)
         if progress is not None:
             progress.close()
 
-    def _record(self, step, micro, step_loss, grad_norm, elapsed) -> dict:
+    def _record(self, step, micro, losses, grad_norm, elapsed) -> dict:
         topo = self.topology
-        # every SP rank holds the SP group's loss; the global token mean is the average over DP
-        loss = comm.all_reduce(step_loss, topo.dp_group, op="avg")
+        loss = reduce_loss_for_logging(losses, topo)  # global token mean of the step
         local_tokens = sum(int(mb["input_ids"].numel()) for mb in micro)
         tokens = int(comm.all_reduce(torch.tensor(float(local_tokens), device=self.device), None))
         return {
