@@ -89,6 +89,12 @@ class _SumAllReduce(torch.autograd.Function):
         return _wait(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
 
 
+def self_group() -> dist.ProcessGroup:
+    """A process group holding only this rank. Collective: every rank must call it (each gets its own)."""
+    group, _ = dist.new_subgroups(group_size=1)
+    return group
+
+
 def barrier(group: dist.ProcessGroup | None = None) -> None:
     dist.barrier(group=group)
 

@@ -1,60 +1,60 @@
-"""DeepSpeed: an mpu built from SPTopology, the SP size from the DeepSpeed JSON, and the
-gradient-scale correction each ZeRO stage needs.
+"""DeepSpeed: an mpu built from SPTopology, and :func:`initialize`, whose engine reduces gradients to
+the non-SP reference at ZeRO stages 0, 1, 2 and 3. The config side (SP size, batch sizes) is in
+:mod:`ulysses_sp.integrations.deepspeed_config`.
 
-What DeepSpeed asks of an ``mpu`` (``deepspeed.initialize(mpu=...)``):
- - sequence-parallel group: the SP group;
- - sequence-data-parallel group: every rank (dp x sp); ZeRO partitions and gradient reductions
-   span it;
- - data-parallel group: ranks holding different samples (batch arithmetic: train_batch_size =
-   micro x accumulation x dp_size);
- - tensor/model/pipeline parallel: size 1, on singleton groups (asked for by the bf16 optimizer at
-   stage 0, which is where DeepSpeed's own ALST mpu crashes, DeepSpeed #7833, and by gradient
-   clipping, which must not sum norms across SP ranks holding the same parameters).
+Gradient averaging. Our loss (loss.py) is the full-sequence loss on every SP rank, through a
+differentiable all-reduce, so the SP ranks' gradients sum to P x the replica's gradient: their
+*mean* is the replica's gradient, and the right reduction over the world is a plain mean over all
+ranks. DeepSpeed 0.19.8 divides the summed gradients by ``world / sequence_parallel_world_size``
+at stages 0-2 and on stage 3's all-reduce path, but by ``world`` on stage 3's default reduce-scatter
+path (measured: docs/deepspeed.md). :class:`SPMpu` therefore has no ``get_sequence_parallel_*``
+methods: DeepSpeed takes its SP size as 1 (``groups._get_sequence_parallel_world_size``), divides
+by ``world`` on every path, and the loss needs no scaling.
 
-Gradient scale: with our loss convention (loss.py) the SP ranks' gradients sum to P x the
-reference. DeepSpeed 0.19.8 sums gradients over the sp x dp ranks and divides by dp only (stages
-0-2, measured on CPU/gloo), leaving P x the reference; :func:`loss_scale` returns the factor the
-loss must be multiplied by before ``engine.backward`` so that the reduced gradient is the
-reference's.
+ZeRO-3 partition group. DeepSpeed 0.19.8 partitions ZeRO-3 parameters over
+``mpu.get_data_parallel_group()`` whenever the mpu has that method
+(``runtime/zero/parameter_offload.py``, ``_convert_to_zero_parameters``), and stage 3 reduce-scatters
+each gradient over its parameter's partition group. With SP that group must hold every rank: over the
+DP group alone the SP ranks' gradients are never combined, each SP rank steps with its own partial
+gradient and the SP replicas drift apart (measured at sp=2: per-parameter ratios 0.96-1.98 to the
+reference; a DP group of size 1 even skips the reduction). DeepSpeed's own SP mpu escapes this by
+having no ``get_data_parallel_group``, which we need for the samplers and batch arithmetic.
+:func:`initialize` partitions the model over all ranks itself before DeepSpeed sees it (DeepSpeed
+then leaves ZeRO parameters as they are) and checks every parameter's group afterwards.
 """
 
 from __future__ import annotations
 
-import json
-import os
-
+import torch
 import torch.distributed as dist
+import transformers
 
+from .. import comm
 from ..topology import SPTopology
+from .deepspeed_config import batch_sizes, load_config, prepare_config, resolve_sp_size, zero_stage
+from .hf import apply, is_applied
+
+__all__ = ["SPMpu", "batch_sizes", "check_partitioning", "initialize", "load_config", "prepare_config",
+           "resolve_sp_size", "zero_stage"]
 
 
 class SPMpu:
-    """The model-parallel-unit interface DeepSpeed queries, answered from an SPTopology."""
+    """The model-parallel unit DeepSpeed queries (``deepspeed.initialize(mpu=...)``), from an SPTopology.
+
+    - data parallel (``topology.dp_group``): ranks that read different samples. DeepSpeed uses it for
+      ``train_batch_size = micro x accumulation x dp_size`` and for its samplers.
+    - sequence-data parallel (every rank): ZeRO partitions, gradient reductions and grad norms span it.
+    - tensor / model / pipeline parallel: size 1, on a group of this rank alone (DeepSpeed's bf16
+      optimizer at stage 0 asks for them, DeepSpeed #7833; gradient-norm sums run over them, so a
+      group holding other SP ranks would add the norm of the same parameters several times).
+    - no ``get_sequence_parallel_*``: see the module docstring (gradient averaging).
+
+    Creating it is collective (the singleton groups): every rank must construct it.
+    """
 
     def __init__(self, topology: SPTopology):
         self.topology = topology
-        self._world = dist.group.WORLD
-        self._single, _ = dist.new_subgroups(group_size=1)  # collective: every rank gets its own
-
-    # sequence parallel
-    def get_sequence_parallel_group(self):
-        return self.topology.sp_group
-
-    def get_sequence_parallel_world_size(self) -> int:
-        return self.topology.sp_size
-
-    def get_sequence_parallel_rank(self) -> int:
-        return self.topology.sp_rank
-
-    # sequence x data parallel: all ranks
-    def get_sequence_data_parallel_group(self):
-        return self._world
-
-    def get_sequence_data_parallel_world_size(self) -> int:
-        return self.topology.world_size
-
-    def get_sequence_data_parallel_rank(self) -> int:
-        return self.topology.rank
+        self._self_group = comm.self_group()
 
     # data parallel: ranks that read different samples
     def get_data_parallel_group(self):
@@ -69,9 +69,19 @@ class SPMpu:
     def get_data_parallel_group_ranks(self) -> list[int]:
         return [d * self.topology.sp_size + self.topology.sp_rank for d in range(self.topology.dp_size)]
 
+    # sequence x data parallel: every rank
+    def get_sequence_data_parallel_group(self):
+        return dist.group.WORLD
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.topology.world_size
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.topology.rank
+
     # no tensor / pipeline model parallelism
     def get_model_parallel_group(self):
-        return self._single
+        return self._self_group
 
     def get_model_parallel_world_size(self) -> int:
         return 1
@@ -82,47 +92,108 @@ class SPMpu:
     get_tensor_model_parallel_group = get_model_parallel_group
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
     get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_pipeline_model_parallel_group = get_model_parallel_group
+    get_pipeline_model_parallel_world_size = get_model_parallel_world_size
+    get_pipeline_model_parallel_rank = get_model_parallel_rank
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return dist.get_rank()
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return 1
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return 0
+        return self.topology.rank
 
 
-def load_config(config: str | dict | None) -> dict:
-    """A DeepSpeed config from a JSON path or dict; clear errors for a missing/malformed file."""
-    if config is None:
-        return {}
-    if isinstance(config, dict):
-        return dict(config)
-    if not os.path.isfile(config):
-        raise ValueError(f"DeepSpeed config file {config!r} does not exist (see configs/deepspeed/ for examples)")
-    try:
-        with open(config) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"DeepSpeed config {config!r} is not valid JSON: {e}") from None
+def initialize(
+    model: torch.nn.Module,
+    topology: SPTopology,
+    ds_config: str | dict,
+    *,
+    model_parameters=None,
+    optimizer=None,
+    lr_scheduler=None,
+    micro_batch_size: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+    **deepspeed_kwargs,
+):
+    """``deepspeed.initialize`` for a model trained with Ulysses SP over ``topology``.
+
+    ``model``: the module DeepSpeed trains, a transformers model (SP is applied here when it is not
+    yet) or a wrapper holding one with SP applied (e.g. a module whose forward returns the loss).
+    ``ds_config``: a DeepSpeed JSON path or dict; ``"sequence_parallel_size"`` in it must equal
+    ``topology.sp_size`` (resolve it first with :func:`resolve_sp_size`). ``micro_batch_size`` and
+    ``gradient_accumulation_steps`` override the JSON (see :func:`prepare_config`). Builds the
+    :class:`SPMpu`, partitions ZeRO-3 parameters over all ranks and forwards the rest
+    (``training_data``, ``collate_fn``, ...) to ``deepspeed.initialize``.
+
+    Returns DeepSpeed's ``(engine, optimizer, training_dataloader, lr_scheduler)``. Use it as usual:
+    ``loss = ...; engine.backward(loss); engine.step()`` with the loss of loss.py, unscaled.
+    """
+    config = prepare_config(load_config(ds_config), topology, micro_batch_size=micro_batch_size,
+                            gradient_accumulation_steps=gradient_accumulation_steps)
+    _ensure_applied(model, topology)
+    import deepspeed
+
+    mpu = SPMpu(topology)
+    if zero_stage(config) == 3:
+        _partition_over_all_ranks(model, config, mpu)
+    if model_parameters is None and optimizer is None:
+        model_parameters = [p for p in model.parameters() if p.requires_grad]
+    engine, opt, loader, scheduler = deepspeed.initialize(
+        model=model, model_parameters=model_parameters, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        config=config, mpu=mpu, **deepspeed_kwargs)
+    if zero_stage(config) == 3:
+        check_partitioning(engine.module, topology)
+    return engine, opt, loader, scheduler
 
 
-def resolve_sp_size(cli_sp_size: int | None, ds_config: dict) -> int:
-    """``--sp-size`` overrides the JSON's ``sequence_parallel_size``; both given and different is an error."""
-    json_sp = ds_config.get("sequence_parallel_size")
-    if cli_sp_size is not None and json_sp is not None and int(json_sp) != cli_sp_size:
-        raise ValueError(
-            f"--sp-size {cli_sp_size} disagrees with \"sequence_parallel_size\": {json_sp} in the DeepSpeed config; "
-            "give one of them, or make them equal"
-        )
-    return cli_sp_size if cli_sp_size is not None else int(json_sp or 1)
+def _ensure_applied(model: torch.nn.Module, topology: SPTopology) -> None:
+    applied = [m for m in model.modules() if is_applied(m)]
+    if not applied:
+        if not isinstance(model, transformers.PreTrainedModel):
+            raise ValueError(f"{type(model).__name__} holds no model with ulysses_sp applied: call "
+                             "ulysses_sp.apply(transformers_model, topology) on the model inside it first")
+        apply(model, topology)
+    for m in applied:
+        t = m._ulysses_sp.topology
+        if (t.sp_size, t.dp_size) != (topology.sp_size, topology.dp_size):
+            raise ValueError(f"{type(m).__name__} has ulysses_sp applied with sp={t.sp_size}, dp={t.dp_size}, "
+                             f"but DeepSpeed is being set up for sp={topology.sp_size}, dp={topology.dp_size}")
 
 
-def zero_stage(ds_config: dict) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+def _partition_over_all_ranks(model: torch.nn.Module, config: dict, mpu: SPMpu) -> None:
+    """Turn the model's parameters into ZeRO-3 parameters partitioned over every rank.
+
+    What DeepSpeed would do itself, in its order (cast to the training dtype, then partition), with
+    the sequence-data-parallel group instead of the DP group. A model built under ``zero.Init`` is
+    left alone (and checked by :func:`check_partitioning`).
+    """
+    from deepspeed.runtime.zero.partition_parameters import Init, is_zero_param
+
+    params = list(model.parameters())
+    if any(is_zero_param(p) for p in params):
+        return
+    dtype = _training_dtype(config)
+    if dtype is not None:
+        for p in params:
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(), config_dict_or_path=config,
+         mpu=mpu, dtype=dtype or params[0].dtype)
 
 
-def loss_scale(ds_config: dict, topology: SPTopology) -> float:
-    """Multiply the loss by this before ``engine.backward`` (see module docstring)."""
-    return 1.0 / topology.sp_size
+def _training_dtype(config: dict) -> torch.dtype | None:
+    if config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    if config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return None
+
+
+def check_partitioning(model: torch.nn.Module, topology: SPTopology) -> None:
+    """Raise if a ZeRO-3 parameter is partitioned over fewer ranks than the world (see module docstring)."""
+    for name, p in model.named_parameters():
+        group = getattr(p, "ds_process_group", None)
+        if group is not None and dist.get_world_size(group) != topology.world_size:
+            raise RuntimeError(
+                f"ZeRO-3 parameter {name} is partitioned over {dist.get_world_size(group)} ranks, not all "
+                f"{topology.world_size}: its gradient would never be combined across the SP group. Build the "
+                "model under deepspeed.zero.Init() with the default (world) group, or let "
+                "ulysses_sp.integrations.deepspeed.initialize partition it"
+            )
