@@ -4,7 +4,7 @@ Both run :func:`ulysses_sp.loss.causal_lm_loss` (the SP group's loss, whose grad
 the SP ranks are P x the reference) and end each optimizer step at the reference gradient:
  - TorchEngine averages gradients over all dp x sp ranks, which divides the P back out;
  - DeepSpeedEngine runs the loss inside the DeepSpeed engine's forward (ZeRO hooks see it) and
-   scales it by ``integrations.deepspeed.loss_scale`` for the division its ZeRO stage does.
+   lets DeepSpeed average over all dp x sp ranks too (integrations/deepspeed.py: SPMpu).
 ``forward_backward(local_batch, num_items)`` returns the micro-batch's (unscaled) loss.
 """
 
@@ -102,40 +102,41 @@ def _warmup_cosine(warmup: int, total: int):
 
 
 class DeepSpeedEngine:
-    """deepspeed.initialize with our mpu; the loss is scaled for the stage's gradient division."""
+    """``integrations.deepspeed.initialize`` over :class:`CausalLMLoss`: the loss runs inside the
+    DeepSpeed engine's forward (ZeRO-3 hooks gather the head and the backbone there). The trainer's
+    flags set the batch keys, clipping, dtype and learning rate (docs/deepspeed.md)."""
 
     def __init__(self, model: torch.nn.Module, topology: SPTopology, ds_config: dict, args, dtype: torch.dtype):
-        import deepspeed
-
         from .integrations import deepspeed as ds_integration
 
         config = dict(ds_config)
-        config["train_micro_batch_size_per_gpu"] = args.batch_size
-        config["gradient_accumulation_steps"] = args.grad_accum
-        config.pop("train_batch_size", None)
-        config.pop("sequence_parallel_size", None)  # resolved into the topology already
+        config.pop("train_batch_size", None)  # recomputed from the flags: micro x accumulation x dp
         config["gradient_clipping"] = args.max_grad_norm
-        config["bf16"] = {"enabled": dtype == torch.bfloat16}
+        config["bf16"] = {**config.get("bf16", {}), "enabled": dtype == torch.bfloat16}
         config["fp16"] = {**config.get("fp16", {}), "enabled": dtype == torch.float16}
-        config.setdefault("optimizer", {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": args.weight_decay}})
-        config["optimizer"].setdefault("params", {})["lr"] = args.lr
-        self.scale = ds_integration.loss_scale(config, topology)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=CausalLMLoss(model, topology), model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=config, mpu=ds_integration.SPMpu(topology))
+        optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+        optimizer.setdefault("params", {}).update(lr=args.lr, weight_decay=args.weight_decay)
+        scheduler = None
+        if "scheduler" not in config:  # the torch engine's warmup + cosine, so both engines agree
+            schedule = _warmup_cosine(args.warmup_steps, args.steps)
+            scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # noqa: E731
+        self.engine, self.optimizer, _, self.scheduler = ds_integration.initialize(
+            CausalLMLoss(model, topology), topology, config, lr_scheduler=scheduler,
+            micro_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum)
         self.module = model
         self.topology = topology
 
     def forward_backward(self, local_batch, num_items) -> torch.Tensor:
         loss = self.engine(local_batch, num_items)
         # the loss is already normalised by the whole step's token count: no extra 1/accumulation
-        self.engine.backward(loss * self.scale, scale_wrt_gas=False)
+        self.engine.backward(loss, scale_wrt_gas=False)
         return loss.detach()
 
-    def step(self) -> float:
+    def step(self) -> float | None:
+        """Update at the accumulation boundary; the gradient norm (None where DeepSpeed has none: stage 0)."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return None if norm is None else float(norm)
 
     @property
     def lr(self) -> float:
