@@ -116,6 +116,8 @@ class DeepSpeedEngine:
         config["fp16"] = {**config.get("fp16", {}), "enabled": dtype == torch.float16}
         optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
         optimizer.setdefault("params", {}).update(lr=args.lr, weight_decay=args.weight_decay)
+        if args.device == "cpu" and optimizer["type"].lower() in ("adam", "adamw"):
+            optimizer["params"]["torch_adam"] = True  # no JIT build of DeepSpeed's fused Adam on CPU
         scheduler = None
         if "scheduler" not in config:  # the torch engine's warmup + cosine, so both engines agree
             schedule = _warmup_cosine(args.warmup_steps, args.steps)
