@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from torch.utils.data import Subset
@@ -57,8 +58,11 @@ def _close(a: float, b: float, what: str) -> None:
 
 def test_sp_trainer_matches_stock_trainer(tmp_path):
     ref_path, sp_path = str(tmp_path / "ref.json"), str(tmp_path / "sp.json")
-    harness.run(_train_and_evaluate, 1, None, ref_path)
-    harness.run(_train_and_evaluate, 2, 2, sp_path)
+    with ThreadPoolExecutor(2) as pool:  # the two jobs are independent: overlap their start-up
+        jobs = [pool.submit(harness.run, _train_and_evaluate, 1, None, ref_path),
+                pool.submit(harness.run, _train_and_evaluate, 2, 2, sp_path)]
+        for job in jobs:
+            job.result()
     ref, sp = (json.load(open(p)) for p in (ref_path, sp_path))
     assert len(ref["loss"]) == len(sp["loss"]) == STEPS
     assert len(ref["eval_loss"]) == len(sp["eval_loss"]) == 3  # steps 2, 4 and the final evaluate()

@@ -218,8 +218,9 @@ def check_accelerator(accelerator) -> None:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise ValueError(f"the launcher started {launched} processes but Accelerate sees {accelerator.num_processes}: "
-                         "on a machine without GPUs create Accelerator(cpu=True) (or set ACCELERATE_USE_CPU=true); "
-                         "the MULTI_GPU launcher starts the processes but Accelerate then runs each one alone")
+                         "on a machine without GPUs create Accelerator(cpu=True) or TrainingArguments(use_cpu=True) "
+                         "(or set ACCELERATE_USE_CPU=true); the MULTI_GPU launcher starts the processes but "
+                         "Accelerate then runs each one alone")
 
 
 def ensure_process_group() -> None:

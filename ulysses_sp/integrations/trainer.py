@@ -53,7 +53,7 @@ from ..rng import sharded_rng
 from ..sharding import shard_batch
 from ..tiled_ce import IGNORE_INDEX
 from ..topology import init_sp
-from .accelerate import claim_sp_size, ensure_process_group, key_loader_by_dp
+from .accelerate import check_accelerator, claim_sp_size, ensure_process_group, key_loader_by_dp
 from .hf import apply
 
 
@@ -78,6 +78,7 @@ class SPTrainer(Trainer):
                              "pass one of them, or make them equal")
         super().__init__(*args, **kwargs)
         self._check_supported()
+        check_accelerator(self.accelerator)
         ensure_process_group()
         self.sp_topology = init_sp(sp_size if sp_size is not None else (claimed or 1))
         self.sp_check_identical = check_identical
