@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 
 import torch
 import transformers
@@ -26,9 +27,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from ulysses_sp.data import collate_padded, load_text_dataset  # noqa: E402
-from ulysses_sp.integrations.accelerate import claim_sp_size, prepare_sp, train_step  # noqa: E402
-from ulysses_sp.presets import build_config  # noqa: E402
+from ulysses_sp.data import collate_padded, load_text_dataset
+from ulysses_sp.integrations.accelerate import claim_sp_size, prepare_sp, train_step
+from ulysses_sp.presets import build_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,17 +62,16 @@ def main(argv=None) -> None:
     topology, model, optimizer, loader = prepare_sp(accelerator, model, optimizer, loader, sp_size=args.sp_size)
     accelerator.print(f"{topology}, {len(loader)} batches per epoch per DP replica")
 
-    metrics = open(args.metrics, "a") if args.metrics and accelerator.is_main_process else None
     batches = (batch for _ in iter(int, 1) for batch in loader)  # epoch after epoch (Accelerate reshuffles)
-    for step in range(1, args.steps + 1):
-        micro = [next(batches) for _ in range(args.grad_accum)]  # this rank's shards of the step
-        loss = train_step(accelerator, model, optimizer, micro, topology, max_grad_norm=1.0)
-        accelerator.print(f"step {step}: loss {float(loss):.4f}")
-        if metrics is not None:
-            metrics.write(json.dumps({"step": step, "loss": float(loss)}) + "\n")
-            metrics.flush()
-    if metrics is not None:
-        metrics.close()
+    write = args.metrics and accelerator.is_main_process
+    with open(args.metrics, "a") if write else nullcontext() as metrics:
+        for step in range(1, args.steps + 1):
+            micro = [next(batches) for _ in range(args.grad_accum)]  # this rank's shards of the step
+            loss = train_step(accelerator, model, optimizer, micro, topology, max_grad_norm=1.0)
+            accelerator.print(f"step {step}: loss {float(loss):.4f}")
+            if metrics is not None:
+                metrics.write(json.dumps({"step": step, "loss": float(loss)}) + "\n")
+                metrics.flush()
     accelerator.end_training()
 
 

@@ -34,7 +34,7 @@ def _losses(metrics) -> list[float]:
 def _run(cmd, cwd):
     import subprocess
 
-    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=cwd)
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=cwd, check=False)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     return out
 

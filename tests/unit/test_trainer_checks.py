@@ -16,7 +16,8 @@ def _args(tmp_path, **kwargs):
 
 
 def test_refusals_name_every_problem(tmp_path):
-    with pytest.raises(ValueError, match=r"compute_metrics .*logits are never materialised.*label_smoothing_factor=0.1"):
+    expected = r"compute_metrics .*logits are never materialised.*label_smoothing_factor=0.1"
+    with pytest.raises(ValueError, match=expected):
         SPTrainer(model=tiny_model("tiny-llama"), args=_args(tmp_path, label_smoothing_factor=0.1),
                   compute_metrics=lambda prediction: {})
     with pytest.raises(ValueError, match="batch_rebalance"):

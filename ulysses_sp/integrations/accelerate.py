@@ -280,7 +280,8 @@ def prepare_sp(accelerator, model, optimizer, dataloader, *, sp_size: int | None
     apply(model, topology, attn_implementation=attn_implementation)
     loss_model, optimizer, loader = accelerator.prepare(CausalLMLoss(model, topology), optimizer, dataloader)
     key_loader_by_dp(loader, topology)
-    return SPPrepared(topology, loss_model, optimizer, SPShardAdapter(loader, topology, check_identical=check_identical))
+    shards = SPShardAdapter(loader, topology, check_identical=check_identical)
+    return SPPrepared(topology, loss_model, optimizer, shards)
 
 
 def train_step(accelerator, model, optimizer, micro_batches: Sequence[Mapping], topology: SPTopology, *,

@@ -86,6 +86,7 @@ class SPTrainer(Trainer):
         apply(self.model, self.sp_topology, attn_implementation=attn_implementation)
 
     def _check_supported(self) -> None:
+        """One ValueError listing every Trainer option SPTrainer cannot honour (module docstring)."""
         args = self.args
         refused = {
             "DeepSpeed under the Trainer (use launch/train.py --deepspeed)": self.is_deepspeed_enabled,
@@ -117,7 +118,8 @@ class SPTrainer(Trainer):
         loader = key_loader_by_dp(super()._get_dataloader(*args, **kwargs), self.sp_topology)
         init = getattr(loader, "worker_init_fn", None)
         if isinstance(init, functools.partial) and init.func is seed_worker:  # seeded by global rank
-            loader.worker_init_fn = functools.partial(seed_worker, **{**init.keywords, "rank": self.sp_topology.dp_rank})
+            keywords = {**init.keywords, "rank": self.sp_topology.dp_rank}
+            loader.worker_init_fn = functools.partial(seed_worker, **keywords)
         return loader
 
     def _shard(self, batch: dict) -> dict:
