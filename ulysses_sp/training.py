@@ -23,6 +23,7 @@ import transformers
 from . import comm
 from .data import SPDataLoader, load_text_dataset
 from .engine import DeepSpeedEngine, TorchEngine
+from .integrations import accelerate as accelerate_integration
 from .integrations import deepspeed as ds_integration
 from .integrations.hf import apply
 from .loss import count_label_tokens, reduce_loss_for_logging
@@ -101,7 +102,7 @@ class TrainingRun:
         if device_type == "cpu" and dtype == torch.float16:
             raise ValueError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
         ds_config = ds_integration.load_config(args.deepspeed)
-        sp_size = ds_integration.resolve_sp_size(args.sp_size, ds_config)
+        sp_size = accelerate_integration.resolve_sp_size(args.sp_size, ds_config)  # CLI, JSON, Accelerate config
         init_distributed(device_type, args.timeout_s)
         device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
         topology = init_sp(sp_size)

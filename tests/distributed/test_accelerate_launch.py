@@ -1,0 +1,81 @@
+"""``accelerate launch`` end to end on CPU, with the shipped configs/accelerate/sp2.yaml: the SP size
+comes from the Accelerate config and the loss curve equals the matching non-SP run within 1e-4
+relative (fp32, same seed, same global batch):
+
+* launch/train.py at 2 processes (sp2) against one process;
+* launch/train.py at 4 processes (``--num_processes 4``: dp2 x sp2) against torchrun dp2;
+* examples/accelerate_loop.py (Accelerator + prepare_sp + train_step) at 2 processes against the
+  same script in one process with ``--sp-size 1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.distributed.test_train_e2e import COMMON, ROOT, TRAIN, _env, _port, assert_same_curve, train
+
+pytestmark = pytest.mark.slow
+
+SP2_YAML = os.path.join(ROOT, "configs", "accelerate", "sp2.yaml")
+EXAMPLE = os.path.join(ROOT, "examples", "accelerate_loop.py")
+
+
+def _losses(metrics) -> list[float]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows
+    return [r["loss"] for r in rows]
+
+
+def _run(cmd, cwd):
+    import subprocess
+
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=cwd, check=False)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+def accelerate_launch(tmp_path, name, script, *args, num_processes=None):
+    metrics = tmp_path / f"{name}.jsonl"
+    launch = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", SP2_YAML,
+              "--main_process_port", str(_port())]
+    if num_processes is not None:
+        launch += ["--num_processes", str(num_processes)]
+    device = ["--device", "cpu"] if script == TRAIN else []
+    _run([*launch, script, *device, "--metrics", str(metrics), *args], tmp_path)
+    return _losses(metrics)
+
+
+def _both(sp_run, ref_run):
+    """Run the SP job and its reference at once (independent jobs: their start-ups overlap)."""
+    with ThreadPoolExecutor(2) as pool:
+        sp, ref = pool.submit(sp_run), pool.submit(ref_run)
+        return sp.result(), ref.result()
+
+
+def test_sp2_yaml_matches_single_process(tmp_path):
+    args = [*COMMON, "--seq-len", "64", "--batch-size", "2", "--grad-accum", "2"]
+    assert_same_curve(*_both(lambda: accelerate_launch(tmp_path, "acc_sp2", TRAIN, *args),
+                             lambda: train(tmp_path, "ref", 1, "--sp-size", "1", *args)))
+
+
+def test_four_processes_dp2_sp2_matches_dp2(tmp_path):
+    args = [*COMMON, "--seq-len", "48", "--batch-size", "1", "--pack"]
+    assert_same_curve(*_both(lambda: accelerate_launch(tmp_path, "acc_dp2sp2", TRAIN, *args, num_processes=4),
+                             lambda: train(tmp_path, "dp2", 2, "--sp-size", "1", *args)))
+
+
+def _example_reference(tmp_path, *args):
+    metrics = tmp_path / "example_ref.jsonl"
+    _run([sys.executable, EXAMPLE, "--sp-size", "1", "--metrics", str(metrics), *args], tmp_path)
+    return _losses(metrics)
+
+
+def test_example_loop_sp2_matches_one_process(tmp_path):
+    args = ["--model", "tiny-llama-gqa", "--steps", "5", "--seq-len", "40", "--seed", "3"]
+    assert_same_curve(*_both(lambda: accelerate_launch(tmp_path, "example_sp2", EXAMPLE, *args),
+                             lambda: _example_reference(tmp_path, *args)))

@@ -1,0 +1,125 @@
+"""The SP size from an Accelerate config: the environment ``accelerate launch`` builds from our
+YAMLs (through Accelerate's own launcher code, no processes started), strict parsing, claiming
+(Accelerate's ParallelismConfig rejects our backend before and sees no SP after), and the
+resolution order of launch/train.py with its errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ulysses_sp.integrations.accelerate import (
+    ENV_SP_SIZE,
+    claim_sp_size,
+    deepspeed_config_file,
+    env_flag,
+    read_sp_size,
+    resolve_sp_size,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OURS = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_SP_SIZE": "2",
+        "PARALLELISM_CONFIG_SP_BACKEND": "ulysses_sp", "PARALLELISM_CONFIG_DP_SHARD_SIZE": "1"}
+
+
+def launcher_env(config: str, *cli: str) -> tuple[int, dict]:
+    """Process count and environment ``accelerate launch --config_file config *cli script`` gives."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", os.path.join(ROOT, config), *cli, "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ""
+        return args.num_processes, prepare_deepspeed_cmd_env(args)[1]
+    return args.num_processes, prepare_multi_gpu_env(args)
+
+
+@pytest.mark.parametrize("config, cli, processes, sp", [
+    ("configs/accelerate/sp2.yaml", (), 2, 2),
+    ("configs/accelerate/sp2.yaml", ("--num_processes", "4"), 4, 2),
+    ("configs/accelerate/sp2.yaml", ("--num_processes", "4", "--parallelism_config_sp_size", "4"), 4, 4),
+    ("configs/accelerate/multi_gpu_sp4.yaml", (), 8, 4),
+    ("configs/accelerate/deepspeed_zero2_sp2.yaml", (), 2, 2),
+])
+def test_shipped_yamls_give_our_sp_size(config, cli, processes, sp):
+    num_processes, env = launcher_env(config, *cli)
+    assert (num_processes, read_sp_size(env)) == (processes, sp)
+    assert env["PARALLELISM_CONFIG_SP_BACKEND"] == "ulysses_sp"
+    expected_ds = "configs/deepspeed/zero2.json" if "deepspeed" in config else None
+    assert deepspeed_config_file(env) == expected_ds
+
+
+def test_cli_false_arrives_as_true_and_is_ignored():
+    """Accelerate parses --parallelism_config_sp_seq_length_is_variable with type=bool; ulysses_sp
+    reads neither that key nor sp_seq_length, so the corrupted value changes nothing here."""
+    _, env = launcher_env("configs/accelerate/sp2.yaml", "--parallelism_config_sp_seq_length_is_variable", "False")
+    assert env["PARALLELISM_CONFIG_SP_SEQ_LENGTH_IS_VARIABLE"] == "True"  # the launcher's bug
+    assert read_sp_size(env) == 2
+
+
+def test_env_flag_is_strict():
+    assert env_flag("X", {"X": "False"}) is False and env_flag("X", {"X": " TRUE "}) is True
+    assert env_flag("X", {"X": "0"}) is False and env_flag("X", {}) is False
+    with pytest.raises(ValueError, match="X='Flase' is not a boolean"):
+        env_flag("X", {"X": "Flase"})
+
+
+def test_read_sp_size_sources_and_errors():
+    assert read_sp_size({}) is None
+    assert read_sp_size(dict(OURS)) == 2
+    assert read_sp_size({ENV_SP_SIZE: "4"}) == 4
+    assert read_sp_size({**OURS, ENV_SP_SIZE: "2"}) == 2
+    with pytest.raises(ValueError, match="ULYSSES_SP_SIZE=4 disagrees with parallelism_config_sp_size: 2"):
+        read_sp_size({**OURS, ENV_SP_SIZE: "4"})
+    alst = {**OURS, "PARALLELISM_CONFIG_SP_BACKEND": "deepspeed"}
+    with pytest.raises(ValueError, match="DeepSpeed's ALST.*parallelism_config_sp_backend: ulysses_sp"):
+        read_sp_size(alst)
+    assert read_sp_size({**alst, "PARALLELISM_CONFIG_SP_SIZE": "1"}) is None  # deepspeed backend, no SP: not ours
+    with pytest.raises(ValueError, match="'ring' is unknown"):
+        read_sp_size({**OURS, "PARALLELISM_CONFIG_SP_BACKEND": "ring"})
+    with pytest.raises(ValueError, match="parallelism_config_dp_shard_size: 2.*set those sizes to 1"):
+        read_sp_size({**OURS, "PARALLELISM_CONFIG_DP_SHARD_SIZE": "2"})
+    with pytest.raises(ValueError, match="PARALLELISM_CONFIG_SP_SIZE='two' is not an integer"):
+        read_sp_size({**OURS, "PARALLELISM_CONFIG_SP_SIZE": "two"})
+
+
+def test_claim_hides_sp_from_accelerate(monkeypatch):
+    from accelerate import ParallelismConfig
+
+    for key, value in OURS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(ENV_SP_SIZE, "")  # empty = unset; recorded, so the value claim writes is undone
+    with pytest.raises(ValueError, match="sp_backend must be one of"):
+        ParallelismConfig()  # what Accelerator() would do with the launcher's environment
+    assert claim_sp_size() == 2
+    assert claim_sp_size() == 2  # idempotent: the size now lives in ULYSSES_SP_SIZE
+    assert os.environ[ENV_SP_SIZE] == "2" and not env_flag("ACCELERATE_USE_PARALLELISM_CONFIG")
+    pc = ParallelismConfig()
+    assert pc.sp_size == 1 and not pc.sp_enabled
+
+
+def test_claim_without_sp_changes_nothing():
+    env = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_SP_SIZE": "1",
+           "PARALLELISM_CONFIG_SP_BACKEND": "deepspeed"}
+    before = dict(env)
+    assert claim_sp_size(env) is None and env == before
+
+
+def test_resolve_sp_size_order_and_conflicts():
+    assert resolve_sp_size(None, {}, {}) == 1
+    assert resolve_sp_size(3, {}, {}) == 3
+    assert resolve_sp_size(None, {"sequence_parallel_size": 4}, {}) == 4
+    assert resolve_sp_size(None, {}, dict(OURS)) == 2
+    assert resolve_sp_size(2, {"sequence_parallel_size": 2}, dict(OURS)) == 2
+    with pytest.raises(ValueError, match="--sp-size 4 disagrees with the Accelerate config's SP size 2"):
+        resolve_sp_size(4, {}, dict(OURS))
+    with pytest.raises(ValueError, match='"sequence_parallel_size": 4 in the DeepSpeed config disagrees'):
+        resolve_sp_size(None, {"sequence_parallel_size": 4}, dict(OURS))
+    ds_launch = {**OURS, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "z2.json"}
+    with pytest.raises(ValueError, match="add --deepspeed z2.json"):
+        resolve_sp_size(None, {}, dict(ds_launch))
+    assert resolve_sp_size(None, {"zero_optimization": {"stage": 2}}, dict(ds_launch)) == 2
+    with pytest.raises(ValueError, match="FSDP"):
+        resolve_sp_size(None, {}, {"ACCELERATE_USE_FSDP": "true"})

@@ -1,0 +1,197 @@
+"""SPTrainer: ``transformers.Trainer`` with Ulysses SP, for training and evaluation.
+
+    trainer = SPTrainer(model=model, args=TrainingArguments(...), train_dataset=..., eval_dataset=...,
+                        data_collator=collate, sp_size=2)   # sp_size: default the Accelerate config's
+
+What changes against the stock Trainer (transformers 5.23), and why the numbers stay its numbers.
+P = sp_size, dp = world / P, N = labelled tokens of one optimizer step over every micro-batch and
+DP replica (labels shifted, as the stock Trainer counts them).
+
+* **Data**: the Trainer's loaders are prepared by Accelerate, which shards batches by *global*
+  rank; they are re-keyed by DP rank (:func:`ulysses_sp.integrations.accelerate.key_loader_by_dp`),
+  so the P ranks of an SP group read the same full batch. Each full batch is checked to be the same
+  on the group (``check_identical``) and cut into this rank's shard (:func:`ulysses_sp.shard_batch`:
+  padded to a multiple of P, labels shifted before slicing) where the Trainer fetches it.
+* **Loss and gradient**: the stock Trainer with ``average_tokens_across_devices`` (its default)
+  gives each of its dp ranks ``loss = dp * CE_rank / N`` and DDP averages over dp, so the gradient
+  is that of ``sum(CE) / N``. Here ``num_items_in_batch = count_label_tokens(step) = N / dp`` and
+  :func:`ulysses_sp.causal_lm_loss` returns ``dp * CE_group / N`` on each of the P ranks of a group;
+  their gradients sum to ``P * dp * dCE_group / N`` and DDP averages over all dp*P ranks:
+  ``(1 / (dp*P)) * sum_groups P * dp * dCE_group / N = d(sum CE) / N``, the stock gradient. The loss
+  is already normalised for the whole step (``loss_is_scaled_for_ga = True``): no division by the
+  accumulation steps. The logged loss (the Trainer averages it over all ranks) is
+  ``sum(CE) / N`` for the same reason. Without ``average_tokens_across_devices`` each group
+  normalises by its own count, as each stock rank does, and the same algebra holds.
+* **Evaluation runs under SP** (no fallback to full sequences per rank: the memory that made
+  training possible makes evaluation possible). The eval loss of a batch is the SP group's loss,
+  computed like the training loss without gradients, and is gathered over the DP ranks only (the
+  P copies of a group are one value), then truncated like ``gather_for_metrics``: eval_loss is the
+  stock Trainer's. Logits are never materialised, so ``compute_metrics`` (and predictions from
+  ``predict``) are not available: evaluate loss / perplexity (``exp(eval_loss)``).
+* The model is wrapped for training as ``CausalLMLoss`` (the loss runs inside DDP's forward, so
+  DDP's reducer sees it); ``self.model`` stays the transformers model for saving.
+
+Supported: DDP (Accelerate's MULTI_GPU / MULTI_CPU) and a single process. Refused with a
+ValueError: DeepSpeed and FSDP under the Trainer, an SP/CP/TP ``parallelism_config`` (which would
+route the Trainer through DeepSpeed's ALST), ``model_init``, ``compute_loss_func``,
+``compute_metrics``, ``preprocess_logits_for_metrics``, label smoothing, several GPUs per process
+(DataParallel) and the rank-aware ``batch_rebalance`` sampler.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import seed_worker
+
+from .. import comm
+from ..data import assert_same_across_sp
+from ..loss import CausalLMLoss, causal_lm_loss, count_label_tokens
+from ..rng import sharded_rng
+from ..sharding import shard_batch
+from ..tiled_ce import IGNORE_INDEX
+from ..topology import init_sp
+from .accelerate import check_accelerator, claim_sp_size, ensure_process_group, key_loader_by_dp
+from .hf import apply
+
+
+class SPTrainer(Trainer):
+    """``transformers.Trainer`` that trains and evaluates a causal LM with Ulysses SP.
+
+    ``sp_size``: SP group size (default: the Accelerate config's ``parallelism_config_sp_size``
+    with ``parallelism_config_sp_backend: ulysses_sp``, else 1). ``attn_implementation``: the core
+    kernel run over the full sequence (default: the model's). ``check_identical``: compare a
+    checksum of every batch over the SP group (one tiny gather per batch). ``pad_token_id``: the
+    id that pads sequences to a multiple of ``sp_size`` (never a target). Everything else is the
+    Trainer's. The data collator must give full batches with ``labels`` (or ``shift_labels``).
+    """
+
+    loss_is_scaled_for_ga = True  # normalised by the whole step's token count (num_items_in_batch)
+
+    def __init__(self, *args, sp_size: int | None = None, attn_implementation: str | None = None,
+                 check_identical: bool = True, pad_token_id: int = 0, **kwargs):
+        claimed = claim_sp_size()  # before Trainer creates its Accelerator: no ALST, no rejected backend
+        if sp_size is not None and claimed is not None and sp_size != claimed:
+            raise ValueError(f"SPTrainer(sp_size={sp_size}) disagrees with the Accelerate config's SP size {claimed}; "
+                             "pass one of them, or make them equal")
+        super().__init__(*args, **kwargs)
+        self._check_supported()
+        check_accelerator(self.accelerator)
+        ensure_process_group()
+        self.sp_topology = init_sp(sp_size if sp_size is not None else (claimed or 1))
+        self.sp_check_identical = check_identical
+        self.sp_pad_token_id = pad_token_id
+        apply(self.model, self.sp_topology, attn_implementation=attn_implementation)
+
+    def _check_supported(self) -> None:
+        """One ValueError listing every Trainer option SPTrainer cannot honour (module docstring)."""
+        args = self.args
+        refused = {
+            "DeepSpeed under the Trainer (use launch/train.py --deepspeed)": self.is_deepspeed_enabled,
+            "FSDP": self.is_fsdp_enabled,
+            "model_init (the model must exist to be wrapped)": self.model_init is not None,
+            "compute_loss_func (SPTrainer computes the sharded loss)": self.compute_loss_func is not None,
+            "compute_metrics (logits are never materialised under SP; evaluate the loss)": self.compute_metrics
+            is not None,
+            "preprocess_logits_for_metrics": self.preprocess_logits_for_metrics is not None,
+            f"label_smoothing_factor={args.label_smoothing_factor}": args.label_smoothing_factor != 0,
+            f"{args.n_gpu} GPUs per process (DataParallel); launch one process per GPU": args.n_gpu > 1,
+            "train_sampling_strategy='batch_rebalance' (rank-aware by global rank)":
+                args.train_sampling_strategy == "batch_rebalance",
+            "include_for_metrics with 'inputs'": "inputs" in (args.include_for_metrics or []),
+        }
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        if pc is not None:
+            sizes = {"sp_size": pc.sp_size, "cp_size": pc.cp_size, "tp_size": pc.tp_size}
+            for name, size in sizes.items():
+                refused[f"parallelism_config {name}={size} (sp_size > 1 is DeepSpeed's ALST)"] = size > 1
+        found = [what for what, bad in refused.items() if bad]
+        if found:
+            raise ValueError(f"SPTrainer does not support: {'; '.join(found)}")
+
+    # --- data -------------------------------------------------------------------------------------
+
+    def _get_dataloader(self, *args, **kwargs):
+        """The Trainer's loader, keyed by DP rank: the SP group reads identical full batches."""
+        loader = key_loader_by_dp(super()._get_dataloader(*args, **kwargs), self.sp_topology)
+        init = getattr(loader, "worker_init_fn", None)
+        if isinstance(init, functools.partial) and init.func is seed_worker:  # seeded by global rank
+            keywords = {**init.keywords, "rank": self.sp_topology.dp_rank}
+            loader.worker_init_fn = functools.partial(seed_worker, **keywords)
+        return loader
+
+    def _shard(self, batch: dict) -> dict:
+        if self.sp_check_identical:
+            assert_same_across_sp(batch, self.sp_topology, "a Trainer batch")
+        return shard_batch(batch, self.sp_topology, pad_token_id=self.sp_pad_token_id, ignore_index=IGNORE_INDEX)
+
+    def _num_items(self, local_batches: list[dict]) -> torch.Tensor:
+        """num_items_in_batch for our loss (see the module docstring)."""
+        topo = self.sp_topology
+        if self.args.average_tokens_across_devices:
+            return count_label_tokens(local_batches, topo)
+        count = torch.stack([(b["shift_labels"] != IGNORE_INDEX).sum() for b in local_batches]).sum()
+        return (comm.all_reduce(count, topo.sp_group) if topo.sp_size > 1 else count).to(torch.float64)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch the step's full batches, shard them, count the step's labelled tokens."""
+        local = []
+        for _ in range(num_batches):
+            try:
+                local.append(self._shard(next(epoch_iterator)))
+            except StopIteration:
+                break
+        return local, (self._num_items(local) if local else None)
+
+    def get_total_train_batch_size(self, args) -> int:
+        """Sequences per optimizer step: micro-batch x accumulation x dp (the SP ranks share them)."""
+        return self._train_batch_size * args.gradient_accumulation_steps * self.sp_topology.dp_size
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def _wrap_model(self, model, training: bool = True, dataloader=None):
+        """For training, Accelerate prepares ``CausalLMLoss(model)``: the loss runs in DDP's forward."""
+        if not training or self.accelerator.unwrap_model(model, keep_torch_compile=False) is not model:
+            return super()._wrap_model(model, training=training, dataloader=dataloader)
+        return self.accelerator.prepare_model(CausalLMLoss(model, self.sp_topology))
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """``causal_lm_loss`` of the local shard / ``num_items_in_batch`` (see the module docstring)."""
+        if return_outputs:
+            raise ValueError("SPTrainer computes the loss without materialising logits; return_outputs=True is "
+                             "not available")
+        inner = self.accelerator.unwrap_model(model)
+        with sharded_rng(self.sp_topology):
+            if isinstance(inner, CausalLMLoss):
+                return model(inputs, num_items_in_batch)
+            return causal_lm_loss(inner, inputs, self.sp_topology, num_items_in_batch)
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The SP group's loss of one eval batch, normalised like the stock Trainer's; no logits."""
+        has_labels = inputs.get("labels") is not None or inputs.get("shift_labels") is not None
+        local = self._shard(inputs)
+        if not has_labels:
+            return None, None, None
+        num_items = self._num_items([local])
+        with torch.no_grad(), self.accelerator.autocast():
+            loss = causal_lm_loss(self.model, local, self.sp_topology, num_items)
+        return loss.detach(), None, None
+
+    def evaluation_loop(self, *args, **kwargs):
+        self.gather_function = self._gather_over_dp  # the Trainer resets it at the end of the loop
+        return super().evaluation_loop(*args, **kwargs)
+
+    def _gather_over_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``gather_for_metrics`` over one rank per SP group: what a non-SP run over dp ranks gathers."""
+        topo = self.sp_topology
+        gathered = self.accelerator.gather(tensor)  # [world * n], in global rank order
+        if topo.sp_size > 1:
+            gathered = gathered.reshape(topo.dp_size, topo.sp_size, -1)[:, 0].reshape(-1, *tensor.shape[1:])
+        state = self.accelerator.gradient_state
+        if state.end_of_dataloader and state.remainder > 0:
+            gathered = gathered[: state.remainder]  # the samples Accelerate repeated to even the batches
+        return gathered
