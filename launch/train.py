@@ -45,10 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="core attention kernel (default: flash_attention_2 on CUDA when installed, else sdpa)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    p.add_argument("--deepspeed", default=None, metavar="CONFIG.json", help="train with DeepSpeed (ZeRO config)")
+    p.add_argument("--deepspeed", default=None, metavar="CONFIG.json", help="train with DeepSpeed (ZeRO config); "
+                   "under accelerate launch with distributed_type DEEPSPEED: its deepspeed_config_file")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of decoder layers")
     p.add_argument("--metrics", default=None, metavar="FILE", help="append JSON lines per step")
-    p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--timeout-s", type=float, default=600.0, help="collective timeout: a dead rank fails the job")
     p.add_argument("--check-identical", action="store_true", help="verify the SP group reads identical samples")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

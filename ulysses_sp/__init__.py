@@ -7,6 +7,7 @@ output is re-sharded back. See README.md and docs/ for usage.
 
 from .backends import SUPPORTED as SUPPORTED_ATTENTION
 from .data import SPDataLoader, SPShardAdapter, load_text_dataset
+from .integrations.accelerate import claim_sp_size, prepare_sp, train_step
 from .integrations.hf import apply, is_applied, remove
 from .loss import CausalLMLoss, causal_lm_loss, count_label_tokens, reduce_loss_for_logging
 from .positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
@@ -26,15 +27,18 @@ __all__ = [
     "SequenceInfo",
     "apply",
     "build_sequence_info",
+    "claim_sp_size",
     "causal_lm_loss",
     "count_label_tokens",
     "init_sp",
     "is_applied",
     "load_text_dataset",
+    "prepare_sp",
     "reduce_loss_for_logging",
     "remove",
     "shard_batch",
     "sharded_rng",
     "sync_rng",
     "to_device",
+    "train_step",
 ]

@@ -101,6 +101,8 @@ class TrainingRun:
         dtype = _DTYPES[args.dtype or ("bf16" if device_type == "cuda" else "fp32")]
         if device_type == "cpu" and dtype == torch.float16:
             raise ValueError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
+        if args.deepspeed is None:  # accelerate launch with distributed_type DEEPSPEED: its config file
+            args.deepspeed = accelerate_integration.launched_deepspeed_config_file()
         ds_config = ds_integration.load_config(args.deepspeed)
         sp_size = accelerate_integration.resolve_sp_size(args.sp_size, ds_config)  # CLI, JSON, Accelerate config
         init_distributed(device_type, args.timeout_s)

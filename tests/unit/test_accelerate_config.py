@@ -10,6 +10,7 @@ import os
 import pytest
 
 from ulysses_sp.integrations.accelerate import (
+    launched_deepspeed_config_file,
     ENV_SP_SIZE,
     claim_sp_size,
     deepspeed_config_file,
@@ -120,6 +121,8 @@ def test_resolve_sp_size_order_and_conflicts():
     ds_launch = {**OURS, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "z2.json"}
     with pytest.raises(ValueError, match="add --deepspeed z2.json"):
         resolve_sp_size(None, {}, dict(ds_launch))
+    assert launched_deepspeed_config_file(ds_launch) == "z2.json"  # the trainer loads it as --deepspeed
+    assert launched_deepspeed_config_file(OURS) is None
     assert resolve_sp_size(None, {"zero_optimization": {"stage": 2}}, dict(ds_launch)) == 2
     with pytest.raises(ValueError, match="FSDP"):
         resolve_sp_size(None, {}, {"ACCELERATE_USE_FSDP": "true"})

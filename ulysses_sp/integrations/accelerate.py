@@ -154,6 +154,12 @@ def deepspeed_config_file(environ: Mapping[str, str] | None = None) -> str | Non
     return env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "(set in the Accelerate config's deepspeed_config)"
 
 
+def launched_deepspeed_config_file(environ: Mapping[str, str] | None = None) -> str | None:
+    """The DeepSpeed JSON an ``accelerate launch`` with ``deepspeed_config_file`` names, else None."""
+    env = os.environ if environ is None else environ
+    return env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if env_flag("ACCELERATE_USE_DEEPSPEED", env) else None
+
+
 def resolve_sp_size(cli_sp_size: int | None, ds_config: dict, environ: MutableMapping[str, str] | None = None) -> int:
     """SP size of launch/train.py: ``--sp-size``, else the DeepSpeed JSON's ``sequence_parallel_size``,
     else the Accelerate config's (claimed, see :func:`claim_sp_size`), else 1. Two sources that
