@@ -110,6 +110,8 @@ def main(argv=None) -> None:
     searches = [(spec, *lv.parse(spec)) for spec in (args.search_configs if args.max_len_search else [])]
     problems = [f"{spec}: {why}" for spec, _, levers in configs + searches
                 if (why := lv.available_or_reason(levers, device_type, args.zero_stage))]
+    problems += [f"--seq-lens {s} is not a multiple of sp={sp} (ALST's adapter needs it)"
+                 for s in args.seq_lens if s % sp]
     if problems:
         raise SystemExit("cannot run: " + "; ".join(problems))
     baseline = args.baseline or next((spec for spec, side, _ in configs if side == "alst"), configs[0][0])
@@ -141,6 +143,12 @@ def main(argv=None) -> None:
 
 
 def _one_line(r: dict) -> str:
+    leftover = r.get("mem_after_free_gib", 0.0)
+    note = f"  [{leftover:.2f} GiB still allocated after freeing]" if leftover > 0.5 else ""
+    return _summary(r) + note
+
+
+def _summary(r: dict) -> str:
     if r["status"] != "ok":
         return f"{r['seq_len']:>8} {r['config']:<28} {r['status']}: {r.get('errors')}"
     a2a = r.get("comm", {}).get("a2a_exposed_ms", {}).get("max")

@@ -117,10 +117,25 @@ def gpu_kernels(prof) -> list[tuple[str, float, float]]:
 
 
 def profile_step(step_fn):
-    """Run ``step_fn()`` under the profiler (CUDA activity only); returns (its result, summary dict)."""
+    """Run ``step_fn()`` under the profiler (CUDA activity only); returns (its result, summary dict).
+
+    Errors of the step itself propagate (an OOM is an OOM); a profiler that does not start or a
+    trace that cannot be analysed gives ``{"error": ...}`` instead of a summary, so a profiling
+    problem never discards the configuration's timings.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    try:
+        prof = profile(activities=[ProfilerActivity.CUDA])
+        prof.start()
+    except Exception as exc:  # noqa: BLE001
+        return step_fn(), {"error": f"profiler did not start: {type(exc).__name__}: {exc}"}
+    try:
         result = step_fn()
         torch.cuda.synchronize()
-    return result, summarize(gpu_kernels(prof))
+    finally:
+        prof.stop()
+    try:
+        return result, summarize(gpu_kernels(prof))
+    except Exception as exc:  # noqa: BLE001
+        return result, {"error": f"trace analysis failed: {type(exc).__name__}: {exc}"}

@@ -31,6 +31,11 @@ def _version(dist_name: str) -> str | None:
         return None
 
 
+def _nccl_version() -> str:
+    version = torch.cuda.nccl.version()
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 def _git_commit() -> str | None:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
@@ -53,7 +58,7 @@ def environment(device: torch.device) -> dict:
         "versions": {
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
+            "nccl": _nccl_version() if device.type == "cuda" else None,
             "transformers": _version("transformers"), "deepspeed": _version("deepspeed"),
             "flash_attn": _version("flash-attn") or _version("flash_attn"), "liger_kernel": _version("liger-kernel"),
             "accelerate": _version("accelerate"), "ulysses_sp": ulysses_sp.__version__, "ulysses_sp_git": _git_commit(),

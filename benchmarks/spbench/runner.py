@@ -83,6 +83,9 @@ def _grad_norm(engine) -> float | None:
 
 def _aggregate(summaries: list[dict]) -> dict:
     """Max and mean over ranks of each scalar of :func:`comm.summarize`; rank 0's kernel lists."""
+    errors = {rank: s["error"] for rank, s in enumerate(summaries) if "error" in s}
+    if errors:
+        return {"errors": errors}
     out = {}
     for key, value in summaries[0].items():
         if isinstance(value, (int, float)):

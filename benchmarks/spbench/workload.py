@@ -45,7 +45,7 @@ class Workload:
         torch.manual_seed(self.seed)
         with torch.device(self.device):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=self.dtype)
-        return model.train()
+        return model.to(self.device).train()  # a no-op unless transformers built it elsewhere
 
     def full_batch(self, seq_len: int, vocab_size: int) -> dict[str, torch.Tensor]:
         """The same [B, S] random tokens on every rank (CPU tensors): input_ids, labels, position_ids."""
