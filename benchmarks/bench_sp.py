@@ -7,8 +7,8 @@ For every sequence length and every configuration (``--configs``: ``ours`` / ``a
 e.g. ``ours+cudnn+sac``, see spbench/levers.py) a fresh model and DeepSpeed engine are built,
 warmed up and timed; then freed before the next. Printed on rank 0 and written to ``--out``:
 step time (median of ``--steps`` timed steps, slowest rank), tokens/s per GPU, model TFLOP/s and
-MFU (formula in spbench/flops.py), peak memory (max over ranks of max_memory_allocated since the
-configuration started), exposed all-to-all / communication time (spbench/comm.py), the first
+MFU (formula in spbench/flops.py), peak memory (max over ranks of max_memory_allocated over the
+steps), exposed all-to-all / communication time (spbench/comm.py), the first
 step's loss on both sides (parity), ratios against ``--baseline``. ``--max-len-search`` then
 searches the longest sequence that fits for each of ``--search-configs``.
 """
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     configs = [(spec, *lv.parse(spec)) for spec in args.configs]
     searches = [(spec, *lv.parse(spec)) for spec in (args.search_configs if args.max_len_search else [])]
     problems = [f"{spec}: {why}" for spec, _, levers in configs + searches
-                if (why := lv.available_or_reason(levers, device_type, args.zero_stage))]
+                if (why := lv.available_or_reason(levers, device_type, args.zero_stage, attn))]
     problems += [f"--seq-lens {s} is not a multiple of sp={sp} (ALST's adapter needs it)"
                  for s in args.seq_lens if s % sp]
     if problems:

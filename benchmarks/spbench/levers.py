@@ -77,8 +77,8 @@ def parse(spec: str) -> tuple[str, frozenset[str]]:
     return side, frozenset(levers)
 
 
-def available_or_reason(levers: frozenset[str], device: str, zero_stage: int) -> str | None:
-    """Why this lever set cannot run here (None: it can)."""
+def available_or_reason(levers: frozenset[str], device: str, zero_stage: int, attn: str) -> str | None:
+    """Why this lever set cannot run (or would change nothing) here; None: it can."""
     if "liger" in levers:
         if device != "cuda":
             return "'liger' needs CUDA"
@@ -91,6 +91,8 @@ def available_or_reason(levers: frozenset[str], device: str, zero_stage: int) ->
     if "cudnn" in levers:
         import inspect
 
+        if attn != "sdpa":
+            return f"'cudnn' reorders SDPA backends and changes nothing with --attn {attn}; use --attn sdpa"
         from torch.nn.attention import sdpa_kernel
 
         if "set_priority" not in inspect.signature(sdpa_kernel).parameters:

@@ -96,7 +96,7 @@ def _aggregate(summaries: list[dict]) -> dict:
     return out
 
 
-def _timed(run, workload: Workload, measure: Measure, record: dict) -> None:
+def _timed(run, workload: Workload, measure: Measure, record: dict, build_peak: float) -> None:
     device = workload.device
     times, losses, norms = [], [], []
     for _ in range(measure.warmup + measure.steps):
@@ -111,8 +111,8 @@ def _timed(run, workload: Workload, measure: Measure, record: dict) -> None:
     times = _world_max(times, device)
     record.update(losses=losses, grad_norms=norms, step_times_s=times, warmup_steps=measure.warmup,
                   step_s=statistics.median(times[measure.warmup:]))
-    peak, reserved = _world_max(list(_memory(device)), device)
-    record.update(peak_mem_gib=peak, peak_reserved_gib=reserved)
+    peak, reserved, build = _world_max([*_memory(device), build_peak], device)
+    record.update(peak_mem_gib=peak, peak_reserved_gib=reserved, build_peak_mem_gib=build)
     if measure.profile and device.type == "cuda":
         dist.barrier()
         start = time.perf_counter()
@@ -150,19 +150,22 @@ def run_config(side, spec: str, levers: frozenset[str], seq_len: int, workload: 
         torch.cuda.reset_peak_memory_stats(device)
         record["mem_before_gib"] = torch.cuda.memory_allocated(device) / 2**30
     wall = time.perf_counter()
-    run, shape, code = None, None, 0
+    run, shape, code, build_peak = None, None, 0, 0.0
     try:
         run = side.prepare(levers, seq_len)
         shape = flops.shape_of(run.model)
         record["zero_partition_ranks"] = zero_partition_ranks(run.model)
         synchronize(device)
         record["build_s"] = time.perf_counter() - wall
+        build_peak = _memory(device)[0]
+        if device.type == "cuda":  # the step's peak, not the full model materialised before ZeRO-3 shards it
+            torch.cuda.reset_peak_memory_stats(device)
     except Exception as exc:  # noqa: BLE001 - every failure must reach the agreement below
         code = _failure(exc, "build", spec, seq_len, record)
     code = _agree(code, device)  # a rank that failed to build does not enter the steps' collectives alone
     if code == 0:
         try:
-            _timed(run, workload, measure, record)
+            _timed(run, workload, measure, record, build_peak)
         except Exception as exc:  # noqa: BLE001
             code = _failure(exc, "steps", spec, seq_len, record)
     code = _agree(code, device)

@@ -100,9 +100,10 @@ def test_config_specs():
                        ("ours+liger+tiled", "exclude")]:
         with pytest.raises(ValueError, match=match):
             levers.parse(bad)
-    assert "ZeRO-3" in levers.available_or_reason(frozenset({"liger"}), "cuda", 3)
-    assert levers.available_or_reason(frozenset({"liger"}), "cpu", 2) == "'liger' needs CUDA"
-    assert levers.available_or_reason(frozenset({"sac", "cudnn"}), "cpu", 3) is None
+    assert "ZeRO-3" in levers.available_or_reason(frozenset({"liger"}), "cuda", 3, "sdpa")
+    assert levers.available_or_reason(frozenset({"liger"}), "cpu", 2, "sdpa") == "'liger' needs CUDA"
+    assert "--attn sdpa" in levers.available_or_reason(frozenset({"cudnn"}), "cuda", 3, "flash_attention_2")
+    assert levers.available_or_reason(frozenset({"sac", "cudnn"}), "cpu", 3, "sdpa") is None
 
 
 def test_selective_checkpoint_policy_saves_attention_and_a2a_only():
