@@ -108,13 +108,11 @@ def main(argv=None) -> None:
     attn = args.attn or default_attention(device_type)
     configs = [(spec, *lv.parse(spec)) for spec in args.configs]
     searches = [(spec, *lv.parse(spec)) for spec in (args.search_configs if args.max_len_search else [])]
-    problems = [f"{spec}: {why}" for spec, _, levers in configs + searches
-                if (why := lv.available_or_reason(levers, device_type, args.zero_stage, attn))]
-    problems += [f"--seq-lens {s} is not a multiple of sp={sp} (ALST's adapter needs it)"
-                 for s in args.seq_lens if s % sp]
+    problems = _problems(args, configs + searches, device_type, attn, sp)
     if problems:
         raise SystemExit("cannot run: " + "; ".join(problems))
-    baseline = args.baseline or next((spec for spec, side, _ in configs if side == "alst"), configs[0][0])
+    baseline = args.baseline or next((spec for spec, side, _ in configs if side == "alst"),
+                                     args.configs[0] if args.configs else None)
     workload = Workload(model=args.model, layers=args.layers or None, attn=attn, dtype=DTYPES[args.dtype],
                         device=device, sp=sp, batch_size=args.batch_size, zero_stage=args.zero_stage, lr=args.lr,
                         seed=args.seed)
@@ -140,6 +138,19 @@ def main(argv=None) -> None:
     results.log("\n" + results.table())
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _problems(args, configs, device_type: str, attn: str, sp: int) -> list[str]:
+    """Everything that would fail or measure nothing, found before any GPU time is spent."""
+    from spbench import levers as lv
+
+    problems = [f"{spec}: {why}" for spec, _, levers in configs
+                if (why := lv.available_or_reason(levers, device_type, args.zero_stage, attn))]
+    problems += [f"--seq-lens {s} is not a multiple of sp={sp} (ALST's adapter needs it)"
+                 for s in args.seq_lens if s % sp]
+    if not args.seq_lens and not args.max_len_search:
+        problems.append("nothing to do: give --seq-lens and/or --max-len-search")
+    return problems
 
 
 def _one_line(r: dict) -> str:

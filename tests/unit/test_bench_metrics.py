@@ -125,3 +125,14 @@ def test_profiling_problem_keeps_the_step_result(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
     result, summary = comm.profile_step(lambda: 7)  # no CUDA here: no kernel can be recorded
     assert result == 7 and "error" in summary
+
+
+def test_profile_summaries_aggregate_over_ranks():
+    from benchmarks.spbench import runner
+
+    a = comm.summarize([("gemm", 0.0, 10.0), ("ncclDevKernel_SendRecv", 10.0, 14.0)])
+    b = comm.summarize([("gemm", 0.0, 10.0), ("ncclDevKernel_SendRecv", 10.0, 16.0)])
+    out = runner._aggregate([a, b])
+    assert out["a2a_exposed_ms"] == {"max": pytest.approx(6e-3), "mean": pytest.approx(5e-3)}
+    assert out["top_kernels_rank0"] == a["top_kernels"] and out["nccl_kinds_rank0"] == a["nccl_kinds"]
+    assert runner._aggregate([a, {"error": "no trace"}]) == {"errors": {1: "no trace"}}
