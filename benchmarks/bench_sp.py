@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline", default=None, help="configuration the ratios divide by (default: first alst one)")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the extra profiled step that measures exposed communication")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU in TFLOP/s (MFU)")
+    p.add_argument("--peak-flops", type=float, default=989e12,
+                   help="dense bf16 peak FLOP/s of one GPU, the MFU denominator (989e12: H100/H200 SXM)")
     p.add_argument("--out", default="results.json", help="JSON file (rewritten after every configuration)")
     p.add_argument("--max-len-search", action="store_true", help="after the timing, search the longest sequence")
     p.add_argument("--search-configs", type=_csv, default=["ours", "alst+tiled_mlp+ac_offload"],
@@ -119,9 +120,9 @@ def main(argv=None) -> None:
     sides = {"ours": OursSide(workload, topology), "alst": AlstSide(workload)}
     settings = {**{k: v for k, v in vars(args).items() if k != "local_rank"}, "attn": attn, "sp": sp,
                 "dp": world // sp, "world_size": world, "baseline": baseline, "device_type": device_type,
-                "layers": workload.config("sdpa").num_hidden_layers, "peak_tflops": args.peak_tflops}
+                "layers": workload.config("sdpa").num_hidden_layers}
     results = Results(args.out, settings, device, rank)
-    peak = args.peak_tflops * 1e12
+    peak = args.peak_flops
     measure = Measure(warmup=args.warmup, steps=args.steps, profile=args.profile and device_type == "cuda")
     results.log(f"{len(args.seq_lens)} lengths x {len(configs)} configurations on {world} ranks (sp {sp}), "
                 f"attn {attn}; results -> {args.out}")
