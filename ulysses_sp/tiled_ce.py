@@ -101,11 +101,26 @@ def liger_unsupported_reason(hidden: torch.Tensor, head, transform: LogitTransfo
         return "liger-kernel runs on CUDA tensors only"
     if type(head) is not torch.nn.Linear:
         return f"the output head is a {type(head).__name__}, not a plain torch.nn.Linear"
-    weight = head.weight
-    if hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
-        return "the head's weight is sharded (ZeRO-3 / FSDP); the fused kernel needs the full weight"
+    reason = head_weight_unavailable_reason(head.weight)
+    if reason is not None:
+        return reason
     if transform.scale != 1.0 and head.bias is not None:
         return "a logit scale with a biased head cannot be folded into the hidden states"
+    return None
+
+
+def head_weight_unavailable_reason(weight: torch.Tensor) -> str | None:
+    """Why a fused kernel cannot read the head's full weight here (None: it can). A ZeRO-3 weight
+    is readable while gathered: integrations.deepspeed.initialize registers it with the loss module."""
+    if hasattr(weight, "ds_id"):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if weight.ds_status != ZeroParamStatus.AVAILABLE:
+            return ("the head's weight is ZeRO-3 partitioned and not gathered here; train through "
+                    "ulysses_sp.integrations.deepspeed.initialize(CausalLMLoss(model, topology), ...), which has "
+                    "ZeRO-3 gather it for the loss")
+    if type(weight).__name__ == "DTensor":
+        return "the head's weight is an FSDP DTensor shard; the fused kernel needs the full weight"
     return None
 
 

@@ -131,10 +131,45 @@ def _config(name: str, ga: int, clip: float, dtype: str) -> dict:
     return config
 
 
+def _check_fused_head_zero3(ctx, topo):
+    """CausalLMLoss's fused-kernel path reads the head's weight directly; under ZeRO-3 it must be
+    gathered for the loss module (initialize registers it) and its gradient reduced like any other.
+    liger needs CUDA, so a torch kernel with the same contract (full weight in, CE sum out) stands in."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from ulysses_sp import loss as loss_module
+    from ulysses_sp import tiled_ce
+
+    calls = []
+
+    def fused_stand_in(hidden, labels, head, transform):
+        calls.append(tuple(head.weight.shape))
+        return F.cross_entropy(F.linear(hidden, head.weight).float(), labels, ignore_index=-100, reduction="sum")
+
+    loss_module.liger_unsupported_reason = lambda hidden, head, transform: tiled_ce.head_weight_unavailable_reason(
+        head.weight)
+    loss_module.liger_cross_entropy_sum = fused_stand_in
+    model = tiny_model("tiny-llama")
+    ids = tokens(B, S, seed=500 + topo.dp_rank)
+    want, _ = _reference(model, [ids], topo, 0.0)
+    ulysses_sp.apply(model, topo)
+    engine, *_ = uds.initialize(ulysses_sp.CausalLMLoss(model, topo, use_liger=True), topo,
+                                _config("zero3", 1, 0.0, "fp32"), optimizer=torch.optim.SGD(model.parameters(), lr=LR))
+    head = model.get_output_embeddings()
+    assert tiled_ce.head_weight_unavailable_reason(head.weight) is not None, "outside the loss the head is partitioned"
+    batch = ulysses_sp.shard_batch({"input_ids": ids, "labels": ids}, topo)
+    engine.backward(engine(batch, None))
+    assert calls == [(model.config.vocab_size, model.config.hidden_size)], calls
+    for n, p in model.named_parameters():
+        _assert_close(safe_get_full_grad(p), want[n], f"fused head zero3 {n}", "fp32")
+    ulysses_sp.remove(model)
+
+
 def _body_stages(ctx, sp_size: int, cases, other_models: bool):
     topo = ulysses_sp.init_sp(sp_size)
     if other_models:
         _check_other_models(ctx, topo)
+        _check_fused_head_zero3(ctx, topo)
     for case in cases:
         _check_stage(ctx, topo, *case)
 

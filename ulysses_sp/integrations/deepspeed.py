@@ -133,6 +133,7 @@ def initialize(
     mpu = SPMpu(topology)
     if zero_stage(config) == 3:
         _partition_over_all_ranks(model, config, mpu)
+        _gather_head_for_loss(model)
     if model_parameters is None and optimizer is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     engine, opt, loader, scheduler = deepspeed.initialize(
@@ -176,6 +177,20 @@ def _partition_over_all_ranks(model: torch.nn.Module, config: dict, mpu: SPMpu) 
                 p.data = p.data.to(dtype)
     Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(), config_dict_or_path=config,
          mpu=mpu, dtype=dtype or params[0].dtype)
+
+
+def _gather_head_for_loss(model: torch.nn.Module) -> None:
+    """A CausalLMLoss reads its head's weight directly (liger's fused kernel takes the weight, not the
+    module): register it as an external parameter of the loss module so ZeRO-3 gathers it for the
+    loss module's forward and reduces its gradient as usual."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    from ..loss import CausalLMLoss
+
+    if isinstance(model, CausalLMLoss):
+        head = model.model.get_output_embeddings()
+        if head is not None:
+            register_external_parameter(model, head.weight)
 
 
 def _training_dtype(config: dict) -> torch.dtype | None:
