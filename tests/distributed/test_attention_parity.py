@@ -58,3 +58,17 @@ def _body_parity(ctx, sp_size, cases):
 @pytest.mark.parametrize("world,sp", [(2, 2), (4, 4), (4, 2)], ids=["sp2", "sp4", "dp2xsp2"])
 def test_parity_families(world, sp):
     harness.run(_body_parity, world, sp, CASES)
+
+
+def _body_layouts(ctx, layouts, cases):
+    for sp in layouts:
+        topo = ulysses_sp.init_sp(sp)
+        for preset, backend in cases:
+            _check_parity(ctx, topo, preset, backend, seq=2 * sp * 3)
+
+
+@pytest.mark.slow
+def test_parity_world8_layouts():
+    """The 8-GPU layouts (sp8, sp4 x dp2, sp2 x dp4) as 8 gloo processes: an 8-head GQA model (2 kv
+    heads, so kv < sp at sp 4 and 8) and an MHA model."""
+    harness.run(_body_layouts, 8, [8, 4, 2], [("tiny-llama-gqa", "sdpa"), ("tiny-qwen2", "sdpa")])
