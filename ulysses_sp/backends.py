@@ -256,7 +256,7 @@ def _flex_custom(mask, B: int, n: int, S: int, device):
     if isinstance(mask, BlockMask):
         return mask, None
     if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"a {type(mask).__name__} attention mask is neither a tensor nor a flex BlockMask")
+        raise TypeError(f"a {type(mask).__name__} attention mask is neither a tensor nor a flex BlockMask")
     if mask.dtype == torch.bool:
         allowed = mask.to(device).expand(B, n, S, S)  # a view: flex reads it at every (b, h) it computes
 

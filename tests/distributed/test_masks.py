@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import ulysses_sp
+from tests.distributed import harness
+from tests.helpers import assert_grads_close, tiny_model, tokens, tolerances
 from ulysses_sp import backends, comm
 from ulysses_sp.positions import SEQ_INFO_KWARG
 from ulysses_sp.sharding import shard_batch
-from tests.distributed import harness
-from tests.helpers import assert_grads_close, tiny_model, tokens, tolerances
 
 LENS = [[5, 14, 13], [20, 12]]  # documents of the two rows of a 32-token batch; 14 > both windows (12, 10)
 
@@ -36,7 +36,7 @@ def _tol(ctx, backend: str) -> dict:
     alone, another kernel) sum over the tokens in another order: measured differences reach 2e-5."""
     if backend.startswith("flash") or ctx.dtype == torch.bfloat16:
         return tolerances(torch.bfloat16)
-    return dict(rtol=1e-4, atol=1e-4)
+    return {"rtol": 1e-4, "atol": 1e-4}
 
 
 def _models(ctx, preset: str, backend: str, **overrides):
@@ -76,7 +76,8 @@ def _compare(ctx, topo, model, ref, backend, got, want, ref_loss, weights, valid
 
 def _alone(ref, ids, lens):
     """Logits [B, S, V] of every document of every row run through the model on its own."""
-    return torch.stack([torch.cat([ref(input_ids=d[None]).logits[0] for d in row.split(n)]) for row, n in zip(ids, lens)])
+    rows = [torch.cat([ref(input_ids=d[None]).logits[0] for d in row.split(n)]) for row, n in zip(ids, lens)]
+    return torch.stack(rows)
 
 
 def _check_packed(ctx, topo, preset, backend, layout):
@@ -97,9 +98,10 @@ def _check_packed(ctx, topo, preset, backend, layout):
                 batch["seq_lens"] = LENS
             else:
                 lengths = torch.tensor([0] + [n for row in LENS for n in row])
-                batch["cu_seqlens"] = lengths.cumsum(0).to(torch.int32)  # over the flattened B*S: [0, 5, 19, 32, 52, 64]
+                batch["cu_seqlens"] = lengths.cumsum(0).to(torch.int32)  # over B*S: [0, 5, 19, 32, 52, 64]
             got = model(**shard_batch(batch, topo)).logits
-        _compare(ctx, topo, model, ref, backend, got, want, ref_loss, weights, what=f"packed {preset}/{backend}/{layout}")
+        _compare(ctx, topo, model, ref, backend, got, want, ref_loss, weights,
+                 what=f"packed {preset}/{backend}/{layout}")
 
 
 def _check_window(ctx, topo, preset, backend):
@@ -192,7 +194,8 @@ def _check_custom(ctx, topo, preset, backend):
         got = model(**local).logits  # [B, s, V] of the padded sequence
         s = got.shape[1]
         real = min(29 - topo.sp_rank * s, s)
-        torch.testing.assert_close(got[:, :real], want[:, topo.sp_rank * s:topo.sp_rank * s + real], **_tol(ctx, backend))
+        start = topo.sp_rank * s
+        torch.testing.assert_close(got[:, :real], want[:, start:start + real], **_tol(ctx, backend))
 
 
 def _run_checks(ctx, topo, backend, packed, windowed, padding=True, custom=True):
@@ -253,8 +256,8 @@ def _check_compile_layer(ctx, topo, backend):
     h = h.to(ctx.device, ctx.dtype).requires_grad_(_with_grads(backend))
 
     def kwargs():  # a fresh SequenceInfo each call: its masks are then built inside the compiled graph
-        return dict(position_embeddings=model.model.rotary_emb(h, pos), position_ids=pos,
-                    ulysses_sp_info=shard_batch(batch, topo)[SEQ_INFO_KWARG])
+        return {"position_embeddings": model.model.rotary_emb(h, pos), "position_ids": pos,
+                SEQ_INFO_KWARG: shard_batch(batch, topo)[SEQ_INFO_KWARG]}
 
     torch._dynamo.reset()
     explained = torch._dynamo.explain(layer)(h, **kwargs())
