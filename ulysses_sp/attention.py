@@ -36,9 +36,11 @@ class UlyssesAttention:
                 f"attention implementation {backend!r} is not supported by ulysses_sp; "
                 f"use one of {list(backends.SUPPORTED)}"
             )
+        if backend == "eager":  # warned here, not per call: a warning inside forward breaks compiled graphs
+            warnings.warn("ulysses_sp: eager attention materialises [B, N/P, S, S] scores on every rank; prefer "
+                          "sdpa, flex_attention or flash_attention_2 for long sequences", stacklevel=3)
         self.topology = topology
         self.backend = backend
-        self._warned_eager = False
         self._plans: dict[tuple[int, int], HeadPlan] = {}  # (Nq, Nkv) -> plan; a dict, not lru_cache, for dynamo
 
     def __call__(
@@ -67,10 +69,6 @@ class UlyssesAttention:
                 f"attention got {s} local tokens on each of {P} SP ranks ({s * P} in all) but the step's "
                 f"sequence info describes {info.seq_len} tokens; pass the output of ulysses_sp.shard_batch"
             )
-        if self.backend == "eager" and not self._warned_eager:
-            warnings.warn(f"ulysses_sp: eager attention materialises [B, N/P, S, S] scores ({s * P}^2 per head); "
-                          "prefer sdpa, flex_attention or flash_attention_2 for long sequences", stacklevel=2)
-            self._warned_eager = True
         plan = self._plans.get((Nq, key.shape[1]))
         if plan is None:
             plan = self._plans[(Nq, key.shape[1])] = plan_heads(Nq, key.shape[1], P)
@@ -94,16 +92,22 @@ class UlyssesAttention:
 
     @staticmethod
     def _full_mask(mask, S: int, Nq: int, my_heads: tuple[int, ...]):
-        """A user's 4-D mask must describe the full sequence: [B|1, 1|Nq, S, S] (sliced to our heads)."""
+        """A user's custom mask must describe the full sequence: [B|1, 1|Nq, S, S] (a tensor or a flex
+        BlockMask); a per-head tensor is sliced to this rank's heads -> [B|1, nq, S, S]."""
         if mask is None:
             return None
         shape = tuple(mask.shape)
         if len(shape) != 4 or shape[-2:] != (S, S) or shape[1] not in (1, Nq):
             raise ValueError(
                 f"under sequence parallelism a custom attention mask must cover the full sequence: "
-                f"[B, 1 or {Nq}, {S}, {S}], got {list(shape)}. A 2-D padding mask should be passed "
-                "as attention_mask of the local shard ([B, S/P]) so ulysses_sp can gather it."
+                f"[B, {S}, {S}] or [B, 1 or {Nq}, {S}, {S}], got {list(shape)}. A 2-D padding mask should "
+                "be passed as attention_mask of the local shard ([B, S/P]) so ulysses_sp can gather it."
             )
-        if shape[1] == Nq and Nq > 1 and isinstance(mask, torch.Tensor):
+        if shape[1] == Nq and len(my_heads) < Nq:
+            if not isinstance(mask, torch.Tensor):
+                raise ValueError(
+                    f"a per-head BlockMask ({Nq} heads) cannot be split across SP ranks (slicing drops its "
+                    "mask_mod); build it with H=None so that one mask serves every head"
+                )
             mask = mask[:, my_heads[0] : my_heads[-1] + 1]  # [B, nq, S, S]
         return mask

@@ -4,13 +4,16 @@ Shape legend: B batch, S full sequence, n heads on this rank (nq query, nk key/v
 (Hv for values), T valid tokens over B*S. Inputs and outputs are [B, S, n, H] ("BSNH").
 
 Each backend honours the same rule (masks.py): causal, sliding window, packed documents and
-padding, plus a user's full [B, 1|N, S, S] mask where the kernel can take one. Nothing S x S is
-built on the sdpa/flash/flex paths unless the batch needs a mask no sparse kernel can express,
-and that fallback warns above ``DENSE_MASK_WARN_TOKENS``.
+padding, plus a user's full [B, 1|N, S, S] mask where the kernel can take one (flash cannot: it
+refuses). Nothing S x S is built on the flash/flex paths. sdpa with a mask on CUDA takes torch's
+varlen kernel where it applies (half precision, equal q/v head dims), else flex above
+``DENSE_MASK_WARN_TOKENS``; it builds a dense [B, 1, S, S] mask only on CPU, with dropout, for a
+user's custom mask, or at short lengths, and warns when that mask is above that size.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from .positions import SequenceInfo
 logger = logging.getLogger("ulysses_sp")
 
 SUPPORTED = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "eager")
+#: above this many tokens sdpa avoids a dense S x S mask (flex on CUDA) or warns that it builds one
 DENSE_MASK_WARN_TOKENS = 16384
 
 
@@ -82,6 +86,8 @@ def _sdpa(q, k, v, spec: AttnSpec) -> torch.Tensor:
         varlen = _varlen_route(q, k, v, spec)
         if varlen is not None:
             return varlen
+        if spec.info.seq_len > DENSE_MASK_WARN_TOKENS:
+            return _flex(q, k, v, spec)  # no varlen kernel for this call: block-sparse, not S x S
     mask, is_causal = None, spec.causal
     if spec.custom_mask is not None:
         mask, is_causal = _custom_dense(spec.custom_mask, q.dtype), False
@@ -127,10 +133,14 @@ def _varlen_route(q, k, v, spec: AttnSpec) -> torch.Tensor | None:
 
 @lru_cache(maxsize=1)
 def _torch_varlen():
+    """torch's ``varlen_attn`` when it takes a scale, windows and GQA, else None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
+    params = inspect.signature(varlen_attn).parameters
+    if not {"scale", "window_size", "enable_gqa"} <= set(params):
+        return None  # the first API (is_causal only) cannot express windows or GQA
     return varlen_attn
 
 
@@ -216,30 +226,71 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@lru_cache(maxsize=1)
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
+def _block_mask(mask_mod, batch: int | None, heads: int | None, S: int, device: torch.device):
+    """A BlockMask of ``mask_mod`` over [batch|1, heads|1, S, S]. Eager ``create_block_mask``
+    evaluates every (q, k) pair into one [batch, heads, S, S] tensor, so on CUDA it runs compiled
+    (torch's advice), fusing that evaluation into the per-block reduction; inside a compiled model it
+    is traced like any other op."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    eager = device.type == "cpu" or torch.compiler.is_compiling()
+    build = create_block_mask if eager else _compiled_create_block_mask()
+    return build(mask_mod, batch, heads, S, S, device=device)
+
+
+def _flex_custom(mask, B: int, n: int, S: int, device):
+    """A user's full-sequence mask for flex -> (BlockMask or None, additive bias [B, n, S, S] or None).
+
+    A BlockMask is used as it is; a bool [B|1, n|1, S, S] mask (True = attend) becomes a BlockMask
+    of its True entries; a float one is added to the scores (transformers' additive convention).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if isinstance(mask, BlockMask):
+        return mask, None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"a {type(mask).__name__} attention mask is neither a tensor nor a flex BlockMask")
+    if mask.dtype == torch.bool:
+        allowed = mask.to(device).expand(B, n, S, S)  # a view: flex reads it at every (b, h) it computes
+
+        def keep(b, h, q, k):
+            return allowed[b, h, q, k]
+
+        return _block_mask(keep, mask.shape[0], mask.shape[1], S, device), None
+    return None, mask.to(device).expand(B, n, S, S)  # [B, n, S, S] view, nothing copied
+
+
 def _flex(q, k, v, spec: AttnSpec) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     if spec.dropout > 0:
         raise ValueError("flex_attention has no attention dropout; set attention_dropout=0 or use sdpa")
-    B, S = q.shape[:2]
+    B, S, n = q.shape[:3]
+    bias = None
     if spec.custom_mask is not None:
-        if not isinstance(spec.custom_mask, BlockMask):
-            raise ValueError("with flex_attention pass a custom mask as a BlockMask over the full sequence")
-        block_mask = spec.custom_mask
+        block_mask, bias = _flex_custom(spec.custom_mask, B, n, S, q.device)
     else:
         key = ("flex", spec.causal, spec.window, str(q.device))
         if key not in spec.info.cache:
             batch = None if spec.info.is_plain else B
-            spec.info.cache[key] = create_block_mask(
-                masks.mask_mod(spec.info, spec.causal, spec.window), batch, None, S, S, device=q.device
-            )
+            spec.info.cache[key] = _block_mask(masks.mask_mod(spec.info, spec.causal, spec.window), batch, None, S,
+                                               q.device)
         block_mask = spec.info.cache[key]
     score_mod = None
-    if spec.softcap is not None:
+    if spec.softcap is not None or bias is not None:
         cap = spec.softcap
 
         def score_mod(score, b, h, qi, ki):
-            return torch.tanh(score / cap) * cap
+            if cap is not None:
+                score = torch.tanh(score / cap) * cap
+            return score if bias is None else score + bias[b, h, qi, ki]
 
     fn = flex_attention if (q.device.type == "cpu" or torch.compiler.is_compiling()) else _compiled_flex()
     out = fn(

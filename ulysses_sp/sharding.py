@@ -25,6 +25,10 @@ i.e. the sum of the losses of each document run alone. Given ``shift_labels`` ar
 Padding to S' appends to the last document of each row: input_ids get ``pad_token_id``, labels
 ``ignore_index``, position ids continue (last + 1, + 2, ...), a 2-D attention mask 0, any other
 per-token tensor 0. Causal attention never lets a real token read a later padding token.
+
+A custom full-sequence mask ([B, S, S], or [B|1, 1|N, S, S] as transformers takes it) is not sliced:
+attention runs over all S' tokens on every rank. It is padded to S' x S' (no real token reads a
+padding token, a padding token reads only itself) and returned as ``attention_mask``.
 """
 
 from __future__ import annotations
@@ -42,16 +46,17 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
     """This rank's shard of a full batch (identical on every rank of the SP group).
 
     ``batch`` holds ``input_ids`` [B, S] (or ``inputs_embeds`` [B, S, E]) and optionally
-    ``labels`` or ``shift_labels`` [B, S], ``position_ids`` [B|1, S] or [K, B|1, S], a 2-D
-    ``attention_mask`` [B, S] (1 = token, 0 = padding), a packed layout (``seq_lens`` or
-    ``cu_seqlens``, see the module docstring) and any other tensors. ``topology`` needs only
-    ``sp_size`` and ``sp_rank``.
+    ``labels`` or ``shift_labels`` [B, S], ``position_ids`` [B|1, S] or [K, B|1, S], an
+    ``attention_mask`` (2-D padding mask [B, S], 1 = token, 0 = padding; or a custom [B, S, S] /
+    [B|1, 1|N, S, S] mask, see the module docstring), a packed layout (``seq_lens`` or
+    ``cu_seqlens``) and any other tensors. ``topology`` needs only ``sp_size`` and ``sp_rank``.
 
     Returns ``input_ids`` [B, s] (or ``inputs_embeds`` [B, s, E]), ``position_ids`` [B, s] (or
     [K, B, s]) with global positions, ``shift_labels`` [B, s] when labels were given, the
     :class:`SequenceInfo` of the padded full sequence under ``SEQ_INFO_KWARG``, every other tensor
-    whose dim 1 is S sliced the same way, and everything else unchanged. ``labels``, the attention
-    mask and the packed layout are not returned (the info carries them). Feed it to a model after
+    whose dim 1 is S sliced the same way, a custom mask padded to [.., S', S'] as ``attention_mask``,
+    and everything else unchanged. ``labels``, a 2-D attention mask and the packed layout are not
+    returned (the info carries them). Feed it to a model after
     ``ulysses_sp.apply``: ``model(**{k: v for k, v in local.items() if k != "shift_labels"})``.
     """
     P, rank = topology.sp_size, topology.sp_rank
@@ -69,10 +74,12 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
     if not explicit:
         rows = position_ids if position_ids.dim() == 2 else position_ids[0]  # [B, S]
         starts = document_starts(rows)
-    mask = batch.get("attention_mask")
-    if mask is not None and tuple(mask.shape) != (B, S):
-        raise ValueError(f"attention_mask must be a 2-D padding mask [B, S] = [{B}, {S}] (1 = token, 0 = padding), "
-                         f"got {list(mask.shape)}; pass a custom 4-D mask to the model directly instead")
+    mask, custom = batch.get("attention_mask"), None
+    if mask is not None and mask.dim() in (3, 4):
+        mask, custom = None, _pad_custom_mask(mask, B, S, pad)  # [B, S', S'] / [B|1, 1|N, S', S']
+    elif mask is not None and tuple(mask.shape) != (B, S):
+        raise ValueError(f"attention_mask must be a 2-D padding mask [B, S] = [{B}, {S}] (1 = token, 0 = padding) "
+                         f"or a custom mask [B, S, S] / [B, 1, S, S] over the full sequence; got {list(mask.shape)}")
     shifted = _shift_labels(batch, starts, B, S, ignore_index)  # [B, S] or None
 
     full_pos = _continue_positions(position_ids, pad)  # [B, S'] / [K, B, S']
@@ -94,6 +101,8 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
     local["position_ids"] = full_pos.narrow(-1, rank * s, s).clone()  # [B, s] / [K, B, s]
     if shifted is not None:
         local["shift_labels"] = _pad(shifted, 1, pad, ignore_index).narrow(1, rank * s, s).clone()  # [B, s]
+    if custom is not None:
+        local["attention_mask"] = custom  # the full sequence's: attention reads all S' tokens
     local[SEQ_INFO_KWARG] = info
     return local
 
@@ -209,6 +218,22 @@ def _pad(t: torch.Tensor, dim: int, n: int, value) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = n
     return torch.cat([t, t.new_full(shape, value)], dim=dim)
+
+
+def _pad_custom_mask(mask: torch.Tensor, B: int, S: int, n: int) -> torch.Tensor:
+    """[B|1, (1|N,) S, S] -> [.., S+n, S+n]: no real token reads a padding token, a padding token
+    reads only itself (bool/integer masks: nonzero = attend; float masks: additive, 0 = attend)."""
+    if mask.shape[0] not in (1, B) or tuple(mask.shape[-2:]) != (S, S):
+        raise ValueError(f"a custom attention_mask must cover the full sequence, [B, S, S] or [B, 1, S, S] with "
+                         f"B = {B}, S = {S}; got {list(mask.shape)}")
+    if n == 0:
+        return mask
+    blocked, allowed = (torch.finfo(mask.dtype).min, 0) if mask.is_floating_point() else (0, 1)
+    out = mask.new_full((*mask.shape[:-2], S + n, S + n), blocked)  # [.., S', S']
+    out[..., :S, :S] = mask
+    pads = torch.arange(S, S + n, device=mask.device)
+    out[..., pads, pads] = allowed
+    return out
 
 
 def _continue_positions(position_ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -60,6 +60,24 @@ def test_given_positions_continue_and_given_shift_labels_only_pad():
     assert two["position_ids"].tolist() == [[2, 3]] * 3
 
 
+def test_custom_masks_are_padded_not_sliced():
+    ids = torch.arange(6).view(1, 6)  # S=6, P=4 -> S'=8
+    keep = torch.ones(1, 6, 6, dtype=torch.bool).tril()  # [B, S, S]
+    additive = torch.where(keep, 0.0, float("-inf")).unsqueeze(1).expand(1, 2, 6, 6)  # [B, 2 heads, S, S]
+    for mask, allowed in ((keep, True), (keep.long(), 1), (additive, 0.0)):
+        shards = _all_shards({"input_ids": ids, "attention_mask": mask}, 4)
+        for sh in shards:
+            assert sh[SEQ_INFO_KWARG].is_plain and sh["input_ids"].shape == (1, 2)
+        out = shards[0]["attention_mask"]
+        assert out.shape == (*mask.shape[:-2], 8, 8) and out.dtype == mask.dtype
+        assert torch.equal(out[..., :6, :6], mask)
+        blocked = torch.finfo(out.dtype).min if out.is_floating_point() else 0
+        pad_rows = out[..., 6:, :].reshape(-1, 2, 8)
+        assert (pad_rows[:, 0, 6] == allowed).all() and (pad_rows[:, 1, 7] == allowed).all()  # itself
+        assert (out[..., :6, 6:] == blocked).all() and (pad_rows[:, 0, :6] == blocked).all()
+        assert (pad_rows[:, 0, 7] == blocked).all() and (pad_rows[:, 1, 6] == blocked).all()
+
+
 def test_packed_layouts_agree_and_labels_stay_in_documents():
     ids = torch.arange(100, 114).view(2, 7)
     seq_lens = [[3, 2, 2], [7]]
@@ -148,8 +166,10 @@ def test_helpers():
      r"seq_lens\[0\] = \[2, 1\] must be positive document lengths summing to S = 4 \(they sum to 3\)"),
     ({"input_ids": torch.zeros(1, 4, dtype=torch.long), "seq_lens": [[4]], "cu_seqlens": torch.tensor([0, 4])},
      r"either seq_lens or cu_seqlens"),
-    ({"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 1, 4, 4)},
-     r"attention_mask must be a 2-D padding mask \[B, S\] = \[1, 4\].*got \[1, 1, 4, 4\]"),
+    ({"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 3)},
+     r"attention_mask must be a 2-D padding mask \[B, S\] = \[1, 4\].*got \[1, 3\]"),
+    ({"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 1, 4, 3)},
+     r"custom attention_mask must cover the full sequence.*B = 1, S = 4; got \[1, 1, 4, 3\]"),
     ({"input_ids": torch.zeros(1, 4, dtype=torch.long), SEQ_INFO_KWARG: SequenceInfo(4)}, r"a shard already"),
 ])
 def test_errors_name_the_numbers(batch, match):

@@ -10,7 +10,9 @@ original configs back and unregisters the name.
 
 A forward pre-hook on the model's backbone completes each call with what the shard alone does not
 carry: global position ids when absent, and the SequenceInfo of the full sequence (from
-``shard_batch``, or gathered once per step here).
+``shard_batch``, or gathered once per step here). Masks given to the model: a 2-D padding mask of
+the shard is folded into that info; a full-sequence [B, S, S] mask becomes [B, 1, S, S], which
+transformers hands to attention untouched, like a 4-D mask or a flex BlockMask.
 
 Shape legend: B batch, s = S/P local tokens, S full sequence.
 """
@@ -74,6 +76,13 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
             "so ulysses_sp cannot wrap it; use a model whose attention calls ALL_ATTENTION_FUNCTIONS"
         )
     layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "attention_chunk_size", None) or "chunked_attention" in layer_types:
+        raise ValueError(
+            f"{type(model).__name__} uses chunked attention (attention_chunk_size="
+            f"{getattr(config, 'attention_chunk_size', None)}, e.g. Llama 4): transformers expresses it only "
+            "through the mask it builds per shard, which is wrong for a sharded sequence, so ulysses_sp "
+            "refuses it; train this model without sequence parallelism"
+        )
     unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
     if unsupported:
         raise ValueError(
@@ -81,8 +90,6 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
             f"across ranks and supports only {list(SUPPORTED_LAYER_TYPES)} layers (recurrent/linear-attention "
             "layers need the whole sequence in order)"
         )
-    if getattr(config, "attention_chunk_size", None):
-        raise ValueError("chunked attention (attention_chunk_size) is not supported by ulysses_sp yet")
     heads = getattr(config, "num_attention_heads", None)
     if heads is None:
         raise ValueError(f"{type(config).__name__} has no num_attention_heads; cannot plan the head split")
@@ -196,24 +203,50 @@ def complete_kwargs(kwargs: dict, topology: SPTopology) -> dict:
             f"position_ids must be the local shard's global positions, [B, {s}] (or [3, B, {s}] for mRoPE), "
             f"got {list(position_ids.shape)}"
         )
-    mask = kwargs.get("attention_mask")
-    if mask is not None and mask.dim() == 2:
-        if tuple(mask.shape) != (B, s):
-            raise ValueError(f"a 2-D attention_mask must be the local shard's, [{B}, {s}]; got {list(mask.shape)}")
-        kwargs["attention_mask"] = None  # consumed into the SequenceInfo below
-    elif mask is not None and mask.dim() != 4:
-        raise ValueError(f"attention_mask must be 2-D [B, S/P] or 4-D [B, 1, S, S]; got {list(mask.shape)}")
-    else:
-        mask = None
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if kwargs.get(key) is not None:  # transformers' flash path would read them; ours reads the SequenceInfo
+            raise ValueError(f"{key} was passed to the model; under sequence parallelism give the full batch with "
+                             f"{key} to ulysses_sp.shard_batch, which folds the document layout into the SequenceInfo")
+    padding = _custom_or_padding_mask(kwargs, B, s, P)  # [B, s] or None
     info = kwargs.get(SEQ_INFO_KWARG)
     if info is None:
-        kwargs[SEQ_INFO_KWARG] = gather_sequence_info(position_ids.expand(*position_ids.shape[:-2], B, s), mask, topology)
+        kwargs[SEQ_INFO_KWARG] = gather_sequence_info(position_ids.expand(*position_ids.shape[:-2], B, s), padding,
+                                                      topology)
     elif not isinstance(info, SequenceInfo) or info.seq_len != s * P:
         raise ValueError(f"{SEQ_INFO_KWARG} must be the SequenceInfo of a {s * P}-token sequence "
                          f"({P} ranks x {s} local tokens), from ulysses_sp.shard_batch")
+    elif padding is not None:
+        raise ValueError("a 2-D attention_mask was passed together with the step's SequenceInfo, which already "
+                         "describes the padding; give the full [B, S] mask to ulysses_sp.shard_batch instead")
     return kwargs
 
 
+def _custom_or_padding_mask(kwargs: dict, B: int, s: int, P: int) -> torch.Tensor | None:
+    """Take a 2-D padding mask [B, s] out of ``kwargs`` (returned, for the SequenceInfo); leave a
+    full-sequence mask for attention: [B, S, S] becomes [B, 1, S, S] (transformers passes only 4-D
+    masks and BlockMasks through when no mask builder exists for the attention name)."""
+    mask = kwargs.get("attention_mask")
+    if mask is None or not isinstance(mask, torch.Tensor):
+        return None  # None, or a flex BlockMask, which attention checks
+    if mask.dim() == 2:
+        if tuple(mask.shape) != (B, s):
+            raise ValueError(f"a 2-D attention_mask must be the local shard's, [{B}, {s}], got {list(mask.shape)}; "
+                             "give a full [B, S] mask to ulysses_sp.shard_batch instead")
+        kwargs["attention_mask"] = None  # folded into the SequenceInfo
+        return mask
+    if mask.dim() == 3:
+        if mask.is_floating_point():
+            raise ValueError("a 3-D float attention_mask is ambiguous (keep-mask or additive?); pass a bool "
+                             f"[B, {s * P}, {s * P}] (True = attend) or an additive float [B, 1, {s * P}, {s * P}]")
+        kwargs["attention_mask"] = mask.unsqueeze(1).to(torch.bool)  # [B, 1, S, S], nonzero = attend
+    elif mask.dim() != 4:
+        raise ValueError(f"attention_mask must be 2-D [B, S/P] (padding), or the full sequence's [B, S, S] or "
+                         f"[B, 1, S, S]; got {list(mask.shape)}")
+    return None
+
+
+@torch.compiler.disable(reason="gathers the shards' position ids and inspects them on the host, once per step; "
+                               "pass ulysses_sp_info from shard_batch to compile the model without this break")
 def gather_sequence_info(position_ids: torch.Tensor, mask: torch.Tensor | None, topology: SPTopology) -> SequenceInfo:
     """Gather the shards' position ids (and 2-D mask) once and describe the full sequence."""
     if position_ids.dim() == 3:

@@ -1,0 +1,137 @@
+"""Every backend's masking over the full sequence (no communication: what runs after the
+all-to-all), against a brute-force softmax attention; and the mask arguments the model hook and
+``apply`` accept or refuse."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+
+import ulysses_sp
+from ulysses_sp import backends, masks
+from ulysses_sp.integrations.hf import complete_kwargs
+from ulysses_sp.positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
+
+B, S, NQ, NK, H = 2, 24, 4, 2, 8
+CPU_BACKENDS = ("sdpa", "eager", "flex_attention")
+
+
+def _qkv(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, S, NQ, H, generator=g), torch.randn(B, S, NK, H, generator=g),
+            torch.randn(B, S, NK, H, generator=g))  # [B, S, n, H]
+
+
+def _reference(q, k, v, allowed):
+    """Softmax attention over ``allowed`` [B|1, 1|NQ, S, S] (bool) or an additive float mask."""
+    k, v = (t.repeat_interleave(NQ // NK, dim=2).transpose(1, 2) for t in (k, v))  # [B, NQ, S, H]
+    scores = q.transpose(1, 2) @ k.transpose(2, 3) * H ** -0.5  # [B, NQ, S, S]
+    scores = scores.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else scores + allowed
+    return (scores.softmax(-1) @ v).transpose(1, 2)  # [B, S, NQ, H]
+
+
+def _spec(info, window=None, custom=None):
+    return backends.AttnSpec(causal=True, scale=H ** -0.5, dropout=0.0, window=window, softcap=None, info=info,
+                             custom_mask=custom)
+
+
+def _layout():
+    """Row 0: documents of 5, 11, 8 tokens; row 1: left padding (4) and interior padding (3)."""
+    pos = torch.cat([torch.arange(5), torch.arange(11), torch.arange(8)]).view(1, S)
+    pos = torch.cat([pos, torch.arange(S).view(1, S)])  # [B, S]
+    valid = torch.ones(B, S, dtype=torch.long)
+    valid[1, :4] = 0
+    valid[1, 12:15] = 0
+    return build_sequence_info(pos, valid), valid.bool()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_packed_padded_windowed_match_brute_force(backend):
+    info, valid = _layout()
+    q, k, v = _qkv()
+    for window in (None, 6):
+        allowed = masks.dense_mask(info, True, window, "cpu")  # checked against brute force in test_positions_masks
+        with torch.no_grad():
+            got = backends.run(backend, q, k, v, _spec(info, window))
+        torch.testing.assert_close(got[valid], _reference(q, k, v, allowed)[valid], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_custom_masks_match_brute_force(backend):
+    q, k, v = _qkv(1)
+    qi, ki = torch.arange(S).view(S, 1), torch.arange(S).view(1, S)
+    prefix = torch.tensor([6, 15]).view(B, 1, 1, 1)
+    keep = ((ki <= qi) | ((qi < prefix) & (ki < prefix)))  # [B, 1, S, S] prefix-LM
+    bias = torch.randn(B, NQ, S, S, generator=torch.Generator().manual_seed(2))
+    additive = torch.where(ki <= qi, bias, torch.finfo(torch.float32).min)  # [B, NQ, S, S]
+    for mask in (keep, additive):
+        with torch.no_grad():
+            got = backends.run(backend, q, k, v, _spec(SequenceInfo(S), custom=mask))
+        torch.testing.assert_close(got, _reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_flex_takes_a_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    q, k, v = _qkv(2)
+    block = create_block_mask(lambda b, h, qi, ki: (ki <= qi) & (qi - ki < 5), None, None, S, S, device="cpu")
+    with torch.no_grad():
+        got = backends.run("flex_attention", q, k, v, _spec(SequenceInfo(S), custom=block))
+    allowed = masks.dense_mask(SequenceInfo(S), True, 5, "cpu")
+    torch.testing.assert_close(got, _reference(q, k, v, allowed), rtol=1e-5, atol=1e-5)
+
+
+def test_flash_refuses_custom_masks_before_needing_flash_attn():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="flash-attention cannot take a dense"):
+        backends.run("flash_attention_2", q, k, v, _spec(SequenceInfo(S), custom=torch.ones(1, 1, S, S).bool()))
+
+
+def test_dense_fallback_warns_above_the_limit(monkeypatch):
+    info, _ = _layout()
+    monkeypatch.setattr(backends, "DENSE_MASK_WARN_TOKENS", S - 1)
+    with pytest.warns(UserWarning, match=f"dense {S}x{S} attention mask"):
+        backends.run("sdpa", *_qkv(), _spec(info))
+
+
+# --- masks given to the model: the pre-hook and apply ---------------------------------------------
+
+_P1 = SimpleNamespace(sp_size=1, sp_rank=0, sp_group=None)
+
+
+def _call(**kwargs):
+    return complete_kwargs({"input_ids": torch.zeros(B, S, dtype=torch.long), **kwargs}, _P1)
+
+
+def test_hook_normalises_3d_masks_and_refuses_ambiguous_ones():
+    keep = torch.ones(B, S, S, dtype=torch.long).tril()
+    out = _call(attention_mask=keep)
+    assert out["attention_mask"].shape == (B, 1, S, S) and out["attention_mask"].dtype == torch.bool
+    assert torch.equal(out["attention_mask"][:, 0], keep.bool())
+    four_d = torch.zeros(B, 1, S, S)
+    assert _call(attention_mask=four_d)["attention_mask"] is four_d
+    with pytest.raises(ValueError, match="3-D float attention_mask is ambiguous"):
+        _call(attention_mask=keep.float())
+    with pytest.raises(ValueError, match=r"attention_mask must be 2-D \[B, S/P\] \(padding\)"):
+        _call(attention_mask=torch.ones(S))
+
+
+def test_hook_folds_a_2d_mask_and_never_drops_a_layout():
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[0, :3] = 0
+    out = _call(attention_mask=mask)
+    assert out["attention_mask"] is None and torch.equal(out[SEQ_INFO_KWARG].key_valid, mask.bool())
+    with pytest.raises(ValueError, match="already describes the padding; give the full"):
+        _call(attention_mask=mask, **{SEQ_INFO_KWARG: SequenceInfo(S)})
+    with pytest.raises(ValueError, match="cu_seq_lens_q was passed to the model; .* to ulysses_sp.shard_batch"):
+        _call(cu_seq_lens_q=torch.tensor([0, S], dtype=torch.int32))
+
+
+def test_chunked_attention_is_refused():
+    config = transformers.Llama4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_chunk_size=8, num_local_experts=2)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=r"uses chunked attention \(attention_chunk_size=8, e.g. Llama 4\)"):
+        ulysses_sp.apply(model, SimpleNamespace(sp_size=2, sp_rank=0))
