@@ -26,6 +26,13 @@ def on_gpu() -> bool:
     return backend() == "nccl"
 
 
+def cpu_only(reason: str):
+    """Mark tests that are CPU/gloo by design (skipped by the NCCL run, with the reason)."""
+    import pytest
+
+    return pytest.mark.skipif(on_gpu(), reason=f"CPU-only: {reason}")
+
+
 @dataclass
 class Ctx:
     rank: int

@@ -19,6 +19,8 @@ from ulysses_sp import comm
 from ulysses_sp.data import collate_padded
 from ulysses_sp.integrations.accelerate import prepare_sp, train_step
 
+pytestmark = harness.cpu_only("Accelerate's cpu=True process group (the GPU path is plain DDP, covered by the other bodies)")
+
 MICRO, BATCH, STEPS, LR = 2, 2, 2, 0.5
 
 

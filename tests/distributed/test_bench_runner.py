@@ -11,7 +11,9 @@ from benchmarks.spbench import runner
 from benchmarks.spbench.workload import Workload
 
 from ..helpers import tiny_model
-from .harness import run
+from .harness import cpu_only, run
+
+pytestmark = cpu_only("CPU/gloo checks of the benchmark runner's OOM agreement")
 
 
 class _Engine:

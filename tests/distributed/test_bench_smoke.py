@@ -15,6 +15,10 @@ import sys
 
 import pytest
 
+from tests.distributed import harness
+
+pytestmark = harness.cpu_only("the benchmark's CPU smoke run (the GPU benchmark is benchmarks/bench_sp.py itself)")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, "benchmarks", "bench_sp.py")
 SEQ_LENS = (64, 128)

@@ -90,8 +90,8 @@ def _check_stage(ctx, topo, name: str, ga: int = 1, clip: float = 0.0, dtype: st
     from deepspeed.utils import safe_get_full_grad
 
     label = f"{name} {dtype} ga={ga} clip={clip}{' wrapped' if wrapped else ''}"
-    model = tiny_model("tiny-llama")
-    micro_batches = [tokens(B, S, seed=100 + 10 * topo.dp_rank + k) for k in range(ga)]
+    model = tiny_model("tiny-llama").to(ctx.device)
+    micro_batches = [tokens(B, S, seed=100 + 10 * topo.dp_rank + k, device=ctx.device) for k in range(ga)]
     want, want_clipped = _reference(model, micro_batches, topo, clip)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     if wrapped:
@@ -102,7 +102,7 @@ def _check_stage(ctx, topo, name: str, ga: int = 1, clip: float = 0.0, dtype: st
     s = S // topo.sp_size
     sl = slice(topo.sp_rank * s, (topo.sp_rank + 1) * s)
     for ids in micro_batches:
-        inputs = dict(input_ids=ids[:, sl], position_ids=torch.arange(S)[sl].expand(B, -1))
+        inputs = dict(input_ids=ids[:, sl], position_ids=torch.arange(S, device=ctx.device)[sl].expand(B, -1))
         if wrapped:
             loss = engine(**inputs, labels=_labels(ids)[:, sl])
         else:
@@ -149,8 +149,8 @@ def _check_fused_head_zero3(ctx, topo):
     loss_module.liger_unsupported_reason = lambda hidden, head, transform: tiled_ce.head_weight_unavailable_reason(
         head.weight)
     loss_module.liger_cross_entropy_sum = fused_stand_in
-    model = tiny_model("tiny-llama")
-    ids = tokens(B, S, seed=500 + topo.dp_rank)
+    model = tiny_model("tiny-llama").to(ctx.device)
+    ids = tokens(B, S, seed=500 + topo.dp_rank, device=ctx.device)
     want, _ = _reference(model, [ids], topo, 0.0)
     ulysses_sp.apply(model, topo)
     engine, *_ = uds.initialize(ulysses_sp.CausalLMLoss(model, topo, use_liger=True), topo,
@@ -176,8 +176,8 @@ def _body_stages(ctx, sp_size: int, cases, other_models: bool):
 
 def _check_other_models(ctx, topo):
     """A model built before, and one built after, a ZeRO-3 engine with SP: unchanged and unpartitioned."""
-    other = tiny_model("tiny-llama", seed=3)
-    ids = tokens(B, S)
+    other = tiny_model("tiny-llama", seed=3).to(ctx.device)
+    ids = tokens(B, S, device=ctx.device)
     with torch.no_grad():
         before = other(input_ids=ids).logits
     _check_stage(ctx, topo, "zero3", wrapped=True)
