@@ -18,7 +18,8 @@ import ulysses_sp
 from tests.distributed import harness
 from tests.helpers import assert_grads_close, clone, tiny_model, tokens, tolerances
 from ulysses_sp import comm
-from ulysses_sp.loss import CausalLMLoss, causal_lm_loss, count_label_tokens, reduce_loss_for_logging
+from ulysses_sp.loss import CausalLMLoss, causal_lm_loss, count_label_tokens, logit_transform, reduce_loss_for_logging
+from ulysses_sp.tiled_ce import liger_unsupported_reason
 
 PRESETS = (("tiny-llama", 5), ("tiny-qwen2", None))  # (preset, tile_tokens; None = by memory budget)
 BATCH, SEQ, MICRO = 2, 23, 2
@@ -120,8 +121,14 @@ def _check_edge_cases(ctx, topo):
     for bad in (0, -3.0, torch.tensor(0)):
         with pytest.raises(ValueError, match="> 0"):
             causal_lm_loss(model, batch, topo, bad)
-    with pytest.raises(ValueError, match="use_liger=True"):
-        causal_lm_loss(model, batch, topo, use_liger=True)
+    reason = liger_unsupported_reason(torch.empty(0, device=ctx.device), model.get_output_embeddings(),
+                                      logit_transform(model))
+    if reason is None:  # CUDA with liger-kernel: the fused loss equals the tiled one
+        fused = causal_lm_loss(model, batch, topo, use_liger=True)
+        torch.testing.assert_close(fused, causal_lm_loss(model, batch, topo, use_liger=False), rtol=1e-5, atol=1e-6)
+    else:
+        with pytest.raises(ValueError, match="use_liger=True"):
+            causal_lm_loss(model, batch, topo, use_liger=True)
     ulysses_sp.remove(model)
     with pytest.raises(ValueError, match="apply"):
         causal_lm_loss(model, batch, topo)
