@@ -50,8 +50,8 @@ def is_mlp_tiled(model: torch.nn.Module) -> bool:
 
 def tile_mlp(model: torch.nn.Module, tile_tokens: int | None = None):
     """Run the MLP of every decoder layer of ``model`` over tiles of ``tile_tokens`` tokens (default:
-    the hidden size d, as ALST: one tile's intermediates then take 8 d d_ff bytes in bf16, the size of
-    the MLP's weights). Scoped to this model's MLP instances; :func:`untile_mlp` undoes it. Returns
+    the hidden size d, as ALST: one tile's intermediates then take 8 d d_ff bytes in bf16, about the
+    size of the MLP's weights). Scoped to this model's MLP instances; :func:`untile_mlp` undoes it. Returns
     ``model``. MoE blocks (modules with ``experts``) are left as they are."""
     if is_mlp_tiled(model):
         raise ValueError("the MLPs of this model are already tiled; call untile_mlp(model) first")
