@@ -8,7 +8,8 @@ e.g. ``ours+cudnn+sac``, see spbench/levers.py) a fresh model and DeepSpeed engi
 warmed up and timed; then freed before the next. Printed on rank 0 and written to ``--out``:
 step time (median of ``--steps`` timed steps, slowest rank), tokens/s per GPU, model TFLOP/s and
 MFU (formula in spbench/flops.py), peak memory (max over ranks of max_memory_allocated over the
-steps), exposed all-to-all / communication time (spbench/comm.py), the first
+steps minus what was allocated before the configuration's build; the absolute value too), exposed
+all-to-all / communication time (spbench/comm.py), the first
 step's loss on both sides (parity), ratios against ``--baseline``. ``--max-len-search`` then
 searches the longest sequence that fits for each of ``--search-configs``.
 """
@@ -47,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", type=_csv, default=["alst", "ours"],
-                   help="side[+lever...] list; ours levers: cudnn, sac, liger, tiled; alst levers: cudnn, tiled_mlp, "
-                        "ac_offload")
+                   help="side[+lever...] list; ours levers: cudnn, sac, liger, tiled, tiled_mlp, offload; alst levers: "
+                        "cudnn, tiled_mlp, ac_offload")
     p.add_argument("--baseline", default=None, help="configuration the ratios divide by (default: first alst one)")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the extra profiled step that measures exposed communication")
@@ -56,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dense bf16 peak FLOP/s of one GPU, the MFU denominator (989e12: H100/H200 SXM)")
     p.add_argument("--out", default="results.json", help="JSON file (rewritten after every configuration)")
     p.add_argument("--max-len-search", action="store_true", help="after the timing, search the longest sequence")
-    p.add_argument("--search-configs", type=_csv, default=["ours", "alst+tiled_mlp+ac_offload"],
-                   help="configurations searched (each side with its memory features)")
+    p.add_argument("--search-configs", type=_csv, default=["ours+tiled_mlp+offload", "alst+tiled_mlp+ac_offload"],
+                   help="configurations searched (default: each side with all its memory features; ours tiles the "
+                        "loss in any case)")
     p.add_argument("--search-start", type=int, default=131072)
     p.add_argument("--search-max", type=int, default=1 << 23)
     p.add_argument("--search-granularity", type=int, default=16384)
@@ -146,7 +148,7 @@ def _problems(args, configs, device_type: str, attn: str, sp: int) -> list[str]:
     from spbench import levers as lv
 
     problems = [f"{spec}: {why}" for spec, _, levers in configs
-                if (why := lv.available_or_reason(levers, device_type, args.zero_stage, attn))]
+                if (why := lv.available_or_reason(levers, device_type, attn))]
     problems += [f"--seq-lens {s} is not a multiple of sp={sp} (ALST's adapter needs it)"
                  for s in args.seq_lens if s % sp]
     if not args.seq_lens and not args.max_len_search:

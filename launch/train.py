@@ -47,12 +47,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--deepspeed", default=None, metavar="CONFIG.json", help="train with DeepSpeed (ZeRO config); "
                    "under accelerate launch with distributed_type DEEPSPEED: its deepspeed_config_file")
-    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of decoder layers")
+    p.add_argument("--grad-ckpt", nargs="?", const="full", default="none", choices=["none", "full", "selective"],
+                   help="activation checkpointing of the decoder layers; bare --grad-ckpt: full; selective also "
+                        "saves the attention and all-to-all outputs (docs/memory.md)")
+    p.add_argument("--tiled-mlp", action="store_true", help="run each decoder layer's MLP over token tiles")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep the layers' checkpoints in host memory (needs --grad-ckpt full or selective)")
     p.add_argument("--metrics", default=None, metavar="FILE", help="append JSON lines per step")
     p.add_argument("--timeout-s", type=float, default=600.0, help="collective timeout: a dead rank fails the job")
     p.add_argument("--check-identical", action="store_true", help="verify the SP group reads identical samples")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.offload_activations and args.grad_ckpt == "none":
+        p.error("--offload-activations moves the layers' checkpoints to host memory: add --grad-ckpt (full or selective)")
+    return args
 
 
 def main(argv=None) -> None:

@@ -119,6 +119,7 @@ def causal_lm_loss(
     tile_tokens: int | None = None,
     tile_bytes: int = DEFAULT_TILE_BYTES,
     use_liger: bool | None = None,
+    head_loss: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Next-token CE of the SP group's sequences / ``num_items_in_batch``; a 0-dim fp32 tensor,
     equal on every rank of the group (see the module docstring for the gradient convention).
@@ -128,7 +129,8 @@ def causal_lm_loss(
     every key but ``shift_labels`` / ``labels`` goes to the backbone (``model.base_model``).
     The head runs over tiles of ``tile_tokens`` tokens (default: ``tile_bytes`` of fp32 logits per
     tile). ``use_liger``: None uses liger-kernel's fused loss when it can run (CUDA, installed, plain
-    Linear head), True requires it, False uses the torch path.
+    Linear head), True requires it, False uses the torch path. ``head_loss``: a :class:`HeadLoss`
+    to run the head and the cross-entropy in (:class:`CausalLMLoss` passes its own).
     """
     labels = _labels_of(local_batch)
     if num_items_in_batch is not None:
@@ -145,15 +147,10 @@ def causal_lm_loss(
     hidden = backbone(**inputs)[0]  # [B, s, D]
     hidden, flat_labels = hidden.flatten(0, 1), labels.flatten().to(hidden.device)  # [T, D], [T]
 
-    reason = liger_unsupported_reason(hidden, head, transform) if use_liger is not False else "disabled"
-    if use_liger and reason is not None:
-        raise ValueError(f"use_liger=True but the fused liger loss cannot run: {reason}")
-    if reason is None:
-        ce_sum = liger_cross_entropy_sum(hidden, flat_labels, head, transform)
-    else:
-        vocab = getattr(head, "out_features", None) or model.config.get_text_config(decoder=True).vocab_size
-        tile = tile_tokens if tile_tokens is not None else tile_tokens_for_budget(vocab, tile_bytes)
-        ce_sum = tiled_cross_entropy_sum(hidden, flat_labels, head, tile, transform)  # scalar fp32
+    vocab = getattr(head, "out_features", None) or model.config.get_text_config(decoder=True).vocab_size
+    tile = tile_tokens if tile_tokens is not None else tile_tokens_for_budget(vocab, tile_bytes)
+    head_ce = head_loss if head_loss is not None else head_cross_entropy_sum
+    ce_sum = head_ce(hidden, flat_labels, head, transform, tile, use_liger)  # scalar fp32
 
     if topology.sp_size > 1:
         ce_sum = comm.all_reduce_autograd_sum(ce_sum, topology.sp_group)
@@ -165,6 +162,33 @@ def causal_lm_loss(
     else:
         n = torch.as_tensor(num_items_in_batch, device=ce_sum.device).to(torch.float32).reshape(())
     return ce_sum / n
+
+
+def head_cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, head, transform: LogitTransform,
+                           tile_tokens: int, use_liger: bool | None) -> torch.Tensor:
+    """Sum of CE(transform(head(hidden)), labels) over the labelled tokens: liger's fused kernel when it
+    can run (and ``use_liger`` is not False), else the tiled torch path with ``tile_tokens`` per tile.
+    hidden [T, D], labels [T]; a 0-dim fp32 tensor."""
+    reason = liger_unsupported_reason(hidden, head, transform) if use_liger is not False else "disabled"
+    if use_liger and reason is not None:
+        raise ValueError(f"use_liger=True but the fused liger loss cannot run: {reason}")
+    if reason is None:
+        return liger_cross_entropy_sum(hidden, labels, head, transform)
+    return tiled_cross_entropy_sum(hidden, labels, head, tile_tokens, transform)
+
+
+class HeadLoss(torch.nn.Module):
+    """:func:`head_cross_entropy_sum` as a module of its own, without parameters.
+
+    Under ZeRO-3 ``integrations.deepspeed.initialize`` registers the head's weight as an external
+    parameter of this module (the fused kernel reads the weight, not the module), so ZeRO-3 gathers
+    it around the loss only: this module's forward and its backward. Registered on the whole
+    :class:`CausalLMLoss` instead, the full head (V x D, 0.98 GiB in bf16 for Llama-3-8B) would stay
+    gathered through every decoder layer's forward and backward.
+    """
+
+    def forward(self, hidden, labels, head, transform, tile_tokens, use_liger):
+        return head_cross_entropy_sum(hidden, labels, head, transform, tile_tokens, use_liger)
 
 
 def count_label_tokens(local_batches: Mapping | Iterable[Mapping], topology: SPTopology) -> torch.Tensor:
@@ -207,8 +231,10 @@ class CausalLMLoss(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, topology: SPTopology, **loss_kwargs):
         super().__init__()
         self.model = model
+        self.head_loss = HeadLoss()
         self.topology = topology
         self.loss_kwargs = loss_kwargs
 
     def forward(self, local_batch: Mapping[str, torch.Tensor], num_items_in_batch=None) -> torch.Tensor:
-        return causal_lm_loss(self.model, local_batch, self.topology, num_items_in_batch, **self.loss_kwargs)
+        return causal_lm_loss(self.model, local_batch, self.topology, num_items_in_batch, head_loss=self.head_loss,
+                              **self.loss_kwargs)

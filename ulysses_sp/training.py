@@ -21,6 +21,7 @@ import torch.distributed as dist
 import transformers
 
 from . import comm
+from .checkpointing import enable_checkpointing
 from .data import SPDataLoader, load_text_dataset
 from .engine import DeepSpeedEngine, TorchEngine
 from .integrations import accelerate as accelerate_integration
@@ -30,6 +31,7 @@ from .loss import count_label_tokens, reduce_loss_for_logging
 from .presets import build_config
 from .rng import sharded_rng, sync_rng
 from .sharding import to_device
+from .tiled_mlp import tile_mlp
 from .topology import init_sp
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -112,8 +114,9 @@ class TrainingRun:
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         # DeepSpeed keeps fp32 master weights itself; the torch engine trains fp32 weights under autocast
         model = build_model(args.model, dtype if args.deepspeed else torch.float32, device, attn)
-        if args.grad_ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, args.grad_ckpt, offload=args.offload_activations)  # "none": nothing
+        if args.tiled_mlp:
+            tile_mlp(model)
         apply(model, topology, attn_implementation=attn)
         sync_rng(topology, args.seed)
         dataset = load_text_dataset(args.dataset, args.seq_len, pack=args.pack)

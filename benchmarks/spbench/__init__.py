@@ -2,7 +2,7 @@
 
 flops.py     model FLOPs per step and MFU (the formula is stated there and in the JSON)
 comm.py      exposed communication time from a torch.profiler trace of one step
-levers.py    opt-in performance levers (SDPA backend priority, selective checkpointing)
+levers.py    opt-in levers (SDPA backend priority, selective checkpointing, tiled MLP, checkpoint offload)
 workload.py  what both sides share: model build, batch, DeepSpeed config
 ours.py      the ulysses_sp side
 alst.py      the DeepSpeed ALST side, used the way ArcticTraining uses it

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
+from ulysses_sp.integrations.deepspeed import destroy
+
 from . import levers as lv
 from .workload import Workload
 
@@ -64,7 +66,7 @@ class AlstRun:
         side.register(self.model)
         mpu = side.mpu
         self.sp_group, self.sp_size = mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_world_size()
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=lv.checkpoint_kwargs(frozenset()))
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if "tiled_mlp" in levers:
             for layer in self.model.model.layers:
                 layer.mlp.forward = types.MethodType(_tiled_mlp_forward, layer.mlp)
@@ -115,7 +117,7 @@ class AlstRun:
         return total_loss / sum(good_tokens_per_rank)
 
     def close(self) -> None:
-        self.engine.destroy()
+        destroy(self.engine)  # engine.destroy() + what DeepSpeed keeps referencing afterwards (a DeepSpeed leak)
         self.engine = self.model = self.batch = self.offload = None
 
 

@@ -6,27 +6,29 @@ None of them changes what is computed (same loss, same gradients up to kernel ro
   step (forward, backward and the recomputation), via ``torch.nn.attention.sdpa_kernel(...,
   set_priority=True)``. Only matters with ``--attn sdpa``; a backend that cannot take the inputs is
   skipped by torch as usual, so this only reorders.
-* ``sac`` (ours): selective activation checkpointing. The decoder layers stay checkpointed, but the
-  outputs of the attention kernel and of the all-to-alls are saved instead of recomputed in the
-  backward: no second attention forward and no second round of all-to-alls per layer, for about
-  2 (3d + 2 d_kv) bytes more activation memory per local token and layer (q, k, v after the
-  all-to-all, the attention output before and after it; 28 KiB for the Llama-8B shape against the
-  8 KiB checkpoint; the peak-memory column shows the real cost). It applies to kernels that reach
-  the dispatcher as ops (SDPA's aten ops, flash-attn >= 2.7's ``flash_attn::_flash_attn_forward``);
+* ``sac`` (ours): selective activation checkpointing (``ulysses_sp.checkpointing``, policy
+  "selective"). The decoder layers stay checkpointed, but the outputs of the attention kernel and
+  of the all-to-alls are saved instead of recomputed in the backward: no second attention forward
+  and no second round of all-to-alls per layer, for about 2 (3d + 2 d_kv) bytes more activation
+  memory per local token and layer (q, k, v after the all-to-all, the attention output before and
+  after it; 28 KiB for the Llama-8B shape against the 8 KiB checkpoint). It applies to kernels that
+  reach the dispatcher as ops (SDPA's aten ops, flash-attn >= 2.7's ``flash_attn::_flash_attn_forward``);
   another kernel is simply recomputed as before.
+* ``tiled_mlp`` (ours): ``ulysses_sp.tile_mlp`` (tiles of d tokens, the tile count agreed once per
+  step); ``offload`` (ours): the layers' checkpoints in pinned host memory
+  (``enable_checkpointing(..., offload=True)``). Both save memory, not time.
 * ``liger`` / ``tiled`` (ours): force the fused liger cross-entropy / the tiled torch one (default:
-  liger when it can run). liger cannot run on a ZeRO-3-partitioned head (ulysses_sp refuses it).
+  liger when it can run: CUDA, liger-kernel installed; at ZeRO-3 the head is gathered for the loss).
 * ``tiled_mlp``, ``ac_offload`` (ALST): its TiledMLP and its checkpoint-offload context, see alst.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
-OURS = ("cudnn", "sac", "liger", "tiled")
+OURS = ("cudnn", "sac", "liger", "tiled", "tiled_mlp", "offload")
 ALST = ("cudnn", "tiled_mlp", "ac_offload")
 
 
@@ -43,24 +45,9 @@ def step_context(levers: frozenset[str]):
     return sdpa_priority() if "cudnn" in levers else contextlib.nullcontext()
 
 
-def _save_attention_and_a2a(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    name = str(op)
-    if "backward" not in name and ("scaled_dot_product" in name or "_flash_attn_forward" in name
-                                   or "all_to_all_single" in name):
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def checkpoint_kwargs(levers: frozenset[str]) -> dict:
-    """``gradient_checkpointing_kwargs`` for transformers' ``gradient_checkpointing_enable``."""
-    kwargs = {"use_reentrant": False}
-    if "sac" in levers:
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _save_attention_and_a2a)
-    return kwargs
+def checkpoint_policy(levers: frozenset[str]) -> str:
+    """``ulysses_sp.checkpointing`` policy of a lever set: every side checkpoints every decoder layer."""
+    return "selective" if "sac" in levers else "full"
 
 
 def parse(spec: str) -> tuple[str, frozenset[str]]:
@@ -77,13 +64,11 @@ def parse(spec: str) -> tuple[str, frozenset[str]]:
     return side, frozenset(levers)
 
 
-def available_or_reason(levers: frozenset[str], device: str, zero_stage: int, attn: str) -> str | None:
+def available_or_reason(levers: frozenset[str], device: str, attn: str) -> str | None:
     """Why this lever set cannot run (or would change nothing) here; None: it can."""
     if "liger" in levers:
         if device != "cuda":
             return "'liger' needs CUDA"
-        if zero_stage == 3:
-            return "'liger' cannot run with ZeRO-3 (ulysses_sp refuses a partitioned head)"
         import importlib.util
 
         if importlib.util.find_spec("liger_kernel") is None:

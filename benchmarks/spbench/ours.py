@@ -4,7 +4,8 @@
 tiled or liger cross-entropy, global token normalisation) handed to
 ``ulysses_sp.integrations.deepspeed.initialize`` (our mpu; ZeRO-3 partitions over all ranks, as
 ALST's), backpropagated unscaled with ``engine.backward(..., scale_wrt_gas=False)``; then
-``engine.step()``.
+``engine.step()``. Levers: ``sac`` (selective checkpointing policy), ``tiled_mlp`` (``tile_mlp``),
+``offload`` (checkpoints in host memory), ``liger`` / ``tiled`` (loss kernel), ``cudnn``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import torch
 
 from ulysses_sp import CausalLMLoss, apply, count_label_tokens, remove, shard_batch, sharded_rng, to_device
+from ulysses_sp.checkpointing import enable_checkpointing
 from ulysses_sp.integrations import deepspeed as ds_integration
+from ulysses_sp.tiled_mlp import tile_mlp
 from ulysses_sp.topology import SPTopology
 
 from . import levers as lv
@@ -38,7 +41,9 @@ class OursRun:
         self.topology, self.levers = topo, levers
         # the model is built with a stock kernel name; apply() switches it to ours (private name)
         self.model = wl.build_model("sdpa")
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=lv.checkpoint_kwargs(levers))
+        enable_checkpointing(self.model, lv.checkpoint_policy(levers), offload="offload" in levers)
+        if "tiled_mlp" in levers:
+            tile_mlp(self.model)
         apply(self.model, topo, attn_implementation=wl.attn)
         use_liger = True if "liger" in levers else False if "tiled" in levers else None
         module = CausalLMLoss(self.model, topo, use_liger=use_liger)
@@ -56,6 +61,6 @@ class OursRun:
         return loss.detach()
 
     def close(self) -> None:
-        self.engine.destroy()
+        ds_integration.destroy(self.engine)
         remove(self.model)
         self.engine = self.model = self.batch = None

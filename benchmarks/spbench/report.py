@@ -160,7 +160,8 @@ def _header(data: dict) -> list[str]:
     versions = "  ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "deepspeed", "flash_attn", "liger_kernel"))
     return [f"device: {data['device']['name']} x {st['world_size']}  |  {versions}",
             (f"model {st['model']} ({st['layers']} layers), attn {st['attn']}, sp {st['sp']}, ZeRO-{st['zero_stage']}, "
-             f"MFU vs {st['peak_flops'] / 1e12:.0f} TFLOP/s per GPU; a2a/comm exp = exposed ms (max over ranks)")]
+             f"MFU vs {st['peak_flops'] / 1e12:.0f} TFLOP/s per GPU; a2a/comm exp = exposed ms (max over ranks); "
+             "peak GiB = the configuration's own (max allocated minus what was allocated before its build)")]
 
 
 def _row(r: dict, width: int) -> str:

@@ -111,8 +111,10 @@ def _timed(run, workload: Workload, measure: Measure, record: dict, build_peak: 
     times = _world_max(times, device)
     record.update(losses=losses, grad_norms=norms, step_times_s=times, warmup_steps=measure.warmup,
                   step_s=statistics.median(times[measure.warmup:]))
-    peak, reserved, build = _world_max([*_memory(device), build_peak], device)
-    record.update(peak_mem_gib=peak, peak_reserved_gib=reserved, build_peak_mem_gib=build)
+    before = record.get("mem_before_gib", 0.0)
+    peak, reserved = _memory(device)
+    own, peak, reserved, build = _world_max([peak - before, peak, reserved, build_peak - before], device)
+    record.update(peak_mem_gib=own, peak_mem_abs_gib=peak, peak_reserved_gib=reserved, build_peak_mem_gib=build)
     if measure.profile and device.type == "cuda":
         dist.barrier()
         start = time.perf_counter()
@@ -267,9 +269,10 @@ def search_max_len(side, spec: str, levers: frozenset[str], workload: Workload, 
 
 
 def _memory_fit(attempts: list[dict], device: torch.device) -> dict | None:
-    """Least-squares peak_mem = a + b * S over the fitting attempts, and where it meets the device
-    memory: an extrapolation (labelled so), useful when the search stopped on its budget."""
-    pts = [(a["seq_len"], a["peak_mem_gib"]) for a in attempts if a["status"] == "ok"]
+    """Least-squares peak_mem = a + b * S over the fitting attempts (the absolute peak: what meets the
+    device's memory), and where it meets the device memory: an extrapolation (labelled so), useful
+    when the search stopped on its budget."""
+    pts = [(a["seq_len"], a["peak_mem_abs_gib"]) for a in attempts if a["status"] == "ok"]
     if len({s for s, _ in pts}) < 2:
         return None
     n = len(pts)

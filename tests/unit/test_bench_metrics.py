@@ -95,29 +95,17 @@ def test_gpu_kernels_keeps_device_events_only():
 
 def test_config_specs():
     assert levers.parse("ours+cudnn+sac") == ("ours", frozenset({"cudnn", "sac"}))
+    assert levers.parse("ours+tiled_mlp+offload") == ("ours", frozenset({"tiled_mlp", "offload"}))
     assert levers.parse("alst") == ("alst", frozenset())
-    for bad, match in [("mine", "side must be"), ("ours+tiled_mlp", "unknown lever"), ("alst+sac", "unknown lever"),
+    for bad, match in [("mine", "side must be"), ("ours+ac_offload", "unknown lever"), ("alst+sac", "unknown lever"),
                        ("ours+liger+tiled", "exclude")]:
         with pytest.raises(ValueError, match=match):
             levers.parse(bad)
-    assert "ZeRO-3" in levers.available_or_reason(frozenset({"liger"}), "cuda", 3, "sdpa")
-    assert levers.available_or_reason(frozenset({"liger"}), "cpu", 2, "sdpa") == "'liger' needs CUDA"
-    assert "--attn sdpa" in levers.available_or_reason(frozenset({"cudnn"}), "cuda", 3, "flash_attention_2")
-    assert levers.available_or_reason(frozenset({"sac", "cudnn"}), "cpu", 3, "sdpa") is None
-
-
-def test_selective_checkpoint_policy_saves_attention_and_a2a_only():
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    policy = levers._save_attention_and_a2a
-    save = CheckpointPolicy.MUST_SAVE
-    assert policy(None, torch.ops.aten._scaled_dot_product_flash_attention.default) is save
-    assert policy(None, torch.ops.aten._scaled_dot_product_cudnn_attention.default) is save
-    assert policy(None, torch.ops._c10d_functional.all_to_all_single.default) is save
-    assert policy(None, torch.ops.aten.mm.default) is CheckpointPolicy.PREFER_RECOMPUTE
-    assert policy(None, torch.ops.aten._scaled_dot_product_flash_attention_backward.default) is not save
-    assert "context_fn" in levers.checkpoint_kwargs(frozenset({"sac"}))
-    assert levers.checkpoint_kwargs(frozenset()) == {"use_reentrant": False}
+    assert levers.available_or_reason(frozenset({"liger"}), "cpu", "sdpa") == "'liger' needs CUDA"
+    assert "--attn sdpa" in levers.available_or_reason(frozenset({"cudnn"}), "cuda", "flash_attention_2")
+    assert levers.available_or_reason(frozenset({"sac", "cudnn", "tiled_mlp", "offload"}), "cpu", "sdpa") is None
+    assert levers.checkpoint_policy(frozenset({"sac"})) == "selective"
+    assert levers.checkpoint_policy(frozenset({"cudnn"})) == "full"
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")

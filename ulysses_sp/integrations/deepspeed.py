@@ -34,7 +34,7 @@ from ..topology import SPTopology
 from .deepspeed_config import batch_sizes, load_config, prepare_config, resolve_sp_size, zero_stage
 from .hf import apply, is_applied
 
-__all__ = ["SPMpu", "batch_sizes", "check_partitioning", "initialize", "load_config", "prepare_config",
+__all__ = ["SPMpu", "batch_sizes", "check_partitioning", "destroy", "initialize", "load_config", "prepare_config",
            "resolve_sp_size", "zero_stage"]
 
 
@@ -130,6 +130,9 @@ def initialize(
     _ensure_applied(model, topology)
     import deepspeed
 
+    # zero.Init below reads DeepSpeed's world size: without its comm set up (deepspeed.initialize would
+    # do it, but later) it counts 1 rank and rejects the batch sizes of dp > 1
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
     mpu = SPMpu(topology)
     if zero_stage(config) == 3:
         _partition_over_all_ranks(model, config, mpu)
@@ -180,9 +183,10 @@ def _partition_over_all_ranks(model: torch.nn.Module, config: dict, mpu: SPMpu) 
 
 
 def _gather_head_for_loss(model: torch.nn.Module) -> None:
-    """A CausalLMLoss reads its head's weight directly (liger's fused kernel takes the weight, not the
-    module): register it as an external parameter of the loss module so ZeRO-3 gathers it for the
-    loss module's forward and reduces its gradient as usual."""
+    """A CausalLMLoss's fused kernel reads its head's weight directly (liger takes the weight, not the
+    module): register it as an external parameter of the loss's :class:`~ulysses_sp.loss.HeadLoss`, so
+    ZeRO-3 gathers it around the loss only (not through the whole model's forward and backward) and
+    reduces its gradient as usual."""
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
     from ..loss import CausalLMLoss
@@ -190,7 +194,7 @@ def _gather_head_for_loss(model: torch.nn.Module) -> None:
     if isinstance(model, CausalLMLoss):
         head = model.model.get_output_embeddings()
         if head is not None:
-            register_external_parameter(model, head.weight)
+            register_external_parameter(model.head_loss, head.weight)
 
 
 def _training_dtype(config: dict) -> torch.dtype | None:
@@ -212,3 +216,37 @@ def check_partitioning(model: torch.nn.Module, topology: SPTopology) -> None:
                 "model under deepspeed.zero.Init() with the default (world) group, or let "
                 "ulysses_sp.integrations.deepspeed.initialize partition it"
             )
+
+
+def destroy(engine) -> None:
+    """``engine.destroy()``, then drop the references DeepSpeed 0.19.8 keeps to a ZeRO-3 engine
+    afterwards, so that its model, parameters, gradients and optimizer states can be freed (without
+    this, every ZeRO-3 engine built in a process stays allocated until the process ends; measured:
+    7.2 GiB per engine for the 4-layer Llama-8B benchmark model on 4 GPUs). Two module-level roots:
+
+    * ``deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK``: the engine's root module is
+      pushed at set-up and never popped; and every forward that torch's non-reentrant checkpoint
+      stops early in a recomputation (its default) pushes the modules whose pre-forward hook ran
+      but whose post-forward hook never did (per checkpointed layer and step, e.g. the MLP and its
+      ``down_proj``). Every module of this engine is removed from it.
+    * ``PartitionedParameterCoordinator.__params_to_release``: a class-level ``functools.lru_cache``
+      whose keys hold the coordinator (and through it the optimizer and engine) and submodules.
+      It is a pure cache of which parameters to release; it is cleared (for every engine: the other
+      engines recompute their entries on the next step).
+
+    The engine must not be used afterwards; other engines in the process are unaffected.
+    """
+    module = getattr(engine, "module", None)
+    engine.destroy()
+    if module is None:
+        return
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    own = {id(m) for m in module.modules()}
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in own]
+    cached = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    wrapped = [cell.cell_contents for cell in getattr(cached, "__closure__", None) or ()]  # inside an NVTX wrapper
+    for fn in (cached, *wrapped):
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()

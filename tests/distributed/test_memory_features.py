@@ -1,0 +1,150 @@
+"""Memory features under SP on CPU (fp32): selective checkpointing, checkpoint offload and the tiled
+MLP give the gradients of the plain path; selective checkpointing runs half the backward's
+all-to-alls of full checkpointing; under ZeRO-3 the tiled MLP agrees its tile count across DP
+replicas holding different lengths (parameter all-gathers every tile: a disagreement would hang)
+and its gradients reach DeepSpeed once; ``integrations.deepspeed.destroy`` frees a ZeRO-3 engine,
+and the head's weight is gathered for the loss only."""
+
+from __future__ import annotations
+
+import collections
+import gc
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ulysses_sp
+from tests.distributed import harness
+from tests.helpers import clone, tiny_model, tokens
+from ulysses_sp.checkpointing import enable_checkpointing
+from ulysses_sp.integrations import deepspeed as uds
+from ulysses_sp.tiled_mlp import tile_mlp
+
+A2A = "_c10d_functional::all_to_all_single"
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the dispatched ops by schema name while active (the backward's too: same thread on CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _assert_grads(got: dict, want: dict, label: str, exact: bool) -> None:
+    for n, g in want.items():
+        atol = 0.0 if exact else 1e-6 * g.abs().max().item()
+        torch.testing.assert_close(got[n], g, rtol=0.0 if exact else 1e-5, atol=atol,
+                                   msg=lambda m, n=n: f"{label} {n}: {m}")
+
+
+def _body_sp2(ctx):
+    """sp=2: every policy / offload / tiling combination against no checkpointing, and a2a counts."""
+    topo = ulysses_sp.init_sp(2)
+    base = tiny_model("tiny-llama-gqa")
+    layers = base.config.num_hidden_layers
+    ids = tokens(2, 40, seed=7)
+    batch = ulysses_sp.shard_batch({"input_ids": ids, "labels": ids}, topo)  # 20 local tokens per row
+    cases = {  # name: (policy, offload, tile tokens, backward a2a per layer)
+        "none": ("none", False, None, 2),
+        "full": ("full", False, None, 4),
+        "selective": ("selective", False, None, 2),
+        "full+offload": ("full", True, None, 4),
+        "selective+offload": ("selective", True, None, 2),
+        "tiled": ("none", False, 7, 2),
+        "full+tiled": ("full", False, 3, 4),
+        "selective+tiled+offload": ("selective", True, 16, 2),
+    }
+    results = {}
+    for name, (policy, offload, tile, bwd_a2a) in cases.items():
+        model = clone(base)
+        enable_checkpointing(model, policy, offload=offload)
+        if tile:
+            tile_mlp(model, tile)
+        ulysses_sp.apply(model, topo)
+        with _CountOps() as fwd:
+            loss = ulysses_sp.causal_lm_loss(model, batch, topo)
+        with _CountOps() as bwd:
+            loss.backward()
+        assert fwd.counts[A2A] == 2 * layers, (name, fwd.counts[A2A])
+        assert bwd.counts[A2A] == bwd_a2a * layers, (name, bwd.counts[A2A])
+        results[name] = (loss.detach(), _grads(model))
+    ref_loss, ref = results["none"]
+    for name, (loss, grads) in results.items():
+        exact = "tiled" not in name  # recomputation and copies are bitwise; tiles sum in another order
+        torch.testing.assert_close(loss, ref_loss, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
+        _assert_grads(grads, ref, name, exact)
+
+
+def _zero3_config() -> dict:
+    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}  # every weight gathered per call
+
+
+def _zero3_step(topo, base, batch, tile: int | None, probe: bool):
+    """One ZeRO-3 forward/backward through integrations.deepspeed.initialize; the gathered gradients,
+    then the engine destroyed. ``probe``: check where the head's weight is gathered and that the
+    engine is freed."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.utils import safe_get_full_grad
+
+    model = clone(base)
+    enable_checkpointing(model, "full")
+    if tile:
+        tile_mlp(model, tile)
+    ulysses_sp.apply(model, topo)
+    loss_module = ulysses_sp.CausalLMLoss(model, topo)
+    engine = uds.initialize(loss_module, topo, _zero3_config(), optimizer=torch.optim.SGD(model.parameters(), lr=1.0))[0]
+    seen = _probe_head(loss_module) if probe else []
+    engine.backward(engine(batch, None))
+    grads = {n: safe_get_full_grad(p).clone() for n, p in model.named_parameters()}
+    if probe:  # the head is gathered for the loss only, not while the decoder layers run
+        where = {(place, status == ZeroParamStatus.AVAILABLE) for place, status in seen}
+        assert where == {("layer", False), ("loss", True), ("layer backward", False)}, seen
+    optimizer = weakref.ref(engine.optimizer)
+    uds.destroy(engine)
+    del engine, loss_module, model
+    gc.collect()
+    if probe:
+        assert optimizer() is None, "the destroyed ZeRO-3 engine is still referenced"
+    return grads
+
+
+def _probe_head(loss_module) -> list:
+    """Record the head weight's ZeRO-3 status when the first decoder layer and the loss start."""
+    head, seen = loss_module.model.get_output_embeddings().weight, []
+    layer = loss_module.model.model.layers[0]
+    layer.register_forward_pre_hook(lambda *_: seen.append(("layer", head.ds_status)))
+    layer.register_full_backward_hook(lambda *_: seen.append(("layer backward", head.ds_status)))
+    loss_module.head_loss.register_forward_pre_hook(lambda *_: seen.append(("loss", head.ds_status)))
+    return seen
+
+
+def _body_zero3_dp2(ctx):
+    """dp2 x sp2 under ZeRO-3, the DP replicas with 24 and 40 tokens per sequence (tiles of 4 local
+    tokens: 3 vs 5 tiles, agreed to 5): tiled gradients equal the untiled ones."""
+    topo = ulysses_sp.init_sp(2)
+    base = tiny_model("tiny-llama")
+    seq = 24 if topo.dp_rank == 0 else 40
+    ids = tokens(1, seq, seed=11 + topo.dp_rank)
+    batch = ulysses_sp.shard_batch({"input_ids": ids, "labels": ids}, topo)
+    want = _zero3_step(topo, base, batch, None, probe=True)
+    got = _zero3_step(topo, base, batch, 4, probe=False)
+    _assert_grads(got, want, "zero3 tiled", exact=False)
+
+
+def test_policies_offload_tiling_sp2():
+    harness.run(_body_sp2, 2)
+
+
+def test_zero3_tiled_mlp_unequal_lengths_and_destroy():
+    harness.run(_body_zero3_dp2, 4)

@@ -1,0 +1,111 @@
+"""Checkpointing policies and the tiled MLP without a process group: which ops the selective policy
+saves, the trainer's flags, and that both features are scoped to one model and undone cleanly.
+(Numerics and all-to-all counts under SP, ZeRO-3: tests/distributed/test_memory_features.py.)"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils.checkpoint import CheckpointPolicy
+
+from tests.helpers import clone, tiny_model, tokens
+from ulysses_sp import checkpointing as ckpt
+from ulysses_sp.tiled_mlp import is_mlp_tiled, tile_mlp, untile_mlp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_selective_policy_saves_attention_and_a2a_only():
+    save, recompute = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_RECOMPUTE
+    ops = torch.ops
+    for op in (ops.aten._scaled_dot_product_flash_attention.default, ops.aten._scaled_dot_product_cudnn_attention.default,
+               ops.aten._scaled_dot_product_efficient_attention.default,
+               ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+               ops._c10d_functional.all_to_all_single.default):
+        assert ckpt.selective_policy(None, op) is save, op
+    for op in (ops.aten.mm.default, ops.aten._scaled_dot_product_flash_attention_backward.default,
+               ops._c10d_functional.wait_tensor.default, ops._c10d_functional.all_reduce.default):
+        assert ckpt.selective_policy(None, op) is recompute, op
+    from torch._higher_order_ops.flex_attention import flex_attention
+
+    assert ckpt.op_name(flex_attention) in ckpt.SAVED_OPS
+
+
+def test_policy_names_and_kwargs():
+    assert [ckpt.resolve_policy(v) for v in (None, False, True, "none", "full", "selective")] == [
+        "none", "none", "full", "none", "full", "selective"]
+    with pytest.raises(ValueError, match="unknown checkpointing policy"):
+        ckpt.resolve_policy("some")
+    assert ckpt.gradient_checkpointing_kwargs("full") == {"use_reentrant": False}
+    assert set(ckpt.gradient_checkpointing_kwargs("selective")) == {"use_reentrant", "context_fn"}
+    with pytest.raises(ValueError, match="checkpoints nothing"):
+        ckpt.gradient_checkpointing_kwargs("none")
+
+
+def test_enable_disable_checkpointing_is_scoped_and_undone():
+    model, other = tiny_model("tiny-llama"), tiny_model("tiny-llama")
+    ckpt.enable_checkpointing(model, "selective", offload=True)
+    layers = model.model.layers
+    assert ckpt.checkpointed_layers(model) and not ckpt.checkpointed_layers(other)
+    assert all(isinstance(layer._gradient_checkpointing_func, ckpt._OffloadLayerInput) for layer in layers)
+    ckpt.enable_checkpointing(model, "full")  # enabling again replaces the offload wrappers
+    assert not any(isinstance(layer._gradient_checkpointing_func, ckpt._OffloadLayerInput) for layer in layers)
+    ckpt.enable_checkpointing(model, "full", offload=True)
+    ckpt.disable_checkpointing(model)
+    assert not ckpt.checkpointed_layers(model)
+    assert not any(isinstance(getattr(layer, "_gradient_checkpointing_func", None), ckpt._OffloadLayerInput)
+                   for layer in layers)
+    with pytest.raises(ValueError, match="needs policy 'full' or 'selective'"):
+        ckpt.enable_checkpointing(model, "none", offload=True)
+
+
+def test_tile_mlp_is_scoped_and_undone():
+    model = tiny_model("tiny-llama")
+    other = type(model)(model.config)  # built from the same config object
+    tile_mlp(model, 4)
+    assert is_mlp_tiled(model) and not is_mlp_tiled(other)
+    assert all("forward" in layer.mlp.__dict__ for layer in model.model.layers)
+    assert not any("forward" in layer.mlp.__dict__ for layer in other.model.layers)
+    with pytest.raises(ValueError, match="already tiled"):
+        tile_mlp(model)
+    untile_mlp(model)
+    assert not is_mlp_tiled(model) and not any("forward" in layer.mlp.__dict__ for layer in model.model.layers)
+    assert not model.model._forward_pre_hooks
+    with pytest.raises(ValueError, match="not tiled"):
+        untile_mlp(model)
+    moe = tiny_model("tiny-deepseek-v3")  # layer 0 dense, layer 1 MoE: only the dense MLP is tiled
+    tile_mlp(moe)
+    assert ["forward" in layer.mlp.__dict__ for layer in moe.model.layers] == [True, False]
+
+
+def test_tiled_mlp_under_autocast_and_checkpointing():
+    """The backward reruns the tiles in the forward's autocast state: bf16 like the untiled MLP."""
+    ref = tiny_model("tiny-llama")
+    ckpt.enable_checkpointing(ref, "full")
+    model = tile_mlp(clone(ref), 5)
+    dtypes = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    ids = tokens(2, 23)
+    for m in (ref, model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(input_ids=ids, labels=ids).loss.backward()
+    assert dtypes == [torch.bfloat16] * 30, dtypes  # 10 tiles: forward, recomputation, backward
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=2e-2, atol=2e-2 * r.grad.abs().max().item(), msg=name)
+
+
+def test_trainer_flags():
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    try:
+        from train import parse_args
+    finally:
+        sys.path.remove(os.path.join(ROOT, "launch"))
+    assert parse_args([]).grad_ckpt == "none"
+    assert parse_args(["--grad-ckpt"]).grad_ckpt == "full"
+    args = parse_args(["--grad-ckpt", "selective", "--tiled-mlp", "--offload-activations"])
+    assert (args.grad_ckpt, args.tiled_mlp, args.offload_activations) == ("selective", True, True)
+    with pytest.raises(SystemExit):
+        parse_args(["--offload-activations"])

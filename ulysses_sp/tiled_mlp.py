@@ -1,0 +1,177 @@
+"""Tiled MLP: each decoder layer's MLP runs over tiles of the local tokens, so its [t, d_ff]
+intermediates exist for one tile at a time instead of for all s local tokens.
+
+Shape legend: B batch, s = S/P local tokens, T = B*s tokens, t tokens per tile, n tiles, d hidden
+size, d_ff the MLP's intermediate size.
+
+Forward: the tiles run without autograd and only the MLP input [B, s, d] is saved. Backward: each
+tile is run again with autograd and backpropagated at once (its intermediates are freed before the
+next tile), writing its slice of the input gradient and accumulating the parameter gradients. The
+gradients equal the untiled MLP's up to the summation order over tiles. Cost: one more MLP forward
+per layer and step; under activation checkpointing the recomputation runs the tiled forward again.
+An untiled MLP keeps about 8 d_ff bytes per token in bf16 while it runs (gate, up, act, product):
+112 KiB for Llama-3-8B, 14x the layer's checkpoint.
+
+ZeRO-3 gathers a partitioned parameter at every call of its module, so every rank of the
+partition group must run the same number of tiles, also when DP replicas hold sequences of
+different lengths. The tile count is agreed once per forward of the model: a pre-hook on the
+backbone (``model.base_model``) takes ceil(T / t) and, when the MLP parameters are ZeRO-3
+partitioned and the ranks' token counts can differ (DP > 1, or a model without SP applied), the
+maximum over the partition group (one all-reduce of a scalar). The MLPs of that forward and of its
+recomputation in the backward all use it; ``torch.tensor_split`` gives a rank with fewer tokens
+shorter (possibly empty) tiles. Under ZeRO 1-3 the parameter gradients are handed to DeepSpeed once,
+after the last tile (``param.ds_grad_is_ready``). DDP's gradient hooks expect one gradient per
+parameter and backward: use DeepSpeed or the trainer's torch engine.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import types
+from dataclasses import dataclass
+
+import torch
+
+from . import comm
+
+
+@dataclass
+class _TileState:
+    tile_tokens: int
+    mlps: list[torch.nn.Module]
+    hook: torch.utils.hooks.RemovableHandle | None = None
+    tiles: int | None = None  # agreed at the backbone's last forward
+
+
+def is_mlp_tiled(model: torch.nn.Module) -> bool:
+    return getattr(model, "_ulysses_sp_tiled_mlp", None) is not None
+
+
+def tile_mlp(model: torch.nn.Module, tile_tokens: int | None = None):
+    """Run the MLP of every decoder layer of ``model`` over tiles of ``tile_tokens`` tokens (default:
+    the hidden size d, as ALST: one tile's intermediates then take 8 d d_ff bytes in bf16, about the
+    size of the MLP's weights). Scoped to this model's MLP instances; :func:`untile_mlp` undoes it. Returns
+    ``model``. MoE blocks (modules with ``experts``) are left as they are."""
+    if is_mlp_tiled(model):
+        raise ValueError("the MLPs of this model are already tiled; call untile_mlp(model) first")
+    config = model.config.get_text_config(decoder=True)
+    tile_tokens = tile_tokens if tile_tokens is not None else config.hidden_size
+    if tile_tokens < 1:
+        raise ValueError(f"tile_tokens must be >= 1, got {tile_tokens}")
+    backbone = model.base_model
+    mlps = [m.mlp for m in backbone.modules()
+            if isinstance(getattr(m, "mlp", None), torch.nn.Module) and not hasattr(m.mlp, "experts")]
+    if not mlps or backbone is model:
+        raise ValueError(f"{type(model).__name__} has no decoder layers with a dense `mlp` module to tile")
+    for mlp in mlps:
+        dropout = [d for d in mlp.modules() if isinstance(d, torch.nn.Dropout) and d.p > 0]
+        if dropout:
+            raise ValueError(f"{type(mlp).__name__} applies dropout; the tiled MLP reruns the forward in the backward "
+                             "without replaying the random state")
+    state = _TileState(tile_tokens, mlps)
+    state.hook = backbone.register_forward_pre_hook(_make_agree_hook(model, state), with_kwargs=True)
+    for mlp in mlps:
+        mlp.forward = types.MethodType(_make_tiled_forward(state, type(mlp).forward), mlp)
+    model._ulysses_sp_tiled_mlp = state
+    return model
+
+
+def untile_mlp(model: torch.nn.Module):
+    """Undo :func:`tile_mlp`: the MLPs run their own forward again, the hook is removed."""
+    state: _TileState | None = getattr(model, "_ulysses_sp_tiled_mlp", None)
+    if state is None:
+        raise ValueError("the MLPs of this model are not tiled")
+    state.hook.remove()
+    for mlp in state.mlps:
+        del mlp.forward
+    del model._ulysses_sp_tiled_mlp
+    return model
+
+
+def _tokens_of(kwargs: dict) -> torch.Tensor:
+    """The backbone call's input_ids [B, s] or inputs_embeds [B, s, d]."""
+    x = kwargs.get("input_ids")
+    x = x if x is not None else kwargs.get("inputs_embeds")
+    if x is None:
+        raise ValueError("the model was called without input_ids or inputs_embeds")
+    return x
+
+
+def _make_agree_hook(model: torch.nn.Module, state: _TileState):
+    params = [p for mlp in state.mlps for p in mlp.parameters()]
+    names = tuple(inspect.signature(model.base_model.forward).parameters)
+
+    def pre_hook(module, args, kwargs):
+        x = _tokens_of({**dict(zip(names, args)), **kwargs})
+        tiles = max(1, math.ceil(x.shape[0] * x.shape[1] / state.tile_tokens))
+        state.tiles = _agreed_tiles(model, params, tiles, x.device)
+
+    return pre_hook
+
+
+def _agreed_tiles(model: torch.nn.Module, params: list[torch.nn.Parameter], tiles: int, device) -> int:
+    """``tiles``, or its maximum over the ZeRO-3 partition group where the ranks' counts can differ."""
+    group = next((p.ds_process_group for p in params if hasattr(p, "ds_process_group")), None)
+    if group is None:
+        return tiles
+    sp = getattr(model, "_ulysses_sp", None)
+    if sp is not None and sp.topology.dp_size == 1:  # one SP group: every rank holds S/P tokens of the same rows
+        return tiles
+    return int(comm.all_reduce(torch.tensor(tiles, device=device), group, op="max"))
+
+
+def _make_tiled_forward(state: _TileState, forward):
+    def tiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        tiles = state.tiles if state.tiles is not None else max(1, math.ceil(x[..., 0].numel() / state.tile_tokens))
+        params = [p for p in self.parameters() if p.requires_grad]
+        return TiledMLP.apply(x, lambda h: forward(self, h), tiles, params)
+
+    return tiled_forward
+
+
+class TiledMLP(torch.autograd.Function):
+    """``mlp(x)`` over ``tiles`` token tiles, recomputed tile by tile in the backward.
+
+    x [..., d] -> [..., d_out]; ``mlp`` maps [1, t, d] -> [1, t, d_out] token-wise; ``params``: the
+    parameters it uses (their ``ds_grad_is_ready`` flags DeepSpeed's hooks for the last tile only).
+    """
+
+    @staticmethod
+    def forward(ctx, x, mlp, tiles: int, params: list[torch.nn.Parameter]):
+        ctx.mlp, ctx.tiles, ctx.params = mlp, tiles, params
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(x)
+        flat = x.reshape(-1, x.shape[-1])  # [T, d]
+        out, start = None, 0
+        for tile in flat.tensor_split(tiles):  # [t, d]; some may be empty
+            y = mlp(tile.unsqueeze(0)).squeeze(0)  # [t, d_out]
+            if out is None:
+                out = y.new_empty(flat.shape[0], y.shape[-1])  # [T, d_out]
+            out[start:start + tile.shape[0]] = y
+            start += tile.shape[0]
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        flat = x.detach().reshape(-1, x.shape[-1])  # [T, d]
+        grads = grad_out.reshape(-1, grad_out.shape[-1])  # [T, d_out]
+        grad_x = torch.empty_like(flat) if ctx.needs_input_grad[0] else None  # [T, d]
+        device_type, enabled, dtype = ctx.autocast
+        start = 0
+        for i, (tile, grad) in enumerate(zip(flat.tensor_split(ctx.tiles), grads.tensor_split(ctx.tiles))):
+            for p in ctx.params:
+                p.ds_grad_is_ready = i == ctx.tiles - 1  # DeepSpeed reduces after the last tile only
+            tile = tile.detach().requires_grad_(grad_x is not None)
+            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                y = ctx.mlp(tile.unsqueeze(0)).squeeze(0)  # [t, d_out]
+            torch.autograd.backward(y, grad)
+            if grad_x is not None:
+                grad_x[start:start + tile.shape[0]] = tile.grad
+            start += tile.shape[0]
+        return (None if grad_x is None else grad_x.view_as(x)), None, None, None
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
