@@ -6,6 +6,7 @@ output is re-sharded back. See README.md and docs/ for usage.
 """
 
 from .backends import SUPPORTED as SUPPORTED_ATTENTION
+from .checkpointing import disable_checkpointing, enable_checkpointing, gradient_checkpointing_kwargs
 from .data import SPDataLoader, SPShardAdapter, load_text_dataset
 from .integrations.accelerate import claim_sp_size, prepare_sp, train_step
 from .integrations.hf import apply, is_applied, remove
@@ -13,23 +14,27 @@ from .loss import CausalLMLoss, causal_lm_loss, count_label_tokens, reduce_loss_
 from .positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
 from .rng import sharded_rng, sync_rng
 from .sharding import shard_batch, to_device
+from .tiled_mlp import tile_mlp, untile_mlp
 from .topology import SPTopology, init_sp
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SEQ_INFO_KWARG",
-    "SUPPORTED_ATTENTION",
     "CausalLMLoss",
+    "SEQ_INFO_KWARG",
     "SPDataLoader",
     "SPShardAdapter",
     "SPTopology",
+    "SUPPORTED_ATTENTION",
     "SequenceInfo",
     "apply",
     "build_sequence_info",
-    "claim_sp_size",
     "causal_lm_loss",
+    "claim_sp_size",
     "count_label_tokens",
+    "disable_checkpointing",
+    "enable_checkpointing",
+    "gradient_checkpointing_kwargs",
     "init_sp",
     "is_applied",
     "load_text_dataset",
@@ -39,6 +44,8 @@ __all__ = [
     "shard_batch",
     "sharded_rng",
     "sync_rng",
+    "tile_mlp",
     "to_device",
     "train_step",
+    "untile_mlp",
 ]
