@@ -272,6 +272,9 @@ def _flex(q, k, v, spec: AttnSpec) -> torch.Tensor:
 
     if spec.dropout > 0:
         raise ValueError("flex_attention has no attention dropout; set attention_dropout=0 or use sdpa")
+    if q.is_cuda and min(q.shape[-1], v.shape[-1]) < 16:
+        raise ValueError(f"flex_attention's compiled CUDA kernel needs head dims >= 16; this model's are "
+                         f"{q.shape[-1]} (q/k) and {v.shape[-1]} (v). Use attn_implementation='sdpa' or 'eager'")
     B, S, n = q.shape[:3]
     bias = None
     if spec.custom_mask is not None:

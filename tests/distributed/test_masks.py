@@ -19,6 +19,7 @@ import torch
 import ulysses_sp
 from tests.distributed import harness
 from tests.helpers import assert_grads_close, tiny_model, tokens, tolerances
+from ulysses_sp.presets import build_config
 from ulysses_sp import backends, comm
 from ulysses_sp.positions import SEQ_INFO_KWARG
 from ulysses_sp.sharding import shard_batch
@@ -40,7 +41,11 @@ def _tol(ctx, backend: str) -> dict:
 
 
 def _models(ctx, preset: str, backend: str, **overrides):
-    """(SP model on ``backend``, non-SP sdpa reference): the same weights (same seed)."""
+    """(SP model on ``backend``, non-SP sdpa reference): the same weights (same seed). Compiled flex
+    on CUDA needs head_dim >= 16: the 8-dim GQA preset gets 16 there."""
+    config = build_config(preset)
+    if backend == "flex_attention" and harness.on_gpu() and config.hidden_size // config.num_attention_heads < 16:
+        overrides = {"head_dim": 16, **overrides}
     model = tiny_model(preset, attn=backend, dtype=ctx.dtype, **overrides).to(ctx.device)
     ref = tiny_model(preset, attn="sdpa", dtype=ctx.dtype, **overrides).to(ctx.device)
     return model, ref
@@ -238,7 +243,10 @@ def test_masks_sp4_and_dp2xsp2():
 
 
 def _compile_backend() -> str:
-    return "inductor" if harness.on_gpu() else "aot_eager"  # inductor on CPU costs ~30 s of CI
+    # graph breaks are counted by dynamo whatever the backend; aot_eager runs AOTAutograd (where a
+    # collective's autograd can go wrong under compile) without Inductor's minutes of codegen per
+    # check. Inductor itself is exercised by test_apply's compile test on GPU.
+    return "aot_eager"
 
 
 def _grads(module, *extra):
@@ -344,7 +352,7 @@ CPU_COMPILE_CASES = [("sdpa", ("layer", "model", "grads")), ("eager", ("model", 
 
 def test_compile_masks_sp2():
     """Packed/windowed/padded batches compile per layer and as a whole with zero graph breaks in
-    ulysses_sp, and compiled gradients equal eager ones (aot_eager on CPU, inductor on GPU)."""
+    ulysses_sp, and compiled gradients equal eager ones (aot_eager; Inductor is covered by test_apply on GPU)."""
     cases = CPU_COMPILE_CASES
     if harness.on_gpu():
         cases = [(b, ALL_COMPILE_CHECKS) for b in ("sdpa", "eager", "flex_attention")]
