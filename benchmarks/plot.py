@@ -1,8 +1,8 @@
-"""Plot a bench_sp.py JSON: tokens/s per GPU and peak memory against sequence length, one line per
-configuration (ulysses_sp solid, ALST dashed).
+"""Plot bench_sp.py JSONs: tokens/s per GPU and peak memory against sequence length, one line per
+configuration (ulysses_sp solid, ALST dashed); max-length search attempts are lines of their own.
 
     python benchmarks/plot.py results.json            # writes results.png next to it
-    python benchmarks/plot.py results.json -o fig.png
+    python benchmarks/plot.py a.json b.json -o fig.png
 """
 
 from __future__ import annotations
@@ -19,12 +19,30 @@ def _label(tokens: int) -> str:
 
 
 def series(data: dict) -> dict[str, list[dict]]:
-    """Successful runs grouped by configuration, sorted by length (configuration order kept)."""
+    """Successful runs grouped by configuration, sorted by length (configuration order kept); each
+    search's successful attempts as the configuration ``<config> (search)`` (one step each)."""
     out: dict[str, list[dict]] = {}
     for run in data["runs"]:
         if run["status"] == "ok":
             out.setdefault(run["config"], []).append(run)
+    gpus = data["settings"]["world_size"]
+    for search in data.get("searches", []):
+        for a in search["attempts"]:
+            if a["status"] == "ok":
+                point = dict(a, side=search["side"], tok_s_per_gpu=a["seq_len"] / a["step_s"] / gpus)
+                out.setdefault(f"{search['config']} (search)", []).append(point)
     return {config: sorted(runs, key=lambda r: r["seq_len"]) for config, runs in out.items()}
+
+
+def merged(datasets: list[dict]) -> dict:
+    """One dataset of several JSONs of the same model and device (runs and searches concatenated;
+    configurations of later files keep their names, prefixed by the attention kernel when it differs)."""
+    base = dict(datasets[0], runs=[], searches=[])
+    for data in datasets:
+        tag = "" if data["settings"]["attn"] == datasets[0]["settings"]["attn"] else f"{data['settings']['attn']}: "
+        base["runs"] += [dict(r, config=tag + r["config"]) for r in data["runs"]]
+        base["searches"] += [dict(s, config=tag + s["config"]) for s in data.get("searches", [])]
+    return base
 
 
 def plot(data: dict, path: str) -> None:
@@ -59,13 +77,15 @@ def plot(data: dict, path: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", help="JSON written by bench_sp.py")
-    p.add_argument("-o", "--output", default=None, help="PNG path (default: the JSON's name with .png)")
+    p.add_argument("results", nargs="+", help="JSON(s) written by bench_sp.py (same model and device)")
+    p.add_argument("-o", "--output", default=None, help="PNG path (default: the first JSON's name with .png)")
     args = p.parse_args(argv)
-    with open(args.results) as f:
-        data = json.load(f)
-    out = args.output or os.path.splitext(args.results)[0] + ".png"
-    plot(data, out)
+    datasets = []
+    for path in args.results:
+        with open(path) as f:
+            datasets.append(json.load(f))
+    out = args.output or os.path.splitext(args.results[0])[0] + ".png"
+    plot(merged(datasets), out)
     print(out)
 
 
