@@ -190,8 +190,13 @@ class SPDataLoader:
 
     def __iter__(self):
         epoch, start = self.epoch, self.batches_seen
+        kwargs = dict(self.loader_kwargs)
+        # torch's DataLoader draws its workers' base seed from the global torch stream unless given a
+        # generator: every new iteration (an epoch, a resume, an evaluation pass) would shift the model's
+        # dropout masks. Its own stream, from (seed, epoch, start), keeps the global one untouched.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(hash((self.seed, epoch, start)) & (2**63 - 1)))
         loader = DataLoader(self.dataset, batch_sampler=self.batch_indices(epoch)[start:], collate_fn=self._collate,
-                            num_workers=self.num_workers, **self.loader_kwargs)
+                            num_workers=self.num_workers, **kwargs)
         for i, (local, crc) in enumerate(loader, start):
             if crc is not None:
                 _compare_checksums(crc, self.topology, f"epoch {epoch}, batch {i}")

@@ -159,11 +159,16 @@ class DeepSpeedEngine:
         loss = self.engine(local_batch, num_items)
         # the loss is already normalised by the whole step's token count: no extra 1/accumulation
         self.engine.backward(loss, scale_wrt_gas=False)
+        # DeepSpeed counts micro-batches in step() and updates only at the accumulation boundary: called
+        # once per optimizer step instead, it would update every grad_accum-th step with grad_accum^2 micro-batches
+        self.engine.step()
         return loss.detach()
 
     def step(self) -> float | None:
-        """Update at the accumulation boundary; the gradient norm (None where DeepSpeed has none: stage 0)."""
-        self.engine.step()
+        """The update happened in the last micro-batch's ``engine.step()``; returns the gradient norm
+        (None where DeepSpeed has none: stage 0)."""
+        assert self.engine.micro_steps % self.engine.gradient_accumulation_steps() == 0, \
+            "an optimizer step must end at DeepSpeed's accumulation boundary"
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 

@@ -127,7 +127,10 @@ class TrainingRun:
         self.eval_rows, self.start_step, self.settings, self.zero_stage = eval_rows, start_step, settings, zero_stage
         self.where = "setup"
         self.rank0 = dist.get_rank() == 0
-        self.metrics = open(args.metrics, "a") if (args.metrics and self.rank0) else None
+        self.metrics = None
+        if args.metrics and self.rank0:
+            os.makedirs(os.path.dirname(os.path.abspath(args.metrics)), exist_ok=True)
+            self.metrics = open(args.metrics, "a")
 
     @classmethod
     def start(cls, args) -> "TrainingRun":
@@ -159,6 +162,11 @@ class TrainingRun:
         train_rows, eval_rows = _datasets(args)
         loader = SPDataLoader(train_rows, topology, args.batch_size, seed=args.seed,
                               check_identical=args.check_identical)
+        if eval_rows is not None:
+            try:
+                _eval_loader(eval_rows, topology, args)
+            except ValueError as e:
+                raise ValueError(f"the held-out split (--eval-fraction {args.eval_fraction}) is too small: {e}") from None
         tag = None
         if resume is not None and args.deepspeed:
             tag = checkpoint.deepspeed_tag(resume, topology.world_size, zero_stage)
@@ -229,8 +237,7 @@ class TrainingRun:
             progress.close()
 
     def _evaluate(self, step: int, progress) -> None:
-        loader = SPDataLoader(self.eval_rows, self.topology, self.args.batch_size, shuffle=False,
-                              drop_last=True, seed=self.args.seed)
+        loader = _eval_loader(self.eval_rows, self.topology, self.args)
         result = evaluate(self.engine, loader, self.topology, device=self.device, autocast=self.autocast,
                           to_device=to_device, max_batches=self.args.eval_batches)
         if self.rank0:
@@ -285,6 +292,11 @@ def _datasets(args):
         documents, heldout = split_heldout(documents, args.eval_fraction)
     rows = lambda docs: PackedDataset(docs, args.seq_len) if args.pack else docs.chunked(args.seq_len)  # noqa: E731
     return rows(documents), (rows(heldout) if heldout is not None else None)
+
+
+def _eval_loader(rows, topology, args) -> SPDataLoader:
+    """The held-out rows in order, by DP rank, no padding samples (a fresh position for every evaluation)."""
+    return SPDataLoader(rows, topology, args.batch_size, shuffle=False, drop_last=True, seed=args.seed)
 
 
 def _progress(total: int, initial: int):

@@ -13,8 +13,8 @@ import torch
 
 #: flags that must be integers >= 1
 _POSITIVE = ("steps", "batch_size", "grad_accum", "seq_len", "log_every")
-#: flags that must be integers >= 0 (0 = off)
-_NON_NEGATIVE = ("warmup_steps", "save_every", "eval_every")
+#: flags that must be integers >= 0 (0 = off, except for the seed)
+_NON_NEGATIVE = ("seed", "warmup_steps", "save_every", "eval_every")
 
 
 def check_args(args) -> None:
@@ -26,7 +26,8 @@ def check_args(args) -> None:
     for name in _NON_NEGATIVE:
         value = getattr(args, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"--{_flag(name)} must be an integer >= 0 (0 turns it off), got {value!r}")
+            off = "" if name == "seed" else " (0 turns it off)"
+            raise ValueError(f"--{_flag(name)} must be an integer >= 0{off}, got {value!r}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.weight_decay < 0 or args.max_grad_norm < 0:
