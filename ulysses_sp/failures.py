@@ -17,6 +17,7 @@ a short timeout: if it died with its host, the message says so instead.
 
 from __future__ import annotations
 
+import sys
 import time
 from datetime import timedelta
 
@@ -35,7 +36,7 @@ class CollectiveFailure(RuntimeError):
 
 def is_collective_error(exc: BaseException) -> bool:
     """True for the errors a collective raises when a peer is gone or late (not for errors of this rank)."""
-    if isinstance(exc, CollectiveFailure) or isinstance(exc, getattr(dist, "DistError", ())):
+    if isinstance(exc, (CollectiveFailure, getattr(dist, "DistError", CollectiveFailure))):
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _COLLECTIVE_MARKERS)
 
@@ -48,7 +49,7 @@ def _store(timeout_s: float):
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=timeout_s))
         return store
-    except Exception:  # the store died with its host: nothing to report to
+    except (RuntimeError, OSError, ValueError):  # the store died with its host: nothing to report to
         return None
 
 
@@ -74,7 +75,7 @@ def report_failure(exc: BaseException, where: str, *, grace_s: float = 5.0) -> B
     if store is not None:
         try:
             store.set(f"{_PREFIX}{rank}", note)
-        except Exception:
+        except (RuntimeError, OSError):
             store = None
     if not victim:
         return exc
@@ -96,7 +97,7 @@ def _collect_notes(store, rank: int, world: int, grace_s: float) -> dict[int, tu
                 if store.check([f"{_PREFIX}{r}"]):
                     kind, where, summary = store.get(f"{_PREFIX}{r}").decode().split("|", 2)
                     notes[r] = (kind, where, summary)
-            except Exception:
+            except (RuntimeError, OSError, ValueError):
                 return notes
         origins = any(kind == "origin" for kind, _, _ in notes.values())
         if origins or len(notes) == world - 1 or time.monotonic() >= deadline:
@@ -133,5 +134,5 @@ def shutdown(failed: bool) -> None:
             dist.distributed_c10d._abort_process_group()
         else:
             dist.destroy_process_group()
-    except Exception:  # the job is ending with the original error; teardown must not mask it
-        pass
+    except (RuntimeError, OSError, ValueError) as e:  # the job ends with the original error: do not mask it
+        print(f"ulysses_sp: process group teardown failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)

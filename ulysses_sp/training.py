@@ -20,6 +20,7 @@ import resource
 import socket
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -119,6 +120,37 @@ def run(args) -> None:
         shutdown(failed)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    device_type: str
+    dtype: torch.dtype
+    config: transformers.PretrainedConfig
+    ds_config: dict
+    sp_size: int
+    zero_stage: int | None
+    settings: dict
+    resume: checkpoint.Checkpoint | None
+
+
+def _preflight(args) -> _Plan:
+    """Everything decided before distributed init: devices, model config, DeepSpeed config, SP size,
+    the checkpoint to resume. Every rank has the same flags and files, so an error here is raised on
+    every rank alike and none is left waiting in a collective."""
+    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _DTYPES[args.dtype or ("bf16" if device_type == "cuda" else "fp32")]
+    check_device_dtype(device_type, dtype)
+    config = build_config(args.model)
+    check_seq_len(config, args.seq_len, args.allow_longer_than_max_positions)
+    ds_config = ds_integration.load_config(args.deepspeed)
+    sp_size = ds_integration.resolve_sp_size(args.sp_size, ds_config)
+    settings = checkpoint.run_settings(args, config)
+    resume = checkpoint.find_checkpoint(args.resume) if args.resume else None
+    if resume is not None:
+        checkpoint.check_compatible(resume, settings, "deepspeed" if args.deepspeed else "torch")
+    zero_stage = ds_integration.zero_stage(ds_config) if args.deepspeed else None
+    return _Plan(device_type, dtype, config, ds_config, sp_size, zero_stage, settings, resume)
+
+
 class TrainingRun:
     def __init__(self, args, topology, model, engine, loader, device, autocast, *, eval_rows=None,
                  start_step=0, settings=None, zero_stage=None):
@@ -134,27 +166,16 @@ class TrainingRun:
 
     @classmethod
     def start(cls, args) -> "TrainingRun":
-        device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = _DTYPES[args.dtype or ("bf16" if device_type == "cuda" else "fp32")]
-        check_device_dtype(device_type, dtype)
-        config = build_config(args.model)
-        check_seq_len(config, args.seq_len, args.allow_longer_than_max_positions)
-        ds_config = ds_integration.load_config(args.deepspeed)
-        sp_size = ds_integration.resolve_sp_size(args.sp_size, ds_config)
-        engine_name = "deepspeed" if args.deepspeed else "torch"
-        zero_stage = ds_integration.zero_stage(ds_config) if args.deepspeed else None
-        settings = checkpoint.run_settings(args, config)
-        resume = checkpoint.find_checkpoint(args.resume) if args.resume else None
-        if resume is not None:
-            checkpoint.check_compatible(resume, settings, engine_name)
-
+        plan = _preflight(args)
+        device_type, dtype, ds_config, zero_stage, resume = (plan.device_type, plan.dtype, plan.ds_config,
+                                                             plan.zero_stage, plan.resume)
         init_distributed(device_type, args.timeout_s)
         device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-        topology = init_sp(sp_size)
+        topology = init_sp(plan.sp_size)
         attn = args.attn or default_attention(device_type)
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         # DeepSpeed keeps fp32 master weights itself; the torch engine trains fp32 weights under autocast
-        model = build_model(args.model, dtype if args.deepspeed else torch.float32, device, attn, config)
+        model = build_model(args.model, dtype if args.deepspeed else torch.float32, device, attn, plan.config)
         if args.grad_ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         apply(model, topology, attn_implementation=attn)
@@ -186,7 +207,7 @@ class TrainingRun:
         if not args.deepspeed and dtype != torch.float32:
             autocast = torch.autocast(device_type, dtype=dtype)
         return cls(args, topology, model, engine, loader, device, autocast, eval_rows=eval_rows,
-                   start_step=start_step, settings=settings, zero_stage=zero_stage)
+                   start_step=start_step, settings=plan.settings, zero_stage=zero_stage)
 
     def _batches(self):
         while True:
@@ -194,11 +215,16 @@ class TrainingRun:
 
     def _step_batches(self, batches, step: int):
         """The step's micro-batches and their label count, skipping draws without a labelled token."""
+        skipped = 0
         while True:
             micro = [to_device(next(batches), self.device) for _ in range(self.args.grad_accum)]
-            num_items = count_label_tokens(micro, self.topology)
+            num_items = count_label_tokens(micro, self.topology)  # summed over all ranks: all agree
             if float(num_items) > 0:
                 return micro, num_items
+            skipped += len(micro)
+            if skipped >= len(self.loader):
+                raise ValueError(f"{skipped} batches in a row (an epoch's worth) hold no labelled token: every row "
+                                 f"is one token long; use documents of at least 2 tokens")
             if self.rank0:
                 print(f"step {step}: the micro-batches hold no labelled token (one-token rows); drawing the next "
                       f"ones", flush=True)

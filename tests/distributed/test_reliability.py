@@ -87,6 +87,12 @@ def _body_checkpoint_round_trips(ctx, tmp: str, engines):
     data = os.path.join(tmp, "data.txt")  # documents of 25 tokens: rows of 24 and of 1 (no label: skipped)
     with open(data, "w") as f:
         f.write("\n\n".join(f"doc {i:03d} abcdefghijklmnopq" for i in range(40)))
+    ones = os.path.join(tmp, "ones.txt")  # one-token documents: no step has anything to learn from
+    with open(ones, "w") as f:
+        f.write("\n\n".join("x" for _ in range(8)))
+    with pytest.raises(ValueError, match=r"8 batches in a row \(an epoch's worth\) hold no labelled token"):
+        _train(["--device", "cpu", "--sp-size", "2", "--dataset", ones, "--steps", "2",
+                "--metrics", os.path.join(tmp, "ones.jsonl")])
     for engine in engines:
         out = os.path.join(tmp, engine)
         common = ["--device", "cpu", "--model", os.path.join(tmp, "model"), "--sp-size", "2", "--steps", "6",
