@@ -118,6 +118,14 @@ def test_negative_position_ids_in_a_batch():
         ulysses_sp.shard_batch(batch, TOPO2)
 
 
+def test_sequence_shorter_than_sp_is_padded_not_refused():
+    batch = {"input_ids": torch.tensor([[7, 8]]), "labels": torch.tensor([[7, 8]])}
+    shards = [ulysses_sp.shard_batch(batch, SimpleNamespace(sp_size=4, sp_rank=r)) for r in range(4)]
+    assert [sh["input_ids"].tolist() for sh in shards] == [[[7]], [[8]], [[0]], [[0]]]
+    assert [sh["shift_labels"].tolist() for sh in shards] == [[[8]], [[-100]], [[-100]], [[-100]]]
+    assert [sh["position_ids"].tolist() for sh in shards] == [[[0]], [[1]], [[2]], [[3]]]
+
+
 def _save(path, step=3, **meta):
     os.makedirs(path, exist_ok=True)
     data = {"format": checkpoint.FORMAT, "step": step, "engine": "torch", "zero_stage": None, "world_size": 2,
