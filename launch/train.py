@@ -6,23 +6,25 @@
 
 DP = world / SP. Every rank of an SP group reads the same samples and keeps S/P tokens of them.
 Metrics (JSON lines, ``--metrics``): step, loss (global token mean), tokens (per step, all ranks),
-tok_per_s (all ranks), tok_per_s_per_gpu, peak_mem_gb, lr, grad_norm, step_time_s.
+tok_per_s (all ranks), tok_per_s_per_gpu, peak_mem_gb, lr, grad_norm, step_time_s; with
+``--eval-every``, lines with step, eval_loss, eval_ppl, eval_tokens, eval_batches, eval_time_s.
+
+Checkpoints: ``--save-dir DIR --save-every N``, then ``--resume DIR`` (docs/checkpointing.md).
+Errors and what to do about them: docs/troubleshooting.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
-import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import ulysses_sp  # noqa: E402
-from ulysses_sp.training import TrainingRun  # noqa: E402
+from ulysses_sp.training import run  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,8 +56,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offload-activations", action="store_true",
                    help="keep the layers' checkpoints in host memory (needs --grad-ckpt full or selective)")
     p.add_argument("--metrics", default=None, metavar="FILE", help="append JSON lines per step")
-    p.add_argument("--timeout-s", type=float, default=600.0, help="collective timeout: a dead rank fails the job")
+    p.add_argument("--timeout-s", type=float, default=600.0,
+                   help="collective timeout of every process group: a stalled or dead rank fails the job after it")
     p.add_argument("--check-identical", action="store_true", help="verify the SP group reads identical samples")
+    p.add_argument("--allow-longer-than-max-positions", action="store_true",
+                   help="allow --seq-len above the model's max_position_embeddings (RoPE models only)")
+    p.add_argument("--save-dir", default=None, metavar="DIR", help="write checkpoints here (and at the last step)")
+    p.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (0: last only)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue from a --save-dir (its newest checkpoint) or one step_* directory of it")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="evaluate on the held-out split every N steps and at the last step (0: never)")
+    p.add_argument("--eval-batches", type=int, default=None, metavar="K",
+                   help="batches per DP replica per evaluation (default: the whole held-out split)")
+    p.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="share of documents held out for evaluation, chosen by content hash (with --eval-every)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.offload_activations and args.grad_ckpt == "none":
@@ -63,13 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@record  # under torchrun: the failing rank's traceback goes into the launcher's failure summary
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    run = TrainingRun.start(args)
-    try:
-        run.train()
-    finally:
-        run.close()
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

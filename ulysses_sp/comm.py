@@ -11,6 +11,8 @@ under compile in DeepSpeed (#8491); functional collectives do not have that haza
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -93,6 +95,30 @@ def self_group() -> dist.ProcessGroup:
     """A process group holding only this rank. Collective: every rank must call it (each gets its own)."""
     group, _ = dist.new_subgroups(group_size=1)
     return group
+
+
+def group_timeout(group: dist.ProcessGroup | None = None) -> timedelta | None:
+    """The collective timeout of ``group`` (None: the world's), or None when the backend does not say."""
+    group = group if group is not None else dist.group.WORLD
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except (RuntimeError, AttributeError):
+            continue
+    return None
+
+
+def set_group_timeout(group: dist.ProcessGroup, timeout: timedelta) -> None:
+    """Set the collective timeout of ``group``. torch gives a new group the backend's default (30 min
+    for gloo, 10 for NCCL), not the timeout the world group was created with."""
+    dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def set_all_group_timeouts(timeout: timedelta) -> None:
+    """Give every process group of this process the collective timeout ``timeout`` (groups made by
+    libraries, e.g. DeepSpeed, get the backend default otherwise)."""
+    for group in list(dist.distributed_c10d._world.pg_map):
+        set_group_timeout(group, timeout)
 
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:

@@ -11,7 +11,10 @@ global rank instead hands each SP rank a different sample and the "shards" then 
 catch that with one checksum gather per batch.
 
 Resume is by index: the state is (epoch, batches seen); the loader rebuilds the epoch's index list
-from (seed, epoch) and skips the consumed batches without loading them.
+from (seed, epoch) and skips the consumed batches without loading them. The epoch's shuffled order
+does not depend on the number of DP replicas, and batch ``i`` of all replicas together is the block
+``[i*b*dp, (i+1)*b*dp)`` of it, so a state saved with another ``dp_size`` / ``batch_size`` maps to
+the same position whenever ``b*dp`` of the new loader divides the samples consumed.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = [
 ]
 
 _STATE_CONFIG = ("seed", "shuffle", "batch_size", "drop_last", "dp_size", "num_samples")
+_MUST_MATCH = ("seed", "shuffle", "drop_last", "num_samples")  # batch_size and dp_size map (module docstring)
 
 
 def collate_padded(samples: list[dict], pad_token_id: int = 0, ignore_index: int = -100) -> dict:
@@ -186,8 +190,13 @@ class SPDataLoader:
 
     def __iter__(self):
         epoch, start = self.epoch, self.batches_seen
+        kwargs = dict(self.loader_kwargs)
+        # torch's DataLoader draws its workers' base seed from the global torch stream unless given a
+        # generator: every new iteration (an epoch, a resume, an evaluation pass) would shift the model's
+        # dropout masks. Its own stream, from (seed, epoch, start), keeps the global one untouched.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(hash((self.seed, epoch, start)) & (2**63 - 1)))
         loader = DataLoader(self.dataset, batch_sampler=self.batch_indices(epoch)[start:], collate_fn=self._collate,
-                            num_workers=self.num_workers, **self.loader_kwargs)
+                            num_workers=self.num_workers, **kwargs)
         for i, (local, crc) in enumerate(loader, start):
             if crc is not None:
                 _compare_checksums(crc, self.topology, f"epoch {epoch}, batch {i}")
@@ -201,14 +210,35 @@ class SPDataLoader:
         return {"epoch": self.epoch, "batches_seen": self.batches_seen, **self._config()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` stopped; it may come from a loader with another dp_size / batch_size.
+
+        The position then maps through the samples all DP replicas consumed in the epoch
+        (batches_seen x batch_size x dp_size), which must be a whole number of this loader's
+        batch_size x dp_size: otherwise a ValueError, as for a different seed, shuffle, drop_last
+        or dataset size. At the end of an epoch a new layout may drop a different remainder
+        (drop_last): those samples are skipped, as a fresh run with this layout would.
+        """
         mine = self._config()
-        for key, value in mine.items():
-            if state.get(key) != value:
+        for key in _MUST_MATCH:
+            if state.get(key) != mine[key]:
                 raise ValueError(f"cannot resume exactly: the state was saved with {key}={state.get(key)!r}, "
-                                 f"this loader has {key}={value!r}")
-        if not 0 <= state["batches_seen"] <= len(self):
-            raise ValueError(f"state has batches_seen={state['batches_seen']}, outside 0..{len(self)}")
-        self.epoch, self.batches_seen = int(state["epoch"]), int(state["batches_seen"])
+                                 f"this loader has {key}={mine[key]!r}")
+        batches = int(state["batches_seen"])
+        if (state["batch_size"], state["dp_size"]) != (self.batch_size, self.topology.dp_size):
+            consumed = batches * state["batch_size"] * state["dp_size"]
+            per_batch = self.batch_size * self.topology.dp_size
+            if consumed % per_batch:
+                raise ValueError(
+                    f"cannot map the data position: the state was saved {consumed} samples into epoch "
+                    f"{state['epoch']} (batches_seen={batches} x batch_size={state['batch_size']} x "
+                    f"dp_size={state['dp_size']}), not a multiple of this loader's batch_size={self.batch_size} x "
+                    f"dp_size={self.topology.dp_size} = {per_batch}; choose a batch size with batch_size x dp_size "
+                    f"dividing {consumed}, e.g. keep batch_size x dp_size = "
+                    f"{state['batch_size'] * state['dp_size']} (the same global batch)")
+            batches = min(consumed // per_batch, len(self))
+        if not 0 <= batches <= len(self):
+            raise ValueError(f"state has batches_seen={batches}, outside 0..{len(self)}")
+        self.epoch, self.batches_seen = int(state["epoch"]), batches
 
     def _config(self) -> dict:
         values = dict(seed=self.seed, shuffle=self.shuffle, batch_size=self.batch_size, drop_last=self.drop_last,

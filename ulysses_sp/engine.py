@@ -5,14 +5,19 @@ the SP ranks are P x the reference) and end each optimizer step at the reference
  - TorchEngine averages gradients over all dp x sp ranks, which divides the P back out;
  - DeepSpeedEngine runs the loss inside the DeepSpeed engine's forward (ZeRO hooks see it) and
    lets DeepSpeed average over all dp x sp ranks too (integrations/deepspeed.py: SPMpu).
-``forward_backward(local_batch, num_items)`` returns the micro-batch's (unscaled) loss.
+``forward_backward(local_batch, num_items)`` returns the micro-batch's (unscaled) loss;
+``loss_sum(local_batch)`` the summed CE of the SP group's sequences for evaluation (call it under
+``torch.no_grad()`` after ``set_train(False)``); ``save(path)`` / ``load(path, ...)`` write and read
+the engine's part of a trainer checkpoint (ulysses_sp/checkpoint.py).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import comm
@@ -20,6 +25,10 @@ from .loss import CausalLMLoss, causal_lm_loss
 from .topology import SPTopology
 
 _BUCKET_ELEMS = 1 << 25
+#: the torch engine's file in a checkpoint directory: model, optimizer and scheduler state
+TORCH_STATE_FILE = "torch_engine.pt"
+#: the DeepSpeed engine's folder in a checkpoint directory, and the tags of its native / universal checkpoint
+DEEPSPEED_DIR, NATIVE_TAG, UNIVERSAL_TAG = "deepspeed", "state", "universal"
 
 
 class TorchEngine:
@@ -78,6 +87,20 @@ class TorchEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
+    def loss_sum(self, local_batch) -> torch.Tensor:
+        return causal_lm_loss(self.module, local_batch, self.topology, num_items_in_batch=1)
+
+    def set_train(self, mode: bool) -> None:
+        self.module.train(mode)
+
+    def save(self, path: str) -> None:
+        """Rank 0 writes the state: it is the same on every rank (any sp / dp can load it)."""
+        if dist.get_rank() == 0:
+            torch.save(self.state_dict(), os.path.join(path, TORCH_STATE_FILE))
+
+    def load(self, path: str) -> None:
+        self.load_state_dict(torch.load(os.path.join(path, TORCH_STATE_FILE), map_location="cpu", weights_only=True))
+
 
 def _buckets(tensors: list[torch.Tensor]):
     bucket, size = [], 0
@@ -104,12 +127,16 @@ def _warmup_cosine(warmup: int, total: int):
 class DeepSpeedEngine:
     """``integrations.deepspeed.initialize`` over :class:`CausalLMLoss`: the loss runs inside the
     DeepSpeed engine's forward (ZeRO-3 hooks gather the head and the backbone there). The trainer's
-    flags set the batch keys, clipping, dtype and learning rate (docs/deepspeed.md)."""
+    flags set the batch keys, clipping, dtype and learning rate (docs/deepspeed.md). ``load_universal``
+    prepares the engine to load a universal checkpoint (one converted to another world size)."""
 
-    def __init__(self, model: torch.nn.Module, topology: SPTopology, ds_config: dict, args, dtype: torch.dtype):
+    def __init__(self, model: torch.nn.Module, topology: SPTopology, ds_config: dict, args, dtype: torch.dtype,
+                 load_universal: bool = False):
         from .integrations import deepspeed as ds_integration
 
         config = dict(ds_config)
+        if load_universal:
+            config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
         config.pop("train_batch_size", None)  # recomputed from the flags: micro x accumulation x dp
         config["gradient_clipping"] = args.max_grad_norm
         config["bf16"] = {**config.get("bf16", {}), "enabled": dtype == torch.bfloat16}
@@ -132,14 +159,40 @@ class DeepSpeedEngine:
         loss = self.engine(local_batch, num_items)
         # the loss is already normalised by the whole step's token count: no extra 1/accumulation
         self.engine.backward(loss, scale_wrt_gas=False)
+        # DeepSpeed counts micro-batches in step() and updates only at the accumulation boundary: called
+        # once per optimizer step instead, it would update every grad_accum-th step with grad_accum^2 micro-batches
+        self.engine.step()
         return loss.detach()
 
     def step(self) -> float | None:
-        """Update at the accumulation boundary; the gradient norm (None where DeepSpeed has none: stage 0)."""
-        self.engine.step()
+        """The update happened in the last micro-batch's ``engine.step()``; returns the gradient norm
+        (None where DeepSpeed has none: stage 0)."""
+        assert self.engine.micro_steps % self.engine.gradient_accumulation_steps() == 0, \
+            "an optimizer step must end at DeepSpeed's accumulation boundary"
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def loss_sum(self, local_batch) -> torch.Tensor:
+        return self.engine(local_batch, 1)  # through the engine: ZeRO-3 gathers the parameters
+
+    def set_train(self, mode: bool) -> None:
+        self.engine.train(mode)
+
+    def save(self, path: str) -> None:
+        """DeepSpeed's own checkpoint (collective: every rank writes its ZeRO shards), with the info
+        ``python -m deepspeed.checkpoint.ds_to_universal`` needs to convert it to another world size."""
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        self.engine.save_checkpoint(os.path.join(path, DEEPSPEED_DIR), tag=NATIVE_TAG, client_state=info)
+
+    def load(self, path: str, tag: str = NATIVE_TAG) -> None:
+        load_dir, _ = self.engine.load_checkpoint(os.path.join(path, DEEPSPEED_DIR), tag=tag,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_dir is None:
+            raise ValueError(f"DeepSpeed found no checkpoint {tag!r} under {os.path.join(path, DEEPSPEED_DIR)}")

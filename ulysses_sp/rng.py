@@ -76,3 +76,27 @@ def sharded_rng(topology: SPTopology) -> Iterator[int]:
         torch.set_rng_state(cpu_state)
         if cuda:
             torch.cuda.set_rng_state(cuda_state)
+
+
+def get_rng_state() -> dict:
+    """This process's random streams (python, numpy, torch CPU and every CUDA device), for a checkpoint.
+
+    Plain tensors, tuples and numbers only, so ``torch.load(weights_only=True)`` reads it back.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the streams of :func:`get_rng_state` (CUDA only when both sides have the same devices)."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)

@@ -196,6 +196,9 @@ def _position_ids(position_ids, starts, B: int, S: int, device) -> torch.Tensor:
     if not ok:
         raise ValueError(f"position_ids must be integer [B, S] = [{B}, {S}] (or [1, {S}]), or [K, B, S] for "
                          f"multi-axis (mRoPE) ids; got {shape} {position_ids.dtype}")
+    if position_ids.numel() and int(position_ids.min()) < 0:
+        raise ValueError(f"position_ids hold negative values (min {int(position_ids.min())}); positions count from 0 "
+                         "at the start of each sequence (or packed document)")
     return position_ids.expand(*shape[:-2], B, S)
 
 

@@ -8,10 +8,13 @@ Nothing here is global state: every call to :func:`init_sp` builds its own group
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from . import comm
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,14 @@ def _mesh_device_type() -> str:
     return "cuda" if "cuda" in backend and torch.cuda.is_available() else "cpu"
 
 
-def init_sp(sp_size: int, *, device_type: str | None = None) -> SPTopology:
+def init_sp(sp_size: int, *, device_type: str | None = None, timeout: timedelta | None = None) -> SPTopology:
     """Build the SP/DP topology for ``sp_size``; ``dp_size = world_size // sp_size``.
 
     torch.distributed must already be initialised (gloo or NCCL). This is a collective call: every
     rank must call it with the same ``sp_size``. ``device_type`` defaults to "cuda" for NCCL and
-    "cpu" for gloo.
+    "cpu" for gloo. ``timeout`` is the collective timeout of the new sp/dp groups, by default the
+    world group's (torch would give them the backend default, 30 min on gloo, so a stalled rank
+    would hold the job that long whatever ``init_process_group(timeout=...)`` said).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
@@ -89,6 +94,11 @@ def init_sp(sp_size: int, *, device_type: str | None = None) -> SPTopology:
     mesh = init_device_mesh(
         device_type or _mesh_device_type(), (dp_size, sp_size), mesh_dim_names=("dp", "sp")
     )
+    timeout = timeout or comm.group_timeout(dist.group.WORLD)
+    if timeout is not None:
+        for name in ("sp", "dp"):
+            if mesh.get_group(name) is not dist.group.WORLD:
+                comm.set_group_timeout(mesh.get_group(name), timeout)
     return SPTopology(
         mesh=mesh,
         sp_size=sp_size,

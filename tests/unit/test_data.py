@@ -150,12 +150,33 @@ def test_loader_splits_by_dp_rank_and_resumes_without_rereading():
     resumed.set_epoch(3)
     assert (resumed.epoch, resumed.batches_seen) == (3, 0)
 
-    with pytest.raises(ValueError, match="saved with batch_size=3, this loader has batch_size=4"):
+    with pytest.raises(ValueError, match=r"saved 12 samples into epoch 0 \(batches_seen=2 x batch_size=3 x "
+                                         r"dp_size=2\), not a multiple of .* batch_size=4 x dp_size=2 = 8"):
         SPDataLoader(ds, _topo(2, 0, 2, 1), 4, seed=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with seed=4, this loader has seed=5"):
+        SPDataLoader(ds, _topo(2, 0, 2, 1), 3, seed=5).load_state_dict(state)
     with pytest.raises(ValueError, match="saved with num_samples=20, this loader has num_samples=21"):
         SPDataLoader(CountingDataset(21), _topo(2, 0, 2, 1), 3, seed=4).load_state_dict(state)
     with pytest.raises(ValueError, match=r"5 samples over dp_size=2 ranks make no batch of 3 per rank"):
         SPDataLoader(CountingDataset(5), _topo(2, 0, 2, 1), 3)
+
+
+def test_loader_resume_maps_the_position_to_another_dp_size():
+    """Saved at dp=2 x batch 3 after 2 batches (12 samples of the epoch): a dp=1 x batch 6 loader and a
+    dp=4 x batch 3 loader read exactly the samples the dp=2 run had left, none twice."""
+    ds = CountingDataset(24)
+    old = [SPDataLoader(ds, _topo(2, d), 3, seed=7) for d in range(2)]
+    for loader in old:
+        it = iter(loader)
+        next(it), next(it)
+    state = old[0].state_dict()
+    left = sorted(i for loader in old for batch in loader.batch_indices()[2:] for i in batch)
+    for dp, batch in ((1, 6), (4, 3)):
+        new = [SPDataLoader(ds, _topo(dp, d), batch, seed=7) for d in range(dp)]
+        for loader in new:
+            loader.load_state_dict(state)
+        read = sorted(int(i) for loader in new for b in loader for i in b["idx"])
+        assert read == left, (dp, batch)
 
 
 def test_loader_keeps_last_partial_batch_and_runs_workers():

@@ -94,7 +94,13 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
     if heads is None:
         raise ValueError(f"{type(config).__name__} has no num_attention_heads; cannot plan the head split")
     kv = getattr(config, "num_key_value_heads", None) or heads
-    plan_heads(heads, kv if heads % kv == 0 else heads, topology.sp_size)  # raises on sp > heads
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        raise ValueError(
+            f"{type(model).__name__} has num_attention_heads={heads}, not a multiple of num_key_value_heads={kv}; "
+            "ulysses_sp gives each rank whole query heads plus the key/value heads they read, which needs every kv "
+            "head to serve the same number of query heads (num_attention_heads % num_key_value_heads == 0)"
+        )
+    plan_heads(heads, kv, topology.sp_size)  # raises on sp > heads
     if impl in ("flash_attention_2", "flash_attention_3"):
         from ..backends import flash_functions
 
@@ -203,6 +209,9 @@ def complete_kwargs(kwargs: dict, topology: SPTopology) -> dict:
             f"position_ids must be the local shard's global positions, [B, {s}] (or [3, B, {s}] for mRoPE), "
             f"got {list(position_ids.shape)}"
         )
+    elif position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise ValueError(f"position_ids must be an integer tensor (torch.long), got {position_ids.dtype}; "
+                         "convert them with .long()")
     for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
         if kwargs.get(key) is not None:  # transformers' flash path would read them; ours reads the SequenceInfo
             raise ValueError(f"{key} was passed to the model; under sequence parallelism give the full batch with "
@@ -248,11 +257,31 @@ def _custom_or_padding_mask(kwargs: dict, B: int, s: int, P: int) -> torch.Tenso
 @torch.compiler.disable(reason="gathers the shards' position ids and inspects them on the host, once per step; "
                                "pass ulysses_sp_info from shard_batch to compile the model without this break")
 def gather_sequence_info(position_ids: torch.Tensor, mask: torch.Tensor | None, topology: SPTopology) -> SequenceInfo:
-    """Gather the shards' position ids (and 2-D mask) once and describe the full sequence."""
+    """Gather the shards' position ids (and 2-D mask) once and describe the full sequence.
+
+    Every check here sees gathered values, so every rank of the SP group raises the same error.
+    """
     if position_ids.dim() == 3:
         position_ids = position_ids[0]  # [B, s] temporal row of mRoPE ids
     if topology.sp_size > 1:
+        _check_same_local_shape(position_ids, topology)
         position_ids = comm.all_gather(position_ids.contiguous(), topology.sp_group, dim=-1)  # [B, S]
         if mask is not None:
             mask = comm.all_gather(mask.to(torch.int32), topology.sp_group, dim=-1)  # [B, S]
+    if position_ids.numel() and bool((position_ids < 0).any()):  # one host sync, the same verdict on every rank
+        raise ValueError(f"position_ids hold negative values (min {int(position_ids.min())}); positions count from 0 "
+                         "at the start of each sequence (or packed document)")
     return build_sequence_info(position_ids, mask)
+
+
+def _check_same_local_shape(position_ids: torch.Tensor, topology: SPTopology) -> None:
+    """One tiny gather of [B, s] per rank: shards of unequal size would make the next gathers fail or hang."""
+    local = torch.tensor([list(position_ids.shape)], device=position_ids.device)  # [1, 2]
+    shapes = comm.all_gather(local, topology.sp_group)  # [P, 2]
+    if bool((shapes != shapes[0]).any()):
+        seen = ", ".join(f"rank {r}: [B={b}, s={n}]" for r, (b, n) in zip(topology.sp_ranks(), shapes.tolist()))
+        raise ValueError(
+            f"the SP group's ranks were called with local shards of different shapes ({seen}); every rank must hold "
+            f"an equal slice of the same batch: cut the full batch with ulysses_sp.shard_batch, which pads the "
+            f"sequence to a multiple of sp_size={topology.sp_size}"
+        )

@@ -1,0 +1,223 @@
+"""launch/train.py end to end on CPU: evaluation under SP, determinism, exact resume (same and other
+SP size, torch and DeepSpeed engines) and what the ranks do when one of them raises, dies or stalls.
+
+Launches are shared: one uninterrupted SP run (torchrun, sp=2) and its non-SP twin serve the eval,
+determinism and resume comparisons. Failures are injected from outside the trainer: a rank
+started in a directory without the (relative) dataset path, a SIGKILL, a SIGSTOP. Those runs
+start the ranks directly (RANK / WORLD_SIZE / MASTER_* in the environment, as a multi-node
+launcher would), so nothing but the trainer's own handling ends the surviving rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+ZERO3 = os.path.join(ROOT, "configs", "deepspeed", "zero3.json")
+pytestmark = pytest.mark.slow
+
+COMMON = ["--device", "cpu", "--model", "tiny-llama-gqa", "--steps", "6", "--lr", "3e-3", "--seed", "3",
+          "--seq-len", "48", "--batch-size", "1", "--grad-accum", "2"]
+EVAL = ["--eval-every", "3", "--eval-batches", "2"]
+SLACK_S = 30  # process start, imports and the grace for the other ranks' notes, on a loaded 2-core machine
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ULYSSES_SP_TEST_BACKEND", None)
+    env.update(extra)
+    return env
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, name, nproc, *args, launcher="torchrun"):
+    """Run train.py to completion; returns {"train": {step: row}, "eval": {step: row}}."""
+    metrics = tmp_path / f"{name}.jsonl"
+    common = ["--metrics", str(metrics), *args]
+    if nproc == 1:
+        cmd = [sys.executable, TRAIN, *common]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_port()), TRAIN, *common]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+               "--master_port", str(_port()), TRAIN, *common]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return _read(metrics)
+
+
+def _read(metrics) -> dict:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return {"train": {r["step"]: r for r in rows if "loss" in r}, "eval": {r["step"]: r for r in rows if "eval_loss" in r}}
+
+
+def _start_ranks(nproc, args, cwds):
+    """Start the ranks of one job directly (no launcher), each in its own working directory."""
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), WORLD_SIZE=str(nproc),
+               LOCAL_WORLD_SIZE=str(nproc))
+    procs = []
+    for rank, cwd in enumerate(cwds):
+        cwd.mkdir(parents=True, exist_ok=True)
+        procs.append(subprocess.Popen([sys.executable, TRAIN, *args], cwd=cwd, text=True,
+                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait_for_step(metrics, step: int, procs, limit_s: float = 300) -> None:
+    deadline = time.monotonic() + limit_s
+    while not (metrics.exists() and any(json.loads(line).get("step", 0) >= step and "loss" in json.loads(line)
+                                        for line in metrics.read_text().splitlines())):
+        assert all(p.poll() is None for p in procs), [p.communicate()[0][-3000:] for p in procs]
+        assert time.monotonic() < deadline, "the run never reached the step"
+        time.sleep(0.1)
+
+
+def _finish(proc, limit_s: float) -> tuple[int, str, float]:
+    start = time.monotonic()
+    try:
+        out, _ = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"rank still running {limit_s:.0f} s later:\n{proc.communicate()[0][-3000:]}")
+    return proc.returncode, out, time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """6 steps at sp=2 (eval and checkpoints every 3 steps) and the same run without SP."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    sp2 = _launch(tmp, "sp2", 2, *COMMON, *EVAL, "--sp-size", "2", "--save-dir", str(tmp / "ckpt"), "--save-every", "3")
+    ref = _launch(tmp, "ref", 1, *COMMON, *EVAL, "--sp-size", "1")
+    return {"dir": tmp, "sp2": sp2, "ref": ref}
+
+
+def _close(a: float, b: float, rtol: float) -> bool:
+    return abs(a - b) <= rtol * abs(b)
+
+
+def test_eval_under_sp_equals_non_sp(uninterrupted):
+    sp2, ref = uninterrupted["sp2"], uninterrupted["ref"]
+    assert sorted(sp2["eval"]) == sorted(ref["eval"]) == [3, 6]
+    for step in (3, 6):
+        a, b = sp2["eval"][step], ref["eval"][step]
+        assert a["eval_tokens"] == b["eval_tokens"] > 0 and a["eval_batches"] == 2
+        assert _close(a["eval_loss"], b["eval_loss"], 1e-5), (step, a, b)
+    assert sp2["eval"][6]["eval_loss"] < sp2["eval"][3]["eval_loss"], "evaluation did not see the model learn"
+    for step in range(1, 7):
+        assert _close(sp2["train"][step]["loss"], ref["train"][step]["loss"], 1e-4)
+
+
+def test_killed_rank_ends_the_job_then_resume_is_exact(uninterrupted, tmp_path):
+    """Determinism (same seed, same losses bit for bit), a SIGKILLed rank ending the other with a report,
+    and resuming the killed run from its step-3 checkpoint: steps 4-6 and the eval equal the
+    uninterrupted run exactly."""
+    sp2 = uninterrupted["sp2"]
+    metrics = tmp_path / "killed.jsonl"
+    args = [*COMMON, *EVAL, "--sp-size", "2", "--save-dir", str(tmp_path / "ckpt"), "--save-every", "3",
+            "--metrics", str(metrics), "--timeout-s", "20"]
+    procs = _start_ranks(2, args, [tmp_path, tmp_path])
+    _wait_for_step(metrics, 4, procs)  # the step-3 checkpoint is complete before step 4 starts
+    procs[1].send_signal(signal.SIGKILL)
+    code, out, _ = _finish(procs[0], 20 + SLACK_S)
+    assert code != 0 and procs[1].wait() == -signal.SIGKILL
+    assert "CollectiveFailure: rank 0: a collective failed at step" in out and "rank(s) [1] stayed silent" in out, out[-3000:]
+    killed = _read(metrics)
+    for step in killed["train"]:
+        assert killed["train"][step]["loss"] == sp2["train"][step]["loss"], step  # bit-identical
+    assert killed["eval"][3]["eval_loss"] == sp2["eval"][3]["eval_loss"]
+
+    resumed = _launch(tmp_path, "resumed", 2, *COMMON, *EVAL, "--sp-size", "2", "--resume", str(tmp_path / "ckpt"))
+    assert sorted(resumed["train"]) == [4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("loss", "lr", "grad_norm", "tokens"):
+            assert resumed["train"][step][key] == sp2["train"][step][key], (step, key)
+    assert resumed["eval"][6]["eval_loss"] == sp2["eval"][6]["eval_loss"]
+
+
+def test_resume_at_another_sp_size(uninterrupted, tmp_path):
+    """The sp=2 run's step-3 checkpoint resumed without SP (sp=1, one process): the same curve within fp32 noise."""
+    sp2, ref = uninterrupted["sp2"], uninterrupted["ref"]
+    resumed = _launch(tmp_path, "sp1", 1, *COMMON, *EVAL, "--sp-size", "1",
+                      "--resume", str(uninterrupted["dir"] / "ckpt" / "step_00000003"))
+    assert sorted(resumed["train"]) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert _close(resumed["train"][step]["loss"], sp2["train"][step]["loss"], 1e-5), step
+        assert _close(resumed["train"][step]["loss"], ref["train"][step]["loss"], 1e-5), step
+        assert resumed["train"][step]["lr"] == sp2["train"][step]["lr"]
+    assert _close(resumed["eval"][6]["eval_loss"], sp2["eval"][6]["eval_loss"], 1e-5)
+
+
+def test_raising_rank_is_named_by_the_others(tmp_path):
+    """Rank 1 cannot read the dataset (its working directory lacks the relative path): rank 0 exits too,
+    naming rank 1 and its error."""
+    (tmp_path / "rank0").mkdir()
+    (tmp_path / "rank0" / "data.txt").write_text("\n\n".join(f"document {i} " * 30 for i in range(40)))
+    procs = _start_ranks(2, [*COMMON, "--sp-size", "2", "--dataset", "data.txt", "--timeout-s", "60"],
+                         [tmp_path / "rank0", tmp_path / "rank1"])
+    code1, out1, _ = _finish(procs[1], 60 + SLACK_S)
+    code0, out0, took = _finish(procs[0], 60 + SLACK_S)
+    assert code1 != 0 and "FileNotFoundError: dataset path 'data.txt' does not exist" in out1
+    assert code0 != 0 and took < 60, out0[-3000:]  # the peer's exit closes its connections: no timeout wait
+    assert ("The job stopped because rank 1 failed at setup: FileNotFoundError: dataset path 'data.txt' does "
+            "not exist") in out0, out0[-3000:]
+
+
+def test_stalled_rank_times_out(tmp_path):
+    """A SIGSTOPped rank: the other's collective times out after --timeout-s and it exits naming rank 1."""
+    metrics = tmp_path / "stalled.jsonl"
+    procs = _start_ranks(2, [*COMMON, "--steps", "200", "--sp-size", "2", "--timeout-s", "5",
+                             "--metrics", str(metrics)], [tmp_path, tmp_path])
+    _wait_for_step(metrics, 2, procs)
+    procs[1].send_signal(signal.SIGSTOP)
+    try:
+        code, out, took = _finish(procs[0], 5 + SLACK_S)
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert code != 0 and took >= 4, (took, out[-3000:])
+    assert "Timed out" in out and "rank(s) [1] stayed silent" in out, out[-3000:]
+
+
+def test_deepspeed_resume_exact_and_at_another_world_size(uninterrupted, tmp_path):
+    """ZeRO-3, sp=2, 2 micro-batches per step: resuming at sp=2 continues exactly; at sp=1 (world 1)
+    after DeepSpeed's universal conversion, within fp32 noise (model, optimizer and scheduler state
+    all carried over). One update per step, not per DeepSpeed micro-step: the learning rate follows the
+    torch engine's schedule, and step 2's loss (after one Adam step, which the config's betas do not
+    change) equals the torch engine's."""
+    args = [*COMMON, *EVAL, "--dtype", "fp32", "--deepspeed", ZERO3]
+    full = _launch(tmp_path, "ds_full", 2, *args, "--sp-size", "2", "--save-dir", str(tmp_path / "ckpt"),
+                   "--save-every", "3", launcher="deepspeed")
+    ref = uninterrupted["ref"]["train"]
+    assert [full["train"][s]["lr"] for s in range(1, 7)] == [ref[s]["lr"] for s in range(1, 7)]
+    assert _close(full["train"][1]["loss"], ref[1]["loss"], 1e-5) and _close(full["train"][2]["loss"], ref[2]["loss"], 1e-4)
+    step3 = tmp_path / "ckpt" / "step_00000003"
+    resumed = _launch(tmp_path, "ds_resumed", 2, *args, "--sp-size", "2", "--resume", str(step3),
+                      launcher="deepspeed")
+    for step in (4, 5, 6):
+        assert resumed["train"][step]["loss"] == full["train"][step]["loss"], step
+        assert resumed["train"][step]["lr"] == full["train"][step]["lr"], step
+    assert resumed["eval"][6]["eval_loss"] == full["eval"][6]["eval_loss"]  # evaluation through the ZeRO-3 engine
+    state = step3 / "deepspeed"
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                    str(state / "state"), "--output_folder", str(state / "universal")],
+                   env=_env(), check=True, capture_output=True, timeout=300)
+    sp1 = _launch(tmp_path, "ds_sp1", 1, *args, "--sp-size", "1", "--resume", str(step3))
+    for step in (4, 5, 6):
+        assert _close(sp1["train"][step]["loss"], full["train"][step]["loss"], 1e-5), step
+        assert sp1["train"][step]["lr"] == full["train"][step]["lr"], step
