@@ -58,10 +58,11 @@ def _worker(rank: int, world_size: int, store_path: str, fn, args) -> None:
         torch.set_num_threads(1)
         device = torch.device("cpu")
         dist.init_process_group("gloo", **init)
-    try:
-        fn(Ctx(rank, world_size, device), *args)
-    finally:
-        dist.destroy_process_group()
+    fn(Ctx(rank, world_size, device), *args)
+    # every rank done before teardown: no collective is in flight when the process group (and the
+    # backend's threads) go away; a failing body skips this and its process exits with the error
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run(fn, world_size: int, *args) -> None:
