@@ -59,6 +59,8 @@ def plot(data: dict, path: str) -> None:
     lengths = sorted({r["seq_len"] for runs in groups.values() for r in runs})
     for ax, (key, title) in zip(axes, panels):
         for config, runs in groups.items():
+            if key == "tok_s_per_gpu" and config.endswith("(search)"):
+                continue  # one untimed step per search attempt: memory only
             style = "--" if runs[0]["side"] == "alst" else "-"
             ax.plot([r["seq_len"] for r in runs], [r[key] for r in runs], style, marker="o", label=config)
         ax.set_xscale("log", base=2)
@@ -66,10 +68,13 @@ def plot(data: dict, path: str) -> None:
         ax.set_xlabel("sequence length (tokens)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.legend(fontsize=7)
     s = data["settings"]
+    tagged = sorted({c.split(": ")[0] for c in groups if ": " in c})
+    note = f" (lines tagged {', '.join(tagged)}: that kernel)" if tagged else ""
     fig.suptitle(f"{s['model']} ({s['layers']} layers), {data['device']['name']} x {s['world_size']}, sp {s['sp']}, "
-                 f"ZeRO-{s['zero_stage']}, {s['attn']}", fontsize=10)
+                 f"ZeRO-{s['zero_stage']}, {s['attn']}{note}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
