@@ -7,7 +7,8 @@ configuration. Memory is the C heap in use (glibc ``mallinfo2``: in-use small bl
 blocks), sampled after every dispatched op: "held" is what the forward leaves for the backward,
 "peak" the maximum during forward + backward, both above the level before the step. Checks the
 per-token model of docs/memory.md: the tiled MLP removes ~8 d_ff bytes per token from the peak,
-full checkpointing keeps ~2d per token and layer. (Checkpoint offload is not shown: on CPU its copy
+full checkpointing keeps ~2d per token and layer, RMSNorm recompute
+(``+norms``) removes ~10d per token from what a layer holds during its backward. (Checkpoint offload is not shown: on CPU its copy
 stays in the same memory.) Linux with glibc >= 2.33 only.
 """
 
@@ -28,11 +29,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from ulysses_sp.checkpointing import enable_checkpointing
+from ulysses_sp.rms_norm import enable_rms_norm_recompute
 from ulysses_sp.tiled_ce import tiled_cross_entropy_sum
 from ulysses_sp.tiled_mlp import tile_mlp
 
-CONFIGS = {"none": ("none", False), "full": ("full", False), "full+tiled_mlp": ("full", True),
-           "selective": ("selective", False), "selective+tiled_mlp": ("selective", True)}
+CONFIGS = {"none": ("none", False, False), "none+norms": ("none", False, True), "full": ("full", False, False),
+           "full+tiled_mlp": ("full", True, False), "full+tiled_mlp+norms": ("full", True, True),
+           "selective": ("selective", False, False), "selective+tiled_mlp": ("selective", True, False),
+           "selective+tiled_mlp+norms": ("selective", True, True)}
 
 
 class _MallInfo2(ctypes.Structure):
@@ -92,11 +96,13 @@ def main(argv=None) -> None:
     print(f"Llama shape: {args.layers} layers, d={args.hidden}, d_ff={args.ffn}, {args.tokens} tokens, bf16; "
           f"2d = {2 * args.hidden} B, 8 d_ff = {8 * args.ffn} B per token")
     print(f"{'configuration':<22} {'held MiB':>9} {'peak MiB':>9} {'peak B/token':>13}")
-    for name, (policy, tiled) in CONFIGS.items():
+    for name, (policy, tiled, norms) in CONFIGS.items():
         model = copy.deepcopy(base)
         enable_checkpointing(model, policy)
         if tiled:
             tile_mlp(model)
+        if norms:
+            enable_rms_norm_recompute(model)
         held, peak = measure(model, ids)
         print(f"{name:<22} {held / 2**20:>9.1f} {peak / 2**20:>9.1f} {peak / args.tokens:>13.0f}")
 

@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activation checkpointing of the decoder layers; bare --grad-ckpt: full; selective also "
                         "saves the attention and all-to-all outputs (docs/memory.md)")
     p.add_argument("--tiled-mlp", action="store_true", help="run each decoder layer's MLP over token tiles")
+    p.add_argument("--recompute-norms", action="store_true",
+                   help="RMSNorms keep only their input for the backward (no fp32 copy; docs/memory.md)")
     p.add_argument("--offload-activations", action="store_true",
                    help="keep the layers' checkpoints in host memory (needs --grad-ckpt full or selective)")
     p.add_argument("--metrics", default=None, metavar="FILE", help="append JSON lines per step")

@@ -11,6 +11,7 @@ from .data import SPDataLoader, SPShardAdapter, load_text_dataset
 from .integrations.accelerate import claim_sp_size, prepare_sp, train_step
 from .integrations.hf import apply, is_applied, remove
 from .loss import CausalLMLoss, causal_lm_loss, count_label_tokens, reduce_loss_for_logging
+from .rms_norm import disable_rms_norm_recompute, enable_rms_norm_recompute
 from .positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
 from .rng import sharded_rng, sync_rng
 from .sharding import shard_batch, to_device
@@ -33,7 +34,9 @@ __all__ = [
     "claim_sp_size",
     "count_label_tokens",
     "disable_checkpointing",
+    "disable_rms_norm_recompute",
     "enable_checkpointing",
+    "enable_rms_norm_recompute",
     "gradient_checkpointing_kwargs",
     "init_sp",
     "is_applied",

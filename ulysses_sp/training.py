@@ -39,6 +39,7 @@ from .integrations.hf import apply
 from .loss import count_label_tokens, reduce_loss_for_logging
 from .packing import PackedDataset
 from .presets import build_config
+from .rms_norm import enable_rms_norm_recompute
 from .rng import sharded_rng, sync_rng
 from .sharding import to_device
 from .text_data import read_documents
@@ -184,6 +185,8 @@ class TrainingRun:
         enable_checkpointing(model, args.grad_ckpt, offload=args.offload_activations)  # "none": nothing
         if args.tiled_mlp:
             tile_mlp(model)
+        if args.recompute_norms:
+            enable_rms_norm_recompute(model)
         apply(model, topology, attn_implementation=attn)
         sync_rng(topology, args.seed)
         train_rows, eval_rows = _datasets(args)

@@ -16,7 +16,9 @@ None of them changes what is computed (same loss, same gradients up to kernel ro
   another kernel is simply recomputed as before.
 * ``tiled_mlp`` (ours): ``ulysses_sp.tile_mlp`` (tiles of d tokens, the tile count agreed once per
   step); ``offload`` (ours): the layers' checkpoints in pinned host memory
-  (``enable_checkpointing(..., offload=True)``). Both save memory, not time.
+  (``enable_checkpointing(..., offload=True)``); ``norms`` (ours): ``enable_rms_norm_recompute``, the
+  RMSNorms save their bf16 input and rstd instead of an fp32 copy and the normalised tensor. They
+  save memory, not time.
 * ``liger`` / ``tiled`` (ours): force the fused liger cross-entropy / the tiled torch one (default:
   liger when it can run: CUDA, liger-kernel installed; at ZeRO-3 the head is gathered for the loss).
 * ``tiled_mlp``, ``ac_offload`` (ALST): its TiledMLP and its checkpoint-offload context, see alst.py.
@@ -28,7 +30,7 @@ import contextlib
 
 import torch
 
-OURS = ("cudnn", "sac", "liger", "tiled", "tiled_mlp", "offload")
+OURS = ("cudnn", "sac", "liger", "tiled", "tiled_mlp", "offload", "norms")
 ALST = ("cudnn", "tiled_mlp", "ac_offload")
 
 

@@ -5,7 +5,7 @@ tiled or liger cross-entropy, global token normalisation) handed to
 ``ulysses_sp.integrations.deepspeed.initialize`` (our mpu; ZeRO-3 partitions over all ranks, as
 ALST's), backpropagated unscaled with ``engine.backward(..., scale_wrt_gas=False)``; then
 ``engine.step()``. Levers: ``sac`` (selective checkpointing policy), ``tiled_mlp`` (``tile_mlp``),
-``offload`` (checkpoints in host memory), ``liger`` / ``tiled`` (loss kernel), ``cudnn``.
+``offload`` (checkpoints in host memory), ``norms`` (RMSNorm recompute), ``liger`` / ``tiled`` (loss kernel), ``cudnn``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from ulysses_sp import CausalLMLoss, apply, count_label_tokens, remove, shard_batch, sharded_rng, to_device
 from ulysses_sp.checkpointing import enable_checkpointing
 from ulysses_sp.integrations import deepspeed as ds_integration
+from ulysses_sp.rms_norm import enable_rms_norm_recompute
 from ulysses_sp.tiled_mlp import tile_mlp
 from ulysses_sp.topology import SPTopology
 
@@ -44,6 +45,8 @@ class OursRun:
         enable_checkpointing(self.model, lv.checkpoint_policy(levers), offload="offload" in levers)
         if "tiled_mlp" in levers:
             tile_mlp(self.model)
+        if "norms" in levers:
+            enable_rms_norm_recompute(self.model)
         apply(self.model, topo, attn_implementation=wl.attn)
         use_liger = True if "liger" in levers else False if "tiled" in levers else None
         module = CausalLMLoss(self.model, topo, use_liger=use_liger)

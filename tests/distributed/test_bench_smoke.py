@@ -23,7 +23,7 @@ pytestmark = harness.cpu_only("the benchmark's CPU smoke run (the GPU benchmark 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, "benchmarks", "bench_sp.py")
 SEQ_LENS = (64, 128)
-CONFIGS = ("alst", "ours", "ours+sac+cudnn", "alst+tiled_mlp+ac_offload", "ours+tiled_mlp+offload+sac")
+CONFIGS = ("alst", "ours", "ours+sac+cudnn", "alst+tiled_mlp+ac_offload", "ours+tiled_mlp+offload+sac+norms")
 
 
 def _port() -> int:

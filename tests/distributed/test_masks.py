@@ -40,12 +40,20 @@ def _tol(ctx, backend: str) -> dict:
     return {"rtol": 1e-4, "atol": 1e-4}
 
 
+def _flex_head_dim(preset: str, backend: str) -> dict:
+    """``head_dim=16`` where flex runs on CUDA (flex_attention, or sdpa routed to flex by a dense-mask
+    limit of 0) and the preset's heads are narrower: the compiled kernel's minimum."""
+    config = build_config(preset)
+    flex = backend == "flex_attention" or (backend == "sdpa" and backends.DENSE_MASK_WARN_TOKENS == 0)
+    if flex and harness.on_gpu() and config.hidden_size // config.num_attention_heads < 16:
+        return {"head_dim": 16}
+    return {}
+
+
 def _models(ctx, preset: str, backend: str, **overrides):
     """(SP model on ``backend``, non-SP sdpa reference): the same weights (same seed). Compiled flex
     on CUDA needs head_dim >= 16: the 8-dim GQA preset gets 16 there."""
-    config = build_config(preset)
-    if backend == "flex_attention" and harness.on_gpu() and config.hidden_size // config.num_attention_heads < 16:
-        overrides = {"head_dim": 16, **overrides}
+    overrides = {**_flex_head_dim(preset, backend), **overrides}
     model = tiny_model(preset, attn=backend, dtype=ctx.dtype, **overrides).to(ctx.device)
     ref = tiny_model(preset, attn="sdpa", dtype=ctx.dtype, **overrides).to(ctx.device)
     return model, ref
@@ -256,7 +264,8 @@ def _grads(module, *extra):
 def _check_compile_layer(ctx, topo, backend):
     """One decoder layer on a packed, windowed batch: no graph break; compiled outputs (and grads)
     equal eager ones."""
-    model = tiny_model("tiny-mistral", attn=backend, dtype=ctx.dtype).to(ctx.device)
+    preset = "tiny-mistral"
+    model = tiny_model(preset, attn=backend, dtype=ctx.dtype, **_flex_head_dim(preset, backend)).to(ctx.device)
     ulysses_sp.apply(model, topo)
     batch = {"input_ids": tokens(2, 32, device=ctx.device), "seq_lens": LENS}
     layer, pos = model.model.layers[0], shard_batch(batch, topo)["position_ids"]
@@ -286,7 +295,8 @@ def _check_compile_layer(ctx, topo, backend):
 
 
 def _compile_model_setup(ctx, topo, backend):
-    model = tiny_model("tiny-qwen2-mixed-window", attn=backend, dtype=ctx.dtype).to(ctx.device)
+    preset = "tiny-qwen2-mixed-window"
+    model = tiny_model(preset, attn=backend, dtype=ctx.dtype, **_flex_head_dim(preset, backend)).to(ctx.device)
     ulysses_sp.apply(model, topo)
     ids = tokens(2, 32, device=ctx.device)
     return model, {"input_ids": ids, "seq_lens": LENS}, {"input_ids": ids, "attention_mask": _padding_mask(ctx)}
@@ -388,7 +398,7 @@ def _body_sdpa_routes(ctx, route):
         backends.DENSE_MASK_WARN_TOKENS = 0
     topo = ulysses_sp.init_sp(2)
     _run_checks(ctx, topo, "sdpa", PACKED_ALL, WINDOWED)
-    model = tiny_model("tiny-mistral", dtype=ctx.dtype).to(ctx.device)
+    model = tiny_model("tiny-mistral", dtype=ctx.dtype, **_flex_head_dim("tiny-mistral", "sdpa")).to(ctx.device)
     ulysses_sp.apply(model, topo)
     for extra in ({"seq_lens": LENS}, {"attention_mask": _padding_mask(ctx)}):
         local = shard_batch({"input_ids": tokens(2, 32, device=ctx.device), **extra}, topo)

@@ -105,7 +105,88 @@ def test_trainer_flags():
         sys.path.remove(os.path.join(ROOT, "launch"))
     assert parse_args([]).grad_ckpt == "none"
     assert parse_args(["--grad-ckpt"]).grad_ckpt == "full"
-    args = parse_args(["--grad-ckpt", "selective", "--tiled-mlp", "--offload-activations"])
-    assert (args.grad_ckpt, args.tiled_mlp, args.offload_activations) == ("selective", True, True)
+    args = parse_args(["--grad-ckpt", "selective", "--tiled-mlp", "--offload-activations", "--recompute-norms"])
+    assert (args.grad_ckpt, args.tiled_mlp, args.offload_activations, args.recompute_norms) == (
+        "selective", True, True, True)
     with pytest.raises(SystemExit):
         parse_args(["--offload-activations"])
+
+
+def _saved_bytes(fn, x) -> int:
+    """Bytes of the distinct tensors autograd saves for the backward of ``fn(x)`` (parameters excluded)."""
+    saved = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_function_matches_llama_norm(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from ulysses_sp.rms_norm import RMSNormFunction
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    norm.weight.data.normal_(1.0, 0.3)
+    x = (3 * torch.randn(2, 9, 64)).to(dtype).requires_grad_()
+    grad = torch.randn(2, 9, 64).to(dtype)
+    want = norm(x)
+    want_x, want_w = torch.autograd.grad(want, (x, norm.weight), grad)
+    got = RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon)
+    got_x, got_w = torch.autograd.grad(got, (x, norm.weight), grad)
+    assert torch.equal(got, want)  # the same ops in the same order
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got_x, want_x, **tol)
+    torch.testing.assert_close(got_w, want_w, **tol)
+    # what the backward keeps: the input and rstd, not an fp32 copy and the normalised tensor
+    x = x.detach().to(torch.bfloat16).requires_grad_()
+    norm = norm.to(torch.bfloat16)
+    ours = _saved_bytes(lambda t: RMSNormFunction.apply(t, norm.weight, norm.variance_epsilon), x)
+    assert ours == x.nbytes + 2 * 9 * 4, ours  # x, rstd [2, 9, 1] fp32
+    assert _saved_bytes(norm, x) >= x.nbytes * 3  # fp32 copy (2x) + normalised bf16 (1x)
+
+
+def test_rms_norm_recompute_is_scoped_undone_and_exact_in_a_model():
+    from ulysses_sp.rms_norm import disable_rms_norm_recompute, enable_rms_norm_recompute
+
+    ref = tiny_model("tiny-qwen3")  # decoder norms and per-head q/k norms
+    ckpt.enable_checkpointing(ref, "full")
+    model, other = clone(ref), clone(ref)
+    names = enable_rms_norm_recompute(model)
+    layers = ref.config.num_hidden_layers
+    assert len(names) == 4 * layers + 1 and "model.layers.0.self_attn.q_norm" in names, names
+    assert all("forward" not in m.__dict__ for m in other.modules())
+    with pytest.raises(ValueError, match="already enabled"):
+        enable_rms_norm_recompute(model)
+    ids = tokens(2, 23)
+    losses = []
+    for m in (ref, model):
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    assert torch.equal(*losses)
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-6 * r.grad.abs().max().item(), msg=name)
+    disable_rms_norm_recompute(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    with pytest.raises(ValueError, match="not enabled"):
+        disable_rms_norm_recompute(model)
+
+
+def test_rms_norm_recompute_leaves_other_norms_alone():
+    import transformers
+
+    from ulysses_sp.rms_norm import enable_rms_norm_recompute
+
+    config = transformers.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    gemma = transformers.AutoModelForCausalLM.from_config(config)  # its norm scales by (1 + weight)
+    with pytest.raises(ValueError, match=r"no Llama-style RMSNorm .*GemmaRMSNorm"):
+        enable_rms_norm_recompute(gemma)
