@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dense bf16 peak FLOP/s of one GPU, the MFU denominator (989e12: H100/H200 SXM)")
     p.add_argument("--out", default="results.json", help="JSON file (rewritten after every configuration)")
     p.add_argument("--max-len-search", action="store_true", help="after the timing, search the longest sequence")
-    p.add_argument("--search-configs", type=_csv, default=["ours+tiled_mlp+offload", "alst+tiled_mlp+ac_offload"],
+    p.add_argument("--search-configs", type=_csv, default=["ours+tiled_mlp+offload+norms", "alst+tiled_mlp+ac_offload"],
                    help="configurations searched (default: each side with all its memory features; ours tiles the "
                         "loss in any case)")
     p.add_argument("--search-start", type=int, default=131072)
