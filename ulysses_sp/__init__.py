@@ -11,8 +11,8 @@ from .data import SPDataLoader, SPShardAdapter, load_text_dataset
 from .integrations.accelerate import claim_sp_size, prepare_sp, train_step
 from .integrations.hf import apply, is_applied, remove
 from .loss import CausalLMLoss, causal_lm_loss, count_label_tokens, reduce_loss_for_logging
-from .rms_norm import disable_rms_norm_recompute, enable_rms_norm_recompute
 from .positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
+from .rms_norm import disable_rms_norm_recompute, enable_rms_norm_recompute
 from .rng import sharded_rng, sync_rng
 from .sharding import shard_batch, to_device
 from .tiled_mlp import tile_mlp, untile_mlp

@@ -84,11 +84,13 @@ def test_deepspeed_launcher_sp2_matches_single_process(tmp_path):
 
 @pytest.mark.parametrize("stages", [(0, 1, 2, 3)], ids=["zero0-3"])
 def test_deepspeed_zero_stages_sp2_match_non_sp(tmp_path, stages):
-    """Every ZeRO stage at sp=2 (deepspeed launcher, shipped configs) reproduces the non-SP DeepSpeed run."""
+    """Every ZeRO stage at sp=2 (deepspeed launcher, shipped configs) reproduces the non-SP DeepSpeed run;
+    ZeRO-3 with every memory feature of the trainer on (checkpointing, tiled MLP, RMSNorm recompute)."""
     args = [*COMMON, "--seq-len", "40", "--batch-size", "1", "--pack", "--dtype", "fp32"]
     config = lambda stage: os.path.join(ROOT, "configs", "deepspeed", f"zero{stage}.json")  # noqa: E731
     ref = train(tmp_path, "ds_ref", 1, "--sp-size", "1", "--deepspeed", config(0), *args, launcher="deepspeed")
     for stage in stages:
-        got = train(tmp_path, f"zero{stage}", 2, "--sp-size", "2", "--deepspeed", config(stage), *args,
+        memory = ["--grad-ckpt", "--tiled-mlp", "--recompute-norms"] if stage == 3 else []
+        got = train(tmp_path, f"zero{stage}", 2, "--sp-size", "2", "--deepspeed", config(stage), *args, *memory,
                     launcher="deepspeed")
         assert_same_curve(got, ref)
