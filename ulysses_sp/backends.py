@@ -122,6 +122,8 @@ def _varlen_route(q, k, v, spec: AttnSpec) -> torch.Tensor | None:
     fn = _torch_varlen()
     if fn is None or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] != v.shape[-1]:
         return None
+    if spec.window is not None and spec.info.gapped:
+        return None  # dropping interior padding would shorten the window's distances
     cu, max_len = _cu_seqlens(spec.info, q.shape[0], q.device)
     window = (-1 if spec.window is None else spec.window - 1, 0 if spec.causal else
               (-1 if spec.window is None else spec.window - 1))
@@ -188,6 +190,13 @@ def _flash(q, k, v, spec: AttnSpec, version: int) -> torch.Tensor:
         raise ValueError(
             "flash-attention cannot take a dense [B, 1, S, S] attention mask; pass packed documents as "
             "position_ids/cu_seqlens, or use attn_implementation='sdpa' or 'eager' for custom masks"
+        )
+    if spec.window is not None and spec.info.gapped:
+        raise ValueError(
+            f"flash-attention cannot apply the sliding window ({spec.window} tokens) across padding inside a "
+            "sequence: its varlen kernel drops the padding tokens, which shortens the distances the window is "
+            "measured on. Put the padding at the ends of each sequence (or document), or use "
+            "attn_implementation='sdpa' or 'flex_attention'"
         )
     if version == 3 and spec.dropout > 0:
         raise ValueError("flash_attention_3 has no attention dropout; set attention_dropout=0")

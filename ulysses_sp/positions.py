@@ -29,6 +29,9 @@ class SequenceInfo:
     cu_seqlens:  [D+1] int32, cumulative document lengths over the T valid tokens of the flattened
                  batch, for varlen kernels (flash-attn, torch varlen); ``max_seqlen`` their maximum.
     valid_index: [T] int64 positions of the valid tokens in the flattened B*S (None: all valid).
+    gapped:      a document has padding between its valid tokens (interior padding). Varlen kernels
+                 drop padding, which shortens the distances across the gap: they cannot apply a
+                 sliding window (defined on positions in the sequence, as transformers' masks) there.
     """
 
     seq_len: int
@@ -37,6 +40,7 @@ class SequenceInfo:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
     valid_index: torch.Tensor | None = None
+    gapped: bool = False
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -46,7 +50,7 @@ class SequenceInfo:
     def to(self, device: torch.device) -> "SequenceInfo":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return SequenceInfo(self.seq_len, move(self.doc_ids), move(self.key_valid), move(self.cu_seqlens),
-                            self.max_seqlen, move(self.valid_index))
+                            self.max_seqlen, move(self.valid_index), self.gapped)
 
 
 def local_position_ids(batch: int, local_len: int, sp_rank: int, device) -> torch.Tensor:
@@ -116,15 +120,17 @@ def build_sequence_info(
     doc_ids = (starts.to(torch.int32).cumsum(1) - 1).to(torch.int32)
     # varlen layout: documents over the flattened valid tokens; padding tokens are dropped
     flat_starts = starts.reshape(-1)
-    valid_index = None
+    valid_index, gapped = None, False
     if key_valid is not None:
-        valid_index = key_valid.reshape(-1).nonzero().squeeze(1)
+        valid_index = key_valid.reshape(-1).nonzero().squeeze(1)  # [T]
         # a document whose first tokens are padding starts at its first valid token
-        doc_flat = (flat_starts.to(torch.int32).cumsum(0))[valid_index]
+        doc_flat = (flat_starts.to(torch.int32).cumsum(0))[valid_index]  # [T]
         flat_starts = torch.ones_like(doc_flat, dtype=torch.bool)
         flat_starts[1:] = doc_flat[1:] != doc_flat[:-1]
+        # consecutive valid tokens of one document that are not neighbours in the sequence
+        gapped = bool(((valid_index[1:] - valid_index[:-1] != 1) & ~flat_starts[1:]).any())
     start_idx = flat_starts.nonzero().squeeze(1)
     total = flat_starts.numel()
     cu = torch.cat([start_idx, torch.tensor([total], device=device)]).to(torch.int32)
     max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-    return SequenceInfo(seq_len, doc_ids, key_valid, cu, max_seqlen, valid_index)
+    return SequenceInfo(seq_len, doc_ids, key_valid, cu, max_seqlen, valid_index, gapped)

@@ -139,21 +139,29 @@ def _check_window_matters(ctx, preset):
         assert not torch.allclose(windowed(input_ids=ids).logits, full(input_ids=ids).logits, atol=1e-3), preset
 
 
-def _padding_mask(ctx):
+def _padding_mask(ctx, interior: bool = True):
     mask = torch.ones(2, 32, dtype=torch.long, device=ctx.device)
     mask[0, :5] = 0  # left padding
-    mask[1, 10:14] = 0  # interior padding
+    if interior:
+        mask[1, 10:14] = 0
+    else:
+        mask[1, 27:] = 0  # right padding
     return mask
 
 
 def _check_padding(ctx, topo, preset, backend):
     """A 2-D padding mask, given to the model per shard (the hook gathers it) and to shard_batch in
     full; non-pad positions and all gradients (pad positions carry no loss) equal the masked non-SP
-    model's."""
+    model's. Flash with a sliding window: interior padding refused, padding at the ends checked."""
     model, ref = _models(ctx, preset, backend)
     ulysses_sp.apply(model, topo)
     ids = tokens(2, 32, seed=31 + topo.dp_rank, device=ctx.device)
     mask = _padding_mask(ctx)
+    if backend.startswith("flash") and getattr(model.config, "sliding_window", None):
+        # varlen drops the padding: a window across an interior gap is refused, padding at the ends is not
+        with pytest.raises(ValueError, match="across padding inside a sequence"), torch.no_grad():
+            model(input_ids=_local(ids, topo), attention_mask=_local(mask, topo))
+        mask = _padding_mask(ctx, interior=False)
     valid = mask.bool()
     weights = _weights((2, 32, model.config.vocab_size), 7 + topo.dp_rank, ctx)
     with torch.set_grad_enabled(_with_grads(backend)):
@@ -242,6 +250,11 @@ def _body_sp4_dp2xsp2(ctx, backends_to_run):
     _run_checks(ctx, topo, backends_to_run[0], PACKED_ONE, WINDOWED[1:], custom=False)
 
 
+def _body_sp2(ctx, backend):
+    """sp=2, every check: the variant of the sp4 body for a 2-GPU node."""
+    _run_checks(ctx, ulysses_sp.init_sp(2), backend, PACKED_ALL, WINDOWED)
+
+
 def test_masks_sp4_and_dp2xsp2():
     """sdpa, eager, flex: packed, sliding windows, padding, custom masks at sp=4, and dp2 x sp2."""
     harness.run(_body_sp4_dp2xsp2, 4, ["sdpa", "eager", "flex_attention"])
@@ -299,7 +312,8 @@ def _compile_model_setup(ctx, topo, backend):
     model = tiny_model(preset, attn=backend, dtype=ctx.dtype, **_flex_head_dim(preset, backend)).to(ctx.device)
     ulysses_sp.apply(model, topo)
     ids = tokens(2, 32, device=ctx.device)
-    return model, {"input_ids": ids, "seq_lens": LENS}, {"input_ids": ids, "attention_mask": _padding_mask(ctx)}
+    padded = _padding_mask(ctx, interior=not backend.startswith("flash"))  # flash: no window across a gap
+    return model, {"input_ids": ids, "seq_lens": LENS}, {"input_ids": ids, "attention_mask": padded}
 
 
 def _check_compile_model(ctx, topo, backend):
@@ -382,11 +396,15 @@ def _need_gpu():
                                              ("flash_attention_3", "flash_attn_interface")])
 def test_flash_attention_gpu(backend, package):
     """flash-attention (varlen with cu_seqlens from the step's info): packed, windows, padding at
-    sp=4 and dp2 x sp2, custom masks refused; compiled without graph breaks, grads equal eager."""
+    sp=4 and dp2 x sp2 (sp=2 on a 2-GPU node), custom masks refused; compiled without graph breaks,
+    grads equal eager."""
     _need_gpu()
     if importlib.util.find_spec(package) is None:
         pytest.skip(f"{package} is not installed ({backend})")
-    harness.run(_body_sp4_dp2xsp2, 4, [backend])
+    if torch.cuda.device_count() >= 4:
+        harness.run(_body_sp4_dp2xsp2, 4, [backend])
+    else:
+        harness.run(_body_sp2, 2, backend)
     harness.run(_body_compile, 2, [(backend, ALL_COMPILE_CHECKS)])
 
 
@@ -400,7 +418,8 @@ def _body_sdpa_routes(ctx, route):
     _run_checks(ctx, topo, "sdpa", PACKED_ALL, WINDOWED)
     model = tiny_model("tiny-mistral", dtype=ctx.dtype, **_flex_head_dim("tiny-mistral", "sdpa")).to(ctx.device)
     ulysses_sp.apply(model, topo)
-    for extra in ({"seq_lens": LENS}, {"attention_mask": _padding_mask(ctx)}):
+    # varlen cannot window across interior padding (that batch takes the dense/flex path): ends only
+    for extra in ({"seq_lens": LENS}, {"attention_mask": _padding_mask(ctx, interior=route == "flex")}):
         local = shard_batch({"input_ids": tokens(2, 32, device=ctx.device), **extra}, topo)
         model(**local)
         keys = {key[0] for key in local[SEQ_INFO_KWARG].cache}

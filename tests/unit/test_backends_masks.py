@@ -88,6 +88,16 @@ def test_flash_refuses_custom_masks_before_needing_flash_attn():
         backends.run("flash_attention_2", q, k, v, _spec(SequenceInfo(S), custom=torch.ones(1, 1, S, S).bool()))
 
 
+def test_flash_refuses_a_window_across_interior_padding():
+    """Varlen drops padding: across an interior gap the window's distances would shrink (silently
+    wrong), so flash refuses; the same batch without a window, or sdpa with it, is fine."""
+    info, _ = _layout()  # row 1 has interior padding
+    assert info.gapped
+    with pytest.raises(ValueError, match=r"sliding window \(4 tokens\) across padding inside a sequence"):
+        backends.run("flash_attention_2", *_qkv(), _spec(info, window=4))
+    backends.run("sdpa", *_qkv(), _spec(info, window=4))
+
+
 def test_dense_fallback_warns_above_the_limit(monkeypatch):
     info, _ = _layout()
     monkeypatch.setattr(backends, "DENSE_MASK_WARN_TOKENS", S - 1)

@@ -60,3 +60,18 @@ def test_dense_mask_matches_brute_force():
             rule = masks.mask_mod(info, causal, window)
             b, q, k = torch.meshgrid(torch.arange(2), torch.arange(8), torch.arange(8), indexing="ij")
             assert torch.equal(rule(b, 0, q, k), want[:, 0]), (causal, window)
+
+
+def test_gapped_marks_padding_inside_a_document_only():
+    pos = torch.arange(8).repeat(2, 1)  # [2, 8]
+    ends = torch.ones(2, 8, dtype=torch.long)
+    ends[0, :3] = 0  # left padding
+    ends[1, 6:] = 0  # right padding
+    assert not build_sequence_info(pos, ends).gapped
+    inside = torch.ones(2, 8, dtype=torch.long)
+    inside[1, 3:5] = 0
+    assert build_sequence_info(pos, inside).gapped
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)  # two documents per row, padding between them
+    between = torch.ones(2, 8, dtype=torch.long)
+    between[:, 2:4] = 0  # the end of the first document
+    assert not build_sequence_info(packed, between).gapped
