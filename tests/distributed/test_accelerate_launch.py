@@ -5,7 +5,9 @@ relative (fp32, same seed, same global batch):
 * launch/train.py at 2 processes (sp2) against one process;
 * launch/train.py at 4 processes (``--num_processes 4``: dp2 x sp2) against torchrun dp2;
 * examples/accelerate_loop.py (Accelerator + prepare_sp + train_step) at 2 processes against the
-  same script in one process with ``--sp-size 1``.
+  same script in one process with ``--sp-size 1``;
+* configs/accelerate/deepspeed_zero2_sp2.yaml (distributed_type DEEPSPEED, its ZeRO-2 config file
+  taken as --deepspeed) against the non-SP DeepSpeed run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tests.distributed.test_train_e2e import COMMON, ROOT, TRAIN, _env, _port, a
 pytestmark = pytest.mark.slow
 
 SP2_YAML = os.path.join(ROOT, "configs", "accelerate", "sp2.yaml")
+DS_YAML = os.path.join("configs", "accelerate", "deepspeed_zero2_sp2.yaml")  # its JSON path is relative to the root
 EXAMPLE = os.path.join(ROOT, "examples", "accelerate_loop.py")
 
 
@@ -39,14 +42,14 @@ def _run(cmd, cwd):
     return out
 
 
-def accelerate_launch(tmp_path, name, script, *args, num_processes=None):
+def accelerate_launch(tmp_path, name, script, *args, num_processes=None, config=SP2_YAML, cwd=None):
     metrics = tmp_path / f"{name}.jsonl"
-    launch = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", SP2_YAML,
+    launch = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", config,
               "--main_process_port", str(_port())]
     if num_processes is not None:
         launch += ["--num_processes", str(num_processes)]
     device = ["--device", "cpu"] if script == TRAIN else []
-    _run([*launch, script, *device, "--metrics", str(metrics), *args], tmp_path)
+    _run([*launch, script, *device, "--metrics", str(metrics), *args], cwd or tmp_path)
     return _losses(metrics)
 
 
@@ -79,3 +82,12 @@ def test_example_loop_sp2_matches_one_process(tmp_path):
     args = ["--model", "tiny-llama-gqa", "--steps", "5", "--seq-len", "40", "--seed", "3"]
     assert_same_curve(*_both(lambda: accelerate_launch(tmp_path, "example_sp2", EXAMPLE, *args),
                              lambda: _example_reference(tmp_path, *args)))
+
+
+def test_deepspeed_yaml_sp2_matches_non_sp_deepspeed(tmp_path):
+    """As its header says, run from the repository root: the YAML names configs/deepspeed/zero2.json."""
+    args = [*COMMON, "--seq-len", "40", "--batch-size", "1", "--pack", "--dtype", "fp32"]
+    zero0 = os.path.join(ROOT, "configs", "deepspeed", "zero0.json")
+    assert_same_curve(*_both(
+        lambda: accelerate_launch(tmp_path, "acc_ds_sp2", TRAIN, *args, config=DS_YAML, cwd=ROOT),
+        lambda: train(tmp_path, "ds_ref", 1, "--sp-size", "1", "--deepspeed", zero0, *args, launcher="deepspeed")))
