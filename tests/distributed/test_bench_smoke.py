@@ -80,8 +80,7 @@ def test_same_first_step_loss_on_both_sides(results):
 
 
 def test_plot(results):
-    pytest.importorskip("matplotlib")
-    from benchmarks import plot
+    from benchmarks import plot  # matplotlib: a test extra, so CI draws the plot too
 
     path, _ = results
     png = path.with_suffix(".png")
