@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.distributed.test_train_e2e import COMMON, ROOT, TRAIN, _env, _port, assert_same_curve, train
+from tests.distributed.test_train_e2e import COMMON, ROOT, TRAIN, _port, assert_same_curve, run_ok, train
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +34,6 @@ def _losses(metrics) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-def _run(cmd, cwd):
-    import subprocess
-
-    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=cwd, check=False)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-    return out
-
-
 def accelerate_launch(tmp_path, name, script, *args, num_processes=None, config=SP2_YAML, cwd=None):
     metrics = tmp_path / f"{name}.jsonl"
     launch = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", config,
@@ -49,7 +41,7 @@ def accelerate_launch(tmp_path, name, script, *args, num_processes=None, config=
     if num_processes is not None:
         launch += ["--num_processes", str(num_processes)]
     device = ["--device", "cpu"] if script == TRAIN else []
-    _run([*launch, script, *device, "--metrics", str(metrics), *args], cwd or tmp_path)
+    run_ok([*launch, script, *device, "--metrics", str(metrics), *args], cwd or tmp_path)
     return _losses(metrics)
 
 
@@ -74,7 +66,7 @@ def test_four_processes_dp2_sp2_matches_dp2(tmp_path):
 
 def _example_reference(tmp_path, *args):
     metrics = tmp_path / "example_ref.jsonl"
-    _run([sys.executable, EXAMPLE, "--sp-size", "1", "--metrics", str(metrics), *args], tmp_path)
+    run_ok([sys.executable, EXAMPLE, "--sp-size", "1", "--metrics", str(metrics), *args], tmp_path)
     return _losses(metrics)
 
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = os.path.join(ROOT, "launch", "train.py")
+from tests.distributed.test_train_e2e import ROOT, TRAIN, _env, _port, run_ok, train_command
+
 ZERO3 = os.path.join(ROOT, "configs", "deepspeed", "zero3.json")
 pytestmark = pytest.mark.slow
 
@@ -31,33 +30,10 @@ EVAL = ["--eval-every", "3", "--eval-batches", "2"]
 SLACK_S = 30  # process start, imports and the grace for the other ranks' notes, on a loaded 2-core machine
 
 
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("ULYSSES_SP_TEST_BACKEND", None)
-    env.update(extra)
-    return env
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path, name, nproc, *args, launcher="torchrun"):
     """Run train.py to completion; returns {"train": {step: row}, "eval": {step: row}}."""
     metrics = tmp_path / f"{name}.jsonl"
-    common = ["--metrics", str(metrics), *args]
-    if nproc == 1:
-        cmd = [sys.executable, TRAIN, *common]
-    elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_port()), TRAIN, *common]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(_port()), TRAIN, *common]
-    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    run_ok(train_command(nproc, ["--metrics", str(metrics), *args], "python" if nproc == 1 else launcher), tmp_path)
     return _read(metrics)
 
 

@@ -16,28 +16,11 @@ TRAIN = os.path.join(ROOT, "launch", "train.py")
 pytestmark = pytest.mark.slow
 
 
-def _env():
+def _env(**extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("ULYSSES_SP_TEST_BACKEND", None)
+    env.update(extra)
     return env
-
-
-def train(tmp_path, name, nproc, *args, launcher="torchrun"):
-    metrics = tmp_path / f"{name}.jsonl"
-    common = ["--device", "cpu", "--metrics", str(metrics), *args]
-    if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_port()), TRAIN, *common]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(_port()), TRAIN, *common]
-    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows
-    for r in rows:
-        assert r["tokens"] > 0 and r["tok_per_s"] > 0 and r["peak_mem_gb"] > 0
-    return [r["loss"] for r in rows]
 
 
 def _port():
@@ -46,6 +29,36 @@ def _port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_command(nproc: int, args, launcher: str = "torchrun") -> list[str]:
+    """launch/train.py under torchrun, the deepspeed launcher, or plain python (one process)."""
+    if launcher == "python":
+        assert nproc == 1, nproc
+        return [sys.executable, TRAIN, *args]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(_port()), TRAIN, *args]
+    assert launcher == "deepspeed", launcher
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(_port()), TRAIN, *args]
+
+
+def run_ok(cmd, cwd):
+    """Run ``cmd`` to completion; fail the test with its output unless it exits 0."""
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=cwd, check=False)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+def train(tmp_path, name, nproc, *args, launcher="torchrun"):
+    metrics = tmp_path / f"{name}.jsonl"
+    run_ok(train_command(nproc, ["--device", "cpu", "--metrics", str(metrics), *args], launcher), tmp_path)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows
+    for r in rows:
+        assert r["tokens"] > 0 and r["tok_per_s"] > 0 and r["peak_mem_gb"] > 0
+    return [r["loss"] for r in rows]
 
 
 def assert_same_curve(sp_losses, ref_losses):
