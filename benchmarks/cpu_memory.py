@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from ulysses_sp import rms_norm
 from ulysses_sp.checkpointing import enable_checkpointing
 from ulysses_sp.rms_norm import enable_rms_norm_recompute
 from ulysses_sp.tiled_ce import tiled_cross_entropy_sum
@@ -83,7 +84,11 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--norm-tile-elements", type=int, default=rms_norm.TILE_ELEMENTS,
+                   help="elements per tile of the RMSNorm recompute's fp32 math (the library's default: "
+                        "%(default)s); a smaller tile here shows what the default does at long sequences")
     args = p.parse_args(argv)
+    rms_norm.TILE_ELEMENTS = args.norm_tile_elements
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(1)
     config = transformers.LlamaConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=args.ffn,

@@ -32,36 +32,87 @@ def _is_llama_rms_norm(module: torch.nn.Module) -> bool:
                                     for attr in ("co_code", "co_names", "co_consts"))
 
 
+TILE_ELEMENTS = 1 << 24  # elements per tile: each fp32 temporary of the math is 64 MiB at most
+
+
+def tile_rows(d: int) -> int:
+    """Rows of width ``d`` per tile."""
+    return max(1, TILE_ELEMENTS // d)
+
+
+def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LlamaRMSNorm's forward ops in its order: x [R, d] -> (out [R, d], rstd [R, 1] fp32)."""
+    xf = x.float()  # [R, d]
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [R, 1]
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
+def _grads(x, weight, rstd, grad_out, need_x: bool, need_w: bool):
+    """One tile's backward: x, grad_out [R, d], rstd [R, 1] -> (grad_x [R, d] fp32 or None,
+    grad_weight [d] fp32 partial sum or None)."""
+    xhat = x.float() * rstd  # [R, d] fp32, recomputed
+    grad_x = grad_w = None
+    if need_w:
+        # as autograd for `weight * n`: the product in the output dtype, summed in fp32
+        grad_w = (grad_out * xhat.to(x.dtype)).sum(0, dtype=torch.float32)  # [d]
+    if need_x:
+        grad_n = (grad_out * weight).to(x.dtype).float()  # the cast's backward, then fp32
+        grad_x = rstd * (grad_n - xhat * (grad_n * xhat).mean(-1, keepdim=True))
+    return grad_x, grad_w
+
+
 class RMSNormFunction(torch.autograd.Function):
     """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` computed in fp32, as LlamaRMSNorm.
 
-    x [..., d], weight [d] -> [..., d]. Saves x and rstd [..., 1] (fp32) only.
+    x [..., d], weight [d] -> [..., d]. Saves x and rstd [R, 1] (fp32, R = x.numel() / d) only. The
+    fp32 math runs over tiles of ``rows_per_tile`` rows, so its temporaries (several fp32 copies of
+    the input in eager mode) stay bounded at any sequence length; rows are independent, so the output
+    is the same bit for bit. Under torch.compile one tile: Inductor fuses the math into one kernel.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()  # [..., d]
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, rows_per_tile: int) -> torch.Tensor:
+        assert rows_per_tile >= 1, rows_per_tile
+        d = x.shape[-1]
+        flat = x.reshape(-1, d)  # [R, d]
+        rows = flat.shape[0] if torch.compiler.is_compiling() else rows_per_tile
+        if flat.shape[0] <= rows:
+            out, rstd = _normalize(flat, weight, eps)
+        else:
+            out = flat.new_empty(flat.shape, dtype=torch.promote_types(weight.dtype, x.dtype))  # [R, d]
+            rstd = flat.new_empty((flat.shape[0], 1), dtype=torch.float32)  # [R, 1]
+            for start in range(0, flat.shape[0], rows):
+                out[start:start + rows], rstd[start:start + rows] = _normalize(flat[start:start + rows], weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        ctx.rows = rows
+        return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.float() * rstd  # [..., d] fp32, recomputed
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[1]:
-            # as autograd for `weight * n`: product in the output dtype, summed to [d]
-            grad_weight = (grad_out * xhat.to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
-            grad_n = (grad_out * weight).to(x.dtype).float()  # the cast's backward, then fp32
-            grad_x = rstd * (grad_n - xhat * (grad_n * xhat).mean(-1, keepdim=True))
-            grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_weight, None
+        need_x, need_w = ctx.needs_input_grad[:2]
+        d, rows = x.shape[-1], ctx.rows
+        flat, grad_flat = x.reshape(-1, d), grad_out.reshape(-1, d)  # [R, d]
+        if flat.shape[0] <= rows:
+            grad_x, grad_w = _grads(flat, weight, rstd, grad_flat, need_x, need_w)
+            grad_x = grad_x.to(x.dtype) if need_x else None
+        else:
+            grad_x = torch.empty_like(flat) if need_x else None  # [R, d]
+            grad_w = torch.zeros(d, dtype=torch.float32, device=x.device) if need_w else None  # [d]
+            for start in range(0, flat.shape[0], rows):
+                gx, gw = _grads(flat[start:start + rows], weight, rstd[start:start + rows],
+                                grad_flat[start:start + rows], need_x, need_w)
+                if need_x:
+                    grad_x[start:start + rows] = gx  # cast to x.dtype
+                if need_w:
+                    grad_w += gw
+        return (grad_x.view(x.shape) if need_x else None, grad_w.to(weight.dtype) if need_w else None,
+                None, None)
 
 
 def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon,
+                                 tile_rows(hidden_states.shape[-1]))
 
 
 def enable_rms_norm_recompute(model: torch.nn.Module) -> list[str]:

@@ -4,11 +4,13 @@ saves, the trainer's flags, and that both features are scoped to one model and u
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
 from tests.helpers import clone, tiny_model, tokens
@@ -139,18 +141,87 @@ def test_rms_norm_function_matches_llama_norm(dtype):
     grad = torch.randn(2, 9, 64).to(dtype)
     want = norm(x)
     want_x, want_w = torch.autograd.grad(want, (x, norm.weight), grad)
-    got = RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon)
-    got_x, got_w = torch.autograd.grad(got, (x, norm.weight), grad)
-    assert torch.equal(got, want)  # the same ops in the same order
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(got_x, want_x, **tol)
-    torch.testing.assert_close(got_w, want_w, **tol)
+    results = {}
+    for rows in (18, 4):  # one tile; tiles of 4 of the 18 rows (the last one short)
+        got = RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon, rows)
+        results[rows] = got_x, got_w = torch.autograd.grad(got, (x, norm.weight), grad)
+        assert torch.equal(got, want)  # the same ops in the same order, row by row
+        torch.testing.assert_close(got_x, want_x, **tol)
+        torch.testing.assert_close(got_w, want_w, **tol)
+    assert torch.equal(results[18][0], results[4][0])  # rows are independent: tiling changes no bit of grad_x
+    torch.testing.assert_close(results[18][1], results[4][1], rtol=1e-5, atol=1e-6)  # summed in another order
     # what the backward keeps: the input and rstd, not an fp32 copy and the normalised tensor
     x = x.detach().to(torch.bfloat16).requires_grad_()
     norm = norm.to(torch.bfloat16)
-    ours = _saved_bytes(lambda t: RMSNormFunction.apply(t, norm.weight, norm.variance_epsilon), x)
-    assert ours == x.nbytes + 2 * 9 * 4, ours  # x, rstd [2, 9, 1] fp32
+    for rows in (18, 4):
+        ours = _saved_bytes(lambda t: RMSNormFunction.apply(t, norm.weight, norm.variance_epsilon, rows), x)
+        assert ours == x.nbytes + 2 * 9 * 4, ours  # x, rstd [18, 1] fp32
     assert _saved_bytes(norm, x) >= x.nbytes * 3  # fp32 copy (2x) + normalised bf16 (1x)
+
+
+class _HeapPeak(TorchDispatchMode):
+    """Peak C-heap bytes in use (glibc mallinfo2: small blocks + mmapped ones) above the level at
+    entry, sampled after every dispatched op."""
+
+    def __enter__(self):
+        try:
+            self._info = ctypes.CDLL("libc.so.6").mallinfo2
+        except (OSError, AttributeError):
+            pytest.skip("needs glibc >= 2.33 (mallinfo2) to read the heap")
+        self._info.restype = type("mallinfo2", (ctypes.Structure,), {"_fields_": [
+            (f"f{i}", ctypes.c_size_t) for i in range(10)]})
+        self.start = self.peak = self._used()
+        return super().__enter__()
+
+    def _used(self) -> int:
+        info = self._info()
+        return info.f7 + info.f4  # uordblks + hblkhd
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self._used())
+        return out
+
+
+def test_rms_norm_tiles_bound_the_backward_temporaries():
+    """The eager backward's fp32 temporaries are per tile: the peak heap above the level before the
+    backward shrinks with the tile."""
+    from ulysses_sp.rms_norm import RMSNormFunction
+
+    torch.manual_seed(0)
+    weight = torch.randn(256, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(4096, 256, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(4096, 256, dtype=torch.bfloat16)
+    peaks = {}
+    for rows in (4096, 256):
+        out = RMSNormFunction.apply(x, weight, 1e-6, rows)
+        with _HeapPeak() as heap:
+            torch.autograd.grad(out, (x, weight), grad)
+        peaks[rows] = heap.peak - heap.start
+    # one tile: several [4096, 256] fp32 temporaries (4 MiB each); tiles of 256 rows: the same count
+    # of 256 KiB ones, on top of grad_x itself (2 MiB bf16)
+    assert peaks[4096] >= 2 * 2**20 + 3 * 4 * 2**20, peaks
+    assert peaks[256] <= 2 * 2**20 + 8 * 2**18, peaks
+
+
+def test_rms_norm_function_compiles_in_one_graph():
+    """torch.compile traces the norm in one graph (no break), and the result and both gradients
+    match eager's tiled run."""
+    from ulysses_sp.rms_norm import RMSNormFunction
+
+    torch.manual_seed(0)
+    w = torch.randn(64, requires_grad=True)
+    x = torch.randn(2, 50, 64, requires_grad=True)
+    grad = torch.randn(2, 50, 64)
+    compiled = torch.compile(lambda x, w: RMSNormFunction.apply(x, w, 1e-6, 8), fullgraph=True, backend="aot_eager")
+    got = compiled(x, w)
+    got_x, got_w = torch.autograd.grad(got, (x, w), grad)
+    want = RMSNormFunction.apply(x, w, 1e-6, 8)
+    want_x, want_w = torch.autograd.grad(want, (x, w), grad)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-5)
 
 
 def test_rms_norm_recompute_is_scoped_undone_and_exact_in_a_model():
