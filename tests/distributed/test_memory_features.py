@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ulysses_sp
 from tests.distributed import harness
 from tests.helpers import clone, tiny_model, tokens
+from ulysses_sp import rms_norm
 from ulysses_sp.checkpointing import enable_checkpointing
 from ulysses_sp.integrations import deepspeed as uds
 from ulysses_sp.tiled_mlp import tile_mlp
@@ -64,9 +65,9 @@ def _body_sp2(ctx):
         "full+tiled": ("full", False, 3, False, 4),
         "selective+tiled+offload": ("selective", True, 16, False, 2),
         "norms": ("none", False, None, True, 2),
-        "full+tiled+offload+norms": ("full", True, 5, True, 4),
+        "full+tiled+offload+norms": ("full", True, 5, True, 4),  # norm math over tiles of 3 rows
     }
-    results = {}
+    results, default_tile = {}, rms_norm.TILE_ELEMENTS
     for name, (policy, offload, tile, norms, bwd_a2a) in cases.items():
         model = clone(base)
         enable_checkpointing(model, policy, offload=offload)
@@ -75,10 +76,14 @@ def _body_sp2(ctx):
         if norms:
             ulysses_sp.enable_rms_norm_recompute(model)
         ulysses_sp.apply(model, topo)
-        with _CountOps() as fwd:
-            loss = ulysses_sp.causal_lm_loss(model, batch, topo)
-        with _CountOps() as bwd:
-            loss.backward()
+        rms_norm.TILE_ELEMENTS = 3 * base.config.hidden_size if name == "full+tiled+offload+norms" else default_tile
+        try:
+            with _CountOps() as fwd:
+                loss = ulysses_sp.causal_lm_loss(model, batch, topo)
+            with _CountOps() as bwd:
+                loss.backward()
+        finally:
+            rms_norm.TILE_ELEMENTS = default_tile
         assert fwd.counts[A2A] == 2 * layers, (name, fwd.counts[A2A])
         if ctx.device.type == "cpu":  # CUDA runs the backward on the autograd engine's device thread
             assert bwd.counts[A2A] == bwd_a2a * layers, (name, bwd.counts[A2A])
