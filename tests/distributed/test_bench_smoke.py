@@ -86,3 +86,27 @@ def test_plot(results):
     png = path.with_suffix(".png")
     plot.main([str(path), "-o", str(png)])
     assert png.stat().st_size > 10_000
+
+
+def _table(stdout: str, names) -> dict[str, list[str]]:
+    """The rows of a benchmark's printed table whose first word is one of ``names``."""
+    rows = [line.split() for line in stdout.splitlines()]
+    return {words[0]: words[1:] for words in rows if words and words[0] in names}
+
+
+def test_cpu_memory_benchmarks():
+    """benchmarks/cpu_memory.py (one process) and cpu_memory_sp.py (2 SP ranks) at a small size: every
+    configuration prints, and RMSNorm recompute lowers the peak (it keeps no fp32 copies)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    single = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "cpu_memory.py"), "--layers", "1",
+                             "--tokens", "1024", "--norm-tile-elements", "8192"],
+                            env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = _table(single, ("full+tiled_mlp", "full+tiled_mlp+norms"))
+    assert float(rows["full+tiled_mlp+norms"][1]) < float(rows["full+tiled_mlp"][1]), single  # peak MiB
+    sp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                         str(_port()), os.path.join(ROOT, "benchmarks", "cpu_memory_sp.py"), "--layers", "1",
+                         "--tokens", "1024"], env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = _table(sp, ("full+tiled_mlp", "full+tiled_mlp+norms"))
+    peaks = {name: max(float(x) for x in row[:6]) for name, row in rows.items()}
+    assert len(peaks) == 2 and peaks["full+tiled_mlp+norms"] < peaks["full+tiled_mlp"], sp
+    assert float(rows["full+tiled_mlp+norms"][3]) > 0 and float(rows["full+tiled_mlp"][3]) == 0, sp  # norm phase
