@@ -6,6 +6,8 @@ model, nq/nk heads this rank computes, H head dim (Hv for values).
 transformers calls ``fn(module, query, key, value, attention_mask, **kwargs)`` with q/k/v laid out
 [B, N, s, H] (RoPE already applied with global positions) and expects ``([B, s, Nq, Hv], weights)``.
 We re-shard to [B, S, n, H], run the backend over the whole sequence, and re-shard back.
+Per-head inputs follow the heads: a per-head mask and attention sinks (``s_aux`` [Nq], GPT-OSS) are
+sliced to this rank's query heads; their gradients then sum over the SP group like any other.
 """
 
 from __future__ import annotations
@@ -58,8 +60,6 @@ class UlyssesAttention:
         s_aux: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        if s_aux is not None:
-            raise ValueError("ulysses_sp does not support attention sinks (s_aux) yet")
         topo = self.topology
         P, rank = topo.sp_size, topo.sp_rank
         B, Nq, s, H = query.shape
@@ -84,6 +84,7 @@ class UlyssesAttention:
             softcap=softcap,
             info=info,
             custom_mask=self._full_mask(attention_mask, s * P, Nq, plan.q_heads[rank]),
+            sinks=None if s_aux is None else s_aux[plan.q_heads[rank][0] : plan.q_heads[rank][-1] + 1],  # [nq]
         )
         out = backends.run(self.backend, q, k, v, spec)  # [B, S, nq, Hv]
         if P > 1:

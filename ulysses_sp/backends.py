@@ -30,6 +30,8 @@ logger = logging.getLogger("ulysses_sp")
 SUPPORTED = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "eager")
 #: above this many tokens sdpa avoids a dense S x S mask (flex on CUDA) or warns that it builds one
 DENSE_MASK_WARN_TOKENS = 16384
+#: backends that apply attention sinks: eager as one more logit, flex by renormalising with its lse
+SINK_BACKENDS = ("eager", "flex_attention")
 
 
 @dataclass
@@ -43,12 +45,19 @@ class AttnSpec:
     softcap: float | None
     info: SequenceInfo
     custom_mask: torch.Tensor | object | None  # a user's full-sequence mask (dense or BlockMask)
+    sinks: torch.Tensor | None = None  # [nq] learnable sink logit per head (s_aux, GPT-OSS): one more softmax term
 
 
 def run(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec) -> torch.Tensor:
     """[B, S, nq, H], [B, S, nk, H], [B, S, nk, Hv] -> [B, S, nq, Hv]."""
     if spec.window is not None and spec.window >= spec.info.seq_len:
         spec.window = None  # a window longer than the sequence is full attention
+    if spec.sinks is not None and impl not in SINK_BACKENDS:
+        raise ValueError(
+            f"this model has attention sinks (s_aux, e.g. GPT-OSS), which ulysses_sp applies on "
+            f"{' and '.join(SINK_BACKENDS)} only, not on {impl}; load the model with attn_implementation='eager' "
+            "or 'flex_attention'"
+        )
     if impl == "sdpa":
         return _sdpa(q, k, v, spec)
     if impl in ("flash_attention_2", "flash_attention_3"):
@@ -308,8 +317,28 @@ def _flex(q, k, v, spec: AttnSpec) -> torch.Tensor:
     out = fn(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, n, S, H]
         score_mod=score_mod, block_mask=block_mask, scale=spec.scale, enable_gqa=q.shape[2] != k.shape[2],
+        **(_flex_lse_kwargs() if spec.sinks is not None else {}),
     )  # [B, nq, S, Hv]
+    if spec.sinks is not None:
+        out, aux = out
+        out = apply_sinks(out, getattr(aux, "lse", aux), spec.sinks)
     return out.transpose(1, 2)  # [B, S, nq, Hv]
+
+
+def _flex_lse_kwargs() -> dict:
+    """Ask flex for its log-sum-exp: ``return_aux`` since torch 2.9, ``return_lse`` before."""
+    from torch.nn.attention import flex_attention as fa
+
+    return {"return_aux": fa.AuxRequest(lse=True)} if hasattr(fa, "AuxRequest") else {"return_lse": True}
+
+
+def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Attention without sinks -> with them: out [B, nq, S, Hv], lse [B, nq, S] (natural log of each
+    query's softmax denominator), sinks [nq]. A sink adds exp(sink) to the denominator only, so the
+    output scales by exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink); a query that sees no
+    key (lse = -inf) stays 0. Differentiable in out, lse and sinks."""
+    scale = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))  # [B, nq, S]
+    return (out.float() * scale.unsqueeze(-1)).to(out.dtype)
 
 
 # --- eager --------------------------------------------------------------------------------------
@@ -332,7 +361,11 @@ def _eager(q, k, v, spec: AttnSpec) -> torch.Tensor:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if spec.sinks is not None:  # one more logit per query, the head's sink, dropped after the softmax
+        sink = spec.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)  # [B, nq, S, 1]
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :-1].to(q.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     if spec.dropout > 0:
         probs = F.dropout(probs, p=spec.dropout, training=True)
     return torch.matmul(probs, vt).transpose(1, 2)  # [B, S, nq, Hv]

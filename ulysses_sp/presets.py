@@ -1,8 +1,8 @@
 """Named model shapes built from configs with random weights (no hub downloads).
 
 The tiny presets cover the attention variants SP must handle: MHA, GQA with fewer kv heads than a
-typical sp size, sliding windows, q/k norms, MLA with a value head dim unlike the query's, and
-head counts no sp size divides. ``llama-8b`` is the Llama-3.1-8B shape used by the benchmarks.
+typical sp size, sliding windows, q/k norms, MLA with a value head dim unlike the query's,
+attention sinks (GPT-OSS), and head counts no sp size divides. ``llama-8b`` is the Llama-3.1-8B shape used by the benchmarks.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ PRESETS: dict[str, tuple[str, dict]] = {
         _TINY, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
         n_group=1, topk_group=1, moe_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1)),
+    "tiny-gpt-oss": ("GptOssConfig", dict(  # attention sinks, alternating sliding/full layers, MoE
+        _TINY, intermediate_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"])),
     "llama-8b": ("LlamaConfig", dict(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1 << 20,

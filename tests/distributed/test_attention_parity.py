@@ -21,6 +21,7 @@ CASES = [  # (preset, backend)
     ("tiny-mistral", "sdpa"),
     ("tiny-llama-6h", "sdpa"),
     ("tiny-deepseek-v3", "sdpa"),
+    ("tiny-gpt-oss", "eager"),  # attention sinks sliced per rank; sliding layer shorter than the sequence
 ]
 
 
@@ -72,3 +73,12 @@ def test_parity_world8_layouts():
     """The 8-GPU layouts (sp8, sp4 x dp2, sp2 x dp4) as 8 gloo processes: an 8-head GQA model (2 kv
     heads, so kv < sp at sp 4 and 8) and an MHA model."""
     harness.run(_body_layouts, 8, [8, 4, 2], [("tiny-llama-gqa", "sdpa"), ("tiny-qwen2", "sdpa")])
+
+
+@pytest.mark.gpu
+def test_sinks_flex_gpu():
+    """GPT-OSS's attention sinks on flex_attention (renormalised with flex's log-sum-exp; flex has no
+    backward on CPU): logits and every gradient, the sinks' included, at sp=2."""
+    if not harness.on_gpu():
+        pytest.skip("GPU-only: run with ULYSSES_SP_TEST_BACKEND=nccl on a CUDA machine")
+    harness.run(_body_parity, 2, 2, [("tiny-gpt-oss", "flex_attention")])

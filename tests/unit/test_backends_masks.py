@@ -145,3 +145,61 @@ def test_chunked_attention_is_refused():
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match=r"uses chunked attention \(attention_chunk_size=8, e.g. Llama 4\)"):
         ulysses_sp.apply(model, SimpleNamespace(sp_size=2, sp_rank=0))
+
+
+# --- attention sinks (s_aux, GPT-OSS) -----------------------------------------------------------
+
+
+def _sink_reference(q, k, v, allowed, sinks):
+    """Softmax attention with one more logit per query, the head's sink, dropped after the softmax."""
+    k, v = (t.repeat_interleave(NQ // NK, dim=2).transpose(1, 2) for t in (k, v))  # [B, NQ, S, H]
+    scores = (q.transpose(1, 2) @ k.transpose(2, 3) * H ** -0.5).masked_fill(~allowed, float("-inf"))
+    sink = sinks.view(1, NQ, 1, 1).expand(*scores.shape[:3], 1)  # [B, NQ, S, 1]
+    probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    return (probs @ v).transpose(1, 2)  # [B, S, NQ, H]
+
+
+@pytest.mark.parametrize("backend", backends.SINK_BACKENDS)
+def test_sinks_match_brute_force(backend):
+    """Packed, padded and windowed rows with sinks (flex forward only: no flex backward on CPU)."""
+    info, valid = _layout()
+    q, k, v = _qkv(4)
+    sinks = torch.randn(NQ, generator=torch.Generator().manual_seed(5))
+    for window in (None, 6):
+        allowed = masks.dense_mask(info, True, window, "cpu")
+        spec = _spec(info, window)
+        spec.sinks = sinks
+        with torch.no_grad():
+            got = backends.run(backend, q, k, v, spec)
+        torch.testing.assert_close(got[valid], _sink_reference(q, k, v, allowed, sinks)[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_apply_sinks_gradients():
+    """flex's route: attention without sinks and its log-sum-exp, renormalised by apply_sinks, gives
+    the output and the q/k/v/sink gradients of softmax attention with a sink column (the lse path
+    carries part of every gradient)."""
+    info, _ = _layout()
+    allowed = masks.dense_mask(info, True, None, "cpu")[:1]  # row 0: packed documents, every query sees a key
+    q, k, v = (t[:1].double().requires_grad_() for t in _qkv(6))
+    sinks = torch.randn(NQ, dtype=torch.float64, requires_grad=True)
+    kk, vv = (t.repeat_interleave(NQ // NK, dim=2).transpose(1, 2) for t in (k, v))
+    scores = (q.transpose(1, 2) @ kk.transpose(2, 3) * H ** -0.5).masked_fill(~allowed, float("-inf"))
+    out = scores.softmax(-1) @ vv  # [1, NQ, S, H]
+    got = backends.apply_sinks(out, torch.logsumexp(scores, -1), sinks).transpose(1, 2)
+    want = _sink_reference(q, k, v, allowed, sinks)
+    weights = torch.randn_like(want)
+    grads_got = torch.autograd.grad((got * weights).sum(), (q, k, v, sinks))
+    grads_want = torch.autograd.grad((want * weights).sum(), (q, k, v, sinks))
+    tol = dict(rtol=1e-5, atol=1e-6)  # apply_sinks computes in fp32
+    torch.testing.assert_close(got, want, **tol)
+    for name, a, b in zip(("q", "k", "v", "sinks"), grads_got, grads_want):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash_attention_2", "flash_attention_3"])
+def test_sinks_refused_where_not_applied(backend):
+    q, k, v = _qkv()
+    spec = _spec(SequenceInfo(S))
+    spec.sinks = torch.zeros(NQ)
+    with pytest.raises(ValueError, match=rf"attention sinks .* eager and flex_attention only, not on {backend}"):
+        backends.run(backend, q, k, v, spec)
