@@ -19,6 +19,7 @@ others (Gemma's 1 + weight, OLMo-2's order of cast and scale) keep their own for
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -41,10 +42,9 @@ def tile_rows(d: int) -> int:
 
 
 def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """LlamaRMSNorm's forward ops in its order: x [R, d] -> (out [R, d], rstd [R, 1] fp32)."""
-    xf = x.float()  # [R, d]
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [R, 1]
-    return weight * (xf * rstd).to(x.dtype), rstd
+    """LlamaRMSNorm's forward ops in its order: x [..., d] -> (out [..., d], rstd [..., 1] fp32)."""
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # [R, 1]
+    return recompute_rows(x, weight, rstd), rstd
 
 
 def _grads(x, weight, rstd, grad_out, need_x: bool, need_w: bool):
@@ -61,31 +61,81 @@ def _grads(x, weight, rstd, grad_out, need_x: bool, need_w: bool):
     return grad_x, grad_w
 
 
+@dataclass(frozen=True)
+class NormSource:
+    """What an RMSNorm output [..., d] is recomputed from (:func:`recompute_output`): its input
+    x [..., d], a copy of the weight [d] as the forward used it (ZeRO-3 may release the gathered
+    one), eps."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+
+
+SOURCE_ATTR = "_ulysses_sp_norm_source"
+
+
+def _attach_source(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """Let a consumer of ``out`` (the tiled MLP) keep x, which the norm keeps anyway, instead of out.
+    Strong references: whether a consumer takes the source must not depend on what else is alive,
+    since a checkpoint's recomputation has to save what the first forward saved. They live as long
+    as ``out``, so only norms inside decoder layers attach them (their outputs die within the layer;
+    a final norm's output, the returned hidden state, would keep its input alive). The output's
+    version voids it after an in-place change."""
+    setattr(out, SOURCE_ATTR, (NormSource(x, weight.detach().clone(), eps), out._version))
+
+
+def norm_source(out: torch.Tensor) -> NormSource | None:
+    """The source of an RMSNormFunction output not changed in place since, else None."""
+    attached = getattr(out, SOURCE_ATTR, None)
+    return attached[0] if attached is not None and attached[1] == out._version else None
+
+
+def recompute_rows(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The norm's output for rows x [r, d] with their rstd [r, 1]: the forward's ops in its order."""
+    return weight * (x.float() * rstd).to(x.dtype)
+
+
+def recompute_output(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The norm's output for rows x [r, d], rstd included: the forward's ops (row reductions may
+    round differently for another row count, so equal up to rounding)."""
+    return _normalize(x, weight, eps)[0]
+
+
 class RMSNormFunction(torch.autograd.Function):
     """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` computed in fp32, as LlamaRMSNorm.
 
-    x [..., d], weight [d] -> [..., d]. Saves x and rstd [R, 1] (fp32, R = x.numel() / d) only. The
+    x [..., d], weight [d] -> [..., d]. Saves x and rstd [R, 1] (fp32, R = x.numel() / d) only;
+    ``attach_source`` lets a consumer recompute the output from x (:func:`norm_source`). The
     fp32 math runs over tiles of ``rows_per_tile`` rows, so its temporaries (several fp32 copies of
     the input in eager mode) stay bounded at any sequence length; rows are independent, so the output
     is the same bit for bit. Under torch.compile one tile: Inductor fuses the math into one kernel.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, rows_per_tile: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, rows_per_tile: int,
+                attach_source: bool = False) -> torch.Tensor:
         assert rows_per_tile >= 1, rows_per_tile
         d = x.shape[-1]
         flat = x.reshape(-1, d)  # [R, d]
         rows = flat.shape[0] if torch.compiler.is_compiling() else rows_per_tile
+        # the output is allocated in x's shape, not viewed into it: a custom Function's view output
+        # could not be changed in place, which transformers' norm output can
         if flat.shape[0] <= rows:
-            out, rstd = _normalize(flat, weight, eps)
+            out, rstd = _normalize(x, weight, eps)  # [..., d], [..., 1]
+            rstd = rstd.view(-1, 1)  # [R, 1]
         else:
-            out = flat.new_empty(flat.shape, dtype=torch.promote_types(weight.dtype, x.dtype))  # [R, d]
+            out = x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))  # [..., d]
+            out_flat = out.view(-1, d)  # [R, d]
             rstd = flat.new_empty((flat.shape[0], 1), dtype=torch.float32)  # [R, 1]
             for start in range(0, flat.shape[0], rows):
-                out[start:start + rows], rstd[start:start + rows] = _normalize(flat[start:start + rows], weight, eps)
+                out_flat[start:start + rows], rstd[start:start + rows] = _normalize(flat[start:start + rows],
+                                                                                     weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         ctx.rows = rows
-        return out.view(x.shape)
+        if attach_source and not torch.compiler.is_compiling():  # (a tensor attribute would break the graph)
+            _attach_source(out, x, weight, eps)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -107,12 +157,12 @@ class RMSNormFunction(torch.autograd.Function):
                 if need_w:
                     grad_w += gw
         return (grad_x.view(x.shape) if need_x else None, grad_w.to(weight.dtype) if need_w else None,
-                None, None)
+                None, None, None)
 
 
 def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon,
-                                 tile_rows(hidden_states.shape[-1]))
+                                 tile_rows(hidden_states.shape[-1]), self._ulysses_sp_in_layer)
 
 
 def enable_rms_norm_recompute(model: torch.nn.Module) -> list[str]:
@@ -126,7 +176,9 @@ def enable_rms_norm_recompute(model: torch.nn.Module) -> list[str]:
         kinds = sorted({type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()})
         raise ValueError(f"{type(model).__name__} has no Llama-style RMSNorm to recompute (its norms: {kinds}); "
                          "leave the option off for this model")
+    in_layers = {id(m) for layer in getattr(model.base_model, "layers", ()) for m in layer.modules()}
     for module in norms.values():
+        module._ulysses_sp_in_layer = id(module) in in_layers  # see _attach_source
         module.forward = types.MethodType(_forward, module)
     model._ulysses_sp_rms_norms = list(norms.values())
     return list(norms)
@@ -138,6 +190,6 @@ def disable_rms_norm_recompute(model: torch.nn.Module):
     if norms is None:
         raise ValueError("RMSNorm recompute is not enabled on this model")
     for module in norms:
-        del module.forward
+        del module.forward, module._ulysses_sp_in_layer
     del model._ulysses_sp_rms_norms
     return model

@@ -4,7 +4,10 @@ intermediates exist for one tile at a time instead of for all s local tokens.
 Shape legend: B batch, s = S/P local tokens, T = B*s tokens, t tokens per tile, n tiles, d hidden
 size, d_ff the MLP's intermediate size.
 
-Forward: the tiles run without autograd and only the MLP input [B, s, d] is saved. Backward: each
+Forward: the tiles run without autograd and only the MLP input [B, s, d] is saved, or nothing new
+when that input is the output of an RMSNorm recompute (rms_norm.py): the norm's input, which the
+norm keeps anyway, and each tile of the MLP input is recomputed from it in the backward (one copy
+of [B, s, d] less per layer; equal up to the rounding of the norm's row reduction). Backward: each
 tile is run again with autograd and backpropagated at once (its intermediates are freed before the
 next tile), writing its slice of the input gradient and accumulating the parameter gradients. The
 gradients equal the untiled MLP's up to the summation order over tiles. Cost: one more MLP forward
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import comm
+from . import comm, rms_norm
 
 
 @dataclass
@@ -141,7 +144,13 @@ class TiledMLP(torch.autograd.Function):
     def forward(ctx, x, mlp, tiles: int, params: list[torch.nn.Parameter]):
         ctx.mlp, ctx.tiles, ctx.params = mlp, tiles, params
         ctx.autocast = _autocast_state(x.device.type)
-        ctx.save_for_backward(x)
+        source = rms_norm.norm_source(x)
+        if source is None:
+            ctx.save_for_backward(x)
+        else:  # x is an RMSNorm recompute's output: keep its input (kept by the norm anyway), not x
+            ctx.save_for_backward(source.x, source.weight)
+            ctx.eps = source.eps
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         flat = x.reshape(-1, x.shape[-1])  # [T, d]
         out, start = None, 0
         for tile in flat.tensor_split(tiles):  # [t, d]; some may be empty
@@ -154,13 +163,19 @@ class TiledMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        flat = x.detach().reshape(-1, x.shape[-1])  # [T, d]
+        saved = ctx.saved_tensors
+        d = ctx.x_shape[-1]
+        if len(saved) == 1:
+            inputs = saved[0].detach().reshape(-1, d).tensor_split(ctx.tiles)  # [t, d] each
+        else:  # recompute each tile of x from the norm's input
+            norm_x, weight = saved
+            inputs = (rms_norm.recompute_output(nx, weight, ctx.eps)
+                      for nx in norm_x.detach().reshape(-1, d).tensor_split(ctx.tiles))
         grads = grad_out.reshape(-1, grad_out.shape[-1])  # [T, d_out]
-        grad_x = torch.empty_like(flat) if ctx.needs_input_grad[0] else None  # [T, d]
+        grad_x = grads.new_empty(grads.shape[0], d, dtype=ctx.x_dtype) if ctx.needs_input_grad[0] else None  # [T, d]
         device_type, enabled, dtype = ctx.autocast
         start = 0
-        for i, (tile, grad) in enumerate(zip(flat.tensor_split(ctx.tiles), grads.tensor_split(ctx.tiles))):
+        for i, (tile, grad) in enumerate(zip(inputs, grads.tensor_split(ctx.tiles))):
             for p in ctx.params:
                 p.ds_grad_is_ready = i == ctx.tiles - 1  # DeepSpeed reduces after the last tile only
             tile = tile.detach().requires_grad_(grad_x is not None)
@@ -170,7 +185,7 @@ class TiledMLP(torch.autograd.Function):
             if grad_x is not None:
                 grad_x[start:start + tile.shape[0]] = tile.grad
             start += tile.shape[0]
-        return (None if grad_x is None else grad_x.view_as(x)), None, None, None
+        return (None if grad_x is None else grad_x.view(ctx.x_shape)), None, None, None
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:

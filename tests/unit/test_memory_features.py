@@ -99,6 +99,49 @@ def test_tiled_mlp_under_autocast_and_checkpointing():
         torch.testing.assert_close(p.grad, r.grad, rtol=2e-2, atol=2e-2 * r.grad.abs().max().item(), msg=name)
 
 
+def test_tiled_mlp_recomputes_its_input_from_an_rms_norm_recompute():
+    """Fed by an RMSNorm recompute's output, the tiled MLP saves the norm's input (kept by the norm
+    anyway) instead of its own input and recomputes each tile of it: no [T, d] tensor of its own is
+    saved. Gradients equal the untiled model's under every checkpointing policy; an input changed in
+    place since the norm (or another producer) is saved as before."""
+    from ulysses_sp.rms_norm import RMSNormFunction, enable_rms_norm_recompute, norm_source
+    from ulysses_sp.tiled_mlp import TiledMLP
+
+    ref = tiny_model("tiny-llama-gqa")
+    ids = tokens(2, 23)
+    ref(input_ids=ids, labels=ids).loss.backward()
+    for policy in ("none", "full", "selective"):
+        model = clone(ref)
+        model.zero_grad()
+        tile_mlp(model, 5)
+        enable_rms_norm_recompute(model)
+        ckpt.enable_checkpointing(model, policy)
+        model(input_ids=ids, labels=ids).loss.backward()
+        for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-6 * r.grad.abs().max().item(),
+                                       msg=lambda m: f"{policy} {name}: {m}")
+
+    mlp = ref.model.layers[0].mlp
+    weight = torch.ones(ref.config.hidden_size)
+    h = torch.randn(2, 7, ref.config.hidden_size, requires_grad=True)
+    x = RMSNormFunction.apply(h, weight, 1e-6, 4, True)
+    assert norm_source(x) is not None
+    saved = _saved_bytes(lambda t: TiledMLP.apply(t, mlp, 3, list(mlp.parameters())), x)
+    assert saved == h.nbytes + weight.nbytes, saved  # h (the norm's input) and the weight's copy, not x
+    x_changed = RMSNormFunction.apply(h, weight, 1e-6, 4, True).mul_(1)  # allowed, as on transformers' norm
+    assert norm_source(x_changed) is None
+    assert _saved_bytes(lambda t: TiledMLP.apply(t, mlp, 3, list(mlp.parameters())), x_changed) == x_changed.nbytes
+    model = clone(ref)
+    enable_rms_norm_recompute(model)
+    sources = []
+    for module in model.modules():
+        if "RMSNorm" in type(module).__name__:
+            module.register_forward_hook(lambda m, i, out: sources.append(norm_source(out) is not None))
+    model(input_ids=ids)
+    layers = ref.config.num_hidden_layers
+    assert sources == [True, True] * layers + [False], sources  # the final norm's output is returned: none
+
+
 def test_trainer_flags():
     sys.path.insert(0, os.path.join(ROOT, "launch"))
     try:
