@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from ulysses_sp.checkpoint import find_checkpoint
 from tests.distributed.test_train_e2e import ROOT, TRAIN, _env, _port, run_ok, train_command
 
 ZERO3 = os.path.join(ROOT, "configs", "deepspeed", "zero3.json")
@@ -128,7 +129,10 @@ def test_killed_rank_ends_the_job_then_resume_is_exact(uninterrupted, tmp_path):
         assert killed["train"][step]["loss"] == sp2["train"][step]["loss"], step  # bit-identical
     assert killed["eval"][3]["eval_loss"] == sp2["eval"][3]["eval_loss"]
 
-    resumed = _launch(tmp_path, "resumed", 2, *COMMON, *EVAL, "--sp-size", "2", "--resume", str(tmp_path / "ckpt"))
+    # the save directory names its newest complete step: 3, or 6 when the signal landed after that save
+    assert find_checkpoint(str(tmp_path / "ckpt")).step in (3, 6)
+    resumed = _launch(tmp_path, "resumed", 2, *COMMON, *EVAL, "--sp-size", "2", "--resume",
+                      str(tmp_path / "ckpt" / "step_00000003"))
     assert sorted(resumed["train"]) == [4, 5, 6]
     for step in (4, 5, 6):
         for key in ("loss", "lr", "grad_norm", "tokens"):
