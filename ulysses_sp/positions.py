@@ -59,6 +59,14 @@ def local_position_ids(batch: int, local_len: int, sp_rank: int, device) -> torc
     return torch.arange(start, start + local_len, device=device).unsqueeze(0).expand(batch, -1)
 
 
+def check_non_negative(position_ids: torch.Tensor) -> None:
+    """ValueError when a position id is negative (one host sync)."""
+    lowest = int(position_ids.min()) if position_ids.numel() else 0
+    if lowest < 0:
+        raise ValueError(f"position_ids hold negative values (min {lowest}); positions count from 0 at the start of "
+                         "each sequence (or packed document)")
+
+
 def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
     """[B, S] -> [B, S] bool, True where a document starts (position not previous + 1)."""
     starts = torch.ones_like(position_ids, dtype=torch.bool)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, document_starts
+from .positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, document_starts
 
 #: keys describing the full batch that are folded into the SequenceInfo and not returned.
 _CONSUMED = ("labels", "attention_mask", "seq_lens", "cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k",
@@ -196,9 +196,7 @@ def _position_ids(position_ids, starts, B: int, S: int, device) -> torch.Tensor:
     if not ok:
         raise ValueError(f"position_ids must be integer [B, S] = [{B}, {S}] (or [1, {S}]), or [K, B, S] for "
                          f"multi-axis (mRoPE) ids; got {shape} {position_ids.dtype}")
-    if position_ids.numel() and int(position_ids.min()) < 0:
-        raise ValueError(f"position_ids hold negative values (min {int(position_ids.min())}); positions count from 0 "
-                         "at the start of each sequence (or packed document)")
+    check_non_negative(position_ids)
     return position_ids.expand(*shape[:-2], B, S)
 
 

@@ -31,7 +31,7 @@ from packaging.version import Version
 from .. import comm
 from ..attention import UlyssesAttention
 from ..heads import plan_heads
-from ..positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, local_position_ids
+from ..positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, local_position_ids
 from ..topology import SPTopology
 
 MIN_TRANSFORMERS = Version("5.0")
@@ -268,9 +268,7 @@ def gather_sequence_info(position_ids: torch.Tensor, mask: torch.Tensor | None, 
         position_ids = comm.all_gather(position_ids.contiguous(), topology.sp_group, dim=-1)  # [B, S]
         if mask is not None:
             mask = comm.all_gather(mask.to(torch.int32), topology.sp_group, dim=-1)  # [B, S]
-    if position_ids.numel() and bool((position_ids < 0).any()):  # one host sync, the same verdict on every rank
-        raise ValueError(f"position_ids hold negative values (min {int(position_ids.min())}); positions count from 0 "
-                         "at the start of each sequence (or packed document)")
+    check_non_negative(position_ids)  # on the gathered ids: the same verdict on every rank
     return build_sequence_info(position_ids, mask)
 
 
