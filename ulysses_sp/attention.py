@@ -83,8 +83,8 @@ class UlyssesAttention:
             window=sliding_window,
             softcap=softcap,
             info=info,
-            custom_mask=self._full_mask(attention_mask, s * P, Nq, plan.q_heads[rank]),
-            sinks=None if s_aux is None else s_aux[plan.q_heads[rank][0] : plan.q_heads[rank][-1] + 1],  # [nq]
+            custom_mask=self._full_mask(attention_mask, s * P, Nq, plan.q_slice(rank)),
+            sinks=None if s_aux is None else s_aux[plan.q_slice(rank)],  # [nq]
         )
         out = backends.run(self.backend, q, k, v, spec)  # [B, S, nq, Hv]
         if P > 1:
@@ -92,7 +92,7 @@ class UlyssesAttention:
         return out, None
 
     @staticmethod
-    def _full_mask(mask, S: int, Nq: int, my_heads: tuple[int, ...]):
+    def _full_mask(mask, S: int, Nq: int, my_heads: slice):
         """A user's custom mask must describe the full sequence: [B|1, 1|Nq, S, S] (a tensor or a flex
         BlockMask); a per-head tensor is sliced to this rank's heads -> [B|1, nq, S, S]."""
         if mask is None:
@@ -104,11 +104,11 @@ class UlyssesAttention:
                 f"[B, {S}, {S}] or [B, 1 or {Nq}, {S}, {S}], got {list(shape)}. A 2-D padding mask should "
                 "be passed as attention_mask of the local shard ([B, S/P]) so ulysses_sp can gather it."
             )
-        if shape[1] == Nq and len(my_heads) < Nq:
+        if shape[1] == Nq and my_heads != slice(0, Nq):
             if not isinstance(mask, torch.Tensor):
                 raise ValueError(
                     f"a per-head BlockMask ({Nq} heads) cannot be split across SP ranks (slicing drops its "
                     "mask_mod); build it with H=None so that one mask serves every head"
                 )
-            mask = mask[:, my_heads[0] : my_heads[-1] + 1]  # [B, nq, S, S]
+            mask = mask[:, my_heads]  # [B, nq, S, S]
         return mask

@@ -42,6 +42,10 @@ class HeadPlan:
     def q_count(self, rank: int) -> int:
         return len(self.q_heads[rank])
 
+    def q_slice(self, rank: int) -> slice:
+        """The query heads of ``rank`` as a slice of the head dim (they are a contiguous range)."""
+        return slice(self.q_heads[rank][0], self.q_heads[rank][-1] + 1)
+
     def kv_count(self, rank: int) -> int:
         return len(self.kv_heads[rank])
 
