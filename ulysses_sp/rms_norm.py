@@ -43,7 +43,7 @@ def tile_rows(d: int) -> int:
 
 def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """LlamaRMSNorm's forward ops in its order: x [..., d] -> (out [..., d], rstd [..., 1] fp32)."""
-    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # [R, 1]
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
     return recompute_rows(x, weight, rstd), rstd
 
 
@@ -143,19 +143,15 @@ class RMSNormFunction(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         d, rows = x.shape[-1], ctx.rows
         flat, grad_flat = x.reshape(-1, d), grad_out.reshape(-1, d)  # [R, d]
-        if flat.shape[0] <= rows:
-            grad_x, grad_w = _grads(flat, weight, rstd, grad_flat, need_x, need_w)
-            grad_x = grad_x.to(x.dtype) if need_x else None
-        else:
-            grad_x = torch.empty_like(flat) if need_x else None  # [R, d]
-            grad_w = torch.zeros(d, dtype=torch.float32, device=x.device) if need_w else None  # [d]
-            for start in range(0, flat.shape[0], rows):
-                gx, gw = _grads(flat[start:start + rows], weight, rstd[start:start + rows],
-                                grad_flat[start:start + rows], need_x, need_w)
-                if need_x:
-                    grad_x[start:start + rows] = gx  # cast to x.dtype
-                if need_w:
-                    grad_w += gw
+        grad_x = torch.empty_like(flat) if need_x else None  # [R, d]
+        grad_w = torch.zeros(d, dtype=torch.float32, device=x.device) if need_w else None  # [d]
+        for start in range(0, flat.shape[0], rows):
+            gx, gw = _grads(flat[start:start + rows], weight, rstd[start:start + rows],
+                            grad_flat[start:start + rows], need_x, need_w)
+            if need_x:
+                grad_x[start:start + rows] = gx  # cast to x.dtype
+            if need_w:
+                grad_w += gw
         return (grad_x.view(x.shape) if need_x else None, grad_w.to(weight.dtype) if need_w else None,
                 None, None, None)
 
