@@ -4,7 +4,6 @@ saves, the trainer's flags, and that both features are scoped to one model and u
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 
@@ -204,22 +203,17 @@ def test_rms_norm_function_matches_llama_norm(dtype):
 
 
 class _HeapPeak(TorchDispatchMode):
-    """Peak C-heap bytes in use (glibc mallinfo2: small blocks + mmapped ones) above the level at
-    entry, sampled after every dispatched op."""
+    """Peak C-heap bytes in use (benchmarks/cpu_memory.py's glibc reading) above the level at entry,
+    sampled after every dispatched op."""
 
     def __enter__(self):
         try:
-            self._info = ctypes.CDLL("libc.so.6").mallinfo2
-        except (OSError, AttributeError):
+            from benchmarks.cpu_memory import heap_bytes
+        except (OSError, AttributeError):  # no libc.so.6, or a glibc before 2.33 (no mallinfo2)
             pytest.skip("needs glibc >= 2.33 (mallinfo2) to read the heap")
-        self._info.restype = type("mallinfo2", (ctypes.Structure,), {"_fields_": [
-            (f"f{i}", ctypes.c_size_t) for i in range(10)]})
-        self.start = self.peak = self._used()
+        self._used = heap_bytes
+        self.start = self.peak = heap_bytes()
         return super().__enter__()
-
-    def _used(self) -> int:
-        info = self._info()
-        return info.f7 + info.f4  # uordblks + hblkhd
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
