@@ -23,6 +23,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from . import comm
+
 _PREFIX = "ulysses_sp/failed/"
 #: substrings of the errors gloo / NCCL / c10d raise when a collective cannot complete
 _COLLECTIVE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
@@ -125,7 +127,10 @@ def shutdown(failed: bool) -> None:
     """Tear down the process groups without waiting on peers that are gone.
 
     After a failure, NCCL communicators may still hold collectives that will never complete:
-    destroying them waits, aborting does not. gloo's teardown does not wait.
+    destroying them waits, aborting does not. gloo's teardown does not wait. After success every
+    rank first meets the others in a barrier: a rank that destroyed its group while a peer still had
+    a collective in flight aborted that peer's process at exit ("terminate called without an active
+    exception", seen under load on CPU after all steps had finished).
     """
     if not dist.is_initialized():
         return
@@ -133,6 +138,8 @@ def shutdown(failed: bool) -> None:
         if failed and "nccl" in str(dist.get_backend()):
             dist.distributed_c10d._abort_process_group()
         else:
+            if not failed:
+                comm.barrier()
             dist.destroy_process_group()
     except (RuntimeError, OSError, ValueError) as e:  # the job ends with the original error: do not mask it
         print(f"ulysses_sp: process group teardown failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
