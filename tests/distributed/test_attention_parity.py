@@ -25,9 +25,9 @@ CASES = [  # (preset, backend)
 ]
 
 
-def _check_parity(ctx, topo, preset, backend, batch=2, seq=24):
+def _check_parity(ctx, topo, preset, backend, batch=2, seq=24, **overrides):
     dtype = ctx.dtype
-    model = tiny_model(preset, attn=backend, dtype=dtype).to(ctx.device)
+    model = tiny_model(preset, attn=backend, dtype=dtype, **overrides).to(ctx.device)
     ref = clone(model)
     # each DP group gets its own batch; ranks of one SP group share it
     ids = tokens(batch, seq, seed=100 + topo.dp_rank, device=ctx.device)
@@ -81,4 +81,14 @@ def test_sinks_flex_gpu():
     backward on CPU): logits and every gradient, the sinks' included, at sp=2."""
     if not harness.on_gpu():
         pytest.skip("GPU-only: run with ULYSSES_SP_TEST_BACKEND=nccl on a CUDA machine")
-    harness.run(_body_parity, 2, 2, [("tiny-gpt-oss", "flex_attention")])
+    harness.run(_body_sinks_flex, 2)
+
+
+def _body_sinks_flex(ctx):
+    topo = ulysses_sp.init_sp(2)
+    # In bf16 the two sides round differently (transformers' flex path renormalises with a bf16
+    # log-sum-exp, ours in fp32), and with top-2 routing such a rounding difference can flip a
+    # token's experts: measured on H200, 5% of the logits then differ by up to 0.15. Routing every
+    # token to all experts keeps the comparison continuous; fp32 keeps the preset's top-2.
+    routing = {"num_experts_per_tok": 4} if ctx.dtype == torch.bfloat16 else {}
+    _check_parity(ctx, topo, "tiny-gpt-oss", "flex_attention", **routing)
