@@ -222,16 +222,19 @@ def _flash(q, k, v, spec: AttnSpec, version: int) -> torch.Tensor:
     if version == 2:
         kwargs["dropout_p"] = spec.dropout
     if spec.info.is_plain:
-        out = func(q, k, v, **kwargs)  # [B, S, nq, H]
+        out = _kernel_output(func(q, k, v, **kwargs))  # [B, S, nq, H]
     else:
         cu, max_len = _cu_seqlens(spec.info, q.shape[0], q.device)
         qf, kf, vf = (_flatten_valid(t, spec.info) for t in (q, k, v))  # [T, n, H]
-        out = varlen_func(qf, kf, vf, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
-                          max_seqlen_k=max_len, **kwargs)  # [T, nq, H]
-        out = out[0] if isinstance(out, tuple) else out
+        out = _kernel_output(varlen_func(qf, kf, vf, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                         max_seqlen_k=max_len, **kwargs))  # [T, nq, H]
         out = _unflatten_valid(out, spec.info, q.shape[0])  # [B, S, nq, H]
-    out = out[0] if isinstance(out, tuple) else out
     return out[..., :hv].to(in_dtype)
+
+
+def _kernel_output(out):
+    """flash-attn 3 returns (out, softmax_lse) in some releases, flash-attn 2 the output alone."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 # --- flex ---------------------------------------------------------------------------------------

@@ -88,6 +88,77 @@ def test_flash_refuses_custom_masks_before_needing_flash_attn():
         backends.run("flash_attention_2", q, k, v, _spec(SequenceInfo(S), custom=torch.ones(1, 1, S, S).bool()))
 
 
+def _flash_one(q, k, v, softmax_scale, causal, window_size, softcap=0.0):
+    """flash-attn's documented semantics for one sequence [L, n, H]: GQA by head groups, key j seen
+    by query i when causal gives j <= i and the window (left, right) gives i - left <= j <= i + right
+    (-1: unbounded)."""
+    nq, nk, L = q.shape[1], k.shape[1], q.shape[0]
+    k, v = (t.repeat_interleave(nq // nk, dim=1).float() for t in (k, v))  # [L, nq, H]
+    scores = torch.einsum("qnh,knh->nqk", q.float(), k) * softmax_scale  # [nq, L, L]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    i, j = torch.arange(L).view(L, 1), torch.arange(L).view(1, L)
+    seen = (j <= i) if causal else torch.ones(L, L, dtype=torch.bool)
+    left, right = window_size
+    if left >= 0:
+        seen &= j >= i - left
+    if right >= 0:
+        seen &= j <= i + right
+    probs = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+    return torch.einsum("nqk,knh->qnh", probs, v).to(q.dtype)  # [L, nq, H]
+
+
+def _fake_flash(version):
+    """CPU stand-ins with flash-attn 2's and 3's signatures (3: no dropout_p, returns (out, lse))."""
+    def finish(out):
+        return (out, None) if version == 3 else out
+
+    def func(q, k, v, softmax_scale, causal, window_size, softcap=0.0, **dropout):  # [B, S, n, H]
+        assert set(dropout) == ({"dropout_p"} if version == 2 else set()), dropout
+        assert q.dtype == torch.bfloat16
+        return finish(torch.stack([_flash_one(*t, softmax_scale, causal, window_size, softcap) for t in zip(q, k, v)]))
+
+    def varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                    window_size, softcap=0.0, **dropout):  # [T, n, H]
+        assert set(dropout) == ({"dropout_p"} if version == 2 else set()), dropout
+        assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+        lens = cu_seqlens_q.diff()
+        assert int(cu_seqlens_q[-1]) == q.shape[0] and max_seqlen_q == max_seqlen_k == int(lens.max())
+        out = torch.cat([_flash_one(q[a:b], k[a:b], v[a:b], softmax_scale, causal, window_size, softcap)
+                         for a, b in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist())])
+        return finish(out)
+
+    return func, varlen_func
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_flash_call_contract_on_cpu(version, monkeypatch):
+    """What we hand flash-attn (varlen cu_seqlens from the step's info, valid tokens only, window
+    size, scale; no dropout argument for flash 3; a tuple result) against brute force, through
+    CPU stand-ins with the kernels' signatures: the plain causal path, packed documents with padding
+    at the ends (with and without a window) and interior padding (without)."""
+    monkeypatch.setattr(backends, "flash_functions", _fake_flash)
+    ends = torch.cat([torch.cat([torch.arange(5), torch.arange(11), torch.arange(8)]).view(1, S),
+                      torch.arange(S).view(1, S)])  # [B, S]
+    valid_ends = torch.ones(B, S, dtype=torch.long)
+    valid_ends[1, :4] = 0
+    valid_ends[1, -3:] = 0
+    interior, valid_interior = _layout()
+    cases = [(SequenceInfo(S), torch.ones(B, S, dtype=torch.bool), (None, 6)),
+             (build_sequence_info(ends, valid_ends), valid_ends.bool(), (None, 6)),
+             (interior, valid_interior, (None,))]
+    q, k, v = (t.bfloat16().float() for t in _qkv(3))  # exact in bf16: the kernels' precision
+    for info, valid, windows in cases:
+        for window in windows:
+            with torch.no_grad():
+                got = backends.run(f"flash_attention_{version}", q, k, v, _spec(info, window))
+            assert got.dtype == torch.float32
+            want = _reference(q, k, v, masks.dense_mask(info, True, window, "cpu"))
+            torch.testing.assert_close(got[valid], want[valid], rtol=1e-2, atol=1e-2,
+                                       msg=lambda m: f"window {window}, plain {info.is_plain}: {m}")
+            assert not got[~valid].any(), "padding queries must read nothing"
+
+
 def test_flash_refuses_a_window_across_interior_padding():
     """Varlen drops padding: across an interior gap the window's distances would shrink (silently
     wrong), so flash refuses; the same batch without a window, or sdpa with it, is fine."""
