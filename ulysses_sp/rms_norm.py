@@ -44,7 +44,7 @@ def tile_rows(d: int) -> int:
 def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """LlamaRMSNorm's forward ops in its order: x [..., d] -> (out [..., d], rstd [..., 1] fp32)."""
     rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
-    return recompute_rows(x, weight, rstd), rstd
+    return weight * (x.float() * rstd).to(x.dtype), rstd
 
 
 def _grads(x, weight, rstd, grad_out, need_x: bool, need_w: bool):
@@ -89,11 +89,6 @@ def norm_source(out: torch.Tensor) -> NormSource | None:
     """The source of an RMSNormFunction output not changed in place since, else None."""
     attached = getattr(out, SOURCE_ATTR, None)
     return attached[0] if attached is not None and attached[1] == out._version else None
-
-
-def recompute_rows(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """The norm's output for rows x [r, d] with their rstd [r, 1]: the forward's ops in its order."""
-    return weight * (x.float() * rstd).to(x.dtype)
 
 
 def recompute_output(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
