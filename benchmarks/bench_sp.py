@@ -84,7 +84,6 @@ def main(argv=None) -> None:
     import logging
     import warnings
 
-    import deepspeed
     import torch
     import torch.distributed as dist
     from spbench import levers as lv
@@ -94,6 +93,7 @@ def main(argv=None) -> None:
     from spbench.runner import Measure, Search, run_config, search_max_len
     from spbench.workload import DTYPES, Workload
 
+    from ulysses_sp.integrations import deepspeed as ds_integration
     from ulysses_sp.topology import init_sp
     from ulysses_sp.training import default_attention, init_distributed
 
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     init_distributed(device_type, args.timeout_s)
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    ds_integration.init_comm()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     rank, world = dist.get_rank(), dist.get_world_size()
     sp = args.sp or world

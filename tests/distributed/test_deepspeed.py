@@ -12,6 +12,7 @@ internals (and ``safe_get_full_grad``) do.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -98,6 +99,7 @@ def _check_stage(ctx, topo, name: str, ga: int = 1, clip: float = 0.0, dtype: st
         ulysses_sp.apply(model, topo)
     engine, *_ = uds.initialize(_LossModule(model, topo) if wrapped else model, topo, _config(name, ga, clip, dtype),
                                 optimizer=torch.optim.SGD(model.parameters(), lr=LR))
+    _check_shm_released(ctx)
 
     s = S // topo.sp_size
     sl = slice(topo.sp_rank * s, (topo.sp_rank + 1) * s)
@@ -166,12 +168,33 @@ def _check_fused_head_zero3(ctx, topo):
 
 
 def _body_stages(ctx, sp_size: int, cases, other_models: bool):
+    if ctx.device.type == "cpu":
+        # as under the deepspeed launcher: all ranks on one host, which turns on DeepSpeed's shm all-reduce
+        port = comm.broadcast_object(str(20000 + os.getpid() % 40000))  # a name of this run's own
+        os.environ.update(LOCAL_SIZE=str(ctx.world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     topo = ulysses_sp.init_sp(sp_size)
     if other_models:
         _check_other_models(ctx, topo)
         _check_fused_head_zero3(ctx, topo)
     for case in cases:
         _check_stage(ctx, topo, *case)
+
+
+def _check_shm_released(ctx) -> None:
+    """After initialize on CPU: this process maps DeepSpeed's /dev/shm all-reduce segment of every rank
+    (else this checks nothing), none of them is left with a name (RAM until reboot otherwise), and the
+    shm all-reduce still sums correctly."""
+    if ctx.device.type != "cpu":
+        return
+    comm.barrier()  # every rank has unlinked its own segment
+    with open("/proc/self/maps") as maps:
+        mapped = {line.split(maxsplit=5)[5].strip() for line in maps if "deepspeed_allreduce_buffer_" in line}
+    assert len(mapped) == ctx.world_size, f"expected one DeepSpeed shm segment per rank mapped, got {sorted(mapped)}"
+    named = sorted(m for m in mapped if not m.endswith("(deleted)"))
+    assert not named, f"DeepSpeed /dev/shm segments left named (RAM until reboot): {named}"
+    x = torch.full((8,), float(ctx.rank + 1))
+    torch.ops.deepspeed.inference_all_reduce_(x)
+    assert torch.equal(x, torch.full((8,), ctx.world_size * (ctx.world_size + 1) / 2)), x
 
 
 def _check_other_models(ctx, topo):

@@ -51,9 +51,17 @@ def run_ok(cmd, cwd):
     return out
 
 
+def _shm_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer_")}
+
+
 def train(tmp_path, name, nproc, *args, launcher="torchrun"):
     metrics = tmp_path / f"{name}.jsonl"
+    shm_before = _shm_segments()
     run_ok(train_command(nproc, ["--device", "cpu", "--metrics", str(metrics), *args], launcher), tmp_path)
+    # the deepspeed launcher turns on DeepSpeed's CPU shm all-reduce; its segments are RAM until reboot
+    left = _shm_segments() - shm_before
+    assert not left, f"{name}: DeepSpeed /dev/shm segments left behind: {sorted(left)}"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows
     for r in rows:

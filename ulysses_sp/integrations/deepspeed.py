@@ -25,6 +25,8 @@ then leaves ZeRO parameters as they are) and checks every parameter's group afte
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import transformers
@@ -34,7 +36,7 @@ from ..topology import SPTopology
 from .deepspeed_config import batch_sizes, load_config, prepare_config, resolve_sp_size, zero_stage
 from .hf import apply, is_applied
 
-__all__ = ["SPMpu", "batch_sizes", "check_partitioning", "destroy", "initialize", "load_config", "prepare_config",
+__all__ = ["SPMpu", "batch_sizes", "check_partitioning", "destroy", "init_comm", "initialize", "load_config", "prepare_config",
            "resolve_sp_size", "zero_stage"]
 
 
@@ -132,7 +134,7 @@ def initialize(
 
     # zero.Init below reads DeepSpeed's world size: without its comm set up (deepspeed.initialize would
     # do it, but later) it counts 1 rank and rejects the batch sizes of dp > 1
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    init_comm()
     mpu = SPMpu(topology)
     if zero_stage(config) == 3:
         _partition_over_all_ranks(model, config, mpu)
@@ -145,6 +147,30 @@ def initialize(
     if zero_stage(config) == 3:
         check_partitioning(engine.module, topology)
     return engine, opt, loader, scheduler
+
+
+def init_comm() -> None:
+    """Set up DeepSpeed's comm over the torch.distributed world already joined, leaving nothing behind.
+
+    ``deepspeed.init_distributed`` (a no-op when it already ran), then the removal of the name of this
+    rank's /dev/shm segment of DeepSpeed's CPU all-reduce. DeepSpeed 0.19.8 on CPU, when every rank is
+    on one host (``LOCAL_SIZE``, which its launcher sets, equals the world size), creates one 66 MiB
+    segment per rank there (``ops/csrc/cpu/comm/shm.cpp``) and never unlinks it: /dev/shm is RAM, and
+    every run left ``world_size`` segments until reboot (a few hundred runs filled a 24 GiB machine).
+    Each rank maps every peer's segment before init_distributed returns, so after a barrier the names
+    are no longer needed: the mappings stay valid for this run and the kernel frees the memory when the
+    last process exits, crash or not. The name mirrors shm.cpp's (an unset MASTER_ADDR or MASTER_PORT
+    is empty there). The barrier is unconditional, so ranks whose /dev/shm differ cannot hang each other.
+    """
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.get_rank())
+    comm.barrier()  # every peer has mapped this rank's segment
+    path = os.path.join("/dev/shm", name)
+    if os.path.exists(path):
+        os.unlink(path)
 
 
 def _ensure_applied(model: torch.nn.Module, topology: SPTopology) -> None:
