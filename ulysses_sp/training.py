@@ -14,6 +14,7 @@ does not wait on dead peers. Checkpoints: checkpoint.py; evaluation: evaluation.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -121,6 +122,11 @@ def run(args) -> None:
     finally:
         if training is not None:
             training.close_metrics()
+        # the model, its engine and the topology's process groups sit in reference cycles: freed
+        # here, while the interpreter is whole, rather than during its finalization, where freeing gloo
+        # objects that hold tensors can abort a rank at exit after a successful run (troubleshooting.md)
+        training = None
+        gc.collect()
         shutdown(failed)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -52,6 +55,14 @@ def _body_scoping(ctx):
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
     with pytest.raises(ValueError, match="not applied"):
         ulysses_sp.remove(model)
+
+    # a model freed without remove takes its name (and the attention holding the topology) with it
+    ulysses_sp.apply(other, topo)
+    name, attention = other.config._attn_implementation, weakref.ref(other._ulysses_sp.attention)
+    assert name in transformers.AttentionInterface._global_mapping
+    del other
+    gc.collect()
+    assert name not in transformers.AttentionInterface._global_mapping and attention() is None
 
 
 def _body_calls(ctx):

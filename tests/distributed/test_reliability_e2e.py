@@ -153,6 +153,44 @@ def test_resume_at_another_sp_size(uninterrupted, tmp_path):
     assert _close(resumed["eval"][6]["eval_loss"], sp2["eval"][6]["eval_loss"], 1e-5)
 
 
+_FREED_PROBE = """
+import gc, json, sys, weakref
+gc.disable()  # only run()'s own collection may free what sits in reference cycles
+sys.path.insert(0, sys.argv.pop(1))
+import train
+from ulysses_sp import training
+
+refs = {}
+start = training.TrainingRun.start.__func__
+
+
+def spy(cls, args):
+    run = start(cls, args)
+    refs.update(run=weakref.ref(run), model=weakref.ref(run.model), engine=weakref.ref(run.engine),
+                topology=weakref.ref(run.topology))
+    return run
+
+
+training.TrainingRun.start = classmethod(spy)
+train.main(sys.argv[1:])
+print("ALIVE " + json.dumps(sorted(name for name, ref in refs.items() if ref() is not None)), flush=True)
+"""
+
+
+def test_successful_run_frees_its_objects_before_exit(tmp_path):
+    """After a successful run every rank has freed the model, the engine and the topology (with its
+    process groups) inside ``training.run``: they sit in reference cycles, and left to the interpreter's
+    finalization, freeing gloo objects that hold tensors can abort a rank at exit
+    (docs/troubleshooting.md). gc is off in the ranks, so only run()'s own collection frees them."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(_FREED_PROBE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           str(probe), os.path.dirname(TRAIN), *COMMON, "--sp-size", "2"]
+    out = run_ok(cmd, tmp_path).stdout
+    alive = [line for line in out.splitlines() if line.startswith("ALIVE ")]
+    assert alive == ["ALIVE []", "ALIVE []"], out[-3000:]
+
+
 def test_raising_rank_is_named_by_the_others(tmp_path):
     """Rank 1 cannot read the dataset (its working directory lacks the relative path): rank 0 exits too,
     naming rank 1 and its error."""

@@ -6,7 +6,7 @@ built from one config object would otherwise switch together), registers a name 
 model whose function is this model's :class:`UlyssesAttention`, and sets that name on the copies.
 A name transformers has no mask builder for makes it skip mask construction (nothing S x S, nothing
 sized for the shard); the masks are ours, built from the step's SequenceInfo. ``remove`` puts the
-original configs back and unregisters the name.
+original configs back and unregisters the name; a model freed without ``remove`` unregisters it too.
 
 A forward pre-hook on the model's backbone completes each call with what the shard alone does not
 carry: global position ids when absent, and the SequenceInfo of the full sequence (from
@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ class _State:
     config_refs: list  # (module, original config object) for every module whose config we swapped
     hook: torch.utils.hooks.RemovableHandle
     forward_params: tuple[str, ...]
+    unregister: weakref.finalize  # drops the name from transformers' registry: on remove, or with the model
 
 
 def _check_transformers() -> None:
@@ -161,8 +163,15 @@ def apply(model: torch.nn.Module, topology: SPTopology, attn_implementation: str
     backbone = model.base_model
     params = tuple(inspect.signature(backbone.forward).parameters)
     hook = backbone.register_forward_pre_hook(_make_pre_hook(model), with_kwargs=True)
-    model._ulysses_sp = _State(topology, attention, name, original, refs, hook, params)
+    # transformers' registry is process-global: without this a model freed unremoved would leave its
+    # attention, and through it the topology's process groups, alive until interpreter exit
+    unregister = weakref.finalize(model, _unregister, name)
+    model._ulysses_sp = _State(topology, attention, name, original, refs, hook, params, unregister)
     return model
+
+
+def _unregister(name: str) -> None:
+    _attention_interface()._global_mapping.pop(name, None)
 
 
 def remove(model: torch.nn.Module):
@@ -173,7 +182,7 @@ def remove(model: torch.nn.Module):
     state.hook.remove()
     for module, cfg in state.config_refs:
         module.config = cfg
-    _attention_interface()._global_mapping.pop(state.name, None)
+    state.unregister()
     del model._ulysses_sp
     return model
 
