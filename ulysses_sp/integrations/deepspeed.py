@@ -36,8 +36,8 @@ from ..topology import SPTopology
 from .deepspeed_config import batch_sizes, load_config, prepare_config, resolve_sp_size, zero_stage
 from .hf import apply, is_applied
 
-__all__ = ["SPMpu", "batch_sizes", "check_partitioning", "destroy", "init_comm", "initialize", "load_config", "prepare_config",
-           "resolve_sp_size", "zero_stage"]
+__all__ = ["SPMpu", "batch_sizes", "check_partitioning", "destroy", "init_comm", "initialize", "load_config",
+           "prepare_config", "resolve_sp_size", "zero_stage"]
 
 
 class SPMpu:
@@ -165,6 +165,8 @@ def init_comm() -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())
+    if os.name != "posix":  # the shm all-reduce is POSIX shared memory
+        return
     name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
         os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.get_rank())
     comm.barrier()  # every peer has mapped this rank's segment
