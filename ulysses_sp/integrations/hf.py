@@ -44,8 +44,6 @@ _names = itertools.count()
 class _State:
     topology: SPTopology
     attention: UlyssesAttention
-    name: str
-    original_impl: str
     config_refs: list  # (module, original config object) for every module whose config we swapped
     hook: torch.utils.hooks.RemovableHandle
     forward_params: tuple[str, ...]
@@ -166,7 +164,7 @@ def apply(model: torch.nn.Module, topology: SPTopology, attn_implementation: str
     # transformers' registry is process-global: without this a model freed unremoved would leave its
     # attention, and through it the topology's process groups, alive until interpreter exit
     unregister = weakref.finalize(model, _unregister, name)
-    model._ulysses_sp = _State(topology, attention, name, original, refs, hook, params, unregister)
+    model._ulysses_sp = _State(topology, attention, refs, hook, params, unregister)
     return model
 
 
