@@ -28,11 +28,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from ulysses_sp import rms_norm
-from ulysses_sp.checkpointing import enable_checkpointing
-from ulysses_sp.rms_norm import enable_rms_norm_recompute
-from ulysses_sp.tiled_ce import tiled_cross_entropy_sum
-from ulysses_sp.tiled_mlp import tile_mlp
+from ulysses_sp.memory import rms_norm
+from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
+from ulysses_sp.memory.rms_norm import enable_rms_norm_recompute
+from ulysses_sp.loss.tiled_ce import tiled_cross_entropy_sum
+from ulysses_sp.memory.tiled_mlp import tile_mlp
 
 CONFIGS = {"none": ("none", False, False), "none+norms": ("none", False, True), "full": ("full", False, False),
            "full+tiled_mlp": ("full", True, False), "full+tiled_mlp+norms": ("full", True, True),

@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ulysses_sp  # noqa: E402
 from cpu_memory import heap_bytes  # noqa: E402
-from ulysses_sp import rms_norm, tiled_mlp  # noqa: E402
-from ulysses_sp.checkpointing import enable_checkpointing  # noqa: E402
-from ulysses_sp.tiled_ce import tiled_cross_entropy_sum  # noqa: E402
+from ulysses_sp.memory import rms_norm, tiled_mlp  # noqa: E402
+from ulysses_sp.memory.activation_checkpointing import enable_checkpointing  # noqa: E402
+from ulysses_sp.loss.tiled_ce import tiled_cross_entropy_sum  # noqa: E402
 
 CONFIGS = {"full+tiled_mlp": False, "full+tiled_mlp+norms": True}
 PHASES = ("forward", "layer recompute", "MLP backward", "norm backward", "attention backward", "other backward")

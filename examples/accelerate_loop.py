@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from ulysses_sp.data import collate_padded, load_text_dataset
+from ulysses_sp.data.loader import collate_padded, load_text_dataset
 from ulysses_sp.integrations.accelerate import claim_sp_size, prepare_sp, train_step
-from ulysses_sp.presets import build_config
+from ulysses_sp.train.presets import build_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,7 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import ulysses_sp  # noqa: E402
-from ulysses_sp.training import run  # noqa: E402
+from ulysses_sp.train.run import run  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -7,7 +7,7 @@ import copy
 import torch
 import transformers
 
-from ulysses_sp.presets import build_config
+from ulysses_sp.train.presets import build_config
 
 
 def tiny_model(name: str, seed: int = 0, attn: str = "sdpa", dtype=torch.float32, **overrides):

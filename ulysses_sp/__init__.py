@@ -5,18 +5,18 @@ tokens are re-sharded by heads (all-to-all), attention runs over the full sequen
 output is re-sharded back. See README.md and docs/ for usage.
 """
 
-from .backends import SUPPORTED as SUPPORTED_ATTENTION
-from .checkpointing import disable_checkpointing, enable_checkpointing, gradient_checkpointing_kwargs
-from .data import SPDataLoader, SPShardAdapter, load_text_dataset
+from .core.backends import SUPPORTED as SUPPORTED_ATTENTION
+from .memory.activation_checkpointing import disable_checkpointing, enable_checkpointing, gradient_checkpointing_kwargs
+from .data.loader import SPDataLoader, SPShardAdapter, load_text_dataset
 from .integrations.accelerate import claim_sp_size, prepare_sp, train_step
-from .integrations.hf import apply, is_applied, remove
-from .loss import CausalLMLoss, causal_lm_loss, count_label_tokens, reduce_loss_for_logging
-from .positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
-from .rms_norm import disable_rms_norm_recompute, enable_rms_norm_recompute
-from .rng import sharded_rng, sync_rng
-from .sharding import shard_batch, to_device
-from .tiled_mlp import tile_mlp, untile_mlp
-from .topology import SPTopology, init_sp
+from .core.apply import apply, is_applied, remove
+from .loss.causal_lm import CausalLMLoss, causal_lm_loss, count_label_tokens, reduce_loss_for_logging
+from .core.sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
+from .memory.rms_norm import disable_rms_norm_recompute, enable_rms_norm_recompute
+from .core.rng import sharded_rng, sync_rng
+from .core.sharding import shard_batch, to_device
+from .memory.tiled_mlp import tile_mlp, untile_mlp
+from .core.topology import SPTopology, init_sp
 
 __version__ = "0.1.0"
 

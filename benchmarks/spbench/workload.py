@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from ulysses_sp.presets import build_config
+from ulysses_sp.train.presets import build_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

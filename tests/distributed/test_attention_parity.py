@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import ulysses_sp
-from ulysses_sp import comm
+from ulysses_sp.core import comm
 from tests.distributed import harness
 from tests.helpers import assert_grads_close, clone, tiny_model, tokens, tolerances
 

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import harness
-from ulysses_sp import comm
-from ulysses_sp.heads import plan_heads
+from ulysses_sp.core import comm
+from ulysses_sp.core.heads import plan_heads
 
 # (Nq, Nkv, H, Hv, B, s): MHA, GQA with kv < P (replicated), MQA, uneven heads, MLA-like Hv != H
 SHAPES = [(8, 8, 4, 4, 1, 3), (8, 2, 4, 4, 2, 3), (6, 1, 4, 4, 2, 2), (14, 2, 4, 4, 1, 2),

@@ -11,13 +11,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import ulysses_sp
-from ulysses_sp import comm
-from ulysses_sp.data import (
-    Documents, PackedDataset, SPBatchMismatchError, SPDataLoader, SPShardAdapter, batch_checksum, collate_padded,
-    pack_collate,
-)
-from ulysses_sp.positions import SEQ_INFO_KWARG
-from ulysses_sp.sharding import shard_batch
+from ulysses_sp.core import comm
+from ulysses_sp.data.loader import Documents, PackedDataset, SPBatchMismatchError, SPDataLoader, SPShardAdapter, batch_checksum, collate_padded, pack_collate
+from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG
+from ulysses_sp.core.sharding import shard_batch
 from tests.distributed import harness
 from tests.helpers import clone, tiny_model, tokens, tolerances
 

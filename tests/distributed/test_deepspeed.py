@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import ulysses_sp
 from tests.distributed import harness
 from tests.helpers import clone, tiny_model, tokens
-from ulysses_sp import comm
+from ulysses_sp.core import comm
 from ulysses_sp.integrations import deepspeed as uds
 
 B, S, LR = 2, 16, 1e5
@@ -139,8 +139,8 @@ def _check_fused_head_zero3(ctx, topo):
     liger needs CUDA, so a torch kernel with the same contract (full weight in, CE sum out) stands in."""
     from deepspeed.utils import safe_get_full_grad
 
-    from ulysses_sp import loss as loss_module
-    from ulysses_sp import tiled_ce
+    from ulysses_sp.loss import causal_lm as loss_module
+    from ulysses_sp.loss import tiled_ce
 
     calls = []
 

@@ -22,9 +22,9 @@ import ulysses_sp
 from launch.train import parse_args
 from tests.distributed import harness
 from tests.helpers import tiny_model, tokens
-from ulysses_sp import comm
-from ulysses_sp.presets import build_config
-from ulysses_sp.training import TrainingRun
+from ulysses_sp.core import comm
+from ulysses_sp.train.presets import build_config
+from ulysses_sp.train.run import TrainingRun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HARNESS_TIMEOUT = timedelta(seconds=300)  # harness.py's init_process_group timeout

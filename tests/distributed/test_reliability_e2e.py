@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from ulysses_sp.checkpoint import find_checkpoint
+from ulysses_sp.train.checkpoints import find_checkpoint
 from tests.distributed.test_train_e2e import ROOT, TRAIN, _env, _port, run_ok, train_command
 
 ZERO3 = os.path.join(ROOT, "configs", "deepspeed", "zero3.json")

@@ -9,15 +9,7 @@ import os
 
 import pytest
 
-from ulysses_sp.integrations.accelerate import (
-    launched_deepspeed_config_file,
-    ENV_SP_SIZE,
-    claim_sp_size,
-    deepspeed_config_file,
-    env_flag,
-    read_sp_size,
-    resolve_sp_size,
-)
+from ulysses_sp.integrations.accelerate import launched_deepspeed_config_file, ENV_SP_SIZE, claim_sp_size, deepspeed_config_file, env_flag, read_sp_size, resolve_sp_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OURS = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_SP_SIZE": "2",

@@ -9,9 +9,9 @@ import torch
 import transformers
 
 import ulysses_sp
-from ulysses_sp import backends, masks
-from ulysses_sp.integrations.hf import complete_kwargs
-from ulysses_sp.positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
+from ulysses_sp.core import backends, masks
+from ulysses_sp.core.apply import complete_kwargs
+from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
 
 B, S, NQ, NK, H = 2, 24, 4, 2, 8
 CPU_BACKENDS = ("sdpa", "eager", "flex_attention")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.spbench import comm, flops, levers
-from ulysses_sp.presets import build_config
+from ulysses_sp.train.presets import build_config
 
 
 def test_llama8b_matmul_params_and_step_flops():

@@ -10,11 +10,8 @@ import datasets
 import pytest
 import torch
 
-from ulysses_sp.data import (
-    BYTE_VOCAB_SIZE, Documents, PackedDataset, SPDataLoader, batch_checksum, collate_padded, decode_bytes,
-    encode_bytes, load_text_dataset, pack_collate, read_documents,
-)
-from ulysses_sp.positions import SEQ_INFO_KWARG
+from ulysses_sp.data.loader import BYTE_VOCAB_SIZE, Documents, PackedDataset, SPDataLoader, batch_checksum, collate_padded, decode_bytes, encode_bytes, load_text_dataset, pack_collate, read_documents
+from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG
 
 
 def _topo(dp_size=1, dp_rank=0, sp_size=1, sp_rank=0):

@@ -15,13 +15,13 @@ import transformers
 
 import ulysses_sp
 from launch.train import parse_args
-from ulysses_sp import checkpoint, failures
-from ulysses_sp.attention import UlyssesAttention
-from ulysses_sp.evaluation import is_heldout, split_heldout
-from ulysses_sp.presets import build_config
-from ulysses_sp.text_data import Documents
-from ulysses_sp.training import run
-from ulysses_sp.validation import check_args, check_device_dtype, check_seq_len
+from ulysses_sp.train import checkpoints as checkpoint, failures
+from ulysses_sp.core.attention import UlyssesAttention
+from ulysses_sp.train.evaluation import is_heldout, split_heldout
+from ulysses_sp.train.presets import build_config
+from ulysses_sp.data.text import Documents
+from ulysses_sp.train.run import run
+from ulysses_sp.train.validation import check_args, check_device_dtype, check_seq_len
 
 TOPO2 = SimpleNamespace(sp_size=2, sp_rank=0, dp_size=1, dp_rank=0)
 

@@ -1,6 +1,6 @@
 import pytest
 
-from ulysses_sp.heads import plan_heads
+from ulysses_sp.core.heads import plan_heads
 
 
 @pytest.mark.parametrize("nq,nkv,sp", [(8, 8, 4), (32, 8, 4), (8, 2, 4), (12, 4, 8), (12, 4, 5), (6, 1, 4),

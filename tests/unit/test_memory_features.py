@@ -13,8 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
 from tests.helpers import clone, tiny_model, tokens
-from ulysses_sp import checkpointing as ckpt
-from ulysses_sp.tiled_mlp import is_mlp_tiled, tile_mlp, untile_mlp
+from ulysses_sp.memory import activation_checkpointing as ckpt
+from ulysses_sp.memory.tiled_mlp import is_mlp_tiled, tile_mlp, untile_mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -103,8 +103,8 @@ def test_tiled_mlp_recomputes_its_input_from_an_rms_norm_recompute():
     anyway) instead of its own input and recomputes each tile of it: no [T, d] tensor of its own is
     saved. Gradients equal the untiled model's under every checkpointing policy; an input changed in
     place since the norm (or another producer) is saved as before."""
-    from ulysses_sp.rms_norm import RMSNormFunction, enable_rms_norm_recompute, norm_source
-    from ulysses_sp.tiled_mlp import TiledMLP
+    from ulysses_sp.memory.rms_norm import RMSNormFunction, enable_rms_norm_recompute, norm_source
+    from ulysses_sp.memory.tiled_mlp import TiledMLP
 
     ref = tiny_model("tiny-llama-gqa")
     ids = tokens(2, 23)
@@ -174,7 +174,7 @@ def _saved_bytes(fn, x) -> int:
 def test_rms_norm_function_matches_llama_norm(dtype):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from ulysses_sp.rms_norm import RMSNormFunction
+    from ulysses_sp.memory.rms_norm import RMSNormFunction
 
     torch.manual_seed(0)
     norm = LlamaRMSNorm(64, eps=1e-5).to(dtype)
@@ -224,7 +224,7 @@ class _HeapPeak(TorchDispatchMode):
 def test_rms_norm_tiles_bound_the_backward_temporaries():
     """The eager backward's fp32 temporaries are per tile: the peak heap above the level before the
     backward shrinks with the tile."""
-    from ulysses_sp.rms_norm import RMSNormFunction
+    from ulysses_sp.memory.rms_norm import RMSNormFunction
 
     torch.manual_seed(0)
     weight = torch.randn(256, dtype=torch.bfloat16, requires_grad=True)
@@ -245,7 +245,7 @@ def test_rms_norm_tiles_bound_the_backward_temporaries():
 def test_rms_norm_function_compiles_in_one_graph():
     """torch.compile traces the norm in one graph (no break), and the result and both gradients
     match eager's tiled run."""
-    from ulysses_sp.rms_norm import RMSNormFunction
+    from ulysses_sp.memory.rms_norm import RMSNormFunction
 
     torch.manual_seed(0)
     w = torch.randn(64, requires_grad=True)
@@ -262,7 +262,7 @@ def test_rms_norm_function_compiles_in_one_graph():
 
 
 def test_rms_norm_recompute_is_scoped_undone_and_exact_in_a_model():
-    from ulysses_sp.rms_norm import disable_rms_norm_recompute, enable_rms_norm_recompute
+    from ulysses_sp.memory.rms_norm import disable_rms_norm_recompute, enable_rms_norm_recompute
 
     ref = tiny_model("tiny-qwen3")  # decoder norms and per-head q/k norms
     ckpt.enable_checkpointing(ref, "full")
@@ -291,7 +291,7 @@ def test_rms_norm_recompute_is_scoped_undone_and_exact_in_a_model():
 def test_rms_norm_recompute_leaves_other_norms_alone():
     import transformers
 
-    from ulysses_sp.rms_norm import enable_rms_norm_recompute
+    from ulysses_sp.memory.rms_norm import enable_rms_norm_recompute
 
     config = transformers.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16)

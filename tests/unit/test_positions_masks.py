@@ -2,8 +2,8 @@
 
 import torch
 
-from ulysses_sp import masks
-from ulysses_sp.positions import build_sequence_info, doc_ids_from_cu_seqlens, local_position_ids
+from ulysses_sp.core import masks
+from ulysses_sp.core.sequence_info import build_sequence_info, doc_ids_from_cu_seqlens, local_position_ids
 
 
 def _brute(doc, valid, causal, window, S):

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ulysses_sp.positions import SEQ_INFO_KWARG, SequenceInfo
-from ulysses_sp.sharding import make_shift_labels, positions_from_starts, shard_batch, to_device
+from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG, SequenceInfo
+from ulysses_sp.core.sharding import make_shift_labels, positions_from_starts, shard_batch, to_device
 
 
 def _topo(P, r):

@@ -8,7 +8,7 @@ from transformers import TrainingArguments
 
 from tests.helpers import tiny_model
 from ulysses_sp.integrations.accelerate import ENV_SP_SIZE
-from ulysses_sp.integrations.trainer import SPTrainer
+from ulysses_sp.integrations.hf_trainer import SPTrainer
 
 
 def _args(tmp_path, **kwargs):

@@ -45,12 +45,12 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..data import SPShardAdapter
-from ..loss import CausalLMLoss, count_label_tokens, reduce_loss_for_logging
-from ..rng import sharded_rng
-from ..topology import SPTopology, init_sp
+from ..data.loader import SPShardAdapter
+from ..loss.causal_lm import CausalLMLoss, count_label_tokens, reduce_loss_for_logging
+from ..core.rng import sharded_rng
+from ..core.topology import SPTopology, init_sp
 from . import deepspeed as ds_integration
-from .hf import apply
+from ..core.apply import apply
 
 #: the ``parallelism_config_sp_backend`` value that selects ulysses_sp.
 SP_BACKEND = "ulysses_sp"

@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from .. import comm
-from ..topology import SPTopology
+from ..core import comm
+from ..core.topology import SPTopology
 from .deepspeed_config import batch_sizes, load_config, prepare_config, resolve_sp_size, zero_stage
-from .hf import apply, is_applied
+from ..core.apply import apply, is_applied
 
 __all__ = ["SPMpu", "batch_sizes", "check_partitioning", "destroy", "init_comm", "initialize", "load_config",
            "prepare_config", "resolve_sp_size", "zero_stage"]
@@ -217,7 +217,7 @@ def _gather_head_for_loss(model: torch.nn.Module) -> None:
     reduces its gradient as usual."""
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-    from ..loss import CausalLMLoss
+    from ..loss.causal_lm import CausalLMLoss
 
     if isinstance(model, CausalLMLoss):
         head = model.model.get_output_embeddings()

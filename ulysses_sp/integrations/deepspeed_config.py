@@ -12,7 +12,7 @@ import copy
 import json
 import os
 
-from ..topology import SPTopology
+from ..core.topology import SPTopology
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 

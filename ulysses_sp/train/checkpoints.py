@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import comm
-from .engine import DEEPSPEED_DIR, NATIVE_TAG, UNIVERSAL_TAG
-from .rng import _mix, get_rng_state, set_rng_state, sync_rng
+from ..core import comm
+from .engines import DEEPSPEED_DIR, NATIVE_TAG, UNIVERSAL_TAG
+from ..core.rng import _mix, get_rng_state, set_rng_state, sync_rng
 
 FORMAT = 1
 META_FILE = "trainer.json"

@@ -22,7 +22,7 @@ from .packing import PackedDataset
 
 BYTE_VOCAB_SIZE = 256
 #: the corpus bundled with the package (original prose, documents separated by blank lines).
-CORPUS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "corpus.txt")
+CORPUS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "corpus.txt")
 
 
 def encode_bytes(text: str) -> torch.Tensor:

@@ -29,11 +29,11 @@ import torch
 import transformers
 from packaging.version import Version
 
-from .. import comm
-from ..attention import UlyssesAttention
-from ..heads import plan_heads
-from ..positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, local_position_ids
-from ..topology import SPTopology
+from . import comm
+from .attention import UlyssesAttention
+from .heads import plan_heads
+from .sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, local_position_ids
+from .topology import SPTopology
 
 MIN_TRANSFORMERS = Version("5.0")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -102,7 +102,7 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
         )
     plan_heads(heads, kv, topology.sp_size)  # raises on sp > heads
     if impl in ("flash_attention_2", "flash_attention_3"):
-        from ..backends import flash_functions
+        from .backends import flash_functions
 
         try:
             flash_functions(3 if impl.endswith("3") else 2)

@@ -28,24 +28,25 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from . import checkpoint, comm
-from .checkpointing import enable_checkpointing
-from .data import SPDataLoader
-from .engine import NATIVE_TAG, DeepSpeedEngine, TorchEngine
+from . import checkpoints as checkpoint
+from ..core import comm
+from ..memory.activation_checkpointing import enable_checkpointing
+from ..data.loader import SPDataLoader
+from .engines import NATIVE_TAG, DeepSpeedEngine, TorchEngine
 from .evaluation import evaluate, split_heldout
 from .failures import report_failure, shutdown
-from .integrations import accelerate as accelerate_integration
-from .integrations import deepspeed as ds_integration
-from .integrations.hf import apply
-from .loss import count_label_tokens, reduce_loss_for_logging
-from .packing import PackedDataset
+from ..integrations import accelerate as accelerate_integration
+from ..integrations import deepspeed as ds_integration
+from ..core.apply import apply
+from ..loss.causal_lm import count_label_tokens, reduce_loss_for_logging
+from ..data.packing import PackedDataset
 from .presets import build_config
-from .rms_norm import enable_rms_norm_recompute
-from .rng import sharded_rng, sync_rng
-from .sharding import to_device
-from .text_data import read_documents
-from .tiled_mlp import tile_mlp
-from .topology import init_sp
+from ..memory.rms_norm import enable_rms_norm_recompute
+from ..core.rng import sharded_rng, sync_rng
+from ..core.sharding import to_device
+from ..data.text import read_documents
+from ..memory.tiled_mlp import tile_mlp
+from ..core.topology import init_sp
 from .validation import check_args, check_device_dtype, check_seq_len
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

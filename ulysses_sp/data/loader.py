@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
-from . import comm
+from ..core import comm
 from .packing import PackedDataset, pack_collate
-from .sharding import shard_batch
-from .text_data import BYTE_VOCAB_SIZE, Documents, decode_bytes, encode_bytes, load_text_dataset, read_documents
+from ..core.sharding import shard_batch
+from .text import BYTE_VOCAB_SIZE, Documents, decode_bytes, encode_bytes, load_text_dataset, read_documents
 
 __all__ = [
     "BYTE_VOCAB_SIZE", "Documents", "PackedDataset", "SPBatchMismatchError", "SPDataLoader", "SPShardAdapter",

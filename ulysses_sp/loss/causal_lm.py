@@ -27,18 +27,10 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.distributed as dist
 
-from . import comm
-from .integrations.hf import is_applied
-from .tiled_ce import (
-    DEFAULT_TILE_BYTES,
-    IGNORE_INDEX,
-    LogitTransform,
-    liger_cross_entropy_sum,
-    liger_unsupported_reason,
-    tile_tokens_for_budget,
-    tiled_cross_entropy_sum,
-)
-from .topology import SPTopology
+from ..core import comm
+from ..core.apply import is_applied
+from .tiled_ce import DEFAULT_TILE_BYTES, IGNORE_INDEX, LogitTransform, liger_cross_entropy_sum, liger_unsupported_reason, tile_tokens_for_budget, tiled_cross_entropy_sum
+from ..core.topology import SPTopology
 
 # How ``config.logits_scaling`` enters each model family's logits (the name means different things).
 _LOGITS_SCALING = {

@@ -19,7 +19,7 @@ import torch
 
 from . import backends, comm
 from .heads import HeadPlan, plan_heads
-from .positions import SEQ_INFO_KWARG, SequenceInfo
+from .sequence_info import SEQ_INFO_KWARG, SequenceInfo
 from .topology import SPTopology
 
 logger = logging.getLogger("ulysses_sp")

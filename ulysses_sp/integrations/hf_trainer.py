@@ -46,15 +46,15 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
-from .. import comm
-from ..data import assert_same_across_sp
-from ..loss import CausalLMLoss, causal_lm_loss, count_label_tokens
-from ..rng import sharded_rng
-from ..sharding import shard_batch
-from ..tiled_ce import IGNORE_INDEX
-from ..topology import init_sp
+from ..core import comm
+from ..data.loader import assert_same_across_sp
+from ..loss.causal_lm import CausalLMLoss, causal_lm_loss, count_label_tokens
+from ..core.rng import sharded_rng
+from ..core.sharding import shard_batch
+from ..loss.tiled_ce import IGNORE_INDEX
+from ..core.topology import init_sp
 from .accelerate import check_accelerator, claim_sp_size, ensure_process_group, key_loader_by_dp
-from .hf import apply
+from ..core.apply import apply
 
 
 class SPTrainer(Trainer):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import masks
-from .positions import SequenceInfo
+from .sequence_info import SequenceInfo
 
 logger = logging.getLogger("ulysses_sp")
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .positions import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, document_starts
+from .sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, document_starts
 
 #: keys describing the full batch that are folded into the SequenceInfo and not returned.
 _CONSUMED = ("labels", "attention_mask", "seq_lens", "cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k",

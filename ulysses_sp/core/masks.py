@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .positions import SequenceInfo
+from .sequence_info import SequenceInfo
 
 
 def mask_mod(info: SequenceInfo, causal: bool, window: int | None):

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from . import comm
-from .loss import CausalLMLoss, causal_lm_loss
-from .topology import SPTopology
+from ..core import comm
+from ..loss.causal_lm import CausalLMLoss, causal_lm_loss
+from ..core.topology import SPTopology
 
 _BUCKET_ELEMS = 1 << 25
 #: the torch engine's file in a checkpoint directory: model, optimizer and scheduler state
@@ -132,7 +132,7 @@ class DeepSpeedEngine:
 
     def __init__(self, model: torch.nn.Module, topology: SPTopology, ds_config: dict, args, dtype: torch.dtype,
                  load_universal: bool = False):
-        from .integrations import deepspeed as ds_integration
+        from ..integrations import deepspeed as ds_integration
 
         config = dict(ds_config)
         if load_universal:

@@ -23,7 +23,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from . import comm
+from ..core import comm
 
 _PREFIX = "ulysses_sp/failed/"
 #: substrings of the errors gloo / NCCL / c10d raise when a collective cannot complete

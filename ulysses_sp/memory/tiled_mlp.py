@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import comm, rms_norm
+from ..core import comm
+from . import rms_norm
 
 
 @dataclass

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import comm
-from .text_data import Documents
-from .tiled_ce import IGNORE_INDEX
+from ..core import comm
+from ..data.text import Documents
+from ..loss.tiled_ce import IGNORE_INDEX
 
 _HASH_RANGE = 1 << 32
 
