@@ -95,7 +95,8 @@ def main(argv=None) -> None:
 
     from ulysses_sp.integrations import deepspeed as ds_integration
     from ulysses_sp.core.topology import init_sp
-    from ulysses_sp.train.run import default_attention, init_distributed
+    from ulysses_sp.train.plan import default_attention
+    from ulysses_sp.train.build import init_distributed
 
     # deprecation notices raised on every step by DeepSpeed's / ArcticTraining's calls, not by this script
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated", category=FutureWarning)

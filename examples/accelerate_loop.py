@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from ulysses_sp.data.loader import collate_padded, load_text_dataset
-from ulysses_sp.integrations.accelerate import claim_sp_size, prepare_sp, train_step
+from ulysses_sp import claim_sp_size, load_text_dataset, prepare_sp, train_step
+from ulysses_sp.data import collate_padded
 from ulysses_sp.train.presets import build_config
 
 

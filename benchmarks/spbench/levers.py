@@ -6,7 +6,7 @@ None of them changes what is computed (same loss, same gradients up to kernel ro
   step (forward, backward and the recomputation), via ``torch.nn.attention.sdpa_kernel(...,
   set_priority=True)``. Only matters with ``--attn sdpa``; a backend that cannot take the inputs is
   skipped by torch as usual, so this only reorders.
-* ``sac`` (ours): selective activation checkpointing (``ulysses_sp.checkpointing``, policy
+* ``sac`` (ours): selective activation checkpointing (``ulysses_sp.memory.activation_checkpointing``, policy
   "selective"). The decoder layers stay checkpointed, but the outputs of the attention kernel and
   of the all-to-alls are saved instead of recomputed in the backward: no second attention forward
   and no second round of all-to-alls per layer, for about 2 (3d + 2 d_kv) bytes more activation
@@ -48,7 +48,7 @@ def step_context(levers: frozenset[str]):
 
 
 def checkpoint_policy(levers: frozenset[str]) -> str:
-    """``ulysses_sp.checkpointing`` policy of a lever set: every side checkpoints every decoder layer."""
+    """``ulysses_sp.memory.activation_checkpointing`` policy of a lever set: every side checkpoints every decoder layer."""
     return "selective" if "sac" in levers else "full"
 
 

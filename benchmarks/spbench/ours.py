@@ -1,4 +1,4 @@
-"""The ulysses_sp side: the path the package's DeepSpeed engine takes (``ulysses_sp.engine``).
+"""The ulysses_sp side: the path the package's DeepSpeed engine takes (``ulysses_sp.train.engines``).
 
 ``apply`` on a fresh model, ``shard_batch`` for this rank's shard, ``CausalLMLoss`` (backbone +
 tiled or liger cross-entropy, global token normalisation) handed to

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tests.distributed import harness
 from tests.helpers import tiny_model, tokens
 from ulysses_sp.core import comm
-from ulysses_sp.data.loader import collate_padded
+from ulysses_sp.data.collate import collate_padded
 from ulysses_sp.integrations.accelerate import prepare_sp, train_step
 
 pytestmark = harness.cpu_only("Accelerate's cpu=True process group (the GPU path is plain DDP, covered by the other bodies)")

@@ -136,7 +136,7 @@ def _body_compile(ctx):
 def _body_errors(ctx):
     with pytest.raises(ValueError, match=r"world size 2 is not a multiple of sp_size=3; use one of \[1, 2\]"):
         ulysses_sp.init_sp(3)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match=r"sp_size must be an integer >= 1, got 0"):
         ulysses_sp.init_sp(0)
     topo = ulysses_sp.init_sp(2)
     with pytest.raises(ValueError, match="sp_size=2 exceeds num_attention_heads=1"):

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import harness
-from ulysses_sp.core import comm
+from ulysses_sp.core import all_to_all
 from ulysses_sp.core.heads import plan_heads
 
 # (Nq, Nkv, H, Hv, B, s): MHA, GQA with kv < P (replicated), MQA, uneven heads, MLA-like Hv != H
@@ -32,11 +32,11 @@ def _body_a2a(ctx):
         full = [_labelled(B, S, nq, H, 0, ctx.device), _labelled(B, S, nkv, H, 1e7, ctx.device),
                 _labelled(B, S, nkv, Hv, 2e7, ctx.device)]
         local = [t[:, r * s:(r + 1) * s].clone().requires_grad_(True) for t in full]
-        q, k, v = comm.seq_to_heads(local, [plan.q_heads, plan.kv_heads, plan.kv_heads], group, r)
+        q, k, v = all_to_all.seq_to_heads(local, [plan.q_heads, plan.kv_heads, plan.kv_heads], group, r)
         assert torch.equal(q, full[0][:, :, list(plan.q_heads[r])]), (nq, nkv)
         assert torch.equal(k, full[1][:, :, list(plan.kv_heads[r])]), (nq, nkv)
         assert torch.equal(v, full[2][:, :, list(plan.kv_heads[r])]), (nq, nkv)
-        back = comm.heads_to_seq(q, plan.q_heads, group, r)
+        back = all_to_all.heads_to_seq(q, plan.q_heads, group, r)
         assert torch.equal(back, local[0]), "round trip is not the identity"
         # d/dx sum(f(x)^2) = 2x through a permutation; a kv head sent to m ranks gets m copies
         (q.pow(2).sum() + k.pow(2).sum() + v.pow(2).sum()).backward()
@@ -49,8 +49,8 @@ def _body_a2a(ctx):
         assert torch.equal(local[2].grad, 2 * local[2].detach() * copies.view(1, 1, -1, 1))
         # the output direction's gradient as well
         out_local = local[0].detach().clone()
-        o = comm.seq_to_heads([out_local], [plan.q_heads], group, r)[0].requires_grad_(True)
-        comm.heads_to_seq(o, plan.q_heads, group, r).pow(2).sum().backward()
+        o = all_to_all.seq_to_heads([out_local], [plan.q_heads], group, r)[0].requires_grad_(True)
+        all_to_all.heads_to_seq(o, plan.q_heads, group, r).pow(2).sum().backward()
         assert torch.equal(o.grad, 2 * o.detach())
         checked += 1
     assert checked >= 5

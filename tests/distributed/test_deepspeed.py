@@ -4,7 +4,7 @@ each replica's gradient of its full-batch loss) for every parameter; with bindin
 gradient accumulation, CPU optimizer offload, bf16 (stages 0, 1 with DeepSpeed's BF16_Optimizer, 3) and a
 loss-returning wrapper module. Config and SP-size errors; other models in the process untouched.
 
-The SP loss follows loss.py's convention: the full-sequence loss on every SP rank, through a
+The SP loss follows loss/causal_lm.py's convention: the full-sequence loss on every SP rank, through a
 differentiable all-reduce of the local CE sum. The update is measured with torch SGD at LR=1e5, so
 that ``(before - after) / LR`` is the applied gradient to fp32 precision whatever DeepSpeed's
 internals (and ``safe_get_full_grad``) do.
@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import ulysses_sp
@@ -69,7 +70,7 @@ def _full(p) -> torch.Tensor:
 
 
 def _sp_loss(logits: torch.Tensor, labels: torch.Tensor, topo) -> torch.Tensor:
-    """loss.py's convention: the micro-batch's token-mean loss on every SP rank. logits [B, s, V], labels [B, s]."""
+    """loss/causal_lm.py's convention: the micro-batch's token-mean loss on every SP rank. logits [B, s, V], labels [B, s]."""
     local = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     return comm.all_reduce_autograd_sum(local, topo.sp_group) / (B * (S - 1))
 
@@ -170,7 +171,9 @@ def _check_fused_head_zero3(ctx, topo):
 def _body_stages(ctx, sp_size: int, cases, other_models: bool):
     if ctx.device.type == "cpu":
         # as under the deepspeed launcher: all ranks on one host, which turns on DeepSpeed's shm all-reduce
-        port = comm.broadcast_object(str(20000 + os.getpid() % 40000))  # a name of this run's own
+        box = [str(20000 + os.getpid() % 40000)]  # a name of this run's own
+        dist.broadcast_object_list(box, src=0)
+        port = box[0]
         os.environ.update(LOCAL_SIZE=str(ctx.world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     topo = ulysses_sp.init_sp(sp_size)
     if other_models:
@@ -233,17 +236,6 @@ def test_stages_dp2_sp2():
 
 def _topo(sp: int, dp: int):
     return SimpleNamespace(sp_size=sp, dp_size=dp, world_size=sp * dp)
-
-
-def test_resolve_sp_size():
-    assert uds.resolve_sp_size(None, {}) == 1
-    assert uds.resolve_sp_size(None, {"sequence_parallel_size": 4}) == 4
-    assert uds.resolve_sp_size(2, {}) == 2
-    assert uds.resolve_sp_size(4, {"sequence_parallel_size": 4}) == 4
-    with pytest.raises(ValueError, match="--sp-size 2 disagrees with \"sequence_parallel_size\": 4"):
-        uds.resolve_sp_size(2, {"sequence_parallel_size": 4})
-    with pytest.raises(ValueError, match="must be a positive integer"):
-        uds.resolve_sp_size(None, {"sequence_parallel_size": "4"})
 
 
 def test_initialize_needs_an_sp_model():

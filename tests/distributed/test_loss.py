@@ -18,7 +18,8 @@ import ulysses_sp
 from tests.distributed import harness
 from tests.helpers import assert_grads_close, clone, tiny_model, tokens, tolerances
 from ulysses_sp.core import comm
-from ulysses_sp.loss.causal_lm import CausalLMLoss, causal_lm_loss, count_label_tokens, logit_transform, reduce_loss_for_logging
+from ulysses_sp.loss.causal_lm import CausalLMLoss, causal_lm_loss, count_label_tokens, reduce_loss_for_logging
+from ulysses_sp.loss.logits import logit_transform
 from ulysses_sp.loss.tiled_ce import liger_unsupported_reason
 
 PRESETS = (("tiny-llama", 5), ("tiny-qwen2", None))  # (preset, tile_tokens; None = by memory budget)

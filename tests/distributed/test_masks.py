@@ -44,7 +44,7 @@ def _flex_head_dim(preset: str, backend: str) -> dict:
     """``head_dim=16`` where flex runs on CUDA (flex_attention, or sdpa routed to flex by a dense-mask
     limit of 0) and the preset's heads are narrower: the compiled kernel's minimum."""
     config = build_config(preset)
-    flex = backend == "flex_attention" or (backend == "sdpa" and backends.DENSE_MASK_WARN_TOKENS == 0)
+    flex = backend == "flex_attention" or (backend == "sdpa" and backends.dense.DENSE_MASK_WARN_TOKENS == 0)
     if flex and harness.on_gpu() and config.hidden_size // config.num_attention_heads < 16:
         return {"head_dim": 16}
     return {}
@@ -413,7 +413,7 @@ def _body_sdpa_routes(ctx, route):
     bf16 (route "varlen"), flex for fp32 above the dense limit (route "flex", limit lowered to 0).
     Every check, compile included, then runs through that route."""
     if route == "flex":
-        backends.DENSE_MASK_WARN_TOKENS = 0
+        backends.dense.DENSE_MASK_WARN_TOKENS = 0
     topo = ulysses_sp.init_sp(2)
     _run_checks(ctx, topo, "sdpa", PACKED_ALL, WINDOWED)
     model = tiny_model("tiny-mistral", dtype=ctx.dtype, **_flex_head_dim("tiny-mistral", "sdpa")).to(ctx.device)
@@ -434,7 +434,7 @@ def _body_sdpa_routes(ctx, route):
 def test_sdpa_memory_safe_routes_gpu(route, monkeypatch):
     _need_gpu()
     if route == "varlen":
-        if backends._torch_varlen() is None:
+        if backends.varlen.torch_varlen() is None:
             pytest.skip("this torch has no torch.nn.attention.varlen.varlen_attn with window_size/enable_gqa")
         monkeypatch.setenv("ULYSSES_SP_TEST_DTYPE", "bf16")  # the varlen kernel is half precision only
     else:

@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 
 import ulysses_sp
-from launch.train import parse_args
 from tests.distributed import harness
 from tests.helpers import tiny_model, tokens
 from ulysses_sp.core import comm
 from ulysses_sp.train.presets import build_config
-from ulysses_sp.train.run import TrainingRun
+from ulysses_sp.train.cli import parse_config
+from ulysses_sp.train.loop import TrainingRun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HARNESS_TIMEOUT = timedelta(seconds=300)  # harness.py's init_process_group timeout
@@ -63,16 +63,16 @@ def test_timeouts_and_input_errors_on_every_rank():
 def _train(argv: list[str]) -> tuple[list[float], dict]:
     """One TrainingRun in this process (the process group exists already): its step losses (rank 0) and
     the data loader's final position."""
-    args = parse_args(argv)
-    run = TrainingRun.start(args)
+    config = parse_config(argv)
+    run = TrainingRun.start(config)
     try:
         run.train()
     finally:
-        run.close_metrics()
-    assert all(g == timedelta(seconds=args.timeout_s) for g in map(comm.group_timeout, _groups()))
+        run.close()
+    assert all(g == timedelta(seconds=config.timeout_s) for g in map(comm.group_timeout, _groups()))
     losses = []
     if dist.get_rank() == 0:
-        with open(args.metrics) as f:
+        with open(config.metrics) as f:
             losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
     return losses, run.loader.state_dict()
 

@@ -159,10 +159,10 @@ gc.disable()  # only run()'s own collection may free what sits in reference cycl
 sys.path.insert(0, sys.argv.pop(1))
 out_dir = sys.argv.pop(1)
 import train
-from ulysses_sp import training
+from ulysses_sp.train import loop
 
 refs = {}
-start = training.TrainingRun.start.__func__
+start = loop.TrainingRun.start.__func__
 
 
 def spy(cls, args):
@@ -172,7 +172,7 @@ def spy(cls, args):
     return run
 
 
-training.TrainingRun.start = classmethod(spy)
+loop.TrainingRun.start = classmethod(spy)
 train.main(sys.argv[1:])
 alive = sorted(name for name, ref in refs.items() if ref() is not None)
 with open(os.path.join(out_dir, f"alive_{os.environ['RANK']}.json"), "w") as f:  # one file per rank: no interleaving
@@ -182,7 +182,7 @@ with open(os.path.join(out_dir, f"alive_{os.environ['RANK']}.json"), "w") as f: 
 
 def test_successful_run_frees_its_objects_before_exit(tmp_path):
     """After a successful run every rank has freed the model, the engine and the topology (with its
-    process groups) inside ``training.run``: they sit in reference cycles, and left to the interpreter's
+    process groups) inside ``ulysses_sp.train.run.run``: they sit in reference cycles, and left to the interpreter's
     finalization, freeing gloo objects that hold tensors can abort a rank at exit
     (docs/troubleshooting.md). gc is off in the ranks, so only run()'s own collection frees them."""
     probe = tmp_path / "probe.py"
@@ -192,7 +192,7 @@ def test_successful_run_frees_its_objects_before_exit(tmp_path):
     run_ok(cmd, tmp_path)
     for rank in (0, 1):
         alive = json.loads((tmp_path / f"alive_{rank}.json").read_text())
-        assert alive == [], f"rank {rank}: still alive after training.run returned: {alive}"
+        assert alive == [], f"rank {rank}: still alive after run() returned: {alive}"
 
 
 def test_raising_rank_is_named_by_the_others(tmp_path):

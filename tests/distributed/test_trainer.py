@@ -25,7 +25,8 @@ def _train_and_evaluate(ctx, sp_size: int | None, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", OMP_NUM_THREADS="1")
     from transformers import Trainer, TrainingArguments
 
-    from ulysses_sp.data.loader import collate_padded, load_text_dataset
+    from ulysses_sp.data.collate import collate_padded
+    from ulysses_sp.data.text import load_text_dataset
     from ulysses_sp.integrations.hf_trainer import SPTrainer
 
     rows = load_text_dataset(None, 40, pack=False)  # one row per document piece, 1..40 tokens

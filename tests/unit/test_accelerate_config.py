@@ -9,7 +9,9 @@ import os
 
 import pytest
 
-from ulysses_sp.integrations.accelerate import launched_deepspeed_config_file, ENV_SP_SIZE, claim_sp_size, deepspeed_config_file, env_flag, read_sp_size, resolve_sp_size
+from ulysses_sp.integrations.accelerate_env import launched_deepspeed_config_file, ENV_SP_SIZE, claim_sp_size, env_flag, read_sp_size
+from ulysses_sp.train.plan import check_accelerate_launch
+from ulysses_sp.integrations.sp_size import resolve_sp_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OURS = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_SP_SIZE": "2",
@@ -41,7 +43,7 @@ def test_shipped_yamls_give_our_sp_size(config, cli, processes, sp):
     assert (num_processes, read_sp_size(env)) == (processes, sp)
     assert env["PARALLELISM_CONFIG_SP_BACKEND"] == "ulysses_sp"
     expected_ds = "configs/deepspeed/zero2.json" if "deepspeed" in config else None
-    assert deepspeed_config_file(env) == expected_ds
+    assert launched_deepspeed_config_file(env) == expected_ds
 
 
 def test_cli_false_arrives_as_true_and_is_ignored():
@@ -110,11 +112,21 @@ def test_resolve_sp_size_order_and_conflicts():
         resolve_sp_size(4, {}, dict(OURS))
     with pytest.raises(ValueError, match='"sequence_parallel_size": 4 in the DeepSpeed config disagrees'):
         resolve_sp_size(None, {"sequence_parallel_size": 4}, dict(OURS))
+    with pytest.raises(ValueError, match=r"SPTrainer\(sp_size=4\) disagrees with the Accelerate config's SP size 2"):
+        resolve_sp_size(4, None, dict(OURS), explicit_source="SPTrainer(sp_size=4)")
+    with pytest.raises(ValueError, match=r'"sequence_parallel_size" in the DeepSpeed config must be an integer >= 1, '
+                                         r"got '4'"):
+        resolve_sp_size(None, {"sequence_parallel_size": "4"}, {})
+
+
+def test_accelerate_launches_the_trainer_cannot_honour():
     ds_launch = {**OURS, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "z2.json"}
-    with pytest.raises(ValueError, match="add --deepspeed z2.json"):
-        resolve_sp_size(None, {}, dict(ds_launch))
     assert launched_deepspeed_config_file(ds_launch) == "z2.json"  # the trainer loads it as --deepspeed
     assert launched_deepspeed_config_file(OURS) is None
-    assert resolve_sp_size(None, {"zero_optimization": {"stage": 2}}, dict(ds_launch)) == 2
-    with pytest.raises(ValueError, match="FSDP"):
-        resolve_sp_size(None, {}, {"ACCELERATE_USE_FSDP": "true"})
+    check_accelerate_launch({"zero_optimization": {"stage": 2}}, ds_launch)
+    inline = {**OURS, "ACCELERATE_USE_DEEPSPEED": "true"}  # DeepSpeed settings in the YAML, no JSON file
+    with pytest.raises(ValueError, match=r"accelerate launched DeepSpeed \(deepspeed_config_file \(set in the "
+                                         r"Accelerate config's deepspeed_config\)\).*add --deepspeed CONFIG.json"):
+        check_accelerate_launch({}, inline)
+    with pytest.raises(ValueError, match="accelerate launched FSDP, which launch/train.py does not support"):
+        check_accelerate_launch({}, {"ACCELERATE_USE_FSDP": "true"})

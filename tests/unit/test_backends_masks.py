@@ -10,7 +10,7 @@ import transformers
 
 import ulysses_sp
 from ulysses_sp.core import backends, masks
-from ulysses_sp.core.apply import complete_kwargs
+from ulysses_sp.core.model_inputs import complete_kwargs
 from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
 
 B, S, NQ, NK, H = 2, 24, 4, 2, 8
@@ -137,7 +137,7 @@ def test_flash_call_contract_on_cpu(version, monkeypatch):
     size, scale; no dropout argument for flash 3; a tuple result) against brute force, through
     CPU stand-ins with the kernels' signatures: the plain causal path, packed documents with padding
     at the ends (with and without a window) and interior padding (without)."""
-    monkeypatch.setattr(backends, "flash_functions", _fake_flash)
+    monkeypatch.setattr(backends.flash, "flash_functions", _fake_flash)
     ends = torch.cat([torch.cat([torch.arange(5), torch.arange(11), torch.arange(8)]).view(1, S),
                       torch.arange(S).view(1, S)])  # [B, S]
     valid_ends = torch.ones(B, S, dtype=torch.long)
@@ -171,7 +171,7 @@ def test_flash_refuses_a_window_across_interior_padding():
 
 def test_dense_fallback_warns_above_the_limit(monkeypatch):
     info, _ = _layout()
-    monkeypatch.setattr(backends, "DENSE_MASK_WARN_TOKENS", S - 1)
+    monkeypatch.setattr(backends.dense, "DENSE_MASK_WARN_TOKENS", S - 1)
     with pytest.warns(UserWarning, match=f"dense {S}x{S} attention mask"):
         backends.run("sdpa", *_qkv(), _spec(info))
 
@@ -256,7 +256,7 @@ def test_apply_sinks_gradients():
     kk, vv = (t.repeat_interleave(NQ // NK, dim=2).transpose(1, 2) for t in (k, v))
     scores = (q.transpose(1, 2) @ kk.transpose(2, 3) * H ** -0.5).masked_fill(~allowed, float("-inf"))
     out = scores.softmax(-1) @ vv  # [1, NQ, S, H]
-    got = backends.apply_sinks(out, torch.logsumexp(scores, -1), sinks).transpose(1, 2)
+    got = backends.flex.apply_sinks(out, torch.logsumexp(scores, -1), sinks).transpose(1, 2)
     want = _sink_reference(q, k, v, allowed, sinks)
     weights = torch.randn_like(want)
     grads_got = torch.autograd.grad((got * weights).sum(), (q, k, v, sinks))

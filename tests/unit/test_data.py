@@ -10,8 +10,16 @@ import datasets
 import pytest
 import torch
 
-from ulysses_sp.data.loader import BYTE_VOCAB_SIZE, Documents, PackedDataset, SPDataLoader, batch_checksum, collate_padded, decode_bytes, encode_bytes, load_text_dataset, pack_collate, read_documents
+from ulysses_sp.data.text import BYTE_VOCAB_SIZE, Documents, encode_bytes, load_text_dataset, read_documents
+from ulysses_sp.data.packing import PackedDataset, pack_collate
+from ulysses_sp.data.loader import SPDataLoader
+from ulysses_sp.data.identical import batch_checksum
+from ulysses_sp.data.collate import collate_padded
 from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG
+
+
+def decode_bytes(ids) -> str:
+    return bytes(torch.as_tensor(ids).reshape(-1).tolist()).decode("utf-8")
 
 
 def _topo(dp_size=1, dp_rank=0, sp_size=1, sp_rank=0):
@@ -62,7 +70,7 @@ def test_packed_dataset_splits_long_documents_and_restarts_positions():
     assert [r["labels"].tolist() for r in rows] == [[-100, 2, 3], [4, 5]]
     with pytest.raises(ValueError, match="cannot pack an empty dataset"):
         PackedDataset(Documents([[]]), 4)
-    with pytest.raises(ValueError, match="seq_len must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="seq_len must be an integer >= 1, got 0"):
         PackedDataset(docs, 0)
 
 

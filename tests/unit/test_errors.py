@@ -14,14 +14,14 @@ import torch.distributed as dist
 import transformers
 
 import ulysses_sp
-from launch.train import parse_args
 from ulysses_sp.train import checkpoints as checkpoint, failures
 from ulysses_sp.core.attention import UlyssesAttention
 from ulysses_sp.train.evaluation import is_heldout, split_heldout
 from ulysses_sp.train.presets import build_config
 from ulysses_sp.data.text import Documents
 from ulysses_sp.train.run import run
-from ulysses_sp.train.validation import check_args, check_device_dtype, check_seq_len
+from ulysses_sp.train.cli import parse_config
+from ulysses_sp.train.plan import check_device_dtype, check_seq_len
 
 TOPO2 = SimpleNamespace(sp_size=2, sp_rank=0, dp_size=1, dp_rank=0)
 
@@ -43,12 +43,12 @@ TOPO2 = SimpleNamespace(sp_size=2, sp_rank=0, dp_size=1, dp_rank=0)
 ])
 def test_trainer_flags(argv, match):
     with pytest.raises(ValueError, match=match):
-        check_args(parse_args(argv))
+        parse_config(argv)
 
 
 def test_bad_flags_fail_before_distributed_init():
     with pytest.raises(ValueError, match="--steps must be"):
-        run(parse_args(["--steps", "0", "--device", "cpu"]))
+        run(parse_config(["--steps", "0", "--device", "cpu"]))
     assert not dist.is_initialized()
 
 
@@ -94,11 +94,10 @@ def test_models_ulysses_sp_refuses():
                                             layer_types=["conv", "full_attention"]))
     with pytest.raises(ValueError, match=r"Lfm2ForCausalLM has layers of type \['conv'\]"):
         ulysses_sp.apply(hybrid, TOPO2)
-    falcon = _model(transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                              num_attention_heads=4))
-    with pytest.raises(ValueError, match=r"FalconForCausalLM does not route attention through transformers' "
+    bloom = _model(transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match=r"BloomForCausalLM does not route attention through transformers' "
                                          r"AttentionInterface"):
-        ulysses_sp.apply(falcon, TOPO2)
+        ulysses_sp.apply(bloom, TOPO2)
     uneven_kv = _model(build_config("tiny-llama", num_attention_heads=8, num_key_value_heads=3, hidden_size=64))
     with pytest.raises(ValueError, match=r"num_attention_heads=8, not a multiple of num_key_value_heads=3"):
         ulysses_sp.apply(uneven_kv, TOPO2)
@@ -108,7 +107,7 @@ def test_models_ulysses_sp_refuses():
     with pytest.raises(ValueError, match=r"attention implementation 'paged_attention' is not supported by ulysses_sp; "
                                          r"use one of \['sdpa'"):
         UlyssesAttention(TOPO2, "paged_attention")
-    for model in (mamba, hybrid, falcon, uneven_kv, few_heads):
+    for model in (mamba, hybrid, bloom, uneven_kv, few_heads):
         assert not ulysses_sp.is_applied(model)
 
 

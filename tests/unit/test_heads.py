@@ -21,10 +21,10 @@ def test_plan_covers_every_head_once_and_gqa_is_consistent(nq, nkv, sp):
 
 
 def test_plain_split_and_minimal_replication():
-    assert plan_heads(32, 8, 4).kv_is_plain_split
+    assert plan_heads(32, 8, 4).kv_heads == ((0, 1), (2, 3), (4, 5), (6, 7))  # plain split, nothing replicated
     plan = plan_heads(8, 2, 4)  # kv < sp: each kv head goes to exactly sp / kv = 2 ranks
     assert plan.kv_heads == ((0,), (0,), (1,), (1,))
-    assert plan.even
+    assert plan.q_slice(3) == slice(6, 8)
 
 
 def test_sp_larger_than_heads_is_a_clear_error():

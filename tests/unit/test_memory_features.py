@@ -5,7 +5,6 @@ saves, the trainer's flags, and that both features are scoped to one model and u
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -14,7 +13,9 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from tests.helpers import clone, tiny_model, tokens
 from ulysses_sp.memory import activation_checkpointing as ckpt
+from ulysses_sp.memory import offload
 from ulysses_sp.memory.tiled_mlp import is_mlp_tiled, tile_mlp, untile_mlp
+from ulysses_sp.train.cli import parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,13 +52,13 @@ def test_enable_disable_checkpointing_is_scoped_and_undone():
     ckpt.enable_checkpointing(model, "selective", offload=True)
     layers = model.model.layers
     assert ckpt.checkpointed_layers(model) and not ckpt.checkpointed_layers(other)
-    assert all(isinstance(layer._gradient_checkpointing_func, ckpt._OffloadLayerInput) for layer in layers)
+    assert all(isinstance(layer._gradient_checkpointing_func, offload._OffloadLayerInput) for layer in layers)
     ckpt.enable_checkpointing(model, "full")  # enabling again replaces the offload wrappers
-    assert not any(isinstance(layer._gradient_checkpointing_func, ckpt._OffloadLayerInput) for layer in layers)
+    assert not any(isinstance(layer._gradient_checkpointing_func, offload._OffloadLayerInput) for layer in layers)
     ckpt.enable_checkpointing(model, "full", offload=True)
     ckpt.disable_checkpointing(model)
     assert not ckpt.checkpointed_layers(model)
-    assert not any(isinstance(getattr(layer, "_gradient_checkpointing_func", None), ckpt._OffloadLayerInput)
+    assert not any(isinstance(getattr(layer, "_gradient_checkpointing_func", None), offload._OffloadLayerInput)
                    for layer in layers)
     with pytest.raises(ValueError, match="needs policy 'full' or 'selective'"):
         ckpt.enable_checkpointing(model, "none", offload=True)
@@ -141,19 +142,14 @@ def test_tiled_mlp_recomputes_its_input_from_an_rms_norm_recompute():
     assert sources == [True, True] * layers + [False], sources  # the final norm's output is returned: none
 
 
-def test_trainer_flags():
-    sys.path.insert(0, os.path.join(ROOT, "launch"))
-    try:
-        from train import parse_args
-    finally:
-        sys.path.remove(os.path.join(ROOT, "launch"))
-    assert parse_args([]).grad_ckpt == "none"
-    assert parse_args(["--grad-ckpt"]).grad_ckpt == "full"
-    args = parse_args(["--grad-ckpt", "selective", "--tiled-mlp", "--offload-activations", "--recompute-norms"])
-    assert (args.grad_ckpt, args.tiled_mlp, args.offload_activations, args.recompute_norms) == (
+def test_memory_flags():
+    assert parse_config([]).grad_ckpt == "none"
+    assert parse_config(["--grad-ckpt"]).grad_ckpt == "full"
+    config = parse_config(["--grad-ckpt", "selective", "--tiled-mlp", "--offload-activations", "--recompute-norms"])
+    assert (config.grad_ckpt, config.tiled_mlp, config.offload_activations, config.recompute_norms) == (
         "selective", True, True, True)
-    with pytest.raises(SystemExit):
-        parse_args(["--offload-activations"])
+    with pytest.raises(ValueError, match="--offload-activations moves the layers' checkpoints to host memory"):
+        parse_config(["--offload-activations"])
 
 
 def _saved_bytes(fn, x) -> int:

@@ -7,7 +7,7 @@ import pytest
 from transformers import TrainingArguments
 
 from tests.helpers import tiny_model
-from ulysses_sp.integrations.accelerate import ENV_SP_SIZE
+from ulysses_sp.integrations.accelerate_env import ENV_SP_SIZE
 from ulysses_sp.integrations.hf_trainer import SPTrainer
 
 

@@ -9,12 +9,7 @@ sized for the shard); the masks are ours, built from the step's SequenceInfo. ``
 original configs back and unregisters the name; a model freed without ``remove`` unregisters it too.
 
 A forward pre-hook on the model's backbone completes each call with what the shard alone does not
-carry: global position ids when absent, and the SequenceInfo of the full sequence (from
-``shard_batch``, or gathered once per step here). Masks given to the model: a 2-D padding mask of
-the shard is folded into that info; a full-sequence [B, S, S] mask becomes [B, 1, S, S], which
-transformers hands to attention untouched, like a 4-D mask or a flex BlockMask.
-
-Shape legend: B batch, s = S/P local tokens, S full sequence.
+carry (model_inputs.py).
 """
 
 from __future__ import annotations
@@ -29,10 +24,9 @@ import torch
 import transformers
 from packaging.version import Version
 
-from . import comm
 from .attention import UlyssesAttention
 from .heads import plan_heads
-from .sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, local_position_ids
+from .model_inputs import complete_kwargs
 from .topology import SPTopology
 
 MIN_TRANSFORMERS = Version("5.0")
@@ -69,6 +63,12 @@ def is_applied(model: torch.nn.Module) -> bool:
     return getattr(model, "_ulysses_sp", None) is not None
 
 
+def applied_topology(model: torch.nn.Module) -> SPTopology | None:
+    """The topology ``model`` was applied with, or None when SP is not applied to it."""
+    state: _State | None = getattr(model, "_ulysses_sp", None)
+    return None if state is None else state.topology
+
+
 def _validate(model, config, topology: SPTopology, impl: str) -> None:
     if not hasattr(model, "_can_set_attn_implementation") or not model._can_set_attn_implementation():
         raise ValueError(
@@ -102,7 +102,7 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
         )
     plan_heads(heads, kv, topology.sp_size)  # raises on sp > heads
     if impl in ("flash_attention_2", "flash_attention_3"):
-        from .backends import flash_functions
+        from .backends.flash import flash_functions
 
         try:
             flash_functions(3 if impl.endswith("3") else 2)
@@ -192,101 +192,3 @@ def _make_pre_hook(model):
         return (), complete_kwargs(kwargs, state.topology)
 
     return pre_hook
-
-
-def complete_kwargs(kwargs: dict, topology: SPTopology) -> dict:
-    """Fill in what attention needs for a call on the local shard (see module docstring)."""
-    P, rank = topology.sp_size, topology.sp_rank
-    tokens = kwargs.get("input_ids")
-    if tokens is None:
-        tokens = kwargs.get("inputs_embeds")
-    if tokens is None:
-        raise ValueError("the model was called without input_ids or inputs_embeds")
-    B, s = tokens.shape[:2]
-    if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
-        raise ValueError("ulysses_sp shards the sequence for training/scoring; KV caches (use_cache=True, "
-                         "past_key_values) are not supported. Pass use_cache=False")
-    kwargs["use_cache"] = False
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None:
-        position_ids = local_position_ids(B, s, rank, tokens.device)
-        kwargs["position_ids"] = position_ids
-    elif position_ids.shape[-1] != s or position_ids.dim() not in (2, 3):
-        raise ValueError(
-            f"position_ids must be the local shard's global positions, [B, {s}] (or [3, B, {s}] for mRoPE), "
-            f"got {list(position_ids.shape)}"
-        )
-    elif position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
-        raise ValueError(f"position_ids must be an integer tensor (torch.long), got {position_ids.dtype}; "
-                         "convert them with .long()")
-    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
-        if kwargs.get(key) is not None:  # transformers' flash path would read them; ours reads the SequenceInfo
-            raise ValueError(f"{key} was passed to the model; under sequence parallelism give the full batch with "
-                             f"{key} to ulysses_sp.shard_batch, which folds the document layout into the SequenceInfo")
-    padding = _custom_or_padding_mask(kwargs, B, s, P)  # [B, s] or None
-    info = kwargs.get(SEQ_INFO_KWARG)
-    if info is None:
-        kwargs[SEQ_INFO_KWARG] = gather_sequence_info(position_ids.expand(*position_ids.shape[:-2], B, s), padding,
-                                                      topology)
-    elif not isinstance(info, SequenceInfo) or info.seq_len != s * P:
-        raise ValueError(f"{SEQ_INFO_KWARG} must be the SequenceInfo of a {s * P}-token sequence "
-                         f"({P} ranks x {s} local tokens), from ulysses_sp.shard_batch")
-    elif padding is not None:
-        raise ValueError("a 2-D attention_mask was passed together with the step's SequenceInfo, which already "
-                         "describes the padding; give the full [B, S] mask to ulysses_sp.shard_batch instead")
-    return kwargs
-
-
-def _custom_or_padding_mask(kwargs: dict, B: int, s: int, P: int) -> torch.Tensor | None:
-    """Take a 2-D padding mask [B, s] out of ``kwargs`` (returned, for the SequenceInfo); leave a
-    full-sequence mask for attention: [B, S, S] becomes [B, 1, S, S] (transformers passes only 4-D
-    masks and BlockMasks through when no mask builder exists for the attention name)."""
-    mask = kwargs.get("attention_mask")
-    if mask is None or not isinstance(mask, torch.Tensor):
-        return None  # None, or a flex BlockMask, which attention checks
-    if mask.dim() == 2:
-        if tuple(mask.shape) != (B, s):
-            raise ValueError(f"a 2-D attention_mask must be the local shard's, [{B}, {s}], got {list(mask.shape)}; "
-                             "give a full [B, S] mask to ulysses_sp.shard_batch instead")
-        kwargs["attention_mask"] = None  # folded into the SequenceInfo
-        return mask
-    if mask.dim() == 3:
-        if mask.is_floating_point():
-            raise ValueError("a 3-D float attention_mask is ambiguous (keep-mask or additive?); pass a bool "
-                             f"[B, {s * P}, {s * P}] (True = attend) or an additive float [B, 1, {s * P}, {s * P}]")
-        kwargs["attention_mask"] = mask.unsqueeze(1).to(torch.bool)  # [B, 1, S, S], nonzero = attend
-    elif mask.dim() != 4:
-        raise ValueError(f"attention_mask must be 2-D [B, S/P] (padding), or the full sequence's [B, S, S] or "
-                         f"[B, 1, S, S]; got {list(mask.shape)}")
-    return None
-
-
-@torch.compiler.disable(reason="gathers the shards' position ids and inspects them on the host, once per step; "
-                               "pass ulysses_sp_info from shard_batch to compile the model without this break")
-def gather_sequence_info(position_ids: torch.Tensor, mask: torch.Tensor | None, topology: SPTopology) -> SequenceInfo:
-    """Gather the shards' position ids (and 2-D mask) once and describe the full sequence.
-
-    Every check here sees gathered values, so every rank of the SP group raises the same error.
-    """
-    if position_ids.dim() == 3:
-        position_ids = position_ids[0]  # [B, s] temporal row of mRoPE ids
-    if topology.sp_size > 1:
-        _check_same_local_shape(position_ids, topology)
-        position_ids = comm.all_gather(position_ids.contiguous(), topology.sp_group, dim=-1)  # [B, S]
-        if mask is not None:
-            mask = comm.all_gather(mask.to(torch.int32), topology.sp_group, dim=-1)  # [B, S]
-    check_non_negative(position_ids)  # on the gathered ids: the same verdict on every rank
-    return build_sequence_info(position_ids, mask)
-
-
-def _check_same_local_shape(position_ids: torch.Tensor, topology: SPTopology) -> None:
-    """One tiny gather of [B, s] per rank: shards of unequal size would make the next gathers fail or hang."""
-    local = torch.tensor([list(position_ids.shape)], device=position_ids.device)  # [1, 2]
-    shapes = comm.all_gather(local, topology.sp_group)  # [P, 2]
-    if bool((shapes != shapes[0]).any()):
-        seen = ", ".join(f"rank {r}: [B={b}, s={n}]" for r, (b, n) in zip(topology.sp_ranks(), shapes.tolist()))
-        raise ValueError(
-            f"the SP group's ranks were called with local shards of different shapes ({seen}); every rank must hold "
-            f"an equal slice of the same batch: cut the full batch with ulysses_sp.shard_batch, which pads the "
-            f"sequence to a multiple of sp_size={topology.sp_size}"
-        )

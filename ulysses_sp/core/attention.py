@@ -12,17 +12,15 @@ sliced to this rank's query heads; their gradients then sum over the SP group li
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
 
-from . import backends, comm
+from . import backends
+from .all_to_all import heads_to_seq, seq_to_heads
 from .heads import HeadPlan, plan_heads
 from .sequence_info import SEQ_INFO_KWARG, SequenceInfo
 from .topology import SPTopology
-
-logger = logging.getLogger("ulysses_sp")
 
 
 class UlyssesAttention:
@@ -74,7 +72,7 @@ class UlyssesAttention:
             plan = self._plans[(Nq, key.shape[1])] = plan_heads(Nq, key.shape[1], P)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, s, N, H]
         if P > 1:
-            q, k, v = comm.seq_to_heads([q, k, v], [plan.q_heads, plan.kv_heads, plan.kv_heads],
+            q, k, v = seq_to_heads([q, k, v], [plan.q_heads, plan.kv_heads, plan.kv_heads],
                                         topo.sp_group, rank)  # [B, S, n, H]
         spec = backends.AttnSpec(
             causal=is_causal if is_causal is not None else getattr(module, "is_causal", True),
@@ -88,7 +86,7 @@ class UlyssesAttention:
         )
         out = backends.run(self.backend, q, k, v, spec)  # [B, S, nq, Hv]
         if P > 1:
-            out = comm.heads_to_seq(out, plan.q_heads, topo.sp_group, rank)  # [B, s, Nq, Hv]
+            out = heads_to_seq(out, plan.q_heads, topo.sp_group, rank)  # [B, s, Nq, Hv]
         return out, None
 
     @staticmethod

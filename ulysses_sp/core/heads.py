@@ -16,43 +16,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class HeadPlan:
-    """Head assignment for one attention call shape (num_q, num_kv) over ``sp`` ranks.
+    """Head assignment of one attention call shape (num_q, num_kv) over the SP ranks.
 
     ``q_heads[r]`` / ``kv_heads[r]`` are the global head indices rank ``r`` receives (q heads are a
     contiguous range; kv indices may repeat across ranks when replicated).
     """
 
-    sp: int
-    num_q: int
-    num_kv: int
     q_heads: tuple[tuple[int, ...], ...]
     kv_heads: tuple[tuple[int, ...], ...]
-
-    @property
-    def even(self) -> bool:
-        """Every rank receives the same number of q heads and of kv heads (one a2a shape for all)."""
-        return len({len(h) for h in self.q_heads}) == 1 and len({len(h) for h in self.kv_heads}) == 1
-
-    @property
-    def kv_is_plain_split(self) -> bool:
-        """kv heads are a plain contiguous split in rank order (no replication, no gather)."""
-        flat = [h for heads in self.kv_heads for h in heads]
-        return self.even and flat == list(range(self.num_kv))
-
-    def q_count(self, rank: int) -> int:
-        return len(self.q_heads[rank])
 
     def q_slice(self, rank: int) -> slice:
         """The query heads of ``rank`` as a slice of the head dim (they are a contiguous range)."""
         return slice(self.q_heads[rank][0], self.q_heads[rank][-1] + 1)
-
-    def kv_count(self, rank: int) -> int:
-        return len(self.kv_heads[rank])
-
-
-def valid_sp_sizes(num_q: int, up_to: int = 64) -> list[int]:
-    """SP sizes with at least one query head per rank (uneven splits included)."""
-    return [p for p in range(1, min(num_q, up_to) + 1)]
 
 
 def plan_heads(num_q: int, num_kv: int, sp: int) -> HeadPlan:
@@ -80,4 +55,4 @@ def plan_heads(num_q: int, num_kv: int, sp: int) -> HeadPlan:
         uniform = all(needed.count(u) == len(q) // len(unique) for u in unique) and len(q) % len(unique) == 0
         kv_heads.append(tuple(unique) if uniform else tuple(needed))
         q_heads.append(q)
-    return HeadPlan(sp=sp, num_q=num_q, num_kv=num_kv, q_heads=tuple(q_heads), kv_heads=tuple(kv_heads))
+    return HeadPlan(q_heads=tuple(q_heads), kv_heads=tuple(kv_heads))

@@ -48,7 +48,3 @@ def dense_mask(info: SequenceInfo, causal: bool, window: int | None, device) -> 
         valid = info.key_valid.to(device)[:, None, None, :]  # [B, 1, 1, S]
         ok = ok & (valid | torch.eye(S, dtype=torch.bool, device=device))
     return ok
-
-
-def dense_mask_bytes(batch: int, seq_len: int) -> int:
-    return batch * seq_len * seq_len

@@ -32,12 +32,13 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from .checks import check_int
 from .topology import SPTopology
 
 _SEED_MASK = (1 << 63) - 1
 
 
-def _mix(*words: int) -> int:
+def derive_seed(*words: int) -> int:
     """A well-spread 63-bit seed from integers (numpy's SeedSequence hashing)."""
     return int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0]) & _SEED_MASK
 
@@ -45,9 +46,8 @@ def _mix(*words: int) -> int:
 def sync_rng(topology: SPTopology, seed: int) -> int:
     """Seed python ``random``, numpy and torch (CPU, all CUDA devices) identically within this SP
     group and differently across DP groups; returns the seed used (from ``seed`` and dp_rank)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    derived = _mix(seed, topology.dp_rank)
+    check_int("seed", seed, minimum=0)
+    derived = derive_seed(seed, topology.dp_rank)
     random.seed(derived)
     np.random.seed(derived & 0xFFFF_FFFF)
     torch.manual_seed(derived)  # CPU and every CUDA device
@@ -66,7 +66,7 @@ def sharded_rng(topology: SPTopology) -> Iterator[int]:
     cpu_state = torch.get_rng_state()
     cuda = torch.cuda.is_available()
     cuda_state = torch.cuda.get_rng_state() if cuda else None
-    seed = _mix(draw, topology.sp_rank)
+    seed = derive_seed(draw, topology.sp_rank)
     torch.random.default_generator.manual_seed(seed)
     if cuda:
         torch.cuda.manual_seed(seed)

@@ -33,6 +33,8 @@ padding token, a padding token reads only itself) and returned as ``attention_ma
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from .sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, document_starts
@@ -107,6 +109,17 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
     return local
 
 
+def input_tokens(inputs: Mapping, what: str = "the batch") -> torch.Tensor:
+    """``input_ids`` [B, s] or ``inputs_embeds`` [B, s, E] of a batch or a model call's keyword
+    arguments; ValueError naming ``what`` and its keys when it has neither."""
+    tokens = inputs.get("input_ids")
+    if tokens is None:
+        tokens = inputs.get("inputs_embeds")
+    if tokens is None:
+        raise ValueError(f"{what} has neither input_ids nor inputs_embeds (keys: {sorted(inputs)})")
+    return tokens
+
+
 def make_shift_labels(labels: torch.Tensor, doc_starts: torch.Tensor | None = None,
                       ignore_index: int = -100) -> torch.Tensor:
     """[B, S] labels -> [B, S] targets: ``out[:, t] = labels[:, t+1]``; ``ignore_index`` at the last
@@ -141,11 +154,7 @@ def to_device(local_batch: dict, device) -> dict:
 
 
 def _tokens(batch: dict) -> torch.Tensor:
-    tokens = batch.get("input_ids")
-    if tokens is None:
-        tokens = batch.get("inputs_embeds")
-    if tokens is None:
-        raise ValueError(f"the batch has neither input_ids nor inputs_embeds (keys: {sorted(batch)})")
+    tokens = input_tokens(batch)
     if tokens.dim() < 2:
         raise ValueError(f"input_ids must be [B, S] (inputs_embeds [B, S, E]), got {list(tokens.shape)}")
     if tokens.shape[1] == 0:

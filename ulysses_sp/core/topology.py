@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from . import comm
+from .checks import check_int
+from .comm import Mesh, ProcessGroup
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,13 @@ class SPTopology:
     every SP operation is the identity.
     """
 
-    mesh: DeviceMesh
+    mesh: Mesh
     sp_size: int
     sp_rank: int
-    sp_group: dist.ProcessGroup
+    sp_group: ProcessGroup
     dp_size: int
     dp_rank: int
-    dp_group: dist.ProcessGroup
+    dp_group: ProcessGroup
 
     @property
     def world_size(self) -> int:
@@ -58,7 +58,7 @@ class SPTopology:
 
 
 def _mesh_device_type() -> str:
-    backend = dist.get_backend()
+    backend = comm.backend()
     if "nccl" in backend:
         return "cuda"
     if backend == "gloo":
@@ -76,14 +76,13 @@ def init_sp(sp_size: int, *, device_type: str | None = None, timeout: timedelta 
     world group's (torch would give them the backend default, 30 min on gloo, so a stalled rank
     would hold the job that long whatever ``init_process_group(timeout=...)`` said).
     """
-    if not dist.is_available() or not dist.is_initialized():
+    if not comm.is_initialized():
         raise RuntimeError(
             "ulysses_sp.init_sp needs torch.distributed initialised first: call "
             "torch.distributed.init_process_group('nccl' or 'gloo') (torchrun/deepspeed set the env vars)"
         )
-    if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1:
-        raise ValueError(f"sp_size must be a positive integer, got {sp_size!r}")
-    world = dist.get_world_size()
+    check_int("sp_size", sp_size)
+    world = comm.world_size()
     if world % sp_size != 0:
         valid = [d for d in range(1, world + 1) if world % d == 0]
         raise ValueError(
@@ -91,13 +90,11 @@ def init_sp(sp_size: int, *, device_type: str | None = None, timeout: timedelta 
             f"use one of {valid} (dp_size = world_size / sp_size)"
         )
     dp_size = world // sp_size
-    mesh = init_device_mesh(
-        device_type or _mesh_device_type(), (dp_size, sp_size), mesh_dim_names=("dp", "sp")
-    )
-    timeout = timeout or comm.group_timeout(dist.group.WORLD)
+    mesh = comm.device_mesh(device_type or _mesh_device_type(), (dp_size, sp_size), ("dp", "sp"))
+    timeout = timeout or comm.group_timeout(comm.world_group())
     if timeout is not None:
         for name in ("sp", "dp"):
-            if mesh.get_group(name) is not dist.group.WORLD:
+            if mesh.get_group(name) is not comm.world_group():
                 comm.set_group_timeout(mesh.get_group(name), timeout)
     return SPTopology(
         mesh=mesh,

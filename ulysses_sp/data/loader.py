@@ -5,7 +5,7 @@ multiple of P).
 
 Sampling is keyed by the *dp* rank, so the P ranks of an SP group draw identical batches with no
 communication, collate the same full batch and each cut its own shard
-(:func:`ulysses_sp.sharding.shard_batch`, run inside the loader workers). A loader keyed by the
+(:func:`ulysses_sp.shard_batch`, run inside the loader workers). A loader keyed by the
 global rank instead hands each SP rank a different sample and the "shards" then mix samples
 (DeepSpeed #7484); ``check_identical`` (here) or :class:`SPShardAdapter` (for your own loader)
 catch that with one checksum gather per batch.
@@ -20,101 +20,19 @@ the same position whenever ``b*dp`` of the new loader divides the samples consum
 from __future__ import annotations
 
 import functools
-import zlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, DistributedSampler
 
-from ..core import comm
-from .packing import PackedDataset, pack_collate
+from ..core.checks import check_int
 from ..core.sharding import shard_batch
-from .text import BYTE_VOCAB_SIZE, Documents, decode_bytes, encode_bytes, load_text_dataset, read_documents
-
-__all__ = [
-    "BYTE_VOCAB_SIZE", "Documents", "PackedDataset", "SPBatchMismatchError", "SPDataLoader", "SPShardAdapter",
-    "assert_same_across_sp", "batch_checksum", "collate_padded", "decode_bytes", "encode_bytes",
-    "load_text_dataset", "pack_collate", "read_documents",
-]
+from .collate import collate_padded
+from .identical import assert_same_across_sp, batch_checksum, compare_checksums
 
 _STATE_CONFIG = ("seed", "shuffle", "batch_size", "drop_last", "dp_size", "num_samples")
 _MUST_MATCH = ("seed", "shuffle", "drop_last", "num_samples")  # batch_size and dp_size map (module docstring)
-
-
-def collate_padded(samples: list[dict], pad_token_id: int = 0, ignore_index: int = -100) -> dict:
-    """Right-pad B samples to the longest, S: -> ``input_ids`` [B, S], ``labels`` [B, S], ...
-
-    ``labels`` default to the input ids; padding gets ``pad_token_id`` in input_ids,
-    ``ignore_index`` in labels, continued ``position_ids`` and 0 in any other per-token field (a
-    value as long as the sample's input_ids). No attention mask is made: under causal attention no
-    real token reads a later padding token, and padding is never a target, so the batch keeps the
-    fastest (plain causal) kernel path. Other fields go through torch's ``default_collate``.
-    """
-    if not samples:
-        raise ValueError("collate_padded got an empty batch")
-    ids = [torch.as_tensor(x["input_ids"], dtype=torch.long).reshape(-1) for x in samples]
-    lengths = [t.numel() for t in ids]
-    S = max(lengths)
-    if S == 0:
-        raise ValueError("every sample of the batch is empty")
-    batch = {}
-    for key in samples[0]:
-        values = ids if key == "input_ids" else [_per_token(x[key], n) for x, n in zip(samples, lengths)]
-        if any(v is None for v in values):
-            batch[key] = default_collate([x[key] for x in samples])
-            continue
-        fill = {"input_ids": pad_token_id, "labels": ignore_index}.get(key, 0)
-        batch[key] = torch.stack([_pad_row(v, S, fill, continue_=key == "position_ids") for v in values])
-    if "labels" not in batch:
-        batch["labels"] = torch.stack([_pad_row(t, S, ignore_index) for t in ids])  # [B, S]
-    return batch
-
-
-def batch_checksum(batch: dict) -> int:
-    """CRC32 over the keys, dtypes, shapes and bytes of a batch (non-tensors by their repr)."""
-    crc = 0
-    for key in sorted(batch):
-        value = batch[key]
-        crc = zlib.crc32(str(key).encode(), crc)
-        if isinstance(value, torch.Tensor):
-            flat = value.detach().to("cpu").contiguous().reshape(-1)
-            crc = zlib.crc32(f"{value.dtype}{list(value.shape)}".encode(), crc)
-            crc = zlib.crc32(flat.view(torch.uint8).numpy(), crc) if flat.numel() else crc
-        else:
-            crc = zlib.crc32(repr(value).encode(), crc)
-    return crc
-
-
-class SPBatchMismatchError(RuntimeError):
-    """The ranks of an SP group hold different full batches."""
-
-
-def assert_same_across_sp(batch: dict, topology, where: str = "") -> None:
-    """Raise :class:`SPBatchMismatchError` on every rank of the SP group unless all hold ``batch``.
-
-    One all-gather of a checksum over the SP group (a collective: every rank of the group must call).
-    """
-    if topology.sp_size > 1:
-        _compare_checksums(batch_checksum(batch), topology, where)
-
-
-def _compare_checksums(crc: int, topology, where: str) -> None:
-    sums = comm.all_gather_object(crc, topology.sp_group)
-    if len(set(sums)) == 1:
-        return
-    ranks = topology.sp_ranks()
-    groups: dict[int, list[int]] = {}
-    for rank, value in zip(ranks, sums):
-        groups.setdefault(value, []).append(rank)
-    seen = ", ".join(f"ranks {r} hold batch {value:#010x}" for value, r in groups.items())
-    raise SPBatchMismatchError(
-        f"the ranks {ranks} of one SP group (dp_rank {topology.dp_rank}) hold different full batches"
-        f"{' at ' + where if where else ''}: {seen}. Every rank of an SP group must read the same samples: "
-        f"sample by data-parallel rank (DistributedSampler(num_replicas=topology.dp_size, rank=topology.dp_rank)), "
-        f"not by global rank (a loader keyed by global rank mixes samples across shards, DeepSpeed #7484), and "
-        f"keep the dataset and collator free of per-rank randomness"
-    )
 
 
 @dataclass(frozen=True)
@@ -137,7 +55,7 @@ class _CollateAndShard:
 class SPDataLoader:
     """Batches of a map-style dataset for SP training: identical per SP group, disjoint across DP.
 
-    Yields the local shards of :func:`ulysses_sp.sharding.shard_batch`. ``len()`` is the number of
+    Yields the local shards of :func:`ulysses_sp.shard_batch`. ``len()`` is the number of
     batches each DP rank gets per epoch. Iterating continues from the current position; finishing an
     epoch moves to the next one (a new shuffle), and :meth:`set_epoch` jumps to an epoch's start.
     ``state_dict`` / ``load_state_dict`` resume exactly mid-epoch: no sample skipped or repeated,
@@ -148,8 +66,7 @@ class SPDataLoader:
     def __init__(self, dataset, topology, batch_size: int, *, collate_fn: Callable | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = True, num_workers: int = 0,
                  pad_token_id: int = 0, ignore_index: int = -100, check_identical: bool = False, **loader_kwargs):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_int("batch_size", batch_size)
         self.dataset = dataset
         self.topology = topology
         self.batch_size = batch_size
@@ -199,7 +116,7 @@ class SPDataLoader:
                             num_workers=self.num_workers, **kwargs)
         for i, (local, crc) in enumerate(loader, start):
             if crc is not None:
-                _compare_checksums(crc, self.topology, f"epoch {epoch}, batch {i}")
+                compare_checksums(crc, self.topology, f"epoch {epoch}, batch {i}")
             self.batches_seen = i + 1
             yield local
         if self.epoch == epoch:
@@ -270,25 +187,3 @@ class SPShardAdapter:
             if self.check_identical:
                 assert_same_across_sp(full, self.topology, f"batch {i}")
             yield shard_batch(full, self.topology, pad_token_id=self.pad_token_id, ignore_index=self.ignore_index)
-
-
-def _per_token(value, n: int) -> torch.Tensor | None:
-    """``value`` as a tensor when it has one entry per token (first dim ``n``), else None."""
-    if isinstance(value, (str, bytes)):
-        return None
-    try:
-        t = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    return t if t.dim() >= 1 and t.shape[0] == n else None
-
-
-def _pad_row(t: torch.Tensor, length: int, fill, continue_: bool = False) -> torch.Tensor:
-    """[n, ...] -> [length, ...], appending ``fill`` (or, with ``continue_``, last + 1, + 2, ...)."""
-    n = t.shape[0]
-    if n == length:
-        return t
-    if continue_:
-        last = t[-1] if n else torch.tensor(-1, dtype=t.dtype)
-        return torch.cat([t, last + torch.arange(1, length - n + 1, dtype=t.dtype)])
-    return torch.cat([t, t.new_full((length - n, *t.shape[1:]), fill)])

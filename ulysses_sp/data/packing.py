@@ -12,7 +12,7 @@ restarting at 0: every piece is a document of its own, attended to alone, exactl
 continuation were a separate text. (Rows never attend to each other, so continuing the positions
 would give the continuation no context anyway.)
 
-``position_ids`` carry the layout: :func:`ulysses_sp.sharding.shard_batch` reads a restart as a
+``position_ids`` carry the layout: :func:`ulysses_sp.shard_batch` reads a restart as a
 document start, keeps attention inside documents and labels no token with the next document's first.
 """
 
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import Dataset
+
+from ..core.checks import check_int
 
 
 class PackedDataset(Dataset):
@@ -30,8 +32,7 @@ class PackedDataset(Dataset):
     """
 
     def __init__(self, dataset, seq_len: int):
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+        check_int("seq_len", seq_len)
         lengths = getattr(dataset, "lengths", None)
         if lengths is None:
             lengths = torch.tensor([len(dataset[i]["input_ids"]) for i in range(len(dataset))], dtype=torch.long)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..core.checks import check_int
 from .packing import PackedDataset
 
 BYTE_VOCAB_SIZE = 256
@@ -28,11 +29,6 @@ CORPUS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 def encode_bytes(text: str) -> torch.Tensor:
     """Text -> [n] int64 UTF-8 byte values (0..255)."""
     return torch.from_numpy(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64))
-
-
-def decode_bytes(ids) -> str:
-    """Byte ids -> text (invalid UTF-8 sequences become U+FFFD)."""
-    return bytes(int(i) for i in torch.as_tensor(ids).reshape(-1).tolist()).decode("utf-8", errors="replace")
 
 
 class Documents(Dataset):
@@ -94,8 +90,7 @@ def load_text_dataset(path: str | None, seq_len: int, pack: bool, *, text_key: s
     shorter) holding several documents, with ``position_ids`` [n] restarting at each. ``pack=False``:
     one row per document, a document longer than ``seq_len`` split into consecutive rows.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    check_int("seq_len", seq_len)
     documents = read_documents(path, text_key=text_key)
     return PackedDataset(documents, seq_len) if pack else documents.chunked(seq_len)
 

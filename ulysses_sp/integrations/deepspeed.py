@@ -2,7 +2,7 @@
 the non-SP reference at ZeRO stages 0, 1, 2 and 3. The config side (SP size, batch sizes) is in
 :mod:`ulysses_sp.integrations.deepspeed_config`.
 
-Gradient averaging. Our loss (loss.py) is the full-sequence loss on every SP rank, through a
+Gradient averaging. Our loss (loss/causal_lm.py) is the full-sequence loss on every SP rank, through a
 differentiable all-reduce, so the SP ranks' gradients sum to P x the replica's gradient: their
 *mean* is the replica's gradient, and the right reduction over the world is a plain mean over all
 ranks. DeepSpeed 0.19.8 divides the summed gradients by ``world / sequence_parallel_world_size``
@@ -28,13 +28,13 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 import transformers
 
 from ..core import comm
 from ..core.topology import SPTopology
-from .deepspeed_config import batch_sizes, load_config, prepare_config, resolve_sp_size, zero_stage
-from ..core.apply import apply, is_applied
+from ..core.apply import applied_topology, apply, is_applied
+from .deepspeed_config import batch_sizes, load_config, prepare_config, zero_stage
+from .sp_size import resolve_sp_size
 
 __all__ = ["SPMpu", "batch_sizes", "check_partitioning", "destroy", "init_comm", "initialize", "load_config",
            "prepare_config", "resolve_sp_size", "zero_stage"]
@@ -73,7 +73,7 @@ class SPMpu:
 
     # sequence x data parallel: every rank
     def get_sequence_data_parallel_group(self):
-        return dist.group.WORLD
+        return comm.world_group()
 
     def get_sequence_data_parallel_world_size(self) -> int:
         return self.topology.world_size
@@ -125,7 +125,7 @@ def initialize(
     (``training_data``, ``collate_fn``, ...) to ``deepspeed.initialize``.
 
     Returns DeepSpeed's ``(engine, optimizer, training_dataloader, lr_scheduler)``. Use it as usual:
-    ``loss = ...; engine.backward(loss); engine.step()`` with the loss of loss.py, unscaled.
+    ``loss = ...; engine.backward(loss); engine.step()`` with the loss of loss/causal_lm.py, unscaled.
     """
     config = prepare_config(load_config(ds_config), topology, micro_batch_size=micro_batch_size,
                             gradient_accumulation_steps=gradient_accumulation_steps)
@@ -164,11 +164,11 @@ def init_comm() -> None:
     """
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    deepspeed.init_distributed(dist_backend=comm.backend())
     if os.name != "posix":  # the shm all-reduce is POSIX shared memory
         return
     name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.get_rank())
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), comm.rank())
     comm.barrier()  # every peer has mapped this rank's segment
     path = os.path.join("/dev/shm", name)
     if os.path.exists(path):
@@ -183,7 +183,7 @@ def _ensure_applied(model: torch.nn.Module, topology: SPTopology) -> None:
                              "ulysses_sp.apply(transformers_model, topology) on the model inside it first")
         apply(model, topology)
     for m in applied:
-        t = m._ulysses_sp.topology
+        t = applied_topology(m)
         if (t.sp_size, t.dp_size) != (topology.sp_size, topology.dp_size):
             raise ValueError(f"{type(m).__name__} has ulysses_sp applied with sp={t.sp_size}, dp={t.dp_size}, "
                              f"but DeepSpeed is being set up for sp={topology.sp_size}, dp={topology.dp_size}")
@@ -212,7 +212,7 @@ def _partition_over_all_ranks(model: torch.nn.Module, config: dict, mpu: SPMpu) 
 
 def _gather_head_for_loss(model: torch.nn.Module) -> None:
     """A CausalLMLoss's fused kernel reads its head's weight directly (liger takes the weight, not the
-    module): register it as an external parameter of the loss's :class:`~ulysses_sp.loss.HeadLoss`, so
+    module): register it as an external parameter of the loss's :class:`~ulysses_sp.loss.causal_lm.HeadLoss`, so
     ZeRO-3 gathers it around the loss only (not through the whole model's forward and backward) and
     reduces its gradient as usual."""
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
@@ -237,9 +237,9 @@ def check_partitioning(model: torch.nn.Module, topology: SPTopology) -> None:
     """Raise if a ZeRO-3 parameter is partitioned over fewer ranks than the world (see module docstring)."""
     for name, p in model.named_parameters():
         group = getattr(p, "ds_process_group", None)
-        if group is not None and dist.get_world_size(group) != topology.world_size:
+        if group is not None and comm.world_size(group) != topology.world_size:
             raise RuntimeError(
-                f"ZeRO-3 parameter {name} is partitioned over {dist.get_world_size(group)} ranks, not all "
+                f"ZeRO-3 parameter {name} is partitioned over {comm.world_size(group)} ranks, not all "
                 f"{topology.world_size}: its gradient would never be combined across the SP group. Build the "
                 "model under deepspeed.zero.Init() with the default (world) group, or let "
                 "ulysses_sp.integrations.deepspeed.initialize partition it"

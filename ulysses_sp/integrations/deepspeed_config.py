@@ -1,5 +1,5 @@
-"""The DeepSpeed config under Ulysses SP: reading it, the SP size (JSON vs ``--sp-size``), and the
-batch sizes.
+"""The DeepSpeed config under Ulysses SP: reading it, checking it against the topology, and the
+batch sizes (the SP size in it is read by sp_size.py).
 
 DeepSpeed's batch arithmetic is ``train_batch_size = train_micro_batch_size_per_gpu x
 gradient_accumulation_steps x dp``, where dp counts the ranks that read *different* samples:
@@ -12,6 +12,7 @@ import copy
 import json
 import os
 
+from ..core.checks import check_int
 from ..core.topology import SPTopology
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -33,24 +34,6 @@ def load_config(config: str | os.PathLike | dict | None) -> dict:
     if not isinstance(loaded, dict):
         raise ValueError(f"DeepSpeed config {str(config)!r} must hold a JSON object, got {type(loaded).__name__}")
     return loaded
-
-
-def resolve_sp_size(cli_sp_size: int | None, ds_config: dict) -> int:
-    """``--sp-size`` if given, else the JSON's ``sequence_parallel_size``, else 1.
-
-    Both given and different is a ValueError: a config written for one SP degree is not run with another.
-    """
-    json_sp = ds_config.get("sequence_parallel_size")
-    if json_sp is not None and (isinstance(json_sp, bool) or not isinstance(json_sp, int) or json_sp < 1):
-        raise ValueError(
-            f"\"sequence_parallel_size\" in the DeepSpeed config must be a positive integer, got {json_sp!r}"
-        )
-    if cli_sp_size is not None and json_sp is not None and json_sp != cli_sp_size:
-        raise ValueError(
-            f"--sp-size {cli_sp_size} disagrees with \"sequence_parallel_size\": {json_sp} in the DeepSpeed config; "
-            "give one of them, or make them equal"
-        )
-    return cli_sp_size if cli_sp_size is not None else (json_sp or 1)
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -98,8 +81,8 @@ def batch_sizes(dp: int, train_batch_size=None, micro=None, accumulation=None) -
     """Complete ``(train_batch_size, micro, accumulation)`` with ``train = micro x accumulation x dp``."""
     for name, v in (("train_batch_size", train_batch_size), ("train_micro_batch_size_per_gpu", micro),
                     ("gradient_accumulation_steps", accumulation)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if v is not None:
+            check_int(name, v)
     if micro is None and train_batch_size is None:
         raise ValueError("the DeepSpeed config needs train_micro_batch_size_per_gpu or train_batch_size "
                          "(or pass the micro batch size from the command line)")

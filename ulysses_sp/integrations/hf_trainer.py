@@ -53,7 +53,8 @@ from ..core.rng import sharded_rng
 from ..core.sharding import shard_batch
 from ..loss.tiled_ce import IGNORE_INDEX
 from ..core.topology import init_sp
-from .accelerate import check_accelerator, claim_sp_size, ensure_process_group, key_loader_by_dp
+from .accelerate import check_accelerator, ensure_process_group, key_loader_by_dp
+from .sp_size import resolve_sp_size
 from ..core.apply import apply
 
 
@@ -72,15 +73,13 @@ class SPTrainer(Trainer):
 
     def __init__(self, *args, sp_size: int | None = None, attn_implementation: str | None = None,
                  check_identical: bool = True, pad_token_id: int = 0, **kwargs):
-        claimed = claim_sp_size()  # before Trainer creates its Accelerator: no ALST, no rejected backend
-        if sp_size is not None and claimed is not None and sp_size != claimed:
-            raise ValueError(f"SPTrainer(sp_size={sp_size}) disagrees with the Accelerate config's SP size {claimed}; "
-                             "pass one of them, or make them equal")
+        # before Trainer creates its Accelerator, which must not see our SP size (no ALST, no rejected backend)
+        size = resolve_sp_size(sp_size, explicit_source=f"SPTrainer(sp_size={sp_size})")
         super().__init__(*args, **kwargs)
         self._check_supported()
         check_accelerator(self.accelerator)
         ensure_process_group()
-        self.sp_topology = init_sp(sp_size if sp_size is not None else (claimed or 1))
+        self.sp_topology = init_sp(size)
         self.sp_check_identical = check_identical
         self.sp_pad_token_id = pad_token_id
         apply(self.model, self.sp_topology, attn_implementation=attn_implementation)

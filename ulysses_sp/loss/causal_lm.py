@@ -25,53 +25,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
-import torch.distributed as dist
 
 from ..core import comm
 from ..core.apply import is_applied
-from .tiled_ce import DEFAULT_TILE_BYTES, IGNORE_INDEX, LogitTransform, liger_cross_entropy_sum, liger_unsupported_reason, tile_tokens_for_budget, tiled_cross_entropy_sum
+from ..core.sharding import input_tokens
 from ..core.topology import SPTopology
-
-# How ``config.logits_scaling`` enters each model family's logits (the name means different things).
-_LOGITS_SCALING = {
-    "granite": "divide", "granite_swa": "divide", "granitemoe": "divide", "granitemoe_swa": "divide",
-    "granitemoeshared": "divide", "granitemoehybrid": "divide",
-    "minicpm3": "divide",  # divides the hidden states before a bias-free head: the same logits
-    "hyperclovax": "multiply",
-}
-# Logit processing seen in transformers that this module does not reproduce.
-_UNSUPPORTED_CONFIG = ("output_multiplier", "unpadded_vocab_size")
-_UNSUPPORTED_MODULE = ("final_logits_bias", "logit_softcap")
-
-
-def logit_transform(model: torch.nn.Module) -> LogitTransform:
-    """The scale / softcap ``model`` applies to ``lm_head(hidden)``; ValueError for processing we
-    do not reproduce. Covers a bias in the head (part of the module call), Gemma-style
-    ``final_logit_softcapping``, Cohere's ``logit_scale`` and the families in ``_LOGITS_SCALING``."""
-    config = model.config.get_text_config(decoder=True)
-    name = type(model).__name__
-    found = [a for a in _UNSUPPORTED_CONFIG if getattr(config, a, None) is not None]
-    found += [a for a in _UNSUPPORTED_MODULE if getattr(model, a, None) is not None]
-    if found:
-        raise ValueError(f"{name} post-processes its logits ({', '.join(found)}), which ulysses_sp's "
-                         "sharded loss does not reproduce; compute the loss from the model's logits instead")
-    scale = 1.0
-    logit_scale = getattr(model, "logit_scale", None)
-    if logit_scale is not None:
-        if not isinstance(logit_scale, (int, float)):
-            raise ValueError(f"{name}.logit_scale is a {type(logit_scale).__name__}, not a number; unsupported")
-        scale = float(logit_scale)
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is not None:
-        how = _LOGITS_SCALING.get(config.model_type)
-        if how is None:
-            raise ValueError(f"{name} has config.logits_scaling={scaling} with no known meaning for model_type "
-                             f"{config.model_type!r}; known: {sorted(_LOGITS_SCALING)}")
-        if config.model_type == "minicpm3" and getattr(model.get_output_embeddings(), "bias", None) is not None:
-            raise ValueError(f"{name} scales the hidden states before a biased head; unsupported")
-        scale *= 1.0 / scaling if how == "divide" else float(scaling)
-    softcap = getattr(model, "final_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None)
-    return LogitTransform(scale=scale, softcap=float(softcap) if softcap else None)
+from .logits import LogitTransform, logit_transform
+from .tiled_ce import (DEFAULT_TILE_BYTES, IGNORE_INDEX, liger_cross_entropy_sum, liger_unsupported_reason,
+                       tile_tokens_for_budget, tiled_cross_entropy_sum)
 
 
 def _labels_of(batch: Mapping) -> torch.Tensor:
@@ -84,9 +45,7 @@ def _labels_of(batch: Mapping) -> torch.Tensor:
                 "(a shard's last token is labelled with the next shard's first), so use "
                 "ulysses_sp.shard_batch.") if "labels" in batch else ""
         raise ValueError(f"the local batch has no `shift_labels` [B, S/P].{hint}")
-    tokens = batch.get("input_ids", batch.get("inputs_embeds"))
-    if tokens is None:
-        raise ValueError("the local batch has neither input_ids nor inputs_embeds")
+    tokens = input_tokens(batch, "the local batch")
     if labels.dim() != 2 or tuple(labels.shape) != tuple(tokens.shape[:2]):
         raise ValueError(f"shift_labels must have the local tokens' shape {list(tokens.shape[:2])}, "
                          f"got {list(labels.shape)}")
@@ -196,9 +155,9 @@ def count_label_tokens(local_batches: Mapping | Iterable[Mapping], topology: SPT
         raise ValueError("count_label_tokens needs the step's micro-batches, got none")
     counts = [(_labels_of(b) != IGNORE_INDEX).sum() for b in batches]
     local = torch.stack(counts).sum().to(torch.int64)
-    if dist.get_world_size() != topology.world_size:
-        raise ValueError(f"the topology spans {topology.world_size} ranks but the world has {dist.get_world_size()}")
-    total = comm.all_reduce(local, dist.group.WORLD) if topology.world_size > 1 else local
+    if comm.world_size() != topology.world_size:
+        raise ValueError(f"the topology spans {topology.world_size} ranks but the world has {comm.world_size()}")
+    total = comm.all_reduce(local, None) if topology.world_size > 1 else local
     return total.to(torch.float64) / topology.dp_size
 
 

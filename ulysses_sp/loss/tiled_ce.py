@@ -24,32 +24,17 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..core.checks import check_int
+from .logits import LogitTransform
+
 IGNORE_INDEX = -100
 #: default budget for the fp32 logits of one tile (tile tokens = budget / (4 * V)).
 DEFAULT_TILE_BYTES = 1 << 30
-
-
-@dataclass(frozen=True)
-class LogitTransform:
-    """What a model does to ``lm_head(hidden)`` before the softmax: ``z * scale``, then, when
-    ``softcap`` is set, ``softcap * tanh(z / softcap)`` (Gemma-style). Applied in the logits' dtype,
-    before the fp32 cast, as transformers' models do."""
-
-    scale: float = 1.0
-    softcap: float | None = None
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.scale != 1.0:
-            logits = logits * self.scale
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
 
 
 def tile_tokens_for_budget(vocab_size: int, budget_bytes: int = DEFAULT_TILE_BYTES) -> int:
@@ -75,8 +60,7 @@ def tiled_cross_entropy_sum(
     hidden [T, D], labels [T] int64, ``head`` maps [t, D] -> [t, V] (a module, called once per tile
     and once more per tile in the backward). Returns a 0-dim fp32 tensor.
     """
-    if tile_tokens < 1:
-        raise ValueError(f"tile_tokens must be >= 1, got {tile_tokens}")
+    check_int("tile_tokens", tile_tokens)
     recompute = torch.is_grad_enabled()
     total = hidden.new_zeros((), dtype=torch.float32)
     for h, y in zip(hidden.split(tile_tokens), labels.split(tile_tokens)):  # [t, D], [t]

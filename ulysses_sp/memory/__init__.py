@@ -1,0 +1,5 @@
+"""Memory features for long sequences, each leaving the gradients as they are: activation
+checkpointing (full or selective) with offload, the tiled MLP, the RMSNorm recompute.
+
+Depends on core only (docs/architecture.md).
+"""

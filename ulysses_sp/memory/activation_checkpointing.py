@@ -21,22 +21,17 @@ through torch's non-reentrant checkpoint:
   under "full".
 * ``"none"``: nothing is recomputed; every layer keeps all its activations.
 
-Offload (``enable_checkpointing(..., offload=True)``): each layer's checkpoint, its input, goes to
-host memory when the forward saves it and comes back when the backward recomputes the layer. On
-CUDA the device-to-host copy runs on a side stream into pinned memory (the compute stream does not
-wait for it); the copy back runs on the compute stream right before the layer's recomputation. It
-removes the checkpoint stack (2d bytes per token and layer, all layers) from the device and costs
-host memory of the same size. Scoped to the model's own layers; undone by
-:func:`disable_checkpointing` or by enabling checkpointing again.
+Offload (``enable_checkpointing(..., offload=True)``): the layers' checkpoints live in host memory
+(offload.py).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
-
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from .offload import offload_layer_inputs, restore_layer_inputs
 
 POLICIES = ("none", "full", "selective")
 
@@ -112,18 +107,14 @@ def enable_checkpointing(model: torch.nn.Module, policy: str = "full", *, offloa
     if not layers:
         raise ValueError(f"{type(model).__name__} has no layer transformers checkpoints (GradientCheckpointingLayer)")
     if offload:
-        streams: dict[torch.device, torch.cuda.Stream] = {}
-        for layer in layers:
-            layer._gradient_checkpointing_func = _OffloadLayerInput(layer._gradient_checkpointing_func, streams)
+        offload_layer_inputs(layers)
     return model
 
 
 def disable_checkpointing(model: torch.nn.Module):
     """Undo :func:`enable_checkpointing`: no layer is checkpointed, no offload wrapper is left."""
     layers = checkpointed_layers(model)
-    for layer in layers:
-        if isinstance(layer._gradient_checkpointing_func, _OffloadLayerInput):
-            layer._gradient_checkpointing_func = layer._gradient_checkpointing_func.checkpoint_fn
+    restore_layer_inputs(layers)
     if layers:
         if hasattr(model, "activation_checkpointing_disable"):
             model.activation_checkpointing_disable()
@@ -138,53 +129,3 @@ def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
             and hasattr(m, "_gradient_checkpointing_func")]
-
-
-class _HostCopy(NamedTuple):
-    host: torch.Tensor  # the saved tensor's copy in host memory (pinned on CUDA)
-    device: torch.device  # where it goes back to
-    copied: torch.cuda.Event | None  # the device-to-host copy's completion on its side stream (CUDA only)
-
-
-class _OffloadLayerInput:
-    """A layer's checkpoint function that keeps the layer input, the tensor the checkpoint saves for
-    the recomputation, in host memory: the ``saved_tensors_hooks`` below see what the checkpoint
-    saves outside its own hooks (its inputs); only ``args[0]`` (hidden states [B, s, d]) moves."""
-
-    def __init__(self, checkpoint_fn, streams: dict):
-        self.checkpoint_fn = checkpoint_fn
-        self.streams = streams  # one side stream per CUDA device, shared by the model's layers
-
-    def __call__(self, function, *args, **kwargs):
-        hidden = args[0] if args else None
-        if not (torch.is_tensor(hidden) and torch.is_grad_enabled()):
-            return self.checkpoint_fn(function, *args, **kwargs)
-
-        def pack(t: torch.Tensor):
-            return self._to_host(t) if t is hidden else t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, _from_host):
-            return self.checkpoint_fn(function, *args, **kwargs)
-
-    def _to_host(self, t: torch.Tensor) -> _HostCopy:
-        t = t.detach()
-        if t.device.type != "cuda":  # a real copy, so that the CPU tests run this path
-            return _HostCopy(t.clone(), t.device, None)
-        stream = self.streams.get(t.device)
-        if stream is None:
-            stream = self.streams[t.device] = torch.cuda.Stream(t.device)
-        stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        with torch.cuda.stream(stream):
-            host.copy_(t, non_blocking=True)
-        t.record_stream(stream)  # the allocator keeps t's memory until the copy is done
-        return _HostCopy(host, t.device, stream.record_event())
-
-
-def _from_host(saved):
-    if not isinstance(saved, _HostCopy):
-        return saved
-    if saved.copied is None:
-        return saved.host
-    torch.cuda.current_stream(saved.device).wait_event(saved.copied)
-    return saved.host.to(saved.device, non_blocking=True)

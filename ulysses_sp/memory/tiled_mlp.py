@@ -37,6 +37,9 @@ from dataclasses import dataclass
 import torch
 
 from ..core import comm
+from ..core.apply import applied_topology
+from ..core.checks import check_int
+from ..core.sharding import input_tokens
 from . import rms_norm
 
 
@@ -61,8 +64,7 @@ def tile_mlp(model: torch.nn.Module, tile_tokens: int | None = None):
         raise ValueError("the MLPs of this model are already tiled; call untile_mlp(model) first")
     config = model.config.get_text_config(decoder=True)
     tile_tokens = tile_tokens if tile_tokens is not None else config.hidden_size
-    if tile_tokens < 1:
-        raise ValueError(f"tile_tokens must be >= 1, got {tile_tokens}")
+    check_int("tile_tokens", tile_tokens)
     backbone = model.base_model
     mlps = [m.mlp for m in backbone.modules()
             if isinstance(getattr(m, "mlp", None), torch.nn.Module) and not hasattr(m.mlp, "experts")]
@@ -93,21 +95,12 @@ def untile_mlp(model: torch.nn.Module):
     return model
 
 
-def _tokens_of(kwargs: dict) -> torch.Tensor:
-    """The backbone call's input_ids [B, s] or inputs_embeds [B, s, d]."""
-    x = kwargs.get("input_ids")
-    x = x if x is not None else kwargs.get("inputs_embeds")
-    if x is None:
-        raise ValueError("the model was called without input_ids or inputs_embeds")
-    return x
-
-
 def _make_agree_hook(model: torch.nn.Module, state: _TileState):
     params = [p for mlp in state.mlps for p in mlp.parameters()]
     names = tuple(inspect.signature(model.base_model.forward).parameters)
 
     def pre_hook(module, args, kwargs):
-        x = _tokens_of({**dict(zip(names, args)), **kwargs})
+        x = input_tokens({**dict(zip(names, args)), **kwargs}, "the model call")
         tiles = max(1, math.ceil(x.shape[0] * x.shape[1] / state.tile_tokens))
         state.tiles = _agreed_tiles(model, params, tiles, x.device)
 
@@ -119,8 +112,8 @@ def _agreed_tiles(model: torch.nn.Module, params: list[torch.nn.Parameter], tile
     group = next((p.ds_process_group for p in params if hasattr(p, "ds_process_group")), None)
     if group is None:
         return tiles
-    sp = getattr(model, "_ulysses_sp", None)
-    if sp is not None and sp.topology.dp_size == 1:  # one SP group: every rank holds S/P tokens of the same rows
+    topology = applied_topology(model)
+    if topology is not None and topology.dp_size == 1:  # one SP group: every rank holds S/P tokens of the same rows
         return tiles
     return int(comm.all_reduce(torch.tensor(tiles, device=device), group, op="max"))
 

@@ -17,7 +17,7 @@ Resuming at another SP size (docs/checkpointing.md):
   otherwise convert once with DeepSpeed's universal checkpoint tool, into ``deepspeed/universal``
   (the error message gives the command), and resume again;
 * the data position maps to another dp_size / batch size when batch_size x dp_size divides the
-  samples consumed in the epoch (:meth:`ulysses_sp.data.SPDataLoader.load_state_dict`);
+  samples consumed in the epoch (:meth:`ulysses_sp.SPDataLoader.load_state_dict`);
 * random streams are restored exactly at the same dp_size, and re-seeded from (seed, step)
   otherwise (a warning: dropout masks then differ from an uninterrupted run).
 """
@@ -31,11 +31,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from ..core import comm
 from .engines import DEEPSPEED_DIR, NATIVE_TAG, UNIVERSAL_TAG
-from ..core.rng import _mix, get_rng_state, set_rng_state, sync_rng
+from ..core.rng import derive_seed, get_rng_state, set_rng_state, sync_rng
 
 FORMAT = 1
 META_FILE = "trainer.json"
@@ -87,10 +86,10 @@ def find_checkpoint(path: str) -> Checkpoint:
     return Checkpoint(path, meta)
 
 
-def run_settings(args, model_config) -> dict:
-    """What :func:`check_compatible` compares: the run settings and the model's config."""
-    run = {"seed": args.seed, "seq_len": args.seq_len, "pack": bool(args.pack),
-           "heldout_fraction": args.eval_fraction if args.eval_every else None}
+def run_settings(config, model_config) -> dict:
+    """What :func:`check_compatible` compares: the run's settings (a TrainConfig) and the model's config."""
+    run = {"seed": config.seed, "seq_len": config.seq_len, "pack": bool(config.pack),
+           "heldout_fraction": config.eval_fraction if config.eval_every else None}
     config = {k: v for k, v in model_config.to_dict().items() if k not in _CONFIG_IGNORED}
     return {"run": run, "model_config": json.loads(json.dumps(config, default=str))}
 
@@ -141,7 +140,7 @@ def save(save_dir: str, step: int, *, engine, loader, topology, settings: dict, 
          zero_stage: int | None) -> str:
     """Write the checkpoint of ``step`` (collective: every rank calls it); returns its directory."""
     path = step_dir(save_dir, step)
-    rank = dist.get_rank()
+    rank = comm.rank()
     if rank == 0:
         os.makedirs(os.path.join(path, "rng"), exist_ok=True)
         if os.path.exists(os.path.join(path, META_FILE)):
@@ -170,8 +169,8 @@ def load(ckpt: Checkpoint, *, engine, loader, topology, seed: int, deepspeed_tag
     if ckpt.meta["dp_size"] == topology.dp_size:
         set_rng_state(torch.load(_rng_file(ckpt.path, topology.dp_rank), weights_only=True))
     else:
-        sync_rng(topology, _mix(seed, ckpt.step))
-        if dist.get_rank() == 0:
+        sync_rng(topology, derive_seed(seed, ckpt.step))
+        if comm.rank() == 0:
             warnings.warn(f"resuming at dp_size={topology.dp_size} from a checkpoint saved at dp_size="
                           f"{ckpt.meta['dp_size']}: the random streams are re-seeded from (seed, step), so random "
                           f"ops (dropout) differ from an uninterrupted run", stacklevel=2)

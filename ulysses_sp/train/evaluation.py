@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..core import comm
+from ..core.sharding import to_device
 from ..data.text import Documents
 from ..loss.tiled_ce import IGNORE_INDEX
 
@@ -68,11 +69,11 @@ class EvalResult:
 
 
 def evaluate(engine, batches: Iterable[dict], topology, *, device: torch.device, autocast,
-             to_device: Callable[[dict, torch.device], dict], max_batches: int | None = None) -> EvalResult:
+             max_batches: int | None = None) -> EvalResult:
     """Token-mean loss of ``engine``'s model over ``batches`` (local shards, the same count on every rank).
 
     ``engine`` provides ``set_train(mode)`` and ``loss_sum(local_batch)`` (the SP group's summed CE,
-    :mod:`ulysses_sp.engine`). Collective: every rank must call it with its shards of the same batches.
+    :mod:`ulysses_sp.train.engines`). Collective: every rank must call it with its shards of the same batches.
     """
     start = time.perf_counter()
     ce = torch.zeros((), dtype=torch.float64, device=device)

@@ -7,7 +7,7 @@ Three ways a distributed job fails, and what the other ranks see:
   others' next collective fails ("connection closed" on gloo) or times out;
 * a rank **dies** (OOM killer, a signal): its connections close; the others' collectives fail;
 * a rank **stalls** (a hung kernel, a deadlock): the others' collectives time out after the
-  collective timeout (``--timeout-s``, applied to every process group, see :mod:`ulysses_sp.topology`).
+  collective timeout (``--timeout-s``, applied to every process group, see :mod:`ulysses_sp.core.topology`).
 
 A rank whose collective failed leaves a note too, then waits a few seconds for the notes of the
 others and raises :class:`CollectiveFailure` naming the rank(s) that failed first with their error,
@@ -17,13 +17,11 @@ a short timeout: if it died with its host, the message says so instead.
 
 from __future__ import annotations
 
-import sys
 import time
 from datetime import timedelta
 
-import torch.distributed as dist
-
 from ..core import comm
+from ..core.log import logger
 
 _PREFIX = "ulysses_sp/failed/"
 #: substrings of the errors gloo / NCCL / c10d raise when a collective cannot complete
@@ -38,21 +36,9 @@ class CollectiveFailure(RuntimeError):
 
 def is_collective_error(exc: BaseException) -> bool:
     """True for the errors a collective raises when a peer is gone or late (not for errors of this rank)."""
-    if isinstance(exc, (CollectiveFailure, getattr(dist, "DistError", CollectiveFailure))):
+    if isinstance(exc, (CollectiveFailure, comm.DistError)):
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _COLLECTIVE_MARKERS)
-
-
-def _store(timeout_s: float):
-    """The job's rendezvous store, with a short timeout; None outside a process group."""
-    if not dist.is_initialized():
-        return None
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set_timeout(timedelta(seconds=timeout_s))
-        return store
-    except (RuntimeError, OSError, ValueError):  # the store died with its host: nothing to report to
-        return None
 
 
 def _summary(exc: BaseException) -> str:
@@ -68,11 +54,11 @@ def report_failure(exc: BaseException, where: str, *, grace_s: float = 5.0) -> B
     :class:`CollectiveFailure` naming the rank(s) that failed first, after waiting up to ``grace_s``
     seconds for their notes.
     """
-    if not dist.is_initialized():
+    if not comm.is_initialized():
         return exc
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = comm.rank(), comm.world_size()
     victim = is_collective_error(exc)
-    store = _store(min(grace_s, 5.0))
+    store = comm.job_store(timedelta(seconds=min(grace_s, 5.0)))  # None: it died with its host
     note = f"{'collective' if victim else 'origin'}|{where}|{_summary(exc)}"
     if store is not None:
         try:
@@ -132,14 +118,14 @@ def shutdown(failed: bool) -> None:
     a collective in flight aborted that peer's process at exit ("terminate called without an active
     exception", seen under load on CPU after all steps had finished).
     """
-    if not dist.is_initialized():
+    if not comm.is_initialized():
         return
     try:
-        if failed and "nccl" in str(dist.get_backend()):
-            dist.distributed_c10d._abort_process_group()
+        if failed and "nccl" in comm.backend():
+            comm.abort_world()
         else:
             if not failed:
                 comm.barrier()
-            dist.destroy_process_group()
+            comm.destroy_world()
     except (RuntimeError, OSError, ValueError) as e:  # the job ends with the original error: do not mask it
-        print(f"ulysses_sp: process group teardown failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        logger.warning("process group teardown failed (%s: %s)", type(e).__name__, e)

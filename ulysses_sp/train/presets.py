@@ -12,7 +12,9 @@ import os
 
 import transformers
 
-_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+from ..data.text import BYTE_VOCAB_SIZE
+
+_TINY = dict(vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              max_position_embeddings=4096, attention_dropout=0.0, tie_word_embeddings=False)
 
 PRESETS: dict[str, tuple[str, dict]] = {

@@ -1,0 +1,180 @@
+"""The run loop: setup from the plan, the optimizer steps, evaluation, checkpoints and metrics.
+
+One optimizer step = ``grad_accum`` micro-batches per DP replica. All micro-batches of the step are
+fetched first, so the loss of every micro-batch is normalised by the token count of the whole global
+step (loss/step.py); the logged loss is the global token mean, equal to a non-SP run's on the same
+global batch. A step whose micro-batches hold no labelled token at all (every row one token long) is
+skipped and drawn again: it has nothing to learn from, and all ranks agree on it (the count is
+summed over the world).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+
+import torch
+
+from ..core import comm
+from ..core.apply import apply
+from ..core.log import logger
+from ..core.rng import sync_rng
+from ..core.sharding import to_device
+from ..core.topology import init_sp
+from ..data.loader import SPDataLoader
+from ..loss.causal_lm import count_label_tokens
+from ..loss.step import accumulate_step
+from ..memory.activation_checkpointing import enable_checkpointing
+from ..memory.rms_norm import enable_rms_norm_recompute
+from ..memory.tiled_mlp import tile_mlp
+from . import checkpoints
+from .build import build_engine, build_model, eval_loader, init_distributed, training_rows
+from .config import TrainConfig
+from .engines import NATIVE_TAG
+from .evaluation import evaluate
+from .metrics import MetricsFile, peak_memory_gb, progress_bar
+from .plan import RunPlan, make_plan
+
+
+class TrainingRun:
+    """One run's state: plan, topology, model, engine, data and where it is (``where``, for failure reports)."""
+
+    def __init__(self, plan: RunPlan, topology, model, engine, loader: SPDataLoader, device: torch.device, *,
+                 eval_rows=None, start_step: int = 0):
+        self.plan, self.config = plan, plan.config
+        self.topology, self.model, self.engine, self.loader, self.device = topology, model, engine, loader, device
+        self.eval_rows, self.start_step = eval_rows, start_step
+        self.autocast = nullcontext()
+        if plan.engine_name == "torch" and plan.dtype != torch.float32:  # fp32 weights trained under autocast
+            self.autocast = torch.autocast(plan.device_type, dtype=plan.dtype)
+        self.where = "setup"
+        self.rank0 = comm.rank() == 0
+        self.metrics = MetricsFile(self.config.metrics, comm.rank())
+
+    @classmethod
+    def start(cls, config: TrainConfig) -> TrainingRun:
+        """Plan (no process group yet), join the job, build everything, resume when asked."""
+        plan = make_plan(config)
+        init_distributed(plan.device_type, config.timeout_s)
+        device = (torch.device("cuda", torch.cuda.current_device()) if plan.device_type == "cuda"
+                  else torch.device("cpu"))
+        topology = init_sp(plan.sp_size)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        # DeepSpeed keeps fp32 master weights itself; the torch engine trains fp32 weights under autocast
+        weights_dtype = plan.dtype if plan.engine_name == "deepspeed" else torch.float32
+        model = build_model(config.model, weights_dtype, device, plan.attention, plan.model_config)
+        enable_checkpointing(model, config.grad_ckpt, offload=config.offload_activations)  # "none": nothing
+        if config.tiled_mlp:
+            tile_mlp(model)
+        if config.recompute_norms:
+            enable_rms_norm_recompute(model)
+        apply(model, topology, attn_implementation=plan.attention)
+        sync_rng(topology, config.seed)
+        train_rows, eval_rows = training_rows(config)
+        loader = SPDataLoader(train_rows, topology, config.batch_size, seed=config.seed,
+                              check_identical=config.check_identical)
+        if eval_rows is not None:
+            try:
+                eval_loader(eval_rows, topology, config)
+            except ValueError as e:
+                raise ValueError(f"the held-out split (--eval-fraction {config.eval_fraction}) is too small: {e}") \
+                    from None
+        tag = None
+        if plan.resume is not None and plan.engine_name == "deepspeed":
+            tag = checkpoints.deepspeed_tag(plan.resume, topology.world_size, plan.zero_stage)
+        engine = build_engine(plan, model, topology, load_universal=tag not in (None, NATIVE_TAG))
+        comm.set_all_group_timeouts(timedelta(seconds=config.timeout_s))  # groups DeepSpeed made too
+        start_step = 0
+        if plan.resume is not None:
+            start_step = checkpoints.load(plan.resume, engine=engine, loader=loader, topology=topology,
+                                          seed=config.seed, deepspeed_tag=tag)
+        return cls(plan, topology, model, engine, loader, device, eval_rows=eval_rows, start_step=start_step)
+
+    def _batches(self):
+        while True:
+            yield from self.loader  # continues from the loader's position; an epoch's end starts the next
+
+    def _step_batches(self, batches, step: int):
+        """The step's micro-batches and their label count, skipping draws without a labelled token."""
+        skipped = 0
+        while True:
+            micro = [to_device(next(batches), self.device) for _ in range(self.config.grad_accum)]
+            num_items = count_label_tokens(micro, self.topology)  # summed over all ranks: all agree
+            if float(num_items) > 0:
+                return micro, num_items
+            skipped += len(micro)
+            if skipped >= len(self.loader):
+                raise ValueError(f"{skipped} batches in a row (an epoch's worth) hold no labelled token: every row "
+                                 f"is one token long; use documents of at least 2 tokens")
+            logger.info("step %d: the micro-batches hold no labelled token (one-token rows); drawing the next ones",
+                        step)
+
+    def train(self) -> None:
+        config, topo = self.config, self.topology
+        if self.start_step >= config.steps:
+            logger.info("the checkpoint is at step %d and --steps is %d: nothing to train", self.start_step,
+                        config.steps)
+            return
+        batches = self._batches()
+        progress = progress_bar(config.steps, self.start_step) if self.rank0 else None
+
+        def forward_backward(local_batch, num_items, last: bool) -> torch.Tensor:
+            with self.autocast:
+                return self.engine.forward_backward(local_batch, num_items)
+
+        for step in range(self.start_step + 1, config.steps + 1):
+            self.where = f"step {step}"
+            micro, num_items = self._step_batches(batches, step)
+            start = time.perf_counter()
+            loss = accumulate_step(micro, topo, forward_backward, num_items)  # global token mean of the step
+            grad_norm = self.engine.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            record = self._record(step, micro, loss, grad_norm, elapsed)
+            self.metrics.write(record)
+            if progress is not None:
+                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
+                progress.update(1)
+            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                self.where = f"evaluation after step {step}"
+                self._evaluate(step)
+            if config.save_dir and ((config.save_every and step % config.save_every == 0) or step == config.steps):
+                self.where = f"saving step {step}"
+                self._save(step)
+        if progress is not None:
+            progress.close()
+
+    def _evaluate(self, step: int) -> None:
+        loader = eval_loader(self.eval_rows, self.topology, self.config)
+        result = evaluate(self.engine, loader, self.topology, device=self.device, autocast=self.autocast,
+                          max_batches=self.config.eval_batches)
+        self.metrics.write(result.record(step))
+        logger.info("step %d: eval loss %.4f, perplexity %.2f (%d tokens)", step, result.loss, result.perplexity,
+                    result.tokens)
+
+    def _save(self, step: int) -> None:
+        path = checkpoints.save(self.config.save_dir, step, engine=self.engine, loader=self.loader,
+                                topology=self.topology, settings=self.plan.settings,
+                                engine_name=self.plan.engine_name, zero_stage=self.plan.zero_stage)
+        logger.info("step %d: saved %s", step, path)
+
+    def _record(self, step: int, micro, loss: torch.Tensor, grad_norm, elapsed: float) -> dict:
+        topo = self.topology
+        local_tokens = sum(int(mb["input_ids"].numel()) for mb in micro)
+        tokens = int(comm.all_reduce(torch.tensor(float(local_tokens), device=self.device), None))
+        return {
+            "step": step,
+            "loss": float(loss),
+            "tokens": tokens,
+            "tok_per_s": tokens / elapsed,
+            "tok_per_s_per_gpu": tokens / elapsed / topo.world_size,
+            "peak_mem_gb": round(peak_memory_gb(self.device), 3),
+            "lr": self.engine.lr,
+            "grad_norm": grad_norm,
+            "step_time_s": elapsed,
+        }
+
+    def close(self) -> None:
+        self.metrics.close()

@@ -1,0 +1,132 @@
+"""What a run resolves before distributed init: the device, dtype, model config, DeepSpeed config,
+SP size, attention kernel and the checkpoint to resume, each checked here.
+
+Every rank has the same flags and files, so an error here is raised on every rank alike and none is
+left waiting in a collective (the flag values themselves are checked by TrainConfig).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import transformers
+
+from ..integrations import deepspeed as ds_integration
+from ..integrations.accelerate_env import launched_deepspeed_config_file, launched_engine
+from ..integrations.sp_size import resolve_sp_size
+from . import checkpoints
+from .config import TrainConfig
+from .presets import build_config
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The run's settings resolved against this machine and its files (see the module docstring)."""
+
+    config: TrainConfig
+    device_type: str
+    dtype: torch.dtype
+    model_config: transformers.PretrainedConfig
+    attention: str
+    deepspeed_config_path: str | None  # --deepspeed, or the one an Accelerate DeepSpeed launch names
+    ds_config: dict
+    sp_size: int
+    zero_stage: int | None
+    settings: dict  # what a checkpoint must share with this run (checkpoints.run_settings)
+    resume: checkpoints.Checkpoint | None
+
+    @property
+    def engine_name(self) -> str:
+        return "deepspeed" if self.deepspeed_config_path else "torch"
+
+
+def make_plan(config: TrainConfig) -> RunPlan:
+    """Resolve and check ``config`` against this machine and its files (module docstring)."""
+    device_type = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = TORCH_DTYPES[config.dtype or ("bf16" if device_type == "cuda" else "fp32")]
+    check_device_dtype(device_type, dtype)
+    model_config = build_config(config.model)
+    check_seq_len(model_config, config.seq_len, config.allow_longer_than_max_positions)
+    ds_path = config.deepspeed or launched_deepspeed_config_file()  # accelerate launch with DEEPSPEED: its file
+    ds_config = ds_integration.load_config(ds_path)
+    check_accelerate_launch(ds_config)
+    sp_size = resolve_sp_size(config.sp_size, ds_config)  # CLI, DeepSpeed JSON, Accelerate config
+    settings = checkpoints.run_settings(config, model_config)
+    engine = "deepspeed" if ds_path else "torch"
+    resume = checkpoints.find_checkpoint(config.resume) if config.resume else None
+    if resume is not None:
+        checkpoints.check_compatible(resume, settings, engine)
+    zero_stage = ds_integration.zero_stage(ds_config) if ds_path else None
+    return RunPlan(config, device_type, dtype, model_config, config.attn or default_attention(device_type), ds_path,
+                   ds_config, sp_size, zero_stage, settings, resume)
+
+
+def check_accelerate_launch(ds_config: dict, environ: Mapping[str, str] | None = None) -> None:
+    """ValueError for an ``accelerate launch`` whose engine this trainer would silently not use: DeepSpeed
+    configured in the YAML itself (no ``deepspeed_config_file`` to read, and no ``--deepspeed``), or FSDP."""
+    env = os.environ if environ is None else environ
+    engine = launched_engine(env)
+    if engine == "deepspeed" and not ds_config:
+        source = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "(set in the Accelerate config's deepspeed_config)"
+        raise ValueError(f"accelerate launched DeepSpeed (deepspeed_config_file {source}), but launch/train.py trains "
+                         f"with DeepSpeed only when given --deepspeed: add --deepspeed CONFIG.json to its arguments")
+    if engine == "fsdp":
+        raise ValueError("accelerate launched FSDP, which launch/train.py does not support; use an Accelerate config "
+                         "with distributed_type MULTI_GPU (configs/accelerate/sp2.yaml) or DEEPSPEED")
+
+
+def default_attention(device_type: str) -> str:
+    """flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
+    if device_type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def check_device_dtype(device_type: str, dtype: torch.dtype) -> None:
+    """ValueError for a device that is not there or a dtype the device cannot train in."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but no CUDA device is visible (torch.cuda.is_available() is "
+                         "False); use --device cpu, or check CUDA_VISIBLE_DEVICES and the torch build")
+    if device_type == "cpu" and dtype == torch.float16:
+        raise ValueError("--dtype fp16 is not supported on CPU (DeepSpeed's CPU accelerator has no fp16 and "
+                         "torch's CPU fp16 kernels are partial); use --dtype fp32 or bf16")
+    if device_type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name()
+        raise ValueError(f"--dtype bf16 needs a GPU with bfloat16 support (compute capability >= 8.0); "
+                         f"{name} has none: use --dtype fp16 (DeepSpeed loss scaling) or fp32")
+
+
+def check_seq_len(config, seq_len: int, allow_longer: bool) -> None:
+    """Refuse ``seq_len`` beyond the model's ``max_position_embeddings`` unless ``allow_longer``.
+
+    A rotary (RoPE) model computes positions past its limit, but it was trained (and its
+    ``rope_scaling`` chosen) for that limit: a longer ``--seq-len`` is either a typo or a context
+    extension, which should be asked for (``allow_longer`` then warns). A model with learned absolute
+    position embeddings has no row for such positions and is refused either way: the embedding
+    lookup would fail on the ranks holding the late shards only, leaving the others waiting.
+    """
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0 or seq_len <= limit:
+        return
+    rotary = getattr(config, "rope_parameters", None) is not None or getattr(config, "rope_theta", None) is not None
+    if not rotary:
+        raise ValueError(f"--seq-len {seq_len} exceeds max_position_embeddings={limit} of {type(config).__name__}, "
+                         f"which has learned absolute position embeddings (no rows past {limit}); use --seq-len <= "
+                         f"{limit}")
+    if not allow_longer:
+        raise ValueError(f"--seq-len {seq_len} exceeds max_position_embeddings={limit} of {type(config).__name__}; "
+                         f"use --seq-len <= {limit}, or pass --allow-longer-than-max-positions to train past it "
+                         f"(RoPE extrapolates; consider rope_scaling in the model's config.json)")
+    warnings.warn(f"--seq-len {seq_len} exceeds max_position_embeddings={limit}: RoPE positions past the "
+                  f"model's trained range (--allow-longer-than-max-positions)", stacklevel=2)
