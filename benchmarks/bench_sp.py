@@ -39,34 +39,61 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per SP group")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    p.add_argument("--attn", default=None, choices=["flash_attention_2", "sdpa"],
-                   help="core attention kernel on both sides (default: flash_attention_2 when installed on CUDA, "
-                        "else sdpa)")
+    p.add_argument(
+        "--attn",
+        default=None,
+        choices=["flash_attention_2", "sdpa"],
+        help="core attention kernel on both sides (default: flash_attention_2 when installed on CUDA, else sdpa)",
+    )
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=3,
-                   help="the same ZeRO stage on both sides (3: ArcticTraining's ALST recipes)")
+    p.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=[0, 1, 2, 3],
+        default=3,
+        help="the same ZeRO stage on both sides (3: ArcticTraining's ALST recipes)",
+    )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--configs", type=_csv, default=["alst", "ours"],
-                   help="side[+lever...] list; ours levers: cudnn, sac, liger, tiled, tiled_mlp, offload; alst levers: "
-                        "cudnn, tiled_mlp, ac_offload")
+    p.add_argument(
+        "--configs",
+        type=_csv,
+        default=["alst", "ours"],
+        help="side[+lever...] list; ours levers: cudnn, sac, liger, tiled, tiled_mlp, offload; alst levers: "
+        "cudnn, tiled_mlp, ac_offload",
+    )
     p.add_argument("--baseline", default=None, help="configuration the ratios divide by (default: first alst one)")
-    p.add_argument("--no-profile", dest="profile", action="store_false",
-                   help="skip the extra profiled step that measures exposed communication")
-    p.add_argument("--peak-flops", type=float, default=989e12,
-                   help="dense bf16 peak FLOP/s of one GPU, the MFU denominator (989e12: H100/H200 SXM)")
+    p.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="skip the extra profiled step that measures exposed communication",
+    )
+    p.add_argument(
+        "--peak-flops",
+        type=float,
+        default=989e12,
+        help="dense bf16 peak FLOP/s of one GPU, the MFU denominator (989e12: H100/H200 SXM)",
+    )
     p.add_argument("--out", default="results.json", help="JSON file (rewritten after every configuration)")
     p.add_argument("--max-len-search", action="store_true", help="after the timing, search the longest sequence")
-    p.add_argument("--search-configs", type=_csv, default=["ours+tiled_mlp+offload+norms", "alst+tiled_mlp+ac_offload"],
-                   help="configurations searched (default: each side with all its memory features; ours tiles the "
-                        "loss in any case)")
+    p.add_argument(
+        "--search-configs",
+        type=_csv,
+        default=["ours+tiled_mlp+offload+norms", "alst+tiled_mlp+ac_offload"],
+        help="configurations searched (default: each side with all its memory features; ours tiles the "
+        "loss in any case)",
+    )
     p.add_argument("--search-start", type=int, default=131072)
     p.add_argument("--search-max", type=int, default=1 << 23)
     p.add_argument("--search-granularity", type=int, default=16384)
     p.add_argument("--search-budget-s", type=float, default=480.0, help="wall-time budget per searched configuration")
     p.add_argument("--search-steps", type=int, default=1, help="training steps per search attempt")
-    p.add_argument("--alloc-conf", default="expandable_segments:True",
-                   help="PYTORCH_CUDA_ALLOC_CONF when the environment does not set it ('' leaves it unset)")
+    p.add_argument(
+        "--alloc-conf",
+        default="expandable_segments:True",
+        help="PYTORCH_CUDA_ALLOC_CONF when the environment does not set it ('' leaves it unset)",
+    )
     p.add_argument("--timeout-s", type=float, default=1800.0, help="collective timeout (NCCL watchdog)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -115,20 +142,39 @@ def main(argv=None) -> None:
     problems = _problems(args, configs + searches, device_type, attn, sp)
     if problems:
         raise SystemExit("cannot run: " + "; ".join(problems))
-    baseline = args.baseline or next((spec for spec, side, _ in configs if side == "alst"),
-                                     args.configs[0] if args.configs else None)
-    workload = Workload(model=args.model, layers=args.layers or None, attn=attn, dtype=DTYPES[args.dtype],
-                        device=device, sp=sp, batch_size=args.batch_size, zero_stage=args.zero_stage, lr=args.lr,
-                        seed=args.seed)
+    baseline = args.baseline or next(
+        (spec for spec, side, _ in configs if side == "alst"), args.configs[0] if args.configs else None
+    )
+    workload = Workload(
+        model=args.model,
+        layers=args.layers or None,
+        attn=attn,
+        dtype=DTYPES[args.dtype],
+        device=device,
+        sp=sp,
+        batch_size=args.batch_size,
+        zero_stage=args.zero_stage,
+        lr=args.lr,
+        seed=args.seed,
+    )
     sides = {"ours": OursSide(workload, topology), "alst": AlstSide(workload)}
-    settings = {**{k: v for k, v in vars(args).items() if k != "local_rank"}, "attn": attn, "sp": sp,
-                "dp": world // sp, "world_size": world, "baseline": baseline, "device_type": device_type,
-                "layers": workload.config("sdpa").num_hidden_layers}
+    settings = {
+        **{k: v for k, v in vars(args).items() if k != "local_rank"},
+        "attn": attn,
+        "sp": sp,
+        "dp": world // sp,
+        "world_size": world,
+        "baseline": baseline,
+        "device_type": device_type,
+        "layers": workload.config("sdpa").num_hidden_layers,
+    }
     results = Results(args.out, settings, device, rank)
     peak = args.peak_flops
     measure = Measure(warmup=args.warmup, steps=args.steps, profile=args.profile and device_type == "cuda")
-    results.log(f"{len(args.seq_lens)} lengths x {len(configs)} configurations on {world} ranks (sp {sp}), "
-                f"attn {attn}; results -> {args.out}")
+    results.log(
+        f"{len(args.seq_lens)} lengths x {len(configs)} configurations on {world} ranks (sp {sp}), "
+        f"attn {attn}; results -> {args.out}"
+    )
     for seq_len in args.seq_lens:
         for spec, side, levers in configs:
             record = run_config(sides[side], spec, levers, seq_len, workload, measure, peak)
@@ -136,8 +182,13 @@ def main(argv=None) -> None:
             results.log(_one_line(record))
     for spec, side, levers in searches:
         results.log(f"max-length search: {spec}")
-        search = Search(start=args.search_start, max_len=args.search_max, granularity=args.search_granularity,
-                        budget_s=args.search_budget_s, steps=args.search_steps)
+        search = Search(
+            start=args.search_start,
+            max_len=args.search_max,
+            granularity=args.search_granularity,
+            budget_s=args.search_budget_s,
+            steps=args.search_steps,
+        )
         results.add_search(search_max_len(sides[side], spec, levers, workload, search, peak, log=results.log))
     results.log("\n" + results.table())
     dist.barrier()
@@ -148,10 +199,12 @@ def _problems(args, configs, device_type: str, attn: str, sp: int) -> list[str]:
     """Everything that would fail or measure nothing, found before any GPU time is spent."""
     from spbench import levers as lv
 
-    problems = [f"{spec}: {why}" for spec, _, levers in configs
-                if (why := lv.available_or_reason(levers, device_type, attn))]
-    problems += [f"--seq-lens {s} is not a multiple of sp={sp} (ALST's adapter needs it)"
-                 for s in args.seq_lens if s % sp]
+    problems = [
+        f"{spec}: {why}" for spec, _, levers in configs if (why := lv.available_or_reason(levers, device_type, attn))
+    ]
+    problems += [
+        f"--seq-lens {s} is not a multiple of sp={sp} (ALST's adapter needs it)" for s in args.seq_lens if s % sp
+    ]
     if not args.seq_lens and not args.max_len_search:
         problems.append("nothing to do: give --seq-lens and/or --max-len-search")
     return problems
@@ -167,9 +220,12 @@ def _summary(r: dict) -> str:
     if r["status"] != "ok":
         return f"{r['seq_len']:>8} {r['config']:<28} {r['status']}: {r.get('errors')}"
     a2a = r.get("comm", {}).get("a2a_exposed_ms", {}).get("max")
-    return (f"{r['seq_len']:>8} {r['config']:<28} {r['step_s']:.3f} s/step  {r['tok_s_per_gpu']:.0f} tok/s/GPU  "
-            f"MFU {r['mfu'] * 100:.1f}%  peak {r['peak_mem_gib']:.2f} GiB"
-            + (f"  a2a exposed {a2a:.1f} ms" if a2a is not None else "") + f"  ({r['wall_s']:.0f} s)")
+    return (
+        f"{r['seq_len']:>8} {r['config']:<28} {r['step_s']:.3f} s/step  {r['tok_s_per_gpu']:.0f} tok/s/GPU  "
+        f"MFU {r['mfu'] * 100:.1f}%  peak {r['peak_mem_gib']:.2f} GiB"
+        + (f"  a2a exposed {a2a:.1f} ms" if a2a is not None else "")
+        + f"  ({r['wall_s']:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -34,16 +34,34 @@ from ulysses_sp.memory.rms_norm import enable_rms_norm_recompute
 from ulysses_sp.loss.tiled_ce import tiled_cross_entropy_sum
 from ulysses_sp.memory.tiled_mlp import tile_mlp
 
-CONFIGS = {"none": ("none", False, False), "none+norms": ("none", False, True), "full": ("full", False, False),
-           "full+tiled_mlp": ("full", True, False), "full+tiled_mlp+norms": ("full", True, True),
-           "selective": ("selective", False, False), "selective+tiled_mlp": ("selective", True, False),
-           "selective+tiled_mlp+norms": ("selective", True, True)}
+CONFIGS = {
+    "none": ("none", False, False),
+    "none+norms": ("none", False, True),
+    "full": ("full", False, False),
+    "full+tiled_mlp": ("full", True, False),
+    "full+tiled_mlp+norms": ("full", True, True),
+    "selective": ("selective", False, False),
+    "selective+tiled_mlp": ("selective", True, False),
+    "selective+tiled_mlp+norms": ("selective", True, True),
+}
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 _libc = ctypes.CDLL("libc.so.6")
@@ -84,22 +102,35 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--norm-tile-elements", type=int, default=rms_norm.TILE_ELEMENTS,
-                   help="elements per tile of the RMSNorm recompute's fp32 math (the library's default: "
-                        "%(default)s); a smaller tile here shows what the default does at long sequences")
+    p.add_argument(
+        "--norm-tile-elements",
+        type=int,
+        default=rms_norm.TILE_ELEMENTS,
+        help="elements per tile of the RMSNorm recompute's fp32 math (the library's default: "
+        "%(default)s); a smaller tile here shows what the default does at long sequences",
+    )
     args = p.parse_args(argv)
     rms_norm.TILE_ELEMENTS = args.norm_tile_elements
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(1)
-    config = transformers.LlamaConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=args.ffn,
-                                      num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
-                                      max_position_embeddings=args.tokens, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=1024,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=args.tokens,
+        tie_word_embeddings=False,
+    )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config).to(torch.bfloat16).train()
     ids = torch.randint(0, config.vocab_size, (1, args.tokens))
-    print(f"Llama shape: {args.layers} layers, d={args.hidden}, d_ff={args.ffn}, {args.tokens} tokens, bf16; "
-          f"2d = {2 * args.hidden} B, 8 d_ff = {8 * args.ffn} B per token")
+    print(
+        f"Llama shape: {args.layers} layers, d={args.hidden}, d_ff={args.ffn}, {args.tokens} tokens, bf16; "
+        f"2d = {2 * args.hidden} B, 8 d_ff = {8 * args.ffn} B per token"
+    )
     print(f"{'configuration':<22} {'held MiB':>9} {'peak MiB':>9} {'peak B/token':>13}")
     for name, (policy, tiled, norms) in CONFIGS.items():
         model = copy.deepcopy(base)

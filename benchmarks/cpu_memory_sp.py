@@ -87,8 +87,12 @@ def main(argv=None) -> None:
     p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--tokens", type=int, default=8192, help="sequence length (all SP ranks together)")
     p.add_argument("--mlp-tile", type=int, default=None, help="tokens per MLP tile (default: local tokens / 64)")
-    p.add_argument("--norm-tile-elements", type=int, default=None,
-                   help="elements per tile of the RMSNorm math (default: local tokens x d / 64)")
+    p.add_argument(
+        "--norm-tile-elements",
+        type=int,
+        default=None,
+        help="elements per tile of the RMSNorm math (default: local tokens x d / 64)",
+    )
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -99,18 +103,27 @@ def main(argv=None) -> None:
     mode_ref: list = [None]
     _labelled(tiled_mlp.TiledMLP, "MLP backward", mode_ref)
     _labelled(rms_norm.RMSNormFunction, "norm backward", mode_ref)
-    config = transformers.LlamaConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=args.ffn,
-                                      num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
-                                      max_position_embeddings=args.tokens, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=1024,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=args.tokens,
+        tie_word_embeddings=False,
+    )
     config._attn_implementation = "sdpa"
     ids = torch.randint(0, config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     batch = ulysses_sp.shard_batch({"input_ids": ids, "labels": ids}, topo)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
     copy = local * args.hidden * 2  # bytes of one local hidden state [s, d] in bf16
     if dist.get_rank() == 0:
-        print(f"Llama shape: {args.layers} layers, d={args.hidden}, d_ff={args.ffn}, {args.tokens} tokens over "
-              f"sp={topo.sp_size} ({local} per rank), bf16, full checkpointing, tiled MLP and loss; "
-              f"peaks in copies of the local hidden state ({copy / 2**20:.1f} MiB)")
+        print(
+            f"Llama shape: {args.layers} layers, d={args.hidden}, d_ff={args.ffn}, {args.tokens} tokens over "
+            f"sp={topo.sp_size} ({local} per rank), bf16, full checkpointing, tiled MLP and loss; "
+            f"peaks in copies of the local hidden state ({copy / 2**20:.1f} MiB)"
+        )
         print(f"{'configuration':<22} " + " ".join(f"{p:>11.11}" for p in PHASES) + "  step peak in")
     for name, norms in CONFIGS.items():
         torch.manual_seed(0)

@@ -73,8 +73,11 @@ def plot(data: dict, path: str) -> None:
     s = data["settings"]
     tagged = sorted({c.split(": ")[0] for c in groups if ": " in c})
     note = f" (lines tagged {', '.join(tagged)}: that kernel)" if tagged else ""
-    fig.suptitle(f"{s['model']} ({s['layers']} layers), {data['device']['name']} x {s['world_size']}, sp {s['sp']}, "
-                 f"ZeRO-{s['zero_stage']}, {s['attn']}{note}", fontsize=10)
+    fig.suptitle(
+        f"{s['model']} ({s['layers']} layers), {data['device']['name']} x {s['world_size']}, sp {s['sp']}, "
+        f"ZeRO-{s['zero_stage']}, {s['attn']}{note}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

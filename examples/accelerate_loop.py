@@ -49,9 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     claim_sp_size()  # the Accelerate config's SP size becomes ours; Accelerate must not see it (no ALST)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum,
-                              # shuffle from (seed, epoch): the same order for any number of processes
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.grad_accum,
+        # shuffle from (seed, epoch): the same order for any number of processes
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
     set_seed(args.seed)  # the same streams on every rank: the SP group shuffles identically
 
     model = transformers.AutoModelForCausalLM.from_config(build_config(args.model))

@@ -48,9 +48,12 @@ class AlstSide:
         from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
         self.mpu = UlyssesSPAttentionHF.register_with_transformers(
-            model_name_or_path=model, core_attn_implementation=self.workload.attn,
-            sequence_parallel_size=self.workload.sp, micro_batch_size=self.workload.batch_size,
-            seq_length_is_variable=True)
+            model_name_or_path=model,
+            core_attn_implementation=self.workload.attn,
+            sequence_parallel_size=self.workload.sp,
+            micro_batch_size=self.workload.batch_size,
+            seq_length_is_variable=True,
+        )
 
     def prepare(self, levers: frozenset[str], seq_len: int) -> AlstRun:
         return AlstRun(self, levers, seq_len)
@@ -77,13 +80,19 @@ class AlstRun:
             )
 
             self.offload = get_checkpoint_hidden_states_offloading_ctx_manager()
-        self.engine, *_ = deepspeed.initialize(model=self.model, model_parameters=list(self.model.parameters()),
-                                               config=wl.ds_config(), mpu=mpu)
+        self.engine, *_ = deepspeed.initialize(
+            model=self.model, model_parameters=list(self.model.parameters()), config=wl.ds_config(), mpu=mpu
+        )
         full = wl.full_batch(seq_len, self.model.config.vocab_size)
         rows = [{k: v[b] for k, v in full.items()} for b in range(wl.batch_size)]
         loader = torch.utils.data.DataLoader(rows, batch_size=wl.batch_size)
-        adapter = UlyssesSPDataLoaderAdapter(loader, sp_rank=mpu.get_sequence_parallel_rank(), sp_group=self.sp_group,
-                                             sp_world_size=self.sp_size, device=wl.device)
+        adapter = UlyssesSPDataLoaderAdapter(
+            loader,
+            sp_rank=mpu.get_sequence_parallel_rank(),
+            sp_group=self.sp_group,
+            sp_world_size=self.sp_size,
+            device=wl.device,
+        )
         self.batch = {k: v.to(wl.device) for k, v in next(adapter).items()}
 
     def step(self) -> torch.Tensor:
@@ -106,8 +115,15 @@ class AlstRun:
         vocab_size = model_with_head.config.vocab_size
         num_shards = math.ceil(bs * seqlen * vocab_size * 4 / 2**30)  # ~1 GiB of fp32 logits per shard
         total_loss_sum = TiledFusedLogitsLoss.apply(
-            _fused_logits_loss, model_with_head, hidden_states, shift_labels, None, num_shards,
-            [model_with_head.lm_head.weight], "sum")
+            _fused_logits_loss,
+            model_with_head,
+            hidden_states,
+            shift_labels,
+            None,
+            num_shards,
+            [model_with_head.lm_head.weight],
+            "sum",
+        )
         total_good_items = (shift_labels != -100).squeeze().sum()
         loss = total_loss_sum / max(total_good_items, 1)
         losses_per_rank = dist_fn.all_gather(loss, group=self.sp_group)

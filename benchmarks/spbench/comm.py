@@ -25,8 +25,9 @@ from collections.abc import Iterable
 import torch
 
 _NCCL = re.compile(r"nccl", re.IGNORECASE)
-_NCCL_KIND = re.compile(r"nccl\w*?(SendRecv|AllToAll|AllGather|ReduceScatter|AllReduce|Broadcast|Reduce|Send|Recv)",
-                        re.IGNORECASE)
+_NCCL_KIND = re.compile(
+    r"nccl\w*?(SendRecv|AllToAll|AllGather|ReduceScatter|AllReduce|Broadcast|Reduce|Send|Recv)", re.IGNORECASE
+)
 _A2A_KINDS = {"sendrecv", "alltoall", "send", "recv"}
 
 Interval = tuple[float, float]  # (start, end) in microseconds

@@ -25,11 +25,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-FORMULA = ("MFU = F_step / (t_step * n_gpus * peak_flops_per_gpu); "
-           "F_step = 6*N*T + L*B*dp*6*(d_qk+d_v)*n_q*S*(S+1)/2; N = params of all nn.Linear (decoder "
-           "projections + output head, no input embedding); T = B*S*dp tokens per step; causal attention "
-           "counted once per kept (query,key) pair, backward = 2x forward; recomputation (activation "
-           "checkpointing, flash backward's QK^T) not counted")
+FORMULA = (
+    "MFU = F_step / (t_step * n_gpus * peak_flops_per_gpu); "
+    "F_step = 6*N*T + L*B*dp*6*(d_qk+d_v)*n_q*S*(S+1)/2; N = params of all nn.Linear (decoder "
+    "projections + output head, no input embedding); T = B*S*dp tokens per step; causal attention "
+    "counted once per kept (query,key) pair, backward = 2x forward; recomputation (activation "
+    "checkpointing, flash backward's QK^T) not counted"
+)
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,7 @@ class OursRun:
         module = CausalLMLoss(self.model, topo, use_liger=use_liger)
         self.engine, *_ = ds_integration.initialize(module, topo, wl.ds_config())
         full = wl.full_batch(seq_len, self.model.config.vocab_size)
-        self.batch = to_device(shard_batch({"input_ids": full["input_ids"], "labels": full["labels"]}, topo),
-                               wl.device)
+        self.batch = to_device(shard_batch({"input_ids": full["input_ids"], "labels": full["labels"]}, topo), wl.device)
 
     def step(self) -> torch.Tensor:
         num_items = count_label_tokens(self.batch, self.topology)

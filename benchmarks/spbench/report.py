@@ -19,9 +19,17 @@ import torch
 
 from . import flops
 
-_ENV_KEYS = ("PYTORCH_CUDA_ALLOC_CONF", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
-             "TORCH_CUDNN_SDPA_DEPRIORITIZED", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "WORLD_SIZE",
-             "LOCAL_WORLD_SIZE")
+_ENV_KEYS = (
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "NCCL_NVLS_ENABLE",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+    "NVSHMEM_DISABLE_NVLS",
+    "TORCH_CUDNN_SDPA_DEPRIORITIZED",
+    "CUDA_VISIBLE_DEVICES",
+    "OMP_NUM_THREADS",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+)
 
 
 def _version(dist_name: str) -> str | None:
@@ -39,8 +47,9 @@ def _nccl_version() -> str:
 def _git_commit() -> str | None:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             check=False)
+        out = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -56,19 +65,28 @@ def environment(device: torch.device) -> dict:
         "host": platform.node(),
         "python": platform.python_version(),
         "versions": {
-            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
             "nccl": _nccl_version() if device.type == "cuda" else None,
-            "transformers": _version("transformers"), "deepspeed": _version("deepspeed"),
-            "flash_attn": _version("flash-attn") or _version("flash_attn"), "liger_kernel": _version("liger-kernel"),
-            "accelerate": _version("accelerate"), "ulysses_sp": ulysses_sp.__version__, "ulysses_sp_git": _git_commit(),
+            "transformers": _version("transformers"),
+            "deepspeed": _version("deepspeed"),
+            "flash_attn": _version("flash-attn") or _version("flash_attn"),
+            "liger_kernel": _version("liger-kernel"),
+            "accelerate": _version("accelerate"),
+            "ulysses_sp": ulysses_sp.__version__,
+            "ulysses_sp_git": _git_commit(),
         },
         "env": {k: os.environ[k] for k in _ENV_KEYS if k in os.environ},
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env["device"] = {"name": props.name, "count": torch.cuda.device_count(), "memory_gib": props.total_memory / 2**30,
-                         "capability": f"{props.major}.{props.minor}"}
+        env["device"] = {
+            "name": props.name,
+            "count": torch.cuda.device_count(),
+            "memory_gib": props.total_memory / 2**30,
+            "capability": f"{props.major}.{props.minor}",
+        }
     else:
         env["device"] = {"name": f"cpu ({platform.processor() or platform.machine()})", "count": os.cpu_count()}
     return env
@@ -87,8 +105,15 @@ class Results:
 
     def __init__(self, path: str | None, settings: dict, device: torch.device, rank: int):
         self.path, self.rank = path, rank
-        self.data = {"command": command_line(), "settings": settings, **environment(device),
-                     "mfu_formula": flops.FORMULA, "comm_method": _COMM_METHOD, "runs": [], "searches": []}
+        self.data = {
+            "command": command_line(),
+            "settings": settings,
+            **environment(device),
+            "mfu_formula": flops.FORMULA,
+            "comm_method": _COMM_METHOD,
+            "runs": [],
+            "searches": [],
+        }
 
     def add_run(self, record: dict) -> None:
         self.data["runs"].append(record)
@@ -116,9 +141,11 @@ class Results:
         return format_table(self.data)
 
 
-_COMM_METHOD = ("one extra profiled step per configuration (torch.profiler, CUDA activity); per GPU, "
-                "exposed = time NCCL kernels run while no compute kernel (non-NCCL kernel, memcpy, memset) runs; "
-                "a2a = NCCL send/recv and all-to-all kernels, comm = all NCCL kernels; max and mean over ranks")
+_COMM_METHOD = (
+    "one extra profiled step per configuration (torch.profiler, CUDA activity); per GPU, "
+    "exposed = time NCCL kernels run while no compute kernel (non-NCCL kernel, memcpy, memset) runs; "
+    "a2a = NCCL send/recv and all-to-all kernels, comm = all NCCL kernels; max and mean over ranks"
+)
 
 
 def ratios(runs: list[dict], baseline: str) -> list[dict]:
@@ -129,9 +156,16 @@ def ratios(runs: list[dict], baseline: str) -> list[dict]:
         b = base.get(r["seq_len"])
         if r["config"] == baseline or r["status"] != "ok" or b is None:
             continue
-        out.append({"seq_len": r["seq_len"], "config": r["config"], "baseline": baseline,
-                    "step_time": r["step_s"] / b["step_s"], "tok_s_per_gpu": r["tok_s_per_gpu"] / b["tok_s_per_gpu"],
-                    "peak_mem": r["peak_mem_gib"] / b["peak_mem_gib"]})
+        out.append(
+            {
+                "seq_len": r["seq_len"],
+                "config": r["config"],
+                "baseline": baseline,
+                "step_time": r["step_s"] / b["step_s"],
+                "tok_s_per_gpu": r["tok_s_per_gpu"] / b["tok_s_per_gpu"],
+                "peak_mem": r["peak_mem_gib"] / b["peak_mem_gib"],
+            }
+        )
     return out
 
 
@@ -146,8 +180,17 @@ def parity(runs: list[dict]) -> list[dict]:
                 first[r["side"]] = r
         if len(first) == 2:
             a, b = first["ours"]["losses"][0], first["alst"]["losses"][0]
-            out.append({"seq_len": seq, "ours_config": first["ours"]["config"], "alst_config": first["alst"]["config"],
-                        "loss_ours": a, "loss_alst": b, "abs_diff": abs(a - b), "rel_diff": abs(a - b) / abs(b)})
+            out.append(
+                {
+                    "seq_len": seq,
+                    "ours_config": first["ours"]["config"],
+                    "alst_config": first["alst"]["config"],
+                    "loss_ours": a,
+                    "loss_alst": b,
+                    "abs_diff": abs(a - b),
+                    "rel_diff": abs(a - b) / abs(b),
+                }
+            )
     return out
 
 
@@ -158,43 +201,66 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 def _header(data: dict) -> list[str]:
     st, v = data["settings"], data["versions"]
     versions = "  ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "deepspeed", "flash_attn", "liger_kernel"))
-    return [f"device: {data['device']['name']} x {st['world_size']}  |  {versions}",
-            (f"model {st['model']} ({st['layers']} layers), attn {st['attn']}, sp {st['sp']}, ZeRO-{st['zero_stage']}, "
-             f"MFU vs {st['peak_flops'] / 1e12:.0f} TFLOP/s per GPU; a2a/comm exp = exposed ms (max over ranks); "
-             "peak GiB = the configuration's own (max allocated minus what was allocated before its build)")]
+    return [
+        f"device: {data['device']['name']} x {st['world_size']}  |  {versions}",
+        (
+            f"model {st['model']} ({st['layers']} layers), attn {st['attn']}, sp {st['sp']}, ZeRO-{st['zero_stage']}, "
+            f"MFU vs {st['peak_flops'] / 1e12:.0f} TFLOP/s per GPU; a2a/comm exp = exposed ms (max over ranks); "
+            "peak GiB = the configuration's own (max allocated minus what was allocated before its build)"
+        ),
+    ]
 
 
 def _row(r: dict, width: int) -> str:
     ok, comm = r["status"] == "ok", r.get("comm", {})
-    return (f"{r['seq_len']:>8} {r['config']:<{width}} {r['status']:<6} {_fmt(r.get('step_s'), '8.3f'):>8} "
-            f"{_fmt(r.get('tok_s_per_gpu'), '10.0f'):>10} {_fmt(r.get('tflops_per_gpu'), '8.1f'):>8} "
-            f"{_fmt(r['mfu'] * 100 if ok else None, '6.1f'):>6} {_fmt(r.get('peak_mem_gib'), '9.2f'):>9} "
-            f"{_fmt(comm.get('a2a_exposed_ms', {}).get('max'), '8.1f'):>8} "
-            f"{_fmt(comm.get('comm_exposed_ms', {}).get('max'), '9.1f'):>9} "
-            f"{_fmt(r['losses'][0] if ok else None, '8.4f'):>8}")
+    return (
+        f"{r['seq_len']:>8} {r['config']:<{width}} {r['status']:<6} {_fmt(r.get('step_s'), '8.3f'):>8} "
+        f"{_fmt(r.get('tok_s_per_gpu'), '10.0f'):>10} {_fmt(r.get('tflops_per_gpu'), '8.1f'):>8} "
+        f"{_fmt(r['mfu'] * 100 if ok else None, '6.1f'):>6} {_fmt(r.get('peak_mem_gib'), '9.2f'):>9} "
+        f"{_fmt(comm.get('a2a_exposed_ms', {}).get('max'), '8.1f'):>8} "
+        f"{_fmt(comm.get('comm_exposed_ms', {}).get('max'), '9.1f'):>9} "
+        f"{_fmt(r['losses'][0] if ok else None, '8.4f'):>8}"
+    )
 
 
 def format_table(data: dict) -> str:
     width = max([28] + [len(r["config"]) for r in data["runs"]])
     lines = _header(data)
     if data["runs"]:
-        lines += ["", (f"{'seq':>8} {'config':<{width}} {'status':<6} {'step s':>8} {'tok/s/GPU':>10} "
-                       f"{'TFLOP/s':>8} {'MFU%':>6} {'peak GiB':>9} {'a2a exp':>8} {'comm exp':>9} {'loss@1':>8}")]
+        lines += [
+            "",
+            (
+                f"{'seq':>8} {'config':<{width}} {'status':<6} {'step s':>8} {'tok/s/GPU':>10} "
+                f"{'TFLOP/s':>8} {'MFU%':>6} {'peak GiB':>9} {'a2a exp':>8} {'comm exp':>9} {'loss@1':>8}"
+            ),
+        ]
         lines += [_row(r, width) for r in data["runs"]]
     if data.get("ratios"):
-        lines += ["", (f"ratios vs {data['settings']['baseline']} (step time <1 = faster; tok/s >1 = faster; "
-                       "peak memory <1 = smaller)"),
-                  f"{'seq':>8} {'config':<{width}} {'step time':>10} {'tok/s/GPU':>10} {'peak mem':>9}"]
-        lines += [f"{x['seq_len']:>8} {x['config']:<{width}} {x['step_time']:>10.3f} {x['tok_s_per_gpu']:>10.3f} "
-                  f"{x['peak_mem']:>9.3f}" for x in data["ratios"]]
+        lines += [
+            "",
+            (
+                f"ratios vs {data['settings']['baseline']} (step time <1 = faster; tok/s >1 = faster; "
+                "peak memory <1 = smaller)"
+            ),
+            f"{'seq':>8} {'config':<{width}} {'step time':>10} {'tok/s/GPU':>10} {'peak mem':>9}",
+        ]
+        lines += [
+            f"{x['seq_len']:>8} {x['config']:<{width}} {x['step_time']:>10.3f} {x['tok_s_per_gpu']:>10.3f} "
+            f"{x['peak_mem']:>9.3f}"
+            for x in data["ratios"]
+        ]
     if data.get("parity"):
-        pairs = ", ".join(f"{p['seq_len']}: {p['loss_ours']:.5f} vs {p['loss_alst']:.5f} (rel {p['rel_diff']:.1e})"
-                          for p in data["parity"])
+        pairs = ", ".join(
+            f"{p['seq_len']}: {p['loss_ours']:.5f} vs {p['loss_alst']:.5f} (rel {p['rel_diff']:.1e})"
+            for p in data["parity"]
+        )
         lines += ["", f"parity (first-step loss, same weights and batch): {pairs}"]
     for x in data.get("searches", []):
         fit = x.get("memory_fit") or {}
-        lines.append(f"max length {x['config']}: fits {_fmt(x['max_fit'], 'd')}, first OOM {_fmt(x['first_oom'], 'd')} "
-                     f"(limited by {x['limited_by']}, {x['spent_s']:.0f} s; linear memory fit "
-                     f"{_fmt(fit.get('kib_per_sequence_token'), '.1f')} KiB/token -> "
-                     f"{_fmt(fit.get('extrapolated_max_len'), 'd')} extrapolated)")
+        lines.append(
+            f"max length {x['config']}: fits {_fmt(x['max_fit'], 'd')}, first OOM {_fmt(x['first_oom'], 'd')} "
+            f"(limited by {x['limited_by']}, {x['spent_s']:.0f} s; linear memory fit "
+            f"{_fmt(fit.get('kib_per_sequence_token'), '.1f')} KiB/token -> "
+            f"{_fmt(fit.get('extrapolated_max_len'), 'd')} extrapolated)"
+        )
     return "\n".join(lines)

@@ -109,8 +109,13 @@ def _timed(run, workload: Workload, measure: Measure, record: dict, build_peak: 
         losses.append(float(loss))
         norms.append(_grad_norm(run.engine))
     times = _world_max(times, device)
-    record.update(losses=losses, grad_norms=norms, step_times_s=times, warmup_steps=measure.warmup,
-                  step_s=statistics.median(times[measure.warmup:]))
+    record.update(
+        losses=losses,
+        grad_norms=norms,
+        step_times_s=times,
+        warmup_steps=measure.warmup,
+        step_s=statistics.median(times[measure.warmup :]),
+    )
     before = record.get("mem_before_gib", 0.0)
     peak, reserved = _memory(device)
     own, peak, reserved, build = _world_max([peak - before, peak, reserved, build_peak - before], device)
@@ -141,12 +146,18 @@ def _agree(code: int, device: torch.device) -> int:
     return int(_world_max([code], device)[0])
 
 
-def run_config(side, spec: str, levers: frozenset[str], seq_len: int, workload: Workload, measure: Measure,
-               peak_flops: float) -> dict:
+def run_config(
+    side, spec: str, levers: frozenset[str], seq_len: int, workload: Workload, measure: Measure, peak_flops: float
+) -> dict:
     """Build, warm up, time (and profile) one configuration; never raises for OOM or step errors."""
     device = workload.device
-    record = {"config": spec, "side": side.name, "levers": sorted(levers), "seq_len": seq_len,
-              "batch_size": workload.batch_size}
+    record = {
+        "config": spec,
+        "side": side.name,
+        "levers": sorted(levers),
+        "seq_len": seq_len,
+        "batch_size": workload.batch_size,
+    }
     free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -210,8 +221,9 @@ class Search:
     steps: int
 
 
-def search_max_len(side, spec: str, levers: frozenset[str], workload: Workload, search: Search, peak_flops: float,
-                   log=print) -> dict:
+def search_max_len(
+    side, spec: str, levers: frozenset[str], workload: Workload, search: Search, peak_flops: float, log=print
+) -> dict:
     """Longest sequence (a multiple of ``granularity`` and sp) for which one training step fits.
 
     Doubling from ``start`` until an OOM, then bisection between the last fit and the first OOM
@@ -238,8 +250,10 @@ def search_max_len(side, spec: str, levers: frozenset[str], workload: Workload, 
         rec = run_config(side, spec, levers, seq, workload, measure, peak_flops)
         attempts.append(rec)
         spent += rec["wall_s"]
-        log(f"  search {spec}: {seq:>9} tokens -> {rec['status']}"
-            + (f" ({rec['peak_mem_gib']:.1f} GiB, {rec['step_s']:.2f} s/step)" if rec["status"] == "ok" else ""))
+        log(
+            f"  search {spec}: {seq:>9} tokens -> {rec['status']}"
+            + (f" ({rec['peak_mem_gib']:.1f} GiB, {rec['step_s']:.2f} s/step)" if rec["status"] == "ok" else "")
+        )
         if rec["status"] == "ok":
             fit = seq if fit is None else max(fit, seq)
         elif rec["status"] == "oom":
@@ -263,9 +277,18 @@ def search_max_len(side, spec: str, levers: frozenset[str], workload: Workload, 
             attempt(fit * 2)
     while limited is None and fit is not None and oom is not None and oom - fit > unit:  # bisection
         attempt((fit + oom) // 2 // unit * unit)
-    return {"config": spec, "side": side.name, "levers": sorted(levers), "unit": unit, "max_fit": fit,
-            "first_oom": oom, "limited_by": limited or "oom", "spent_s": spent, "attempts": attempts,
-            "memory_fit": _memory_fit(attempts, workload.device)}
+    return {
+        "config": spec,
+        "side": side.name,
+        "levers": sorted(levers),
+        "unit": unit,
+        "max_fit": fit,
+        "first_oom": oom,
+        "limited_by": limited or "oom",
+        "spent_s": spent,
+        "attempts": attempts,
+        "memory_fit": _memory_fit(attempts, workload.device),
+    }
 
 
 def _memory_fit(attempts: list[dict], device: torch.device) -> dict | None:

@@ -48,8 +48,7 @@ class Ctx:
 def _worker(rank: int, world_size: int, store_path: str, fn, args) -> None:
     # a FileStore rendezvous: no TCP port to race for between concurrent test runs
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    init = dict(init_method=f"file://{store_path}", rank=rank, world_size=world_size,
-                timeout=timedelta(seconds=300))
+    init = dict(init_method=f"file://{store_path}", rank=rank, world_size=world_size, timeout=timedelta(seconds=300))
     if on_gpu():
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
@@ -72,7 +71,10 @@ def run(fn, world_size: int, *args) -> None:
 
         pytest.skip(f"needs {world_size} GPUs, found {torch.cuda.device_count()}")
     with tempfile.TemporaryDirectory(prefix="ulysses_sp_store_") as tmp:
-        mp.start_processes(_worker, args=(world_size, os.path.join(tmp, "store"), fn, args),
-                           nprocs=world_size, join=True, start_method="spawn")
-
-
+        mp.start_processes(
+            _worker,
+            args=(world_size, os.path.join(tmp, "store"), fn, args),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )

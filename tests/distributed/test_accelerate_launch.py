@@ -36,8 +36,16 @@ def _losses(metrics) -> list[float]:
 
 def accelerate_launch(tmp_path, name, script, *args, num_processes=None, config=SP2_YAML, cwd=None):
     metrics = tmp_path / f"{name}.jsonl"
-    launch = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", config,
-              "--main_process_port", str(_port())]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.accelerate_cli",
+        "launch",
+        "--config_file",
+        config,
+        "--main_process_port",
+        str(_port()),
+    ]
     if num_processes is not None:
         launch += ["--num_processes", str(num_processes)]
     device = ["--device", "cpu"] if script == TRAIN else []
@@ -54,14 +62,22 @@ def _both(sp_run, ref_run):
 
 def test_sp2_yaml_matches_single_process(tmp_path):
     args = [*COMMON, "--seq-len", "64", "--batch-size", "2", "--grad-accum", "2"]
-    assert_same_curve(*_both(lambda: accelerate_launch(tmp_path, "acc_sp2", TRAIN, *args),
-                             lambda: train(tmp_path, "ref", 1, "--sp-size", "1", *args)))
+    assert_same_curve(
+        *_both(
+            lambda: accelerate_launch(tmp_path, "acc_sp2", TRAIN, *args),
+            lambda: train(tmp_path, "ref", 1, "--sp-size", "1", *args),
+        )
+    )
 
 
 def test_four_processes_dp2_sp2_matches_dp2(tmp_path):
     args = [*COMMON, "--seq-len", "48", "--batch-size", "1", "--pack"]
-    assert_same_curve(*_both(lambda: accelerate_launch(tmp_path, "acc_dp2sp2", TRAIN, *args, num_processes=4),
-                             lambda: train(tmp_path, "dp2", 2, "--sp-size", "1", *args)))
+    assert_same_curve(
+        *_both(
+            lambda: accelerate_launch(tmp_path, "acc_dp2sp2", TRAIN, *args, num_processes=4),
+            lambda: train(tmp_path, "dp2", 2, "--sp-size", "1", *args),
+        )
+    )
 
 
 def _example_reference(tmp_path, *args):
@@ -72,14 +88,21 @@ def _example_reference(tmp_path, *args):
 
 def test_example_loop_sp2_matches_one_process(tmp_path):
     args = ["--model", "tiny-llama-gqa", "--steps", "5", "--seq-len", "40", "--seed", "3"]
-    assert_same_curve(*_both(lambda: accelerate_launch(tmp_path, "example_sp2", EXAMPLE, *args),
-                             lambda: _example_reference(tmp_path, *args)))
+    assert_same_curve(
+        *_both(
+            lambda: accelerate_launch(tmp_path, "example_sp2", EXAMPLE, *args),
+            lambda: _example_reference(tmp_path, *args),
+        )
+    )
 
 
 def test_deepspeed_yaml_sp2_matches_non_sp_deepspeed(tmp_path):
     """As its header says, run from the repository root: the YAML names configs/deepspeed/zero2.json."""
     args = [*COMMON, "--seq-len", "40", "--batch-size", "1", "--pack", "--dtype", "fp32"]
     zero0 = os.path.join(ROOT, "configs", "deepspeed", "zero0.json")
-    assert_same_curve(*_both(
-        lambda: accelerate_launch(tmp_path, "acc_ds_sp2", TRAIN, *args, config=DS_YAML, cwd=ROOT),
-        lambda: train(tmp_path, "ds_ref", 1, "--sp-size", "1", "--deepspeed", zero0, *args, launcher="deepspeed")))
+    assert_same_curve(
+        *_both(
+            lambda: accelerate_launch(tmp_path, "acc_ds_sp2", TRAIN, *args, config=DS_YAML, cwd=ROOT),
+            lambda: train(tmp_path, "ds_ref", 1, "--sp-size", "1", "--deepspeed", zero0, *args, launcher="deepspeed"),
+        )
+    )

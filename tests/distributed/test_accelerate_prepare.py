@@ -19,7 +19,9 @@ from ulysses_sp.core import comm
 from ulysses_sp.data.collate import collate_padded
 from ulysses_sp.integrations.accelerate import prepare_sp, train_step
 
-pytestmark = harness.cpu_only("Accelerate's cpu=True process group (the GPU path is plain DDP, covered by the other bodies)")
+pytestmark = harness.cpu_only(
+    "Accelerate's cpu=True process group (the GPU path is plain DDP, covered by the other bodies)"
+)
 
 MICRO, BATCH, STEPS, LR = 2, 2, 2, 0.5
 
@@ -79,7 +81,7 @@ def _prepare_sp_matches_reference(ctx, sp_size: int):
     for step in range(STEPS):
         micro = [next(batches) for _ in range(MICRO)]
         loss = train_step(accelerator, sp_model, optimizer, micro, topo)
-        mine = collate.seen[step * MICRO:(step + 1) * MICRO]  # Accelerate's loader reads one batch ahead
+        mine = collate.seen[step * MICRO : (step + 1) * MICRO]  # Accelerate's loader reads one batch ahead
         everyone = comm.all_gather_object(mine, dist.group.WORLD)
         step_batches = [b for d in range(topo.dp_size) for b in everyone[d * sp_size]]  # one rank per SP group
         ref_loss = _reference_step(ref, ref_optimizer, step_batches)

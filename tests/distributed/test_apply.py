@@ -18,7 +18,7 @@ from tests.helpers import clone, tiny_model, tokens
 
 def _shard(x, topo):
     s = x.shape[1] // topo.sp_size
-    return x[:, topo.sp_rank * s:(topo.sp_rank + 1) * s]
+    return x[:, topo.sp_rank * s : (topo.sp_rank + 1) * s]
 
 
 def _body_scoping(ctx):
@@ -86,8 +86,9 @@ def _body_calls(ctx):
     ulysses_sp.apply(flex, topo)
     ids = tokens(2, 32, device=ctx.device)
     with torch.no_grad():
-        torch.testing.assert_close(flex(input_ids=_shard(ids, topo)).logits,
-                                   _shard(flex_ref(input_ids=ids).logits, topo), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            flex(input_ids=_shard(ids, topo)).logits, _shard(flex_ref(input_ids=ids).logits, topo), rtol=1e-5, atol=1e-5
+        )
     # wrong shapes are refused with the expected shape in the message
     with pytest.raises(ValueError, match=r"position_ids must be the local shard's global positions, \[B, 8\]"):
         model(input_ids=_shard(tokens(2, 16), topo), position_ids=torch.arange(16).unsqueeze(0))
@@ -110,8 +111,11 @@ def _body_compile(ctx):
     h = torch.randn(B, s, model.config.hidden_size, generator=torch.Generator().manual_seed(3 + ctx.rank))
     h = h.to(ctx.device).requires_grad_(True)
     pos = torch.arange(topo.sp_rank * s, (topo.sp_rank + 1) * s, device=ctx.device).unsqueeze(0).expand(B, -1)
-    kwargs = dict(position_embeddings=model.model.rotary_emb(h, pos), position_ids=pos,
-                  ulysses_sp_info=ulysses_sp.SequenceInfo(s * topo.sp_size))
+    kwargs = dict(
+        position_embeddings=model.model.rotary_emb(h, pos),
+        position_ids=pos,
+        ulysses_sp_info=ulysses_sp.SequenceInfo(s * topo.sp_size),
+    )
     layer(h, **kwargs).pow(2).sum().backward()
     eager = [p.grad.clone() for p in layer.parameters()] + [h.grad.clone()]
     layer.zero_grad()
@@ -128,8 +132,9 @@ def _body_compile(ctx):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     # the whole model, with the step's info passed in, also compiles without a graph break
     ids = _shard(tokens(B, s * topo.sp_size, device=ctx.device), topo)
-    whole = torch._dynamo.explain(model)(input_ids=ids, position_ids=pos,
-                                         ulysses_sp_info=ulysses_sp.SequenceInfo(s * topo.sp_size))
+    whole = torch._dynamo.explain(model)(
+        input_ids=ids, position_ids=pos, ulysses_sp_info=ulysses_sp.SequenceInfo(s * topo.sp_size)
+    )
     assert whole.graph_break_count == 0, whole.break_reasons
 
 
@@ -140,8 +145,7 @@ def _body_errors(ctx):
         ulysses_sp.init_sp(0)
     topo = ulysses_sp.init_sp(2)
     with pytest.raises(ValueError, match="sp_size=2 exceeds num_attention_heads=1"):
-        ulysses_sp.apply(tiny_model("tiny-llama", num_attention_heads=1, num_key_value_heads=1,
-                                    hidden_size=16), topo)
+        ulysses_sp.apply(tiny_model("tiny-llama", num_attention_heads=1, num_key_value_heads=1, hidden_size=16), topo)
     with pytest.raises(ValueError, match=r"attention implementation 'paged\|eager' is not supported"):
         ulysses_sp.apply(tiny_model("tiny-llama"), topo, attn_implementation="paged|eager")
     dist.barrier()

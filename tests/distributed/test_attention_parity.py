@@ -30,7 +30,9 @@ def _check_parity(ctx, topo, preset, backend, batch=2, seq=24, **overrides):
     ref = clone(model)
     # each DP group gets its own batch; ranks of one SP group share it
     ids = tokens(batch, seq, seed=100 + topo.dp_rank, device=ctx.device)
-    weights = torch.randn(batch, seq, model.config.vocab_size, generator=torch.Generator().manual_seed(7 + topo.dp_rank)).to(ctx.device, dtype)
+    weights = torch.randn(
+        batch, seq, model.config.vocab_size, generator=torch.Generator().manual_seed(7 + topo.dp_rank)
+    ).to(ctx.device, dtype)
     ref_logits = ref(input_ids=ids).logits
     (ref_logits.float() * weights).sum().backward()
 
@@ -40,7 +42,9 @@ def _check_parity(ctx, topo, preset, backend, batch=2, seq=24, **overrides):
     pos = torch.arange(seq, device=ctx.device)[sl].unsqueeze(0).expand(batch, -1)
     logits = model(input_ids=ids[:, sl], position_ids=pos).logits
     tol = tolerances(dtype)
-    torch.testing.assert_close(logits, ref_logits[:, sl].detach(), **tol, msg=lambda m: f"{preset}/{backend} logits: {m}")
+    torch.testing.assert_close(
+        logits, ref_logits[:, sl].detach(), **tol, msg=lambda m: f"{preset}/{backend} logits: {m}"
+    )
     (logits.float() * weights[:, sl]).sum().backward()
     for p in model.parameters():
         if p.grad is not None:

@@ -55,8 +55,18 @@ class _Side:
 
 
 def _workload():
-    return Workload(model="tiny-llama", layers=None, attn="sdpa", dtype=torch.float32, device=torch.device("cpu"),
-                    sp=2, batch_size=1, zero_stage=3, lr=1e-5, seed=0)
+    return Workload(
+        model="tiny-llama",
+        layers=None,
+        attn="sdpa",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        sp=2,
+        batch_size=1,
+        zero_stage=3,
+        lr=1e-5,
+        seed=0,
+    )
 
 
 def _body(ctx):
@@ -81,8 +91,9 @@ def _body(ctx):
     small = runner.search_max_len(_Side(oom_above=300), "ours", frozenset(), wl, search, 1e12, log=lambda *_: None)
     assert (small["max_fit"], small["first_oom"]) == (256, 512)  # the start did not fit: halved
 
-    capped = runner.search_max_len(_Side(), "ours", frozenset(), wl,
-                                   runner.Search(1024, 4096, 256, 1e6, 1), 1e12, log=lambda *_: None)
+    capped = runner.search_max_len(
+        _Side(), "ours", frozenset(), wl, runner.Search(1024, 4096, 256, 1e6, 1), 1e12, log=lambda *_: None
+    )
     assert (capped["max_fit"], capped["limited_by"]) == (4096, "search_max")
 
 

@@ -41,10 +41,34 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("ULYSSES_SP_TEST_BACKEND", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           BENCH, "--device", "cpu", "--model", "tiny-llama", "--seq-lens", ",".join(map(str, SEQ_LENS)),
-           "--steps", "2", "--warmup", "1", "--layers", "2", "--attn", "sdpa", "--configs", ",".join(CONFIGS),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_port()),
+        BENCH,
+        "--device",
+        "cpu",
+        "--model",
+        "tiny-llama",
+        "--seq-lens",
+        ",".join(map(str, SEQ_LENS)),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--layers",
+        "2",
+        "--attn",
+        "sdpa",
+        "--configs",
+        ",".join(CONFIGS),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=out.parent)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert "parity (first-step loss" in proc.stdout  # the rank-0 table was printed
@@ -57,8 +81,17 @@ def test_both_sides_every_length_finite_numbers(results):
     assert set(runs) == {(c, s) for c in CONFIGS for s in SEQ_LENS}
     for r in runs.values():
         assert r["status"] == "ok", r
-        for key in ("step_s", "tok_s_per_gpu", "tflops_per_gpu", "mfu", "peak_mem_gib", "peak_mem_abs_gib",
-                    "model_flops_per_step", "build_s", "wall_s"):
+        for key in (
+            "step_s",
+            "tok_s_per_gpu",
+            "tflops_per_gpu",
+            "mfu",
+            "peak_mem_gib",
+            "peak_mem_abs_gib",
+            "model_flops_per_step",
+            "build_s",
+            "wall_s",
+        ):
             assert _finite(r[key]) and r[key] > 0, (key, r[key])
         assert len(r["losses"]) == 3 and all(_finite(x) for x in r["losses"])
         assert r["zero_partition_ranks"] == 2  # ZeRO-3 shards over both ranks on both sides
@@ -98,14 +131,46 @@ def test_cpu_memory_benchmarks():
     """benchmarks/cpu_memory.py (one process) and cpu_memory_sp.py (2 SP ranks) at a small size: every
     configuration prints, and RMSNorm recompute lowers the peak (it keeps no fp32 copies)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    single = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "cpu_memory.py"), "--layers", "1",
-                             "--tokens", "1024", "--norm-tile-elements", "8192"],
-                            env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    single = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "cpu_memory.py"),
+            "--layers",
+            "1",
+            "--tokens",
+            "1024",
+            "--norm-tile-elements",
+            "8192",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     rows = _table(single, ("full+tiled_mlp", "full+tiled_mlp+norms"))
     assert float(rows["full+tiled_mlp+norms"][1]) < float(rows["full+tiled_mlp"][1]), single  # peak MiB
-    sp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                         str(_port()), os.path.join(ROOT, "benchmarks", "cpu_memory_sp.py"), "--layers", "1",
-                         "--tokens", "1024"], env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    sp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_port()),
+            os.path.join(ROOT, "benchmarks", "cpu_memory_sp.py"),
+            "--layers",
+            "1",
+            "--tokens",
+            "1024",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     rows = _table(sp, ("full+tiled_mlp", "full+tiled_mlp+norms"))
     peaks = {name: max(float(x) for x in row[:6]) for name, row in rows.items()}
     assert len(peaks) == 2 and peaks["full+tiled_mlp+norms"] < peaks["full+tiled_mlp"], sp

@@ -12,8 +12,15 @@ from ulysses_sp.core import all_to_all
 from ulysses_sp.core.heads import plan_heads
 
 # (Nq, Nkv, H, Hv, B, s): MHA, GQA with kv < P (replicated), MQA, uneven heads, MLA-like Hv != H
-SHAPES = [(8, 8, 4, 4, 1, 3), (8, 2, 4, 4, 2, 3), (6, 1, 4, 4, 2, 2), (14, 2, 4, 4, 1, 2),
-          (5, 5, 4, 4, 2, 3), (8, 8, 4, 2, 2, 3), (12, 4, 2, 2, 1, 1)]
+SHAPES = [
+    (8, 8, 4, 4, 1, 3),
+    (8, 2, 4, 4, 2, 3),
+    (6, 1, 4, 4, 2, 2),
+    (14, 2, 4, 4, 1, 2),
+    (5, 5, 4, 4, 2, 3),
+    (8, 8, 4, 2, 2, 3),
+    (12, 4, 2, 2, 1, 1),
+]
 
 
 def _labelled(B, S, N, H, offset, device):
@@ -29,9 +36,12 @@ def _body_a2a(ctx):
             continue
         plan = plan_heads(nq, nkv, P)
         S = P * s
-        full = [_labelled(B, S, nq, H, 0, ctx.device), _labelled(B, S, nkv, H, 1e7, ctx.device),
-                _labelled(B, S, nkv, Hv, 2e7, ctx.device)]
-        local = [t[:, r * s:(r + 1) * s].clone().requires_grad_(True) for t in full]
+        full = [
+            _labelled(B, S, nq, H, 0, ctx.device),
+            _labelled(B, S, nkv, H, 1e7, ctx.device),
+            _labelled(B, S, nkv, Hv, 2e7, ctx.device),
+        ]
+        local = [t[:, r * s : (r + 1) * s].clone().requires_grad_(True) for t in full]
         q, k, v = all_to_all.seq_to_heads(local, [plan.q_heads, plan.kv_heads, plan.kv_heads], group, r)
         assert torch.equal(q, full[0][:, :, list(plan.q_heads[r])]), (nq, nkv)
         assert torch.equal(k, full[1][:, :, list(plan.kv_heads[r])]), (nq, nkv)

@@ -95,17 +95,28 @@ def _check_divergence(ctx, topo):
     divergent = SPDataLoader(Samples(8, offset=ctx.rank), topo, 2, check_identical=True)
     ranks = re.escape(str(topo.sp_ranks()))
     first = re.escape(str(topo.sp_ranks()[:1]))
-    with pytest.raises(SPBatchMismatchError, match=rf"ranks {ranks} of one SP group.*epoch 0, batch 0.*"
-                                                   rf"ranks {first} hold batch.*DeepSpeed #7484"):
+    with pytest.raises(
+        SPBatchMismatchError,
+        match=rf"ranks {ranks} of one SP group.*epoch 0, batch 0.*"
+        rf"ranks {first} hold batch.*DeepSpeed #7484",
+    ):
         next(iter(divergent))
     # DeepSpeed #7484: a user's loader sampling by global rank gives each SP rank a different sample
     ds = Samples(16)
-    trap = DataLoader(ds, batch_size=2, collate_fn=collate_padded,
-                      sampler=DistributedSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=False))
+    trap = DataLoader(
+        ds,
+        batch_size=2,
+        collate_fn=collate_padded,
+        sampler=DistributedSampler(ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=False),
+    )
     with pytest.raises(SPBatchMismatchError, match=rf"ranks {ranks} of one SP group .* at batch 0"):
         next(iter(SPShardAdapter(trap, topo)))
-    right = DataLoader(ds, batch_size=2, collate_fn=collate_padded,
-                       sampler=DistributedSampler(ds, num_replicas=topo.dp_size, rank=topo.dp_rank, shuffle=False))
+    right = DataLoader(
+        ds,
+        batch_size=2,
+        collate_fn=collate_padded,
+        sampler=DistributedSampler(ds, num_replicas=topo.dp_size, rank=topo.dp_rank, shuffle=False),
+    )
     assert len(list(SPShardAdapter(right, topo))) == len(right) == 4
 
 
@@ -174,8 +185,11 @@ def _check_parity(ctx, topo):
         padded = torch.cat([ids, torch.zeros(2, 1, dtype=ids.dtype, device=ctx.device)], 1)
         alone = _run_docs_alone(ref, padded, [[4, 6, 6], [9, 7]])
         torch.testing.assert_close(logits, alone[:, s_of(16)], **tol)
-        want = sum(ref(input_ids=d[None], labels=d[None]).loss.float() * (d.numel() - 1)
-                   for row, lens in zip(ids, seq_lens) for d in row.split(lens))
+        want = sum(
+            ref(input_ids=d[None], labels=d[None]).loss.float() * (d.numel() - 1)
+            for row, lens in zip(ids, seq_lens)
+            for d in row.split(lens)
+        )
         torch.testing.assert_close(loss, want, **tol)
 
         # right-padded rows with a 2-D mask: the valid tokens match the masked non-SP model

@@ -57,8 +57,9 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, label: str, dtype: str)
     """fp32: rtol 1e-5, atol 1e-5 of the tensor's largest entry (the reductions' summation-order noise
     is ~1e-7 of it; the bugs this guards against are O(1) ratios). bf16: 2e-2 likewise."""
     tol = 1e-5 if dtype == "fp32" else 2e-2
-    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item(),
-                               msg=lambda m: f"{label}: {m}")
+    torch.testing.assert_close(
+        got.float(), want, rtol=tol, atol=tol * want.abs().max().item(), msg=lambda m: f"{label}: {m}"
+    )
 
 
 def _full(p) -> torch.Tensor:
@@ -98,8 +99,12 @@ def _check_stage(ctx, topo, name: str, ga: int = 1, clip: float = 0.0, dtype: st
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     if wrapped:
         ulysses_sp.apply(model, topo)
-    engine, *_ = uds.initialize(_LossModule(model, topo) if wrapped else model, topo, _config(name, ga, clip, dtype),
-                                optimizer=torch.optim.SGD(model.parameters(), lr=LR))
+    engine, *_ = uds.initialize(
+        _LossModule(model, topo) if wrapped else model,
+        topo,
+        _config(name, ga, clip, dtype),
+        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+    )
     _check_shm_released(ctx)
 
     s = S // topo.sp_size
@@ -126,8 +131,13 @@ def _config(name: str, ga: int, clip: float, dtype: str) -> dict:
     config = uds.load_config(CONFIG_DIR / f"{name}.json")
     for key in ("sequence_parallel_size", "optimizer"):
         config.pop(key, None)
-    config.update(train_micro_batch_size_per_gpu=B, gradient_accumulation_steps=ga, gradient_clipping=clip,
-                  zero_allow_untested_optimizer=True, zero_force_ds_cpu_optimizer=False)
+    config.update(
+        train_micro_batch_size_per_gpu=B,
+        gradient_accumulation_steps=ga,
+        gradient_clipping=clip,
+        zero_allow_untested_optimizer=True,
+        zero_force_ds_cpu_optimizer=False,
+    )
     config["bf16"] = {"enabled": dtype == "bf16"}
     if dtype == "bf16" and name == "zero1":
         config["data_types"] = {"grad_accum_dtype": "fp32"}  # DeepSpeed's BF16_Optimizer (the DS#7833 path)
@@ -150,14 +160,19 @@ def _check_fused_head_zero3(ctx, topo):
         return F.cross_entropy(F.linear(hidden, head.weight).float(), labels, ignore_index=-100, reduction="sum")
 
     loss_module.liger_unsupported_reason = lambda hidden, head, transform: tiled_ce.head_weight_unavailable_reason(
-        head.weight)
+        head.weight
+    )
     loss_module.liger_cross_entropy_sum = fused_stand_in
     model = tiny_model("tiny-llama").to(ctx.device)
     ids = tokens(B, S, seed=500 + topo.dp_rank, device=ctx.device)
     want, _ = _reference(model, [ids], topo, 0.0)
     ulysses_sp.apply(model, topo)
-    engine, *_ = uds.initialize(ulysses_sp.CausalLMLoss(model, topo, use_liger=True), topo,
-                                _config("zero3", 1, 0.0, "fp32"), optimizer=torch.optim.SGD(model.parameters(), lr=LR))
+    engine, *_ = uds.initialize(
+        ulysses_sp.CausalLMLoss(model, topo, use_liger=True),
+        topo,
+        _config("zero3", 1, 0.0, "fp32"),
+        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+    )
     head = model.get_output_embeddings()
     assert tiled_ce.head_weight_unavailable_reason(head.weight) is not None, "outside the loss the head is partitioned"
     batch = ulysses_sp.shard_batch({"input_ids": ids, "labels": ids}, topo)
@@ -216,11 +231,22 @@ def _check_other_models(ctx, topo):
 
 
 # (config, gradient accumulation, clip (binding when > 0), dtype)
-STAGES_WORLD2 = [("zero0", 1, 0.0, "fp32"), ("zero1", 2, 0.0, "fp32"), ("zero2", 1, 0.05, "fp32"),
-                 ("zero3", 2, 0.05, "fp32"), ("zero3_offload", 1, 0.05, "fp32"),
-                 ("zero0", 1, 0.05, "bf16"), ("zero1", 1, 0.0, "bf16"), ("zero3", 1, 0.0, "bf16")]
-STAGES_WORLD4 = [("zero0", 1, 0.05, "fp32"), ("zero1", 1, 0.05, "fp32"), ("zero2", 2, 0.0, "fp32"),
-                 ("zero3", 1, 0.05, "fp32")]
+STAGES_WORLD2 = [
+    ("zero0", 1, 0.0, "fp32"),
+    ("zero1", 2, 0.0, "fp32"),
+    ("zero2", 1, 0.05, "fp32"),
+    ("zero3", 2, 0.05, "fp32"),
+    ("zero3_offload", 1, 0.05, "fp32"),
+    ("zero0", 1, 0.05, "bf16"),
+    ("zero1", 1, 0.0, "bf16"),
+    ("zero3", 1, 0.0, "bf16"),
+]
+STAGES_WORLD4 = [
+    ("zero0", 1, 0.05, "fp32"),
+    ("zero1", 1, 0.05, "fp32"),
+    ("zero2", 2, 0.0, "fp32"),
+    ("zero3", 1, 0.05, "fp32"),
+]
 
 
 def test_stages_sp2_and_other_models():
@@ -262,11 +288,15 @@ def test_load_config_errors(tmp_path):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_configs(name):
     config = uds.load_config(CONFIG_DIR / f"{name}.json")
-    prepared = uds.prepare_config(config, _topo(config.get("sequence_parallel_size", 1), 2),
-                                  micro_batch_size=2, gradient_accumulation_steps=3)
+    prepared = uds.prepare_config(
+        config, _topo(config.get("sequence_parallel_size", 1), 2), micro_batch_size=2, gradient_accumulation_steps=3
+    )
     assert "sequence_parallel_size" not in prepared
-    assert (prepared["train_batch_size"], prepared["train_micro_batch_size_per_gpu"],
-            prepared["gradient_accumulation_steps"]) == (12, 2, 3)
+    assert (
+        prepared["train_batch_size"],
+        prepared["train_micro_batch_size_per_gpu"],
+        prepared["gradient_accumulation_steps"],
+    ) == (12, 2, 3)
     assert prepared["zero_optimization"]["stage"] == int(name[4])
 
 
@@ -277,8 +307,9 @@ def test_prepare_config_batch_and_errors():
     cfg = uds.prepare_config({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2}, topo)
     assert cfg["gradient_accumulation_steps"] == 4
     with pytest.raises(ValueError, match="dp = world / sp"):
-        uds.prepare_config({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2,
-                            "gradient_accumulation_steps": 1}, topo)
+        uds.prepare_config(
+            {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}, topo
+        )
     with pytest.raises(ValueError, match="needs train_micro_batch_size_per_gpu or train_batch_size"):
         uds.prepare_config({}, topo)
     with pytest.raises(ValueError, match="does not match the topology"):

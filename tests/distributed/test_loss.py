@@ -122,8 +122,9 @@ def _check_edge_cases(ctx, topo):
     for bad in (0, -3.0, torch.tensor(0)):
         with pytest.raises(ValueError, match="> 0"):
             causal_lm_loss(model, batch, topo, bad)
-    reason = liger_unsupported_reason(torch.empty(0, device=ctx.device), model.get_output_embeddings(),
-                                      logit_transform(model))
+    reason = liger_unsupported_reason(
+        torch.empty(0, device=ctx.device), model.get_output_embeddings(), logit_transform(model)
+    )
     if reason is None:  # CUDA with liger-kernel: the fused loss equals the tiled one
         fused = causal_lm_loss(model, batch, topo, use_liger=True)
         torch.testing.assert_close(fused, causal_lm_loss(model, batch, topo, use_liger=False), rtol=1e-5, atol=1e-6)

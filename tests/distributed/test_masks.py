@@ -66,7 +66,7 @@ def _weights(shape, seed: int, ctx) -> torch.Tensor:
 
 def _local(x: torch.Tensor, topo) -> torch.Tensor:
     s = x.shape[1] // topo.sp_size
-    return x[:, topo.sp_rank * s:(topo.sp_rank + 1) * s]
+    return x[:, topo.sp_rank * s : (topo.sp_rank + 1) * s]
 
 
 def _compare(ctx, topo, model, ref, backend, got, want, ref_loss, weights, valid=None, what=""):
@@ -113,8 +113,9 @@ def _check_packed(ctx, topo, preset, backend, layout):
                 lengths = torch.tensor([0] + [n for row in LENS for n in row])
                 batch["cu_seqlens"] = lengths.cumsum(0).to(torch.int32)  # over B*S: [0, 5, 19, 32, 52, 64]
             got = model(**shard_batch(batch, topo)).logits
-        _compare(ctx, topo, model, ref, backend, got, want, ref_loss, weights,
-                 what=f"packed {preset}/{backend}/{layout}")
+        _compare(
+            ctx, topo, model, ref, backend, got, want, ref_loss, weights, what=f"packed {preset}/{backend}/{layout}"
+        )
 
 
 def _check_window(ctx, topo, preset, backend):
@@ -126,8 +127,18 @@ def _check_window(ctx, topo, preset, backend):
     with torch.set_grad_enabled(_with_grads(backend)):
         want = ref(input_ids=ids).logits
         got = model(input_ids=_local(ids, topo)).logits
-        _compare(ctx, topo, model, ref, backend, got, want, (want.float() * weights).sum(), weights,
-                 what=f"window {preset}/{backend}")
+        _compare(
+            ctx,
+            topo,
+            model,
+            ref,
+            backend,
+            got,
+            want,
+            (want.float() * weights).sum(),
+            weights,
+            what=f"window {preset}/{backend}",
+        )
 
 
 def _check_window_matters(ctx, preset):
@@ -206,8 +217,18 @@ def _check_custom(ctx, topo, preset, backend):
         with torch.set_grad_enabled(_with_grads(backend)):
             want = ref(input_ids=ids, attention_mask=ref_mask).logits
             got = model(input_ids=_local(ids, topo), attention_mask=mask).logits
-            _compare(ctx, topo, model, ref, backend, got, want, (want.float() * weights).sum(), weights,
-                     what=f"custom {name} {preset}/{backend}")
+            _compare(
+                ctx,
+                topo,
+                model,
+                ref,
+                backend,
+                got,
+                want,
+                (want.float() * weights).sum(),
+                weights,
+                what=f"custom {name} {preset}/{backend}",
+            )
     keep29, _ = _custom_masks(ctx, 29, heads)
     with torch.no_grad():
         want = ref(input_ids=ids[:, :29], attention_mask=keep29[:, None]).logits
@@ -216,7 +237,7 @@ def _check_custom(ctx, topo, preset, backend):
         s = got.shape[1]
         real = min(29 - topo.sp_rank * s, s)
         start = topo.sp_rank * s
-        torch.testing.assert_close(got[:, :real], want[:, start:start + real], **_tol(ctx, backend))
+        torch.testing.assert_close(got[:, :real], want[:, start : start + real], **_tol(ctx, backend))
 
 
 def _run_checks(ctx, topo, backend, packed, windowed, padding=True, custom=True):
@@ -242,8 +263,7 @@ def _body_sp4_dp2xsp2(ctx, backends_to_run):
     same processes: packed documents, padding and the mixed-window model on the first backend."""
     topo = ulysses_sp.init_sp(4)
     for i, backend in enumerate(backends_to_run):
-        _run_checks(ctx, topo, backend, PACKED_ALL if i == 0 else PACKED_ONE,
-                    WINDOWED if i == 0 else WINDOWED[1:])
+        _run_checks(ctx, topo, backend, PACKED_ALL if i == 0 else PACKED_ONE, WINDOWED if i == 0 else WINDOWED[1:])
     _check_window_matters(ctx, "tiny-mistral")
     _check_window_matters(ctx, "tiny-qwen2-mixed-window")
     topo = ulysses_sp.init_sp(2)
@@ -286,8 +306,11 @@ def _check_compile_layer(ctx, topo, backend):
     h = h.to(ctx.device, ctx.dtype).requires_grad_(_with_grads(backend))
 
     def kwargs():  # a fresh SequenceInfo each call: its masks are then built inside the compiled graph
-        return {"position_embeddings": model.model.rotary_emb(h, pos), "position_ids": pos,
-                SEQ_INFO_KWARG: shard_batch(batch, topo)[SEQ_INFO_KWARG]}
+        return {
+            "position_embeddings": model.model.rotary_emb(h, pos),
+            "position_ids": pos,
+            SEQ_INFO_KWARG: shard_batch(batch, topo)[SEQ_INFO_KWARG],
+        }
 
     torch._dynamo.reset()
     explained = torch._dynamo.explain(layer)(h, **kwargs())
@@ -370,8 +393,11 @@ def _body_compile(ctx, cases):
 
 ALL_COMPILE_CHECKS = ("layer", "model", "no-info", "grads")
 # on CPU dynamo tracing costs seconds per check (flex the most): each check on at least one backend
-CPU_COMPILE_CASES = [("sdpa", ("layer", "model", "grads")), ("eager", ("model", "no-info")),
-                     ("flex_attention", ("model",))]
+CPU_COMPILE_CASES = [
+    ("sdpa", ("layer", "model", "grads")),
+    ("eager", ("model", "no-info")),
+    ("flex_attention", ("model",)),
+]
 
 
 def test_compile_masks_sp2():
@@ -392,8 +418,9 @@ def _need_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend,package", [("flash_attention_2", "flash_attn"),
-                                             ("flash_attention_3", "flash_attn_interface")])
+@pytest.mark.parametrize(
+    "backend,package", [("flash_attention_2", "flash_attn"), ("flash_attention_3", "flash_attn_interface")]
+)
 def test_flash_attention_gpu(backend, package):
     """flash-attention (varlen with cu_seqlens from the step's info): packed, windows, padding at
     sp=4 and dp2 x sp2 (sp=2 on a 2-GPU node), custom masks refused; compiled without graph breaks,

@@ -44,8 +44,9 @@ def _grads(model) -> dict[str, torch.Tensor]:
 def _assert_grads(got: dict, want: dict, label: str, exact: bool) -> None:
     for n, g in want.items():
         atol = 0.0 if exact else 1e-6 * g.abs().max().item()
-        torch.testing.assert_close(got[n], g, rtol=0.0 if exact else 1e-5, atol=atol,
-                                   msg=lambda m, n=n: f"{label} {n}: {m}")
+        torch.testing.assert_close(
+            got[n], g, rtol=0.0 if exact else 1e-5, atol=atol, msg=lambda m, n=n: f"{label} {n}: {m}"
+        )
 
 
 def _body_sp2(ctx):
@@ -97,8 +98,12 @@ def _body_sp2(ctx):
 
 
 def _zero3_config() -> dict:
-    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}  # every weight gathered per call
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }  # every weight gathered per call
 
 
 def _zero3_step(topo, base, batch, tile: int | None, probe: bool):
@@ -115,7 +120,9 @@ def _zero3_step(topo, base, batch, tile: int | None, probe: bool):
         ulysses_sp.enable_rms_norm_recompute(model)  # its weight saved by an autograd Function, as linear's
     ulysses_sp.apply(model, topo)
     loss_module = ulysses_sp.CausalLMLoss(model, topo)
-    engine = uds.initialize(loss_module, topo, _zero3_config(), optimizer=torch.optim.SGD(model.parameters(), lr=1.0))[0]
+    engine = uds.initialize(loss_module, topo, _zero3_config(), optimizer=torch.optim.SGD(model.parameters(), lr=1.0))[
+        0
+    ]
     seen = _probe_head(loss_module) if probe else []
     engine.backward(engine(batch, None))
     grads = {n: safe_get_full_grad(p).clone() for n, p in model.named_parameters()}

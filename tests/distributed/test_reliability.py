@@ -42,8 +42,11 @@ def _body_groups_and_input_errors(ctx):
     model = ulysses_sp.apply(tiny_model("tiny-llama").to(ctx.device), topo)
     s = 8 - topo.sp_rank  # rank 0 holds 8 tokens, rank 1 holds 7: not slices of one padded batch
     ids = tokens(1, s, device=ctx.device)
-    with pytest.raises(ValueError, match=r"local shards of different shapes \(rank 0: \[B=1, s=8\], rank 1: "
-                                         r"\[B=1, s=7\]\).*ulysses_sp.shard_batch.*sp_size=2"):
+    with pytest.raises(
+        ValueError,
+        match=r"local shards of different shapes \(rank 0: \[B=1, s=8\], rank 1: "
+        r"\[B=1, s=7\]\).*ulysses_sp.shard_batch.*sp_size=2",
+    ):
         model(input_ids=ids)
     ids = tokens(1, 8, device=ctx.device)
     pos = torch.arange(8, device=ctx.device).unsqueeze(0) + 8 * topo.sp_rank - 9  # rank 0 holds -9..-2
@@ -91,19 +94,66 @@ def _body_checkpoint_round_trips(ctx, tmp: str, engines):
     with open(ones, "w") as f:
         f.write("\n\n".join("x" for _ in range(8)))
     with pytest.raises(ValueError, match=r"8 batches in a row \(an epoch's worth\) hold no labelled token"):
-        _train(["--device", "cpu", "--sp-size", "2", "--dataset", ones, "--steps", "2",
-                "--metrics", os.path.join(tmp, "ones.jsonl")])
+        _train(
+            [
+                "--device",
+                "cpu",
+                "--sp-size",
+                "2",
+                "--dataset",
+                ones,
+                "--steps",
+                "2",
+                "--metrics",
+                os.path.join(tmp, "ones.jsonl"),
+            ]
+        )
     for engine in engines:
         out = os.path.join(tmp, engine)
-        common = ["--device", "cpu", "--model", os.path.join(tmp, "model"), "--sp-size", "2", "--steps", "6",
-                  "--dataset", data, "--seq-len", "24", "--lr", "3e-3", "--seed", "5", "--dtype", "fp32",
-                  "--timeout-s", "120"]
+        common = [
+            "--device",
+            "cpu",
+            "--model",
+            os.path.join(tmp, "model"),
+            "--sp-size",
+            "2",
+            "--steps",
+            "6",
+            "--dataset",
+            data,
+            "--seq-len",
+            "24",
+            "--lr",
+            "3e-3",
+            "--seed",
+            "5",
+            "--dtype",
+            "fp32",
+            "--timeout-s",
+            "120",
+        ]
         if engine != "torch":
             common += ["--deepspeed", os.path.join(ROOT, "configs", "deepspeed", f"{engine}.json")]
-        full, end = _train([*common, "--save-dir", os.path.join(out, "ckpt"), "--save-every", "3",
-                            "--metrics", os.path.join(out, "full.jsonl")])
-        resumed, resumed_end = _train([*common, "--resume", os.path.join(out, "ckpt", "step_00000003"),
-                                       "--metrics", os.path.join(out, "resumed.jsonl")])
+        full, end = _train(
+            [
+                *common,
+                "--save-dir",
+                os.path.join(out, "ckpt"),
+                "--save-every",
+                "3",
+                "--metrics",
+                os.path.join(out, "full.jsonl"),
+            ]
+        )
+        resumed, resumed_end = _train(
+            [
+                *common,
+                "--resume",
+                os.path.join(out, "ckpt", "step_00000003"),
+                "--metrics",
+                os.path.join(out, "resumed.jsonl"),
+            ]
+        )
         assert resumed_end == end and end["batches_seen"] > 6, (end, resumed_end)  # label-less rows were skipped
         if ctx.rank == 0:
             assert len(full) == 6 and resumed == full[3:], (engine, full, resumed)

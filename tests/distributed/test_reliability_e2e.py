@@ -26,8 +26,24 @@ from tests.distributed.test_train_e2e import ROOT, TRAIN, _env, _port, run_ok, t
 ZERO3 = os.path.join(ROOT, "configs", "deepspeed", "zero3.json")
 pytestmark = pytest.mark.slow
 
-COMMON = ["--device", "cpu", "--model", "tiny-llama-gqa", "--steps", "6", "--lr", "3e-3", "--seed", "3",
-          "--seq-len", "48", "--batch-size", "1", "--grad-accum", "2"]
+COMMON = [
+    "--device",
+    "cpu",
+    "--model",
+    "tiny-llama-gqa",
+    "--steps",
+    "6",
+    "--lr",
+    "3e-3",
+    "--seed",
+    "3",
+    "--seq-len",
+    "48",
+    "--batch-size",
+    "1",
+    "--grad-accum",
+    "2",
+]
 EVAL = ["--eval-every", "3", "--eval-batches", "2"]
 SLACK_S = 30  # process start, imports and the grace for the other ranks' notes, on a loaded 2-core machine
 
@@ -41,7 +57,10 @@ def _launch(tmp_path, name, nproc, *args, launcher="torchrun"):
 
 def _read(metrics) -> dict:
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return {"train": {r["step"]: r for r in rows if "loss" in r}, "eval": {r["step"]: r for r in rows if "eval_loss" in r}}
+    return {
+        "train": {r["step"]: r for r in rows if "loss" in r},
+        "eval": {r["step"]: r for r in rows if "eval_loss" in r},
+    }
 
 
 def _start_ranks(nproc, args, cwds):
@@ -49,22 +68,33 @@ def _start_ranks(nproc, args, cwds):
 
     The ranks run at a lower priority than the test: on a 2-core machine two busy ranks would
     otherwise starve the test's polling and its signal would land steps later than planned."""
-    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), WORLD_SIZE=str(nproc),
-               LOCAL_WORLD_SIZE=str(nproc))
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
     procs = []
     for rank, cwd in enumerate(cwds):
         cwd.mkdir(parents=True, exist_ok=True)
-        procs.append(subprocess.Popen([sys.executable, TRAIN, *args], cwd=cwd, text=True,
-                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      preexec_fn=lambda: os.nice(10)))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, TRAIN, *args],
+                cwd=cwd,
+                text=True,
+                env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                preexec_fn=lambda: os.nice(10),
+            )
+        )
     return procs
 
 
 def _wait_for_step(metrics, step: int, procs, limit_s: float = 300) -> None:
     deadline = time.monotonic() + limit_s
-    while not (metrics.exists() and any(json.loads(line).get("step", 0) >= step and "loss" in json.loads(line)
-                                        for line in metrics.read_text().splitlines())):
+    while not (
+        metrics.exists()
+        and any(
+            json.loads(line).get("step", 0) >= step and "loss" in json.loads(line)
+            for line in metrics.read_text().splitlines()
+        )
+    ):
         assert all(p.poll() is None for p in procs), [p.communicate()[0][-3000:] for p in procs]
         assert time.monotonic() < deadline, "the run never reached the step"
         time.sleep(0.1)
@@ -111,8 +141,20 @@ def test_killed_rank_ends_the_job_then_resume_is_exact(uninterrupted, tmp_path):
     uninterrupted run exactly."""
     sp2 = uninterrupted["sp2"]
     metrics = tmp_path / "killed.jsonl"
-    args = [*COMMON, *EVAL, "--sp-size", "2", "--save-dir", str(tmp_path / "ckpt"), "--save-every", "3",
-            "--metrics", str(metrics), "--timeout-s", "20"]
+    args = [
+        *COMMON,
+        *EVAL,
+        "--sp-size",
+        "2",
+        "--save-dir",
+        str(tmp_path / "ckpt"),
+        "--save-every",
+        "3",
+        "--metrics",
+        str(metrics),
+        "--timeout-s",
+        "20",
+    ]
     procs = _start_ranks(2, args, [tmp_path, tmp_path])
     _wait_for_step(metrics, 4, procs)  # the step-3 checkpoint is complete before step 4 starts
     procs[1].send_signal(signal.SIGKILL)
@@ -131,8 +173,9 @@ def test_killed_rank_ends_the_job_then_resume_is_exact(uninterrupted, tmp_path):
 
     # the save directory names its newest complete step: 3, or 6 when the signal landed after that save
     assert find_checkpoint(str(tmp_path / "ckpt")).step in (3, 6)
-    resumed = _launch(tmp_path, "resumed", 2, *COMMON, *EVAL, "--sp-size", "2", "--resume",
-                      str(tmp_path / "ckpt" / "step_00000003"))
+    resumed = _launch(
+        tmp_path, "resumed", 2, *COMMON, *EVAL, "--sp-size", "2", "--resume", str(tmp_path / "ckpt" / "step_00000003")
+    )
     assert sorted(resumed["train"]) == [4, 5, 6]
     for step in (4, 5, 6):
         for key in ("loss", "lr", "grad_norm", "tokens"):
@@ -143,8 +186,17 @@ def test_killed_rank_ends_the_job_then_resume_is_exact(uninterrupted, tmp_path):
 def test_resume_at_another_sp_size(uninterrupted, tmp_path):
     """The sp=2 run's step-3 checkpoint resumed without SP (sp=1, one process): the same curve within fp32 noise."""
     sp2, ref = uninterrupted["sp2"], uninterrupted["ref"]
-    resumed = _launch(tmp_path, "sp1", 1, *COMMON, *EVAL, "--sp-size", "1",
-                      "--resume", str(uninterrupted["dir"] / "ckpt" / "step_00000003"))
+    resumed = _launch(
+        tmp_path,
+        "sp1",
+        1,
+        *COMMON,
+        *EVAL,
+        "--sp-size",
+        "1",
+        "--resume",
+        str(uninterrupted["dir"] / "ckpt" / "step_00000003"),
+    )
     assert sorted(resumed["train"]) == [4, 5, 6]
     for step in (4, 5, 6):
         assert _close(resumed["train"][step]["loss"], sp2["train"][step]["loss"], 1e-5), step
@@ -187,8 +239,21 @@ def test_successful_run_frees_its_objects_before_exit(tmp_path):
     (docs/troubleshooting.md). gc is off in the ranks, so only run()'s own collection frees them."""
     probe = tmp_path / "probe.py"
     probe.write_text(_FREED_PROBE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           str(probe), os.path.dirname(TRAIN), str(tmp_path), *COMMON, "--sp-size", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_port()),
+        str(probe),
+        os.path.dirname(TRAIN),
+        str(tmp_path),
+        *COMMON,
+        "--sp-size",
+        "2",
+    ]
     run_ok(cmd, tmp_path)
     for rank in (0, 1):
         alive = json.loads((tmp_path / f"alive_{rank}.json").read_text())
@@ -200,21 +265,28 @@ def test_raising_rank_is_named_by_the_others(tmp_path):
     naming rank 1 and its error."""
     (tmp_path / "rank0").mkdir()
     (tmp_path / "rank0" / "data.txt").write_text("\n\n".join(f"document {i} " * 30 for i in range(40)))
-    procs = _start_ranks(2, [*COMMON, "--sp-size", "2", "--dataset", "data.txt", "--timeout-s", "60"],
-                         [tmp_path / "rank0", tmp_path / "rank1"])
+    procs = _start_ranks(
+        2,
+        [*COMMON, "--sp-size", "2", "--dataset", "data.txt", "--timeout-s", "60"],
+        [tmp_path / "rank0", tmp_path / "rank1"],
+    )
     code1, out1, _ = _finish(procs[1], 60 + SLACK_S)
     code0, out0, took = _finish(procs[0], 60 + SLACK_S)
     assert code1 != 0 and "FileNotFoundError: dataset path 'data.txt' does not exist" in out1
     assert code0 != 0 and took < 60, out0[-3000:]  # the peer's exit closes its connections: no timeout wait
-    assert ("The job stopped because rank 1 failed at setup: FileNotFoundError: dataset path 'data.txt' does "
-            "not exist") in out0, out0[-3000:]
+    assert (
+        "The job stopped because rank 1 failed at setup: FileNotFoundError: dataset path 'data.txt' does not exist"
+    ) in out0, out0[-3000:]
 
 
 def test_stalled_rank_times_out(tmp_path):
     """A SIGSTOPped rank: the other's collective times out after --timeout-s and it exits naming rank 1."""
     metrics = tmp_path / "stalled.jsonl"
-    procs = _start_ranks(2, [*COMMON, "--steps", "200", "--sp-size", "2", "--timeout-s", "5",
-                             "--metrics", str(metrics)], [tmp_path, tmp_path])
+    procs = _start_ranks(
+        2,
+        [*COMMON, "--steps", "200", "--sp-size", "2", "--timeout-s", "5", "--metrics", str(metrics)],
+        [tmp_path, tmp_path],
+    )
     _wait_for_step(metrics, 2, procs)
     procs[1].send_signal(signal.SIGSTOP)
     try:
@@ -233,22 +305,46 @@ def test_deepspeed_resume_exact_and_at_another_world_size(uninterrupted, tmp_pat
     torch engine's schedule, and step 2's loss (after one Adam step, which the config's betas do not
     change) equals the torch engine's."""
     args = [*COMMON, *EVAL, "--dtype", "fp32", "--deepspeed", ZERO3]
-    full = _launch(tmp_path, "ds_full", 2, *args, "--sp-size", "2", "--save-dir", str(tmp_path / "ckpt"),
-                   "--save-every", "3", launcher="deepspeed")
+    full = _launch(
+        tmp_path,
+        "ds_full",
+        2,
+        *args,
+        "--sp-size",
+        "2",
+        "--save-dir",
+        str(tmp_path / "ckpt"),
+        "--save-every",
+        "3",
+        launcher="deepspeed",
+    )
     ref = uninterrupted["ref"]["train"]
     assert [full["train"][s]["lr"] for s in range(1, 7)] == [ref[s]["lr"] for s in range(1, 7)]
-    assert _close(full["train"][1]["loss"], ref[1]["loss"], 1e-5) and _close(full["train"][2]["loss"], ref[2]["loss"], 1e-4)
+    assert _close(full["train"][1]["loss"], ref[1]["loss"], 1e-5) and _close(
+        full["train"][2]["loss"], ref[2]["loss"], 1e-4
+    )
     step3 = tmp_path / "ckpt" / "step_00000003"
-    resumed = _launch(tmp_path, "ds_resumed", 2, *args, "--sp-size", "2", "--resume", str(step3),
-                      launcher="deepspeed")
+    resumed = _launch(tmp_path, "ds_resumed", 2, *args, "--sp-size", "2", "--resume", str(step3), launcher="deepspeed")
     for step in (4, 5, 6):
         assert resumed["train"][step]["loss"] == full["train"][step]["loss"], step
         assert resumed["train"][step]["lr"] == full["train"][step]["lr"], step
     assert resumed["eval"][6]["eval_loss"] == full["eval"][6]["eval_loss"]  # evaluation through the ZeRO-3 engine
     state = step3 / "deepspeed"
-    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                    str(state / "state"), "--output_folder", str(state / "universal")],
-                   env=_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(state / "state"),
+            "--output_folder",
+            str(state / "universal"),
+        ],
+        env=_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     sp1 = _launch(tmp_path, "ds_sp1", 1, *args, "--sp-size", "1", "--resume", str(step3))
     for step in (4, 5, 6):
         assert _close(sp1["train"][step]["loss"], full["train"][step]["loss"], 1e-5), step

@@ -58,12 +58,14 @@ def _check_streams(ctx, topo):
     with sharded_rng(topo):
         second = _torch_draws(dev)
     rows = _gather(first.to(dev), world)
-    assert all(not torch.isin(rows[r], rows[me]).any() for r in range(topo.world_size) if r != me), \
+    assert all(not torch.isin(rows[r], rows[me]).any() for r in range(topo.world_size) if r != me), (
         "per-rank streams must differ across ranks"
+    )
     assert not torch.isin(second, first).any(), "each entry must give a new per-rank stream"
     rows = _gather(after_few.to(dev), world)
-    assert all(torch.equal(rows[r], rows[me]) for r in range(topo.world_size) if same_sp_group(r, me)), \
+    assert all(torch.equal(rows[r], rows[me]) for r in range(topo.world_size) if same_sp_group(r, me)), (
         "synced streams must stay identical inside the SP group after sharded_rng"
+    )
 
     sync_rng(topo, 1234)
     with sharded_rng(topo) as seed_again:

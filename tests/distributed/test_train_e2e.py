@@ -37,11 +37,29 @@ def train_command(nproc: int, args, launcher: str = "torchrun") -> list[str]:
         assert nproc == 1, nproc
         return [sys.executable, TRAIN, *args]
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(_port()), TRAIN, *args]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_port()),
+            TRAIN,
+            *args,
+        ]
     assert launcher == "deepspeed", launcher
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(_port()), TRAIN, *args]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(_port()),
+        TRAIN,
+        *args,
+    ]
 
 
 def run_ok(cmd, cwd):
@@ -112,6 +130,16 @@ def test_deepspeed_zero_stages_sp2_match_non_sp(tmp_path, stages):
     ref = train(tmp_path, "ds_ref", 1, "--sp-size", "1", "--deepspeed", config(0), *args, launcher="deepspeed")
     for stage in stages:
         memory = ["--grad-ckpt", "--tiled-mlp", "--recompute-norms"] if stage == 3 else []
-        got = train(tmp_path, f"zero{stage}", 2, "--sp-size", "2", "--deepspeed", config(stage), *args, *memory,
-                    launcher="deepspeed")
+        got = train(
+            tmp_path,
+            f"zero{stage}",
+            2,
+            "--sp-size",
+            "2",
+            "--deepspeed",
+            config(stage),
+            *args,
+            *memory,
+            launcher="deepspeed",
+        )
         assert_same_curve(got, ref)

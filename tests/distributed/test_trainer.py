@@ -32,12 +32,30 @@ def _train_and_evaluate(ctx, sp_size: int | None, out_path: str) -> None:
     rows = load_text_dataset(None, 40, pack=False)  # one row per document piece, 1..40 tokens
     train, evaluation = Subset(rows, range(64)), Subset(rows, range(64, 71))  # 7 rows: batches 3, 3, 1
     args = TrainingArguments(
-        output_dir=os.path.join(os.path.dirname(out_path), f"run{sp_size}"), use_cpu=True, report_to=[],
-        per_device_train_batch_size=2, gradient_accumulation_steps=2, per_device_eval_batch_size=3,
-        max_steps=STEPS, learning_rate=3e-3, warmup_steps=1, max_grad_norm=1.0, seed=5,
-        logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="no", disable_tqdm=True)
-    common = {"model": tiny_model("tiny-llama", seed=3), "args": args, "train_dataset": train,
-              "eval_dataset": evaluation, "data_collator": collate_padded}
+        output_dir=os.path.join(os.path.dirname(out_path), f"run{sp_size}"),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        per_device_eval_batch_size=3,
+        max_steps=STEPS,
+        learning_rate=3e-3,
+        warmup_steps=1,
+        max_grad_norm=1.0,
+        seed=5,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    common = {
+        "model": tiny_model("tiny-llama", seed=3),
+        "args": args,
+        "train_dataset": train,
+        "eval_dataset": evaluation,
+        "data_collator": collate_padded,
+    }
     trainer = Trainer(**common) if sp_size is None else SPTrainer(**common, sp_size=sp_size)
     trainer.train()
     final = trainer.evaluate()
@@ -60,8 +78,10 @@ def _close(a: float, b: float, what: str) -> None:
 def test_sp_trainer_matches_stock_trainer(tmp_path):
     ref_path, sp_path = tmp_path / "ref.json", tmp_path / "sp.json"
     with ThreadPoolExecutor(2) as pool:  # the two jobs are independent: overlap their start-up
-        jobs = [pool.submit(harness.run, _train_and_evaluate, 1, None, str(ref_path)),
-                pool.submit(harness.run, _train_and_evaluate, 2, 2, str(sp_path))]
+        jobs = [
+            pool.submit(harness.run, _train_and_evaluate, 1, None, str(ref_path)),
+            pool.submit(harness.run, _train_and_evaluate, 2, 2, str(sp_path)),
+        ]
         for job in jobs:
             job.result()
     ref, sp = (json.loads(p.read_text()) for p in (ref_path, sp_path))

@@ -9,13 +9,23 @@ import os
 
 import pytest
 
-from ulysses_sp.integrations.accelerate_env import launched_deepspeed_config_file, ENV_SP_SIZE, claim_sp_size, env_flag, read_sp_size
+from ulysses_sp.integrations.accelerate_env import (
+    launched_deepspeed_config_file,
+    ENV_SP_SIZE,
+    claim_sp_size,
+    env_flag,
+    read_sp_size,
+)
 from ulysses_sp.train.plan import check_accelerate_launch
 from ulysses_sp.integrations.sp_size import resolve_sp_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OURS = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_SP_SIZE": "2",
-        "PARALLELISM_CONFIG_SP_BACKEND": "ulysses_sp", "PARALLELISM_CONFIG_DP_SHARD_SIZE": "1"}
+OURS = {
+    "ACCELERATE_USE_PARALLELISM_CONFIG": "true",
+    "PARALLELISM_CONFIG_SP_SIZE": "2",
+    "PARALLELISM_CONFIG_SP_BACKEND": "ulysses_sp",
+    "PARALLELISM_CONFIG_DP_SHARD_SIZE": "1",
+}
 
 
 def launcher_env(config: str, *cli: str) -> tuple[int, dict]:
@@ -31,13 +41,16 @@ def launcher_env(config: str, *cli: str) -> tuple[int, dict]:
     return args.num_processes, prepare_multi_gpu_env(args)
 
 
-@pytest.mark.parametrize("config, cli, processes, sp", [
-    ("configs/accelerate/sp2.yaml", (), 2, 2),
-    ("configs/accelerate/sp2.yaml", ("--num_processes", "4"), 4, 2),
-    ("configs/accelerate/sp2.yaml", ("--num_processes", "4", "--parallelism_config_sp_size", "4"), 4, 4),
-    ("configs/accelerate/multi_gpu_sp4.yaml", (), 8, 4),
-    ("configs/accelerate/deepspeed_zero2_sp2.yaml", (), 2, 2),
-])
+@pytest.mark.parametrize(
+    "config, cli, processes, sp",
+    [
+        ("configs/accelerate/sp2.yaml", (), 2, 2),
+        ("configs/accelerate/sp2.yaml", ("--num_processes", "4"), 4, 2),
+        ("configs/accelerate/sp2.yaml", ("--num_processes", "4", "--parallelism_config_sp_size", "4"), 4, 4),
+        ("configs/accelerate/multi_gpu_sp4.yaml", (), 8, 4),
+        ("configs/accelerate/deepspeed_zero2_sp2.yaml", (), 2, 2),
+    ],
+)
 def test_shipped_yamls_give_our_sp_size(config, cli, processes, sp):
     num_processes, env = launcher_env(config, *cli)
     assert (num_processes, read_sp_size(env)) == (processes, sp)
@@ -96,8 +109,11 @@ def test_claim_hides_sp_from_accelerate(monkeypatch):
 
 
 def test_claim_without_sp_changes_nothing():
-    env = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_SP_SIZE": "1",
-           "PARALLELISM_CONFIG_SP_BACKEND": "deepspeed"}
+    env = {
+        "ACCELERATE_USE_PARALLELISM_CONFIG": "true",
+        "PARALLELISM_CONFIG_SP_SIZE": "1",
+        "PARALLELISM_CONFIG_SP_BACKEND": "deepspeed",
+    }
     before = dict(env)
     assert claim_sp_size(env) is None and env == before
 
@@ -114,8 +130,11 @@ def test_resolve_sp_size_order_and_conflicts():
         resolve_sp_size(None, {"sequence_parallel_size": 4}, dict(OURS))
     with pytest.raises(ValueError, match=r"SPTrainer\(sp_size=4\) disagrees with the Accelerate config's SP size 2"):
         resolve_sp_size(4, None, dict(OURS), explicit_source="SPTrainer(sp_size=4)")
-    with pytest.raises(ValueError, match=r'"sequence_parallel_size" in the DeepSpeed config must be an integer >= 1, '
-                                         r"got '4'"):
+    with pytest.raises(
+        ValueError,
+        match=r'"sequence_parallel_size" in the DeepSpeed config must be an integer >= 1, '
+        r"got '4'",
+    ):
         resolve_sp_size(None, {"sequence_parallel_size": "4"}, {})
 
 
@@ -125,8 +144,11 @@ def test_accelerate_launches_the_trainer_cannot_honour():
     assert launched_deepspeed_config_file(OURS) is None
     check_accelerate_launch({"zero_optimization": {"stage": 2}}, ds_launch)
     inline = {**OURS, "ACCELERATE_USE_DEEPSPEED": "true"}  # DeepSpeed settings in the YAML, no JSON file
-    with pytest.raises(ValueError, match=r"accelerate launched DeepSpeed \(deepspeed_config_file \(set in the "
-                                         r"Accelerate config's deepspeed_config\)\).*add --deepspeed CONFIG.json"):
+    with pytest.raises(
+        ValueError,
+        match=r"accelerate launched DeepSpeed \(deepspeed_config_file \(set in the "
+        r"Accelerate config's deepspeed_config\)\).*add --deepspeed CONFIG.json",
+    ):
         check_accelerate_launch({}, inline)
     with pytest.raises(ValueError, match="accelerate launched FSDP, which launch/train.py does not support"):
         check_accelerate_launch({}, {"ACCELERATE_USE_FSDP": "true"})

@@ -72,7 +72,8 @@ def test_dependencies_point_one_way(module):
                 continue
             assert LAYERS[other] < LAYERS[own], (
                 f"{module}:{line} imports {imported}: {own} (layer {LAYERS[own]}) may import only lower layers, "
-                f"{other} is layer {LAYERS[other]} (docs/architecture.md)")
+                f"{other} is layer {LAYERS[other]} (docs/architecture.md)"
+            )
 
 
 @pytest.mark.parametrize("module", list(MODULES))
@@ -81,7 +82,8 @@ def test_only_comm_talks_to_torch_distributed(module):
         return
     for line, target, _ in _imports(module):
         assert not target.startswith("torch.distributed") or target.startswith("torch.distributed.elastic"), (
-            f"{module}:{line} imports {target}; every call into torch.distributed goes through {COMM}")
+            f"{module}:{line} imports {target}; every call into torch.distributed goes through {COMM}"
+        )
     _, tree = MODULES[module]
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr == "distributed" and ast.unparse(node.value) == "torch":
@@ -104,12 +106,19 @@ def test_no_module_reads_another_modules_private_names(module):
                 if f"{base}.{alias.name}" in MODULES:
                     bound[alias.asname or alias.name] = f"{base}.{alias.name}"
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                and isinstance(node.value, ast.Name) and node.value.id in bound):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name)
+            and node.value.id in bound
+        ):
             raise AssertionError(f"{module}:{node.lineno} reads {bound[node.value.id]}.{node.attr}, a private name")
         if isinstance(node, ast.Attribute) and node.attr == "_ulysses_sp" and module != "ulysses_sp.core.apply":
-            raise AssertionError(f"{module}:{node.lineno} reads a model's _ulysses_sp state; use "
-                                 "ulysses_sp.core.apply.applied_topology / is_applied")
+            raise AssertionError(
+                f"{module}:{node.lineno} reads a model's _ulysses_sp state; use "
+                "ulysses_sp.core.apply.applied_topology / is_applied"
+            )
 
 
 @pytest.mark.parametrize("module", list(MODULES))

@@ -19,21 +19,25 @@ CPU_BACKENDS = ("sdpa", "eager", "flex_attention")
 
 def _qkv(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, S, NQ, H, generator=g), torch.randn(B, S, NK, H, generator=g),
-            torch.randn(B, S, NK, H, generator=g))  # [B, S, n, H]
+    return (
+        torch.randn(B, S, NQ, H, generator=g),
+        torch.randn(B, S, NK, H, generator=g),
+        torch.randn(B, S, NK, H, generator=g),
+    )  # [B, S, n, H]
 
 
 def _reference(q, k, v, allowed):
     """Softmax attention over ``allowed`` [B|1, 1|NQ, S, S] (bool) or an additive float mask."""
     k, v = (t.repeat_interleave(NQ // NK, dim=2).transpose(1, 2) for t in (k, v))  # [B, NQ, S, H]
-    scores = q.transpose(1, 2) @ k.transpose(2, 3) * H ** -0.5  # [B, NQ, S, S]
+    scores = q.transpose(1, 2) @ k.transpose(2, 3) * H**-0.5  # [B, NQ, S, S]
     scores = scores.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else scores + allowed
     return (scores.softmax(-1) @ v).transpose(1, 2)  # [B, S, NQ, H]
 
 
 def _spec(info, window=None, custom=None):
-    return backends.AttnSpec(causal=True, scale=H ** -0.5, dropout=0.0, window=window, softcap=None, info=info,
-                             custom_mask=custom)
+    return backends.AttnSpec(
+        causal=True, scale=H**-0.5, dropout=0.0, window=window, softcap=None, info=info, custom_mask=custom
+    )
 
 
 def _layout():
@@ -62,7 +66,7 @@ def test_custom_masks_match_brute_force(backend):
     q, k, v = _qkv(1)
     qi, ki = torch.arange(S).view(S, 1), torch.arange(S).view(1, S)
     prefix = torch.tensor([6, 15]).view(B, 1, 1, 1)
-    keep = ((ki <= qi) | ((qi < prefix) & (ki < prefix)))  # [B, 1, S, S] prefix-LM
+    keep = (ki <= qi) | ((qi < prefix) & (ki < prefix))  # [B, 1, S, S] prefix-LM
     bias = torch.randn(B, NQ, S, S, generator=torch.Generator().manual_seed(2))
     additive = torch.where(ki <= qi, bias, torch.finfo(torch.float32).min)  # [B, NQ, S, S]
     for mask in (keep, additive):
@@ -110,6 +114,7 @@ def _flash_one(q, k, v, softmax_scale, causal, window_size, softcap=0.0):
 
 def _fake_flash(version):
     """CPU stand-ins with flash-attn 2's and 3's signatures (3: no dropout_p, returns (out, lse))."""
+
     def finish(out):
         return (out, None) if version == 3 else out
 
@@ -118,14 +123,30 @@ def _fake_flash(version):
         assert q.dtype == torch.bfloat16
         return finish(torch.stack([_flash_one(*t, softmax_scale, causal, window_size, softcap) for t in zip(q, k, v)]))
 
-    def varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                    window_size, softcap=0.0, **dropout):  # [T, n, H]
+    def varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap=0.0,
+        **dropout,
+    ):  # [T, n, H]
         assert set(dropout) == ({"dropout_p"} if version == 2 else set()), dropout
         assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
         lens = cu_seqlens_q.diff()
         assert int(cu_seqlens_q[-1]) == q.shape[0] and max_seqlen_q == max_seqlen_k == int(lens.max())
-        out = torch.cat([_flash_one(q[a:b], k[a:b], v[a:b], softmax_scale, causal, window_size, softcap)
-                         for a, b in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist())])
+        out = torch.cat(
+            [
+                _flash_one(q[a:b], k[a:b], v[a:b], softmax_scale, causal, window_size, softcap)
+                for a, b in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist())
+            ]
+        )
         return finish(out)
 
     return func, varlen_func
@@ -138,15 +159,18 @@ def test_flash_call_contract_on_cpu(version, monkeypatch):
     CPU stand-ins with the kernels' signatures: the plain causal path, packed documents with padding
     at the ends (with and without a window) and interior padding (without)."""
     monkeypatch.setattr(backends.flash, "flash_functions", _fake_flash)
-    ends = torch.cat([torch.cat([torch.arange(5), torch.arange(11), torch.arange(8)]).view(1, S),
-                      torch.arange(S).view(1, S)])  # [B, S]
+    ends = torch.cat(
+        [torch.cat([torch.arange(5), torch.arange(11), torch.arange(8)]).view(1, S), torch.arange(S).view(1, S)]
+    )  # [B, S]
     valid_ends = torch.ones(B, S, dtype=torch.long)
     valid_ends[1, :4] = 0
     valid_ends[1, -3:] = 0
     interior, valid_interior = _layout()
-    cases = [(SequenceInfo(S), torch.ones(B, S, dtype=torch.bool), (None, 6)),
-             (build_sequence_info(ends, valid_ends), valid_ends.bool(), (None, 6)),
-             (interior, valid_interior, (None,))]
+    cases = [
+        (SequenceInfo(S), torch.ones(B, S, dtype=torch.bool), (None, 6)),
+        (build_sequence_info(ends, valid_ends), valid_ends.bool(), (None, 6)),
+        (interior, valid_interior, (None,)),
+    ]
     q, k, v = (t.bfloat16().float() for t in _qkv(3))  # exact in bf16: the kernels' precision
     for info, valid, windows in cases:
         for window in windows:
@@ -154,8 +178,13 @@ def test_flash_call_contract_on_cpu(version, monkeypatch):
                 got = backends.run(f"flash_attention_{version}", q, k, v, _spec(info, window))
             assert got.dtype == torch.float32
             want = _reference(q, k, v, masks.dense_mask(info, True, window, "cpu"))
-            torch.testing.assert_close(got[valid], want[valid], rtol=1e-2, atol=1e-2,
-                                       msg=lambda m: f"window {window}, plain {info.is_plain}: {m}")
+            torch.testing.assert_close(
+                got[valid],
+                want[valid],
+                rtol=1e-2,
+                atol=1e-2,
+                msg=lambda m: f"window {window}, plain {info.is_plain}: {m}",
+            )
             assert not got[~valid].any(), "padding queries must read nothing"
 
 
@@ -211,8 +240,17 @@ def test_hook_folds_a_2d_mask_and_never_drops_a_layout():
 
 def test_chunked_attention_is_refused():
     config = transformers.Llama4TextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_chunk_size=8, num_local_experts=2)
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        intermediate_size_mlp=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        attention_chunk_size=8,
+        num_local_experts=2,
+    )
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match=r"uses chunked attention \(attention_chunk_size=8, e.g. Llama 4\)"):
         ulysses_sp.apply(model, SimpleNamespace(sp_size=2, sp_rank=0))
@@ -224,7 +262,7 @@ def test_chunked_attention_is_refused():
 def _sink_reference(q, k, v, allowed, sinks):
     """Softmax attention with one more logit per query, the head's sink, dropped after the softmax."""
     k, v = (t.repeat_interleave(NQ // NK, dim=2).transpose(1, 2) for t in (k, v))  # [B, NQ, S, H]
-    scores = (q.transpose(1, 2) @ k.transpose(2, 3) * H ** -0.5).masked_fill(~allowed, float("-inf"))
+    scores = (q.transpose(1, 2) @ k.transpose(2, 3) * H**-0.5).masked_fill(~allowed, float("-inf"))
     sink = sinks.view(1, NQ, 1, 1).expand(*scores.shape[:3], 1)  # [B, NQ, S, 1]
     probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
     return (probs @ v).transpose(1, 2)  # [B, S, NQ, H]
@@ -254,7 +292,7 @@ def test_apply_sinks_gradients():
     q, k, v = (t[:1].double().requires_grad_() for t in _qkv(6))
     sinks = torch.randn(NQ, dtype=torch.float64, requires_grad=True)
     kk, vv = (t.repeat_interleave(NQ // NK, dim=2).transpose(1, 2) for t in (k, v))
-    scores = (q.transpose(1, 2) @ kk.transpose(2, 3) * H ** -0.5).masked_fill(~allowed, float("-inf"))
+    scores = (q.transpose(1, 2) @ kk.transpose(2, 3) * H**-0.5).masked_fill(~allowed, float("-inf"))
     out = scores.softmax(-1) @ vv  # [1, NQ, S, H]
     got = backends.flex.apply_sinks(out, torch.logsumexp(scores, -1), sinks).transpose(1, 2)
     want = _sink_reference(q, k, v, allowed, sinks)

@@ -42,8 +42,11 @@ def _brute_exposed(target, cover, step=0.5):
         return any(s <= t < e for s, e in ivs)
 
     end = max([e for _, e in target + cover] + [0])
-    return sum(step for i in range(int(end / step)) if inside(target, i * step + step / 2)
-               and not inside(cover, i * step + step / 2))
+    return sum(
+        step
+        for i in range(int(end / step))
+        if inside(target, i * step + step / 2) and not inside(cover, i * step + step / 2)
+    )
 
 
 def test_uncovered_matches_brute_force():
@@ -97,8 +100,12 @@ def test_config_specs():
     assert levers.parse("ours+cudnn+sac") == ("ours", frozenset({"cudnn", "sac"}))
     assert levers.parse("ours+tiled_mlp+offload") == ("ours", frozenset({"tiled_mlp", "offload"}))
     assert levers.parse("alst") == ("alst", frozenset())
-    for bad, match in [("mine", "side must be"), ("ours+ac_offload", "unknown lever"), ("alst+sac", "unknown lever"),
-                       ("ours+liger+tiled", "exclude")]:
+    for bad, match in [
+        ("mine", "side must be"),
+        ("ours+ac_offload", "unknown lever"),
+        ("alst+sac", "unknown lever"),
+        ("ours+liger+tiled", "exclude"),
+    ]:
         with pytest.raises(ValueError, match=match):
             levers.parse(bad)
     assert levers.available_or_reason(frozenset({"liger"}), "cpu", "sdpa") == "'liger' needs CUDA"

@@ -41,14 +41,23 @@ class CountingDataset(torch.utils.data.Dataset):
 
 
 def test_collate_pads_right_with_ignored_labels_and_continued_positions():
-    batch = collate_padded([{"input_ids": [5, 6, 7], "position_ids": [0, 1, 0], "idx": 1},
-                            {"input_ids": [8], "position_ids": [4], "idx": 2}], pad_token_id=1)
+    batch = collate_padded(
+        [
+            {"input_ids": [5, 6, 7], "position_ids": [0, 1, 0], "idx": 1},
+            {"input_ids": [8], "position_ids": [4], "idx": 2},
+        ],
+        pad_token_id=1,
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
     assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 0], [4, 5, 6]]
     assert batch["idx"].tolist() == [1, 2] and "attention_mask" not in batch
-    own = collate_padded([{"input_ids": [1, 2], "labels": [-100, 2], "attention_mask": [1, 1]}, {"input_ids": [3],
-                          "labels": [3], "attention_mask": [1]}])
+    own = collate_padded(
+        [
+            {"input_ids": [1, 2], "labels": [-100, 2], "attention_mask": [1, 1]},
+            {"input_ids": [3], "labels": [3], "attention_mask": [1]},
+        ]
+    )
     assert own["labels"].tolist() == [[-100, 2], [3, -100]] and own["attention_mask"].tolist() == [[1, 1], [1, 0]]
     with pytest.raises(ValueError, match="empty batch"):
         collate_padded([])
@@ -104,8 +113,12 @@ def test_text_formats(tmp_path):
     (tmp_path / "plain_dir").mkdir()
     for path, err, match in [
         ("empty.txt", ValueError, "holds no tokens"),
-        ("bad.jsonl", ValueError, r"bad.jsonl:2: expected an 'input_ids' list or a 'text' string, "
-                                  r"found keys \['title'\]"),
+        (
+            "bad.jsonl",
+            ValueError,
+            r"bad.jsonl:2: expected an 'input_ids' list or a 'text' string, "
+            r"found keys \['title'\]",
+        ),
         ("worse.jsonl", ValueError, r"worse.jsonl:1: not valid JSON"),
         ("c.csv", ValueError, "unknown dataset format"),
         ("plain_dir", ValueError, "not one written by datasets save_to_disk"),
@@ -155,8 +168,11 @@ def test_loader_splits_by_dp_rank_and_resumes_without_rereading():
     resumed.set_epoch(3)
     assert (resumed.epoch, resumed.batches_seen) == (3, 0)
 
-    with pytest.raises(ValueError, match=r"saved 12 samples into epoch 0 \(batches_seen=2 x batch_size=3 x "
-                                         r"dp_size=2\), not a multiple of .* batch_size=4 x dp_size=2 = 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"saved 12 samples into epoch 0 \(batches_seen=2 x batch_size=3 x "
+        r"dp_size=2\), not a multiple of .* batch_size=4 x dp_size=2 = 8",
+    ):
         SPDataLoader(ds, _topo(2, 0, 2, 1), 4, seed=4).load_state_dict(state)
     with pytest.raises(ValueError, match="saved with seed=4, this loader has seed=5"):
         SPDataLoader(ds, _topo(2, 0, 2, 1), 3, seed=5).load_state_dict(state)

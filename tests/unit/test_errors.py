@@ -26,21 +26,24 @@ from ulysses_sp.train.plan import check_device_dtype, check_seq_len
 TOPO2 = SimpleNamespace(sp_size=2, sp_rank=0, dp_size=1, dp_rank=0)
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--steps", "0"], r"--steps must be an integer >= 1, got 0"),
-    (["--batch-size", "0"], r"--batch-size must be an integer >= 1, got 0"),
-    (["--grad-accum", "-1"], r"--grad-accum must be an integer >= 1, got -1"),
-    (["--seq-len", "0"], r"--seq-len must be an integer >= 1, got 0"),
-    (["--warmup-steps", "-2"], r"--warmup-steps must be an integer >= 0 \(0 turns it off\), got -2"),
-    (["--seed", "-1"], r"--seed must be an integer >= 0"),
-    (["--lr", "0"], r"--lr must be > 0, got 0.0"),
-    (["--max-grad-norm", "-1"], r"--weight-decay and --max-grad-norm must be >= 0"),
-    (["--timeout-s", "0"], r"--timeout-s must be > 0 seconds .* got 0.0"),
-    (["--save-every", "5"], r"--save-every 5 needs --save-dir DIR"),
-    (["--eval-every", "2", "--eval-batches", "0"], r"--eval-batches must be an integer >= 1 .* got 0"),
-    (["--eval-batches", "3"], r"--eval-batches 3 has no effect without --eval-every N"),
-    (["--eval-every", "2", "--eval-fraction", "1.5"], r"--eval-fraction must be in \(0, 1\).* got 1.5"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--steps", "0"], r"--steps must be an integer >= 1, got 0"),
+        (["--batch-size", "0"], r"--batch-size must be an integer >= 1, got 0"),
+        (["--grad-accum", "-1"], r"--grad-accum must be an integer >= 1, got -1"),
+        (["--seq-len", "0"], r"--seq-len must be an integer >= 1, got 0"),
+        (["--warmup-steps", "-2"], r"--warmup-steps must be an integer >= 0 \(0 turns it off\), got -2"),
+        (["--seed", "-1"], r"--seed must be an integer >= 0"),
+        (["--lr", "0"], r"--lr must be > 0, got 0.0"),
+        (["--max-grad-norm", "-1"], r"--weight-decay and --max-grad-norm must be >= 0"),
+        (["--timeout-s", "0"], r"--timeout-s must be > 0 seconds .* got 0.0"),
+        (["--save-every", "5"], r"--save-every 5 needs --save-dir DIR"),
+        (["--eval-every", "2", "--eval-batches", "0"], r"--eval-batches must be an integer >= 1 .* got 0"),
+        (["--eval-batches", "3"], r"--eval-batches 3 has no effect without --eval-every N"),
+        (["--eval-every", "2", "--eval-fraction", "1.5"], r"--eval-fraction must be in \(0, 1\).* got 1.5"),
+    ],
+)
 def test_trainer_flags(argv, match):
     with pytest.raises(ValueError, match=match):
         parse_config(argv)
@@ -69,14 +72,20 @@ def test_device_and_dtype(monkeypatch):
 def test_sequence_longer_than_max_positions():
     rope = build_config("tiny-llama", max_position_embeddings=64)
     check_seq_len(rope, 64, allow_longer=False)
-    with pytest.raises(ValueError, match=r"--seq-len 65 exceeds max_position_embeddings=64 of LlamaConfig; use "
-                                         r"--seq-len <= 64, or pass --allow-longer-than-max-positions"):
+    with pytest.raises(
+        ValueError,
+        match=r"--seq-len 65 exceeds max_position_embeddings=64 of LlamaConfig; use "
+        r"--seq-len <= 64, or pass --allow-longer-than-max-positions",
+    ):
         check_seq_len(rope, 65, allow_longer=False)
     with pytest.warns(UserWarning, match="RoPE positions past the model's trained range"):
         check_seq_len(rope, 65, allow_longer=True)
     absolute = transformers.GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=256)
-    with pytest.raises(ValueError, match=r"--seq-len 40 exceeds max_position_embeddings=32 of GPT2Config, which has "
-                                         r"learned absolute position embeddings"):
+    with pytest.raises(
+        ValueError,
+        match=r"--seq-len 40 exceeds max_position_embeddings=32 of GPT2Config, which has "
+        r"learned absolute position embeddings",
+    ):
         check_seq_len(absolute, 40, allow_longer=True)
 
 
@@ -86,17 +95,31 @@ def _model(config):
 
 def test_models_ulysses_sp_refuses():
     mamba = _model(transformers.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=4))
-    with pytest.raises(ValueError, match=r"MambaForCausalLM has layers of type \['linear_attention'\]; .*supports only "
-                                         r"\['full_attention', 'sliding_attention'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"MambaForCausalLM has layers of type \['linear_attention'\]; .*supports only "
+        r"\['full_attention', 'sliding_attention'\]",
+    ):
         ulysses_sp.apply(mamba, TOPO2)
-    hybrid = _model(transformers.Lfm2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                            num_key_value_heads=2, intermediate_size=64,
-                                            layer_types=["conv", "full_attention"]))
+    hybrid = _model(
+        transformers.Lfm2Config(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            layer_types=["conv", "full_attention"],
+        )
+    )
     with pytest.raises(ValueError, match=r"Lfm2ForCausalLM has layers of type \['conv'\]"):
         ulysses_sp.apply(hybrid, TOPO2)
     bloom = _model(transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
-    with pytest.raises(ValueError, match=r"BloomForCausalLM does not route attention through transformers' "
-                                         r"AttentionInterface"):
+    with pytest.raises(
+        ValueError,
+        match=r"BloomForCausalLM does not route attention through transformers' "
+        r"AttentionInterface",
+    ):
         ulysses_sp.apply(bloom, TOPO2)
     uneven_kv = _model(build_config("tiny-llama", num_attention_heads=8, num_key_value_heads=3, hidden_size=64))
     with pytest.raises(ValueError, match=r"num_attention_heads=8, not a multiple of num_key_value_heads=3"):
@@ -104,8 +127,11 @@ def test_models_ulysses_sp_refuses():
     few_heads = _model(build_config("tiny-llama", num_attention_heads=2, num_key_value_heads=2, hidden_size=32))
     with pytest.raises(ValueError, match=r"sp_size=4 exceeds num_attention_heads=2: .* Use sp_size <= 2"):
         ulysses_sp.apply(few_heads, SimpleNamespace(sp_size=4, sp_rank=0))
-    with pytest.raises(ValueError, match=r"attention implementation 'paged_attention' is not supported by ulysses_sp; "
-                                         r"use one of \['sdpa'"):
+    with pytest.raises(
+        ValueError,
+        match=r"attention implementation 'paged_attention' is not supported by ulysses_sp; "
+        r"use one of \['sdpa'",
+    ):
         UlyssesAttention(TOPO2, "paged_attention")
     for model in (mamba, hybrid, bloom, uneven_kv, few_heads):
         assert not ulysses_sp.is_applied(model)
@@ -127,9 +153,18 @@ def test_sequence_shorter_than_sp_is_padded_not_refused():
 
 def _save(path, step=3, **meta):
     os.makedirs(path, exist_ok=True)
-    data = {"format": checkpoint.FORMAT, "step": step, "engine": "torch", "zero_stage": None, "world_size": 2,
-            "sp_size": 2, "dp_size": 1, "run": {"seed": 1, "seq_len": 8, "pack": False, "heldout_fraction": None},
-            "model_config": {"hidden_size": 64}, "data": {}}
+    data = {
+        "format": checkpoint.FORMAT,
+        "step": step,
+        "engine": "torch",
+        "zero_stage": None,
+        "world_size": 2,
+        "sp_size": 2,
+        "dp_size": 1,
+        "run": {"seed": 1, "seq_len": 8, "pack": False, "heldout_fraction": None},
+        "model_config": {"hidden_size": 64},
+        "data": {},
+    }
     data.update(meta)
     with open(os.path.join(path, checkpoint.META_FILE), "w") as f:
         json.dump(data, f)
@@ -154,8 +189,11 @@ def test_checkpoint_errors(tmp_path):
         checkpoint.check_compatible(ckpt, {**settings, "run": {**settings["run"], "seed": 2}}, "torch")
     with pytest.raises(ValueError, match=r"the model differs from the saved one \(hidden_size: 64 -> 32\)"):
         checkpoint.check_compatible(ckpt, {**settings, "model_config": {"hidden_size": 32}}, "torch")
-    with pytest.raises(ValueError, match=r"written by the torch engine, this run uses the deepspeed engine; resume "
-                                         r"without --deepspeed"):
+    with pytest.raises(
+        ValueError,
+        match=r"written by the torch engine, this run uses the deepspeed engine; resume "
+        r"without --deepspeed",
+    ):
         checkpoint.check_compatible(ckpt, settings, "deepspeed")
 
 
@@ -166,9 +204,12 @@ def test_deepspeed_checkpoint_at_another_world_size(tmp_path):
     (path / "deepspeed" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("")
     ckpt = checkpoint.find_checkpoint(str(path))
     assert checkpoint.deepspeed_tag(ckpt, 2, 3) == "state"
-    with pytest.raises(ValueError, match=r"saved at world size 2 \(sp=2 x dp=1\) with ZeRO stage 3; this run has "
-                                         r"world size 1 and stage 3.*\n  python -m deepspeed.checkpoint.ds_to_universal "
-                                         r"--input_folder .*/deepspeed/state --output_folder .*/deepspeed/universal"):
+    with pytest.raises(
+        ValueError,
+        match=r"saved at world size 2 \(sp=2 x dp=1\) with ZeRO stage 3; this run has "
+        r"world size 1 and stage 3.*\n  python -m deepspeed.checkpoint.ds_to_universal "
+        r"--input_folder .*/deepspeed/state --output_folder .*/deepspeed/universal",
+    ):
         checkpoint.deepspeed_tag(ckpt, 1, 3)
     (path / "deepspeed" / "universal").mkdir()
     assert checkpoint.deepspeed_tag(ckpt, 1, 3) == "universal"

@@ -3,8 +3,22 @@ import pytest
 from ulysses_sp.core.heads import plan_heads
 
 
-@pytest.mark.parametrize("nq,nkv,sp", [(8, 8, 4), (32, 8, 4), (8, 2, 4), (12, 4, 8), (12, 4, 5), (6, 1, 4),
-                                       (7, 7, 2), (14, 2, 4), (32, 8, 8), (40, 8, 16), (6, 3, 4)])
+@pytest.mark.parametrize(
+    "nq,nkv,sp",
+    [
+        (8, 8, 4),
+        (32, 8, 4),
+        (8, 2, 4),
+        (12, 4, 8),
+        (12, 4, 5),
+        (6, 1, 4),
+        (7, 7, 2),
+        (14, 2, 4),
+        (32, 8, 8),
+        (40, 8, 16),
+        (6, 3, 4),
+    ],
+)
 def test_plan_covers_every_head_once_and_gqa_is_consistent(nq, nkv, sp):
     plan = plan_heads(nq, nkv, sp)
     flat = [h for hs in plan.q_heads for h in hs]

@@ -23,13 +23,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_selective_policy_saves_attention_and_a2a_only():
     save, recompute = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_RECOMPUTE
     ops = torch.ops
-    for op in (ops.aten._scaled_dot_product_flash_attention.default, ops.aten._scaled_dot_product_cudnn_attention.default,
-               ops.aten._scaled_dot_product_efficient_attention.default,
-               ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-               ops._c10d_functional.all_to_all_single.default):
+    for op in (
+        ops.aten._scaled_dot_product_flash_attention.default,
+        ops.aten._scaled_dot_product_cudnn_attention.default,
+        ops.aten._scaled_dot_product_efficient_attention.default,
+        ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+        ops._c10d_functional.all_to_all_single.default,
+    ):
         assert ckpt.selective_policy(None, op) is save, op
-    for op in (ops.aten.mm.default, ops.aten._scaled_dot_product_flash_attention_backward.default,
-               ops._c10d_functional.wait_tensor.default, ops._c10d_functional.all_reduce.default):
+    for op in (
+        ops.aten.mm.default,
+        ops.aten._scaled_dot_product_flash_attention_backward.default,
+        ops._c10d_functional.wait_tensor.default,
+        ops._c10d_functional.all_reduce.default,
+    ):
         assert ckpt.selective_policy(None, op) is recompute, op
     from torch._higher_order_ops.flex_attention import flex_attention
 
@@ -38,7 +45,13 @@ def test_selective_policy_saves_attention_and_a2a_only():
 
 def test_policy_names_and_kwargs():
     assert [ckpt.resolve_policy(v) for v in (None, False, True, "none", "full", "selective")] == [
-        "none", "none", "full", "none", "full", "selective"]
+        "none",
+        "none",
+        "full",
+        "none",
+        "full",
+        "selective",
+    ]
     with pytest.raises(ValueError, match="unknown checkpointing policy"):
         ckpt.resolve_policy("some")
     assert ckpt.gradient_checkpointing_kwargs("full") == {"use_reentrant": False}
@@ -58,8 +71,9 @@ def test_enable_disable_checkpointing_is_scoped_and_undone():
     ckpt.enable_checkpointing(model, "full", offload=True)
     ckpt.disable_checkpointing(model)
     assert not ckpt.checkpointed_layers(model)
-    assert not any(isinstance(getattr(layer, "_gradient_checkpointing_func", None), offload._OffloadLayerInput)
-                   for layer in layers)
+    assert not any(
+        isinstance(getattr(layer, "_gradient_checkpointing_func", None), offload._OffloadLayerInput) for layer in layers
+    )
     with pytest.raises(ValueError, match="needs policy 'full' or 'selective'"):
         ckpt.enable_checkpointing(model, "none", offload=True)
 
@@ -118,8 +132,9 @@ def test_tiled_mlp_recomputes_its_input_from_an_rms_norm_recompute():
         ckpt.enable_checkpointing(model, policy)
         model(input_ids=ids, labels=ids).loss.backward()
         for (name, p), r in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-6 * r.grad.abs().max().item(),
-                                       msg=lambda m: f"{policy} {name}: {m}")
+            torch.testing.assert_close(
+                p.grad, r.grad, rtol=1e-5, atol=1e-6 * r.grad.abs().max().item(), msg=lambda m: f"{policy} {name}: {m}"
+            )
 
     mlp = ref.model.layers[0].mlp
     weight = torch.ones(ref.config.hidden_size)
@@ -147,7 +162,11 @@ def test_memory_flags():
     assert parse_config(["--grad-ckpt"]).grad_ckpt == "full"
     config = parse_config(["--grad-ckpt", "selective", "--tiled-mlp", "--offload-activations", "--recompute-norms"])
     assert (config.grad_ckpt, config.tiled_mlp, config.offload_activations, config.recompute_norms) == (
-        "selective", True, True, True)
+        "selective",
+        True,
+        True,
+        True,
+    )
     with pytest.raises(ValueError, match="--offload-activations moves the layers' checkpoints to host memory"):
         parse_config(["--offload-activations"])
 
@@ -289,8 +308,15 @@ def test_rms_norm_recompute_leaves_other_norms_alone():
 
     from ulysses_sp.memory.rms_norm import enable_rms_norm_recompute
 
-    config = transformers.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    config = transformers.GemmaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
     gemma = transformers.AutoModelForCausalLM.from_config(config)  # its norm scales by (1 + weight)
     with pytest.raises(ValueError, match=r"no Llama-style RMSNorm .*GemmaRMSNorm"):
         enable_rms_norm_recompute(gemma)

@@ -29,8 +29,13 @@ def _cat(shards, key, dim=1):
 def test_pad_shift_and_reassemble_uneven_length():
     ids = torch.arange(1, 21).view(2, 10)  # S=10, P=4 -> S'=12, s=3
     extra = torch.arange(20).view(2, 10) * 10  # another per-token tensor
-    batch = {"input_ids": ids, "labels": ids.clone(), "token_type_ids": extra, "note": "keep",
-             "ids": torch.tensor([7, 8])}
+    batch = {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "token_type_ids": extra,
+        "note": "keep",
+        "ids": torch.tensor([7, 8]),
+    }
     shards = _all_shards(batch, 4, pad_token_id=99)
     for r, sh in enumerate(shards):
         assert sh["input_ids"].shape == (2, 3) and sh["position_ids"].shape == (2, 3)
@@ -40,8 +45,10 @@ def test_pad_shift_and_reassemble_uneven_length():
     assert _cat(shards, "input_ids").tolist() == [list(range(1, 11)) + [99, 99], list(range(11, 21)) + [99, 99]]
     assert _cat(shards, "position_ids").tolist() == [list(range(12))] * 2  # padding continues the positions
     assert _cat(shards, "shift_labels").tolist() == [list(range(2, 11)) + [-100] * 3, list(range(12, 21)) + [-100] * 3]
-    assert _cat(shards, "token_type_ids").tolist() == [list(range(0, 100, 10)) + [0, 0],
-                                                       list(range(100, 200, 10)) + [0, 0]]
+    assert _cat(shards, "token_type_ids").tolist() == [
+        list(range(0, 100, 10)) + [0, 0],
+        list(range(100, 200, 10)) + [0, 0],
+    ]
     # a shard's last token is labelled with the next shard's first token
     for r in range(3):
         assert shards[r]["shift_labels"][0, -1] == shards[r + 1]["input_ids"][0, 0]
@@ -55,8 +62,9 @@ def test_given_positions_continue_and_given_shift_labels_only_pad():
     assert _cat(shards, "position_ids").tolist() == [[10, 11, 12, 13, 14, 15]]
     assert _cat(shards, "shift_labels").tolist() == [[5, 6, 7, 8, 9, -100]]
     # [1, S] position ids broadcast to every row
-    two = shard_batch({"input_ids": torch.zeros(3, 4, dtype=torch.long), "position_ids": torch.arange(4).view(1, 4)},
-                      _topo(2, 1))
+    two = shard_batch(
+        {"input_ids": torch.zeros(3, 4, dtype=torch.long), "position_ids": torch.arange(4).view(1, 4)}, _topo(2, 1)
+    )
     assert two["position_ids"].tolist() == [[2, 3]] * 3
 
 
@@ -117,8 +125,9 @@ def test_attention_mask_folds_into_info():
 
 def test_mrope_three_axis_positions_are_sliced_on_the_last_dim():
     ids = torch.arange(6).view(1, 6)
-    pos = torch.stack([torch.tensor([[0, 1, 2, 0, 1, 2]]), torch.tensor([[0, 0, 1, 0, 0, 1]]),
-                       torch.tensor([[0, 1, 0, 0, 1, 0]])])  # [3, 1, 6]; axis 0 restarts: two documents
+    pos = torch.stack(
+        [torch.tensor([[0, 1, 2, 0, 1, 2]]), torch.tensor([[0, 0, 1, 0, 0, 1]]), torch.tensor([[0, 1, 0, 0, 1, 0]])]
+    )  # [3, 1, 6]; axis 0 restarts: two documents
     shards = _all_shards({"input_ids": ids, "position_ids": pos}, 4)  # S'=8, s=2
     assert shards[0]["position_ids"].shape == (3, 1, 2)
     full = _cat(shards, "position_ids", dim=-1)
@@ -140,38 +149,63 @@ def test_helpers():
     starts = torch.tensor([[True, False, True, True, False]])
     assert positions_from_starts(starts).tolist() == [[0, 1, 0, 0, 1]]
     assert make_shift_labels(torch.tensor([[1, 2, 3, 4, 5]]), starts).tolist() == [[2, -100, -100, 5, -100]]
-    local = shard_batch({"input_ids": torch.ones(1, 4, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 0, 1]])},
-                        _topo(2, 0))
+    local = shard_batch(
+        {"input_ids": torch.ones(1, 4, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 0, 1]])}, _topo(2, 0)
+    )
     moved = to_device(local, torch.device("meta"))
     assert moved["input_ids"].is_meta and moved["position_ids"].is_meta
     assert isinstance(moved[SEQ_INFO_KWARG], SequenceInfo) and moved[SEQ_INFO_KWARG].doc_ids.is_meta
 
 
-@pytest.mark.parametrize("batch,match", [
-    ({"labels": torch.zeros(1, 4)}, r"neither input_ids nor inputs_embeds \(keys: \['labels'\]\)"),
-    ({"input_ids": torch.zeros(2, 0, dtype=torch.long)}, r"empty sequence \(shape \[2, 0\]\)"),
-    ({"input_ids": torch.zeros(4, dtype=torch.long)}, r"input_ids must be \[B, S\].*got \[4\]"),
-    ({"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 3, dtype=torch.long)},
-     r"labels must be \[B, S\] = \[2, 4\] like the tokens, got \[2, 3\]"),
-    ({"input_ids": torch.zeros(2, 4, dtype=torch.long), "position_ids": torch.zeros(2, 5, dtype=torch.long)},
-     r"position_ids must be integer \[B, S\] = \[2, 4\].*got \[2, 5\]"),
-    ({"input_ids": torch.zeros(2, 4, dtype=torch.long), "position_ids": torch.zeros(2, 4)},
-     r"position_ids must be integer.*torch.float32"),
-    ({"input_ids": torch.zeros(2, 4, dtype=torch.long), "cu_seqlens": torch.tensor([0, 3, 7])},
-     r"from 0 to B\*S = 2\*4 = 8 .* got \[0, 3, 7\]"),
-    ({"input_ids": torch.zeros(2, 4, dtype=torch.long), "cu_seqlens": torch.tensor([0, 5, 3, 8])},
-     r"non-decreasing"),
-    ({"input_ids": torch.zeros(2, 4, dtype=torch.long), "seq_lens": [[4]]}, r"one list .* per row \(2 rows\), got 1"),
-    ({"input_ids": torch.zeros(1, 4, dtype=torch.long), "seq_lens": [[2, 1]]},
-     r"seq_lens\[0\] = \[2, 1\] must be positive document lengths summing to S = 4 \(they sum to 3\)"),
-    ({"input_ids": torch.zeros(1, 4, dtype=torch.long), "seq_lens": [[4]], "cu_seqlens": torch.tensor([0, 4])},
-     r"either seq_lens or cu_seqlens"),
-    ({"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 3)},
-     r"attention_mask must be a 2-D padding mask \[B, S\] = \[1, 4\].*got \[1, 3\]"),
-    ({"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 1, 4, 3)},
-     r"custom attention_mask must cover the full sequence.*B = 1, S = 4; got \[1, 1, 4, 3\]"),
-    ({"input_ids": torch.zeros(1, 4, dtype=torch.long), SEQ_INFO_KWARG: SequenceInfo(4)}, r"a shard already"),
-])
+@pytest.mark.parametrize(
+    "batch,match",
+    [
+        ({"labels": torch.zeros(1, 4)}, r"neither input_ids nor inputs_embeds \(keys: \['labels'\]\)"),
+        ({"input_ids": torch.zeros(2, 0, dtype=torch.long)}, r"empty sequence \(shape \[2, 0\]\)"),
+        ({"input_ids": torch.zeros(4, dtype=torch.long)}, r"input_ids must be \[B, S\].*got \[4\]"),
+        (
+            {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 3, dtype=torch.long)},
+            r"labels must be \[B, S\] = \[2, 4\] like the tokens, got \[2, 3\]",
+        ),
+        (
+            {"input_ids": torch.zeros(2, 4, dtype=torch.long), "position_ids": torch.zeros(2, 5, dtype=torch.long)},
+            r"position_ids must be integer \[B, S\] = \[2, 4\].*got \[2, 5\]",
+        ),
+        (
+            {"input_ids": torch.zeros(2, 4, dtype=torch.long), "position_ids": torch.zeros(2, 4)},
+            r"position_ids must be integer.*torch.float32",
+        ),
+        (
+            {"input_ids": torch.zeros(2, 4, dtype=torch.long), "cu_seqlens": torch.tensor([0, 3, 7])},
+            r"from 0 to B\*S = 2\*4 = 8 .* got \[0, 3, 7\]",
+        ),
+        (
+            {"input_ids": torch.zeros(2, 4, dtype=torch.long), "cu_seqlens": torch.tensor([0, 5, 3, 8])},
+            r"non-decreasing",
+        ),
+        (
+            {"input_ids": torch.zeros(2, 4, dtype=torch.long), "seq_lens": [[4]]},
+            r"one list .* per row \(2 rows\), got 1",
+        ),
+        (
+            {"input_ids": torch.zeros(1, 4, dtype=torch.long), "seq_lens": [[2, 1]]},
+            r"seq_lens\[0\] = \[2, 1\] must be positive document lengths summing to S = 4 \(they sum to 3\)",
+        ),
+        (
+            {"input_ids": torch.zeros(1, 4, dtype=torch.long), "seq_lens": [[4]], "cu_seqlens": torch.tensor([0, 4])},
+            r"either seq_lens or cu_seqlens",
+        ),
+        (
+            {"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 3)},
+            r"attention_mask must be a 2-D padding mask \[B, S\] = \[1, 4\].*got \[1, 3\]",
+        ),
+        (
+            {"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 1, 4, 3)},
+            r"custom attention_mask must cover the full sequence.*B = 1, S = 4; got \[1, 1, 4, 3\]",
+        ),
+        ({"input_ids": torch.zeros(1, 4, dtype=torch.long), SEQ_INFO_KWARG: SequenceInfo(4)}, r"a shard already"),
+    ],
+)
 def test_errors_name_the_numbers(batch, match):
     with pytest.raises(ValueError, match=match):
         shard_batch(batch, _topo(2, 0))

@@ -62,8 +62,9 @@ def _problem(T=61, D=16, V=40, bias=True, seed=0):
     return head, hidden, labels
 
 
-@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(scale=0.5, softcap=3.0)],
-                         ids=["plain", "scale-softcap"])
+@pytest.mark.parametrize(
+    "transform", [LogitTransform(), LogitTransform(scale=0.5, softcap=3.0)], ids=["plain", "scale-softcap"]
+)
 def test_tiled_equals_full_logits_ce(transform):
     head, hidden, labels = _problem()
     ref = F.cross_entropy(transform(head(hidden)).float(), labels, ignore_index=-100, reduction="sum")
@@ -105,19 +106,29 @@ def test_peak_memory_bounded_by_one_tile():
 
 def _tiny(cls_name: str, **kw):
     torch.manual_seed(0)
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     config = getattr(transformers, cls_name)(**{**base, **kw})
     config._attn_implementation = "eager"
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("cls_name,kw,expected", [
-    ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=0.7), LogitTransform(softcap=0.7)),
-    ("CohereConfig", dict(logit_scale=3.0), LogitTransform(scale=3.0)),
-    ("GraniteConfig", dict(logits_scaling=4.0), LogitTransform(scale=0.25)),
-    ("LlamaConfig", {}, LogitTransform()),
-])
+@pytest.mark.parametrize(
+    "cls_name,kw,expected",
+    [
+        ("Gemma2Config", dict(head_dim=8, final_logit_softcapping=0.7), LogitTransform(softcap=0.7)),
+        ("CohereConfig", dict(logit_scale=3.0), LogitTransform(scale=3.0)),
+        ("GraniteConfig", dict(logits_scaling=4.0), LogitTransform(scale=0.25)),
+        ("LlamaConfig", {}, LogitTransform()),
+    ],
+)
 def test_model_logit_processing_matches_transformers_loss(cls_name, kw, expected):
     model = _tiny(cls_name, **kw)
     transform = logit_transform(model)

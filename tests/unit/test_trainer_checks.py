@@ -18,8 +18,11 @@ def _args(tmp_path, **kwargs):
 def test_refusals_name_every_problem(tmp_path):
     expected = r"compute_metrics .*logits are never materialised.*label_smoothing_factor=0.1"
     with pytest.raises(ValueError, match=expected):
-        SPTrainer(model=tiny_model("tiny-llama"), args=_args(tmp_path, label_smoothing_factor=0.1),
-                  compute_metrics=lambda prediction: {})
+        SPTrainer(
+            model=tiny_model("tiny-llama"),
+            args=_args(tmp_path, label_smoothing_factor=0.1),
+            compute_metrics=lambda prediction: {},
+        )
     with pytest.raises(ValueError, match="batch_rebalance"):
         SPTrainer(model=tiny_model("tiny-llama"), args=_args(tmp_path, train_sampling_strategy="batch_rebalance"))
 

@@ -67,9 +67,7 @@ def seq_to_heads(
     return [p.permute(1, 0, 2, 3, 4).flatten(1, 2) for p in parts]  # [B, S, n_i, H_i]
 
 
-def heads_to_seq(
-    x: torch.Tensor, q_plan: tuple[tuple[int, ...], ...], group: ProcessGroup, rank: int
-) -> torch.Tensor:
+def heads_to_seq(x: torch.Tensor, q_plan: tuple[tuple[int, ...], ...], group: ProcessGroup, rank: int) -> torch.Tensor:
     """Inverse of :func:`seq_to_heads` for the attention output: [B, S, n, H] -> [B, s, Nq, H]."""
     P = len(q_plan)
     B, S, n, H = x.shape
@@ -80,5 +78,7 @@ def heads_to_seq(
         recv = comm.all_to_all(send, group)  # [P(src = head group), B, s, n, H]
         return recv.permute(1, 2, 0, 3, 4).reshape(B, s, P * n, H)  # [B, s, Nq, H]
     sizes = [B * s * c * H for c in counts]
-    recv = comm.all_to_all(send.reshape(-1), group, out_splits=sizes, in_splits=[B * s * n * H] * P)  # [sum_r B*s*n_r*H]
+    recv = comm.all_to_all(
+        send.reshape(-1), group, out_splits=sizes, in_splits=[B * s * n * H] * P
+    )  # [sum_r B*s*n_r*H]
     return torch.cat([c.view(B, s, -1, H) for c in recv.split(sizes)], dim=2)  # [B, s, Nq, H]

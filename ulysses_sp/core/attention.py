@@ -37,8 +37,11 @@ class UlyssesAttention:
                 f"use one of {list(backends.SUPPORTED)}"
             )
         if backend == "eager":  # warned here, not per call: a warning inside forward breaks compiled graphs
-            warnings.warn("ulysses_sp: eager attention materialises [B, N/P, S, S] scores on every rank; prefer "
-                          "sdpa, flex_attention or flash_attention_2 for long sequences", stacklevel=3)
+            warnings.warn(
+                "ulysses_sp: eager attention materialises [B, N/P, S, S] scores on every rank; prefer "
+                "sdpa, flex_attention or flash_attention_2 for long sequences",
+                stacklevel=3,
+            )
         self.topology = topology
         self.backend = backend
         self._plans: dict[tuple[int, int], HeadPlan] = {}  # (Nq, Nkv) -> plan; a dict, not lru_cache, for dynamo
@@ -72,11 +75,12 @@ class UlyssesAttention:
             plan = self._plans[(Nq, key.shape[1])] = plan_heads(Nq, key.shape[1], P)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, s, N, H]
         if P > 1:
-            q, k, v = seq_to_heads([q, k, v], [plan.q_heads, plan.kv_heads, plan.kv_heads],
-                                        topo.sp_group, rank)  # [B, S, n, H]
+            q, k, v = seq_to_heads(
+                [q, k, v], [plan.q_heads, plan.kv_heads, plan.kv_heads], topo.sp_group, rank
+            )  # [B, S, n, H]
         spec = backends.AttnSpec(
             causal=is_causal if is_causal is not None else getattr(module, "is_causal", True),
-            scale=scaling if scaling is not None else H ** -0.5,
+            scale=scaling if scaling is not None else H**-0.5,
             dropout=dropout,
             window=sliding_window,
             softcap=softcap,

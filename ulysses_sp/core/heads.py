@@ -33,9 +33,7 @@ class HeadPlan:
 def plan_heads(num_q: int, num_kv: int, sp: int) -> HeadPlan:
     """Plan the head split of ``num_q`` query / ``num_kv`` kv heads over ``sp`` ranks."""
     if num_kv < 1 or num_q % num_kv != 0:
-        raise ValueError(
-            f"num_attention_heads={num_q} must be a multiple of num_key_value_heads={num_kv}"
-        )
+        raise ValueError(f"num_attention_heads={num_q} must be a multiple of num_key_value_heads={num_kv}")
     if sp > num_q:
         raise ValueError(
             f"sp_size={sp} exceeds num_attention_heads={num_q}: every SP rank needs at least one "

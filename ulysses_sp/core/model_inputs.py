@@ -25,8 +25,10 @@ def complete_kwargs(kwargs: dict, topology: SPTopology) -> dict:
     tokens = input_tokens(kwargs, "the model call")
     B, s = tokens.shape[:2]
     if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
-        raise ValueError("ulysses_sp shards the sequence for training/scoring; KV caches (use_cache=True, "
-                         "past_key_values) are not supported. Pass use_cache=False")
+        raise ValueError(
+            "ulysses_sp shards the sequence for training/scoring; KV caches (use_cache=True, "
+            "past_key_values) are not supported. Pass use_cache=False"
+        )
     kwargs["use_cache"] = False
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
@@ -38,23 +40,31 @@ def complete_kwargs(kwargs: dict, topology: SPTopology) -> dict:
             f"got {list(position_ids.shape)}"
         )
     elif position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
-        raise ValueError(f"position_ids must be an integer tensor (torch.long), got {position_ids.dtype}; "
-                         "convert them with .long()")
+        raise ValueError(
+            f"position_ids must be an integer tensor (torch.long), got {position_ids.dtype}; convert them with .long()"
+        )
     for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
         if kwargs.get(key) is not None:  # transformers' flash path would read them; ours reads the SequenceInfo
-            raise ValueError(f"{key} was passed to the model; under sequence parallelism give the full batch with "
-                             f"{key} to ulysses_sp.shard_batch, which folds the document layout into the SequenceInfo")
+            raise ValueError(
+                f"{key} was passed to the model; under sequence parallelism give the full batch with "
+                f"{key} to ulysses_sp.shard_batch, which folds the document layout into the SequenceInfo"
+            )
     padding = _custom_or_padding_mask(kwargs, B, s, P)  # [B, s] or None
     info = kwargs.get(SEQ_INFO_KWARG)
     if info is None:
-        kwargs[SEQ_INFO_KWARG] = gather_sequence_info(position_ids.expand(*position_ids.shape[:-2], B, s), padding,
-                                                      topology)
+        kwargs[SEQ_INFO_KWARG] = gather_sequence_info(
+            position_ids.expand(*position_ids.shape[:-2], B, s), padding, topology
+        )
     elif not isinstance(info, SequenceInfo) or info.seq_len != s * P:
-        raise ValueError(f"{SEQ_INFO_KWARG} must be the SequenceInfo of a {s * P}-token sequence "
-                         f"({P} ranks x {s} local tokens), from ulysses_sp.shard_batch")
+        raise ValueError(
+            f"{SEQ_INFO_KWARG} must be the SequenceInfo of a {s * P}-token sequence "
+            f"({P} ranks x {s} local tokens), from ulysses_sp.shard_batch"
+        )
     elif padding is not None:
-        raise ValueError("a 2-D attention_mask was passed together with the step's SequenceInfo, which already "
-                         "describes the padding; give the full [B, S] mask to ulysses_sp.shard_batch instead")
+        raise ValueError(
+            "a 2-D attention_mask was passed together with the step's SequenceInfo, which already "
+            "describes the padding; give the full [B, S] mask to ulysses_sp.shard_batch instead"
+        )
     return kwargs
 
 
@@ -67,23 +77,31 @@ def _custom_or_padding_mask(kwargs: dict, B: int, s: int, P: int) -> torch.Tenso
         return None  # None, or a flex BlockMask, which attention checks
     if mask.dim() == 2:
         if tuple(mask.shape) != (B, s):
-            raise ValueError(f"a 2-D attention_mask must be the local shard's, [{B}, {s}], got {list(mask.shape)}; "
-                             "give a full [B, S] mask to ulysses_sp.shard_batch instead")
+            raise ValueError(
+                f"a 2-D attention_mask must be the local shard's, [{B}, {s}], got {list(mask.shape)}; "
+                "give a full [B, S] mask to ulysses_sp.shard_batch instead"
+            )
         kwargs["attention_mask"] = None  # folded into the SequenceInfo
         return mask
     if mask.dim() == 3:
         if mask.is_floating_point():
-            raise ValueError("a 3-D float attention_mask is ambiguous (keep-mask or additive?); pass a bool "
-                             f"[B, {s * P}, {s * P}] (True = attend) or an additive float [B, 1, {s * P}, {s * P}]")
+            raise ValueError(
+                "a 3-D float attention_mask is ambiguous (keep-mask or additive?); pass a bool "
+                f"[B, {s * P}, {s * P}] (True = attend) or an additive float [B, 1, {s * P}, {s * P}]"
+            )
         kwargs["attention_mask"] = mask.unsqueeze(1).to(torch.bool)  # [B, 1, S, S], nonzero = attend
     elif mask.dim() != 4:
-        raise ValueError(f"attention_mask must be 2-D [B, S/P] (padding), or the full sequence's [B, S, S] or "
-                         f"[B, 1, S, S]; got {list(mask.shape)}")
+        raise ValueError(
+            f"attention_mask must be 2-D [B, S/P] (padding), or the full sequence's [B, S, S] or "
+            f"[B, 1, S, S]; got {list(mask.shape)}"
+        )
     return None
 
 
-@torch.compiler.disable(reason="gathers the shards' position ids and inspects them on the host, once per step; "
-                               "pass ulysses_sp_info from shard_batch to compile the model without this break")
+@torch.compiler.disable(
+    reason="gathers the shards' position ids and inspects them on the host, once per step; "
+    "pass ulysses_sp_info from shard_batch to compile the model without this break"
+)
 def gather_sequence_info(position_ids: torch.Tensor, mask: torch.Tensor | None, topology: SPTopology) -> SequenceInfo:
     """Gather the shards' position ids (and 2-D mask) once and describe the full sequence.
 

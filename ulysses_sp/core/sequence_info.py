@@ -49,8 +49,15 @@ class SequenceInfo:
 
     def to(self, device: torch.device) -> "SequenceInfo":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return SequenceInfo(self.seq_len, move(self.doc_ids), move(self.key_valid), move(self.cu_seqlens),
-                            self.max_seqlen, move(self.valid_index), self.gapped)
+        return SequenceInfo(
+            self.seq_len,
+            move(self.doc_ids),
+            move(self.key_valid),
+            move(self.cu_seqlens),
+            self.max_seqlen,
+            move(self.valid_index),
+            self.gapped,
+        )
 
 
 def local_position_ids(batch: int, local_len: int, sp_rank: int, device) -> torch.Tensor:
@@ -63,8 +70,10 @@ def check_non_negative(position_ids: torch.Tensor) -> None:
     """ValueError when a position id is negative (one host sync)."""
     lowest = int(position_ids.min()) if position_ids.numel() else 0
     if lowest < 0:
-        raise ValueError(f"position_ids hold negative values (min {lowest}); positions count from 0 at the start of "
-                         "each sequence (or packed document)")
+        raise ValueError(
+            f"position_ids hold negative values (min {lowest}); positions count from 0 at the start of "
+            "each sequence (or packed document)"
+        )
 
 
 def document_starts(position_ids: torch.Tensor) -> torch.Tensor:

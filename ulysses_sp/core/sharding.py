@@ -40,8 +40,16 @@ import torch
 from .sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, document_starts
 
 #: keys describing the full batch that are folded into the SequenceInfo and not returned.
-_CONSUMED = ("labels", "attention_mask", "seq_lens", "cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k",
-             "max_length_q", "max_length_k")
+_CONSUMED = (
+    "labels",
+    "attention_mask",
+    "seq_lens",
+    "cu_seqlens",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+)
 
 
 def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: int = -100) -> dict:
@@ -80,8 +88,10 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
     if mask is not None and mask.dim() in (3, 4):
         mask, custom = None, _pad_custom_mask(mask, B, S, pad)  # [B, S', S'] / [B|1, 1|N, S', S']
     elif mask is not None and tuple(mask.shape) != (B, S):
-        raise ValueError(f"attention_mask must be a 2-D padding mask [B, S] = [{B}, {S}] (1 = token, 0 = padding) "
-                         f"or a custom mask [B, S, S] / [B, 1, S, S] over the full sequence; got {list(mask.shape)}")
+        raise ValueError(
+            f"attention_mask must be a 2-D padding mask [B, S] = [{B}, {S}] (1 = token, 0 = padding) "
+            f"or a custom mask [B, S, S] / [B, 1, S, S] over the full sequence; got {list(mask.shape)}"
+        )
     shifted = _shift_labels(batch, starts, B, S, ignore_index)  # [B, S] or None
 
     full_pos = _continue_positions(position_ids, pad)  # [B, S'] / [K, B, S']
@@ -120,8 +130,9 @@ def input_tokens(inputs: Mapping, what: str = "the batch") -> torch.Tensor:
     return tokens
 
 
-def make_shift_labels(labels: torch.Tensor, doc_starts: torch.Tensor | None = None,
-                      ignore_index: int = -100) -> torch.Tensor:
+def make_shift_labels(
+    labels: torch.Tensor, doc_starts: torch.Tensor | None = None, ignore_index: int = -100
+) -> torch.Tensor:
     """[B, S] labels -> [B, S] targets: ``out[:, t] = labels[:, t+1]``; ``ignore_index`` at the last
     token of each row and before every document start (``doc_starts`` [B, S] bool)."""
     out = torch.full_like(labels, ignore_index)
@@ -178,15 +189,19 @@ def _explicit_starts(batch: dict, B: int, S: int, device) -> torch.Tensor | None
         for b, lens in enumerate(seq_lens):
             lens = [int(n) for n in lens]
             if sum(lens) != S or any(n <= 0 for n in lens):
-                raise ValueError(f"seq_lens[{b}] = {lens} must be positive document lengths summing to S = {S} "
-                                 f"(they sum to {sum(lens)})")
+                raise ValueError(
+                    f"seq_lens[{b}] = {lens} must be positive document lengths summing to S = {S} "
+                    f"(they sum to {sum(lens)})"
+                )
             offsets = torch.tensor(lens, device=device).cumsum(0)[:-1]  # starts after the first
             starts[b, offsets] = True
     else:
         cu = torch.as_tensor(cu, device=device).long()
         if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != B * S or bool((cu.diff() < 0).any()):
-            raise ValueError(f"cu_seqlens must be non-decreasing document offsets from 0 to B*S = {B}*{S} = {B * S} "
-                             f"over the flattened batch, got {cu.tolist()}")
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing document offsets from 0 to B*S = {B}*{S} = {B * S} "
+                f"over the flattened batch, got {cu.tolist()}"
+            )
         offsets = cu[:-1]
         starts.view(-1)[offsets[offsets < B * S]] = True  # empty trailing documents start nothing
     starts[:, 0] = True
@@ -200,11 +215,14 @@ def _position_ids(position_ids, starts, B: int, S: int, device) -> torch.Tensor:
             return torch.arange(S, device=device).expand(B, S)  # [B, S]
         return positions_from_starts(starts)
     shape = list(position_ids.shape)
-    ok = (position_ids.dim() in (2, 3) and shape[-1] == S and shape[-2] in (1, B)
-          and not position_ids.is_floating_point())
+    ok = (
+        position_ids.dim() in (2, 3) and shape[-1] == S and shape[-2] in (1, B) and not position_ids.is_floating_point()
+    )
     if not ok:
-        raise ValueError(f"position_ids must be integer [B, S] = [{B}, {S}] (or [1, {S}]), or [K, B, S] for "
-                         f"multi-axis (mRoPE) ids; got {shape} {position_ids.dtype}")
+        raise ValueError(
+            f"position_ids must be integer [B, S] = [{B}, {S}] (or [1, {S}]), or [K, B, S] for "
+            f"multi-axis (mRoPE) ids; got {shape} {position_ids.dtype}"
+        )
     check_non_negative(position_ids)
     return position_ids.expand(*shape[:-2], B, S)
 
@@ -234,8 +252,10 @@ def _pad_custom_mask(mask: torch.Tensor, B: int, S: int, n: int) -> torch.Tensor
     """[B|1, (1|N,) S, S] -> [.., S+n, S+n]: no real token reads a padding token, a padding token
     reads only itself (bool/integer masks: nonzero = attend; float masks: additive, 0 = attend)."""
     if mask.shape[0] not in (1, B) or tuple(mask.shape[-2:]) != (S, S):
-        raise ValueError(f"a custom attention_mask must cover the full sequence, [B, S, S] or [B, 1, S, S] with "
-                         f"B = {B}, S = {S}; got {list(mask.shape)}")
+        raise ValueError(
+            f"a custom attention_mask must cover the full sequence, [B, S, S] or [B, 1, S, S] with "
+            f"B = {B}, S = {S}; got {list(mask.shape)}"
+        )
     if n == 0:
         return mask
     blocked, allowed = (torch.finfo(mask.dtype).min, 0) if mask.is_floating_point() else (0, 1)

@@ -11,6 +11,15 @@ from .packing import PackedDataset, pack_collate
 from .text import Documents, load_text_dataset, read_documents
 
 __all__ = [
-    "Documents", "PackedDataset", "SPBatchMismatchError", "SPDataLoader", "SPShardAdapter", "assert_same_across_sp",
-    "batch_checksum", "collate_padded", "load_text_dataset", "pack_collate", "read_documents",
+    "Documents",
+    "PackedDataset",
+    "SPBatchMismatchError",
+    "SPDataLoader",
+    "SPShardAdapter",
+    "assert_same_across_sp",
+    "batch_checksum",
+    "collate_padded",
+    "load_text_dataset",
+    "pack_collate",
+    "read_documents",
 ]

@@ -63,9 +63,22 @@ class SPDataLoader:
     (e.g. ``pin_memory``, ``prefetch_factor``). The state is the same on every rank.
     """
 
-    def __init__(self, dataset, topology, batch_size: int, *, collate_fn: Callable | None = None,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = True, num_workers: int = 0,
-                 pad_token_id: int = 0, ignore_index: int = -100, check_identical: bool = False, **loader_kwargs):
+    def __init__(
+        self,
+        dataset,
+        topology,
+        batch_size: int,
+        *,
+        collate_fn: Callable | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        pad_token_id: int = 0,
+        ignore_index: int = -100,
+        check_identical: bool = False,
+        **loader_kwargs,
+    ):
         check_int("batch_size", batch_size)
         self.dataset = dataset
         self.topology = topology
@@ -77,17 +90,31 @@ class SPDataLoader:
         self.check_identical = check_identical
         self.loader_kwargs = loader_kwargs
         collate = collate_fn or functools.partial(collate_padded, pad_token_id=pad_token_id, ignore_index=ignore_index)
-        self._collate = _CollateAndShard(collate, topology.sp_size, topology.sp_rank, pad_token_id, ignore_index,
-                                         check_identical and topology.sp_size > 1)
+        self._collate = _CollateAndShard(
+            collate,
+            topology.sp_size,
+            topology.sp_rank,
+            pad_token_id,
+            ignore_index,
+            check_identical and topology.sp_size > 1,
+        )
         self.epoch = 0
         self.batches_seen = 0
         if len(self) == 0:
-            raise ValueError(f"{len(dataset)} samples over dp_size={topology.dp_size} ranks make no batch of "
-                             f"{batch_size} per rank (drop_last={drop_last}); use a smaller batch or more data")
+            raise ValueError(
+                f"{len(dataset)} samples over dp_size={topology.dp_size} ranks make no batch of "
+                f"{batch_size} per rank (drop_last={drop_last}); use a smaller batch or more data"
+            )
 
     def _sampler(self, epoch: int) -> DistributedSampler:
-        sampler = DistributedSampler(self.dataset, num_replicas=self.topology.dp_size, rank=self.topology.dp_rank,
-                                     shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last)
+        sampler = DistributedSampler(
+            self.dataset,
+            num_replicas=self.topology.dp_size,
+            rank=self.topology.dp_rank,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            drop_last=self.drop_last,
+        )
         sampler.set_epoch(epoch)
         return sampler
 
@@ -98,7 +125,7 @@ class SPDataLoader:
     def batch_indices(self, epoch: int | None = None) -> list[list[int]]:
         """Dataset indices of each batch this DP rank reads in ``epoch`` (default: the current one)."""
         indices = list(self._sampler(self.epoch if epoch is None else epoch))
-        return [indices[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
+        return [indices[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
 
     def set_epoch(self, epoch: int) -> None:
         """Go to the start of ``epoch``; the current epoch keeps its position (so a resumed run may call it)."""
@@ -112,8 +139,13 @@ class SPDataLoader:
         # generator: every new iteration (an epoch, a resume, an evaluation pass) would shift the model's
         # dropout masks. Its own stream, from (seed, epoch, start), keeps the global one untouched.
         kwargs.setdefault("generator", torch.Generator().manual_seed(hash((self.seed, epoch, start)) & (2**63 - 1)))
-        loader = DataLoader(self.dataset, batch_sampler=self.batch_indices(epoch)[start:], collate_fn=self._collate,
-                            num_workers=self.num_workers, **kwargs)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.batch_indices(epoch)[start:],
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            **kwargs,
+        )
         for i, (local, crc) in enumerate(loader, start):
             if crc is not None:
                 compare_checksums(crc, self.topology, f"epoch {epoch}, batch {i}")
@@ -138,8 +170,10 @@ class SPDataLoader:
         mine = self._config()
         for key in _MUST_MATCH:
             if state.get(key) != mine[key]:
-                raise ValueError(f"cannot resume exactly: the state was saved with {key}={state.get(key)!r}, "
-                                 f"this loader has {key}={mine[key]!r}")
+                raise ValueError(
+                    f"cannot resume exactly: the state was saved with {key}={state.get(key)!r}, "
+                    f"this loader has {key}={mine[key]!r}"
+                )
         batches = int(state["batches_seen"])
         if (state["batch_size"], state["dp_size"]) != (self.batch_size, self.topology.dp_size):
             consumed = batches * state["batch_size"] * state["dp_size"]
@@ -151,15 +185,22 @@ class SPDataLoader:
                     f"dp_size={state['dp_size']}), not a multiple of this loader's batch_size={self.batch_size} x "
                     f"dp_size={self.topology.dp_size} = {per_batch}; choose a batch size with batch_size x dp_size "
                     f"dividing {consumed}, e.g. keep batch_size x dp_size = "
-                    f"{state['batch_size'] * state['dp_size']} (the same global batch)")
+                    f"{state['batch_size'] * state['dp_size']} (the same global batch)"
+                )
             batches = min(consumed // per_batch, len(self))
         if not 0 <= batches <= len(self):
             raise ValueError(f"state has batches_seen={batches}, outside 0..{len(self)}")
         self.epoch, self.batches_seen = int(state["epoch"]), batches
 
     def _config(self) -> dict:
-        values = dict(seed=self.seed, shuffle=self.shuffle, batch_size=self.batch_size, drop_last=self.drop_last,
-                      dp_size=self.topology.dp_size, num_samples=len(self.dataset))
+        values = dict(
+            seed=self.seed,
+            shuffle=self.shuffle,
+            batch_size=self.batch_size,
+            drop_last=self.drop_last,
+            dp_size=self.topology.dp_size,
+            num_samples=len(self.dataset),
+        )
         return {k: values[k] for k in _STATE_CONFIG}
 
 
@@ -171,8 +212,9 @@ class SPShardAdapter:
     that differ, which catches a sampler keyed by the global rank on the first batch.
     """
 
-    def __init__(self, loader, topology, *, check_identical: bool = True, pad_token_id: int = 0,
-                 ignore_index: int = -100):
+    def __init__(
+        self, loader, topology, *, check_identical: bool = True, pad_token_id: int = 0, ignore_index: int = -100
+    ):
         self.loader = loader
         self.topology = topology
         self.check_identical = check_identical

@@ -74,8 +74,10 @@ def read_documents(path: str | None = None, *, text_key: str = "text") -> Docume
     elif path.endswith(".jsonl"):
         docs = _from_jsonl(path, text_key)
     else:
-        raise ValueError(f"unknown dataset format for {path!r}: expected a .txt file, a .jsonl file or a "
-                         "directory written by datasets.Dataset.save_to_disk")
+        raise ValueError(
+            f"unknown dataset format for {path!r}: expected a .txt file, a .jsonl file or a "
+            "directory written by datasets.Dataset.save_to_disk"
+        )
     documents = Documents(docs)
     if len(documents) == 0:
         raise ValueError(f"dataset {path!r} holds no tokens (no non-empty documents)")

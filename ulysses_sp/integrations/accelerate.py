@@ -51,19 +51,25 @@ def check_accelerator(accelerator) -> None:
     configured, an unsupported distributed type, or processes Accelerate does not see."""
     pc = getattr(accelerator, "parallelism_config", None)
     if pc is not None and pc.sp_size > 1:
-        raise ValueError(f"the Accelerator has a parallelism_config with sp_size={pc.sp_size} (sp_backend "
-                         f"{pc.sp_backend!r}: DeepSpeed's ALST would replace attention in prepare); call "
-                         "ulysses_sp.claim_sp_size() before creating the Accelerator and do "
-                         "not pass an SP parallelism_config")
+        raise ValueError(
+            f"the Accelerator has a parallelism_config with sp_size={pc.sp_size} (sp_backend "
+            f"{pc.sp_backend!r}: DeepSpeed's ALST would replace attention in prepare); call "
+            "ulysses_sp.claim_sp_size() before creating the Accelerator and do "
+            "not pass an SP parallelism_config"
+        )
     if accelerator.distributed_type not in _distributed_types():
-        raise ValueError(f"ulysses_sp supports Accelerate with DDP (MULTI_GPU, MULTI_CPU, ...), DEEPSPEED or a single "
-                         f"process; got {accelerator.distributed_type}")
+        raise ValueError(
+            f"ulysses_sp supports Accelerate with DDP (MULTI_GPU, MULTI_CPU, ...), DEEPSPEED or a single "
+            f"process; got {accelerator.distributed_type}"
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
-        raise ValueError(f"the launcher started {launched} processes but Accelerate sees {accelerator.num_processes}: "
-                         "on a machine without GPUs create Accelerator(cpu=True) or TrainingArguments(use_cpu=True) "
-                         "(or set ACCELERATE_USE_CPU=true); the MULTI_GPU launcher starts the processes but "
-                         "Accelerate then runs each one alone")
+        raise ValueError(
+            f"the launcher started {launched} processes but Accelerate sees {accelerator.num_processes}: "
+            "on a machine without GPUs create Accelerator(cpu=True) or TrainingArguments(use_cpu=True) "
+            "(or set ACCELERATE_USE_CPU=true); the MULTI_GPU launcher starts the processes but "
+            "Accelerate then runs each one alone"
+        )
 
 
 def ensure_process_group() -> None:
@@ -87,15 +93,25 @@ def key_loader_by_dp(loader, topology: SPTopology):
     from accelerate.data_loader import BatchSamplerShard, DataLoaderDispatcher, IterableDatasetShard
 
     if isinstance(loader, DataLoaderDispatcher):
-        raise ValueError("the dataloader was prepared with dispatch_batches=True (Accelerate's default for iterable "
-                         "datasets): process 0 reads and slices every batch by global rank; create the Accelerator "
-                         "with DataLoaderConfiguration(dispatch_batches=False)")
-    shards = [obj for obj in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None),
-                              getattr(loader, "dataset", None))
-              if isinstance(obj, (BatchSamplerShard, IterableDatasetShard))]
+        raise ValueError(
+            "the dataloader was prepared with dispatch_batches=True (Accelerate's default for iterable "
+            "datasets): process 0 reads and slices every batch by global rank; create the Accelerator "
+            "with DataLoaderConfiguration(dispatch_batches=False)"
+        )
+    shards = [
+        obj
+        for obj in (
+            getattr(loader, "batch_sampler", None),
+            getattr(loader, "sampler", None),
+            getattr(loader, "dataset", None),
+        )
+        if isinstance(obj, (BatchSamplerShard, IterableDatasetShard))
+    ]
     if not shards and topology.world_size > 1:
-        raise ValueError(f"found no Accelerate shard in the prepared {type(loader).__name__}; pass a torch DataLoader "
-                         "built with batch_size (or a batch_sampler) to accelerator.prepare")
+        raise ValueError(
+            f"found no Accelerate shard in the prepared {type(loader).__name__}; pass a torch DataLoader "
+            "built with batch_size (or a batch_sampler) to accelerator.prepare"
+        )
     for shard in shards:
         shard.num_processes, shard.process_index = topology.dp_size, topology.dp_rank
         if topology.dp_size == 1 and isinstance(shard, BatchSamplerShard):
@@ -103,8 +119,16 @@ def key_loader_by_dp(loader, topology: SPTopology):
     return loader
 
 
-def prepare_sp(accelerator, model, optimizer, dataloader, *, sp_size: int | None = None,
-               attn_implementation: str | None = None, check_identical: bool = True) -> SPPrepared:
+def prepare_sp(
+    accelerator,
+    model,
+    optimizer,
+    dataloader,
+    *,
+    sp_size: int | None = None,
+    attn_implementation: str | None = None,
+    check_identical: bool = True,
+) -> SPPrepared:
     """Apply SP to a transformers causal LM and ``accelerator.prepare`` it with ``optimizer`` and
     ``dataloader`` (call this instead of ``accelerator.prepare`` for these three).
 
@@ -127,8 +151,15 @@ def prepare_sp(accelerator, model, optimizer, dataloader, *, sp_size: int | None
     return SPPrepared(topology, loss_model, optimizer, shards)
 
 
-def train_step(accelerator, model, optimizer, micro_batches: Sequence[Mapping], topology: SPTopology, *,
-               max_grad_norm: float | None = None) -> torch.Tensor:
+def train_step(
+    accelerator,
+    model,
+    optimizer,
+    micro_batches: Sequence[Mapping],
+    topology: SPTopology,
+    *,
+    max_grad_norm: float | None = None,
+) -> torch.Tensor:
     """One optimizer step over this rank's shards of the step's micro-batches; returns the step's
     loss (global token mean over every micro-batch and DP replica, the same on every rank).
 

@@ -90,19 +90,25 @@ def read_sp_size(environ: Mapping[str, str] | None = None) -> int | None:
         others = {k: v for k, v in others.items() if v > 1}
         if others:
             keys = ", ".join(f"parallelism_config_{k}: {v}" for k, v in others.items())
-            raise ValueError(f"the Accelerate config combines parallelism_config_sp_backend: {SP_BACKEND} with {keys}; "
-                             "ulysses_sp runs data parallelism over world / sp_size ranks (DDP or DeepSpeed) and "
-                             "nothing else: set those sizes to 1")
+            raise ValueError(
+                f"the Accelerate config combines parallelism_config_sp_backend: {SP_BACKEND} with {keys}; "
+                "ulysses_sp runs data parallelism over world / sp_size ranks (DDP or DeepSpeed) and "
+                "nothing else: set those sizes to 1"
+            )
         if own is not None and own != size:
-            raise ValueError(f"{ENV_SP_SIZE}={own} disagrees with parallelism_config_sp_size: {size} of the Accelerate "
-                             "config; unset one of them or make them equal")
+            raise ValueError(
+                f"{ENV_SP_SIZE}={own} disagrees with parallelism_config_sp_size: {size} of the Accelerate "
+                "config; unset one of them or make them equal"
+            )
         return size
     if backend not in (None, "deepspeed"):
         raise ValueError(f"parallelism_config_sp_backend: {backend!r} is unknown; use {SP_BACKEND!r} for ulysses_sp")
     if size > 1 and (env_flag(_USE_PC, env) or backend is not None):
-        raise ValueError(f"the Accelerate config asks for parallelism_config_sp_size: {size} with sp_backend "
-                         f"{backend or 'deepspeed'!r}, which is DeepSpeed's ALST, not ulysses_sp; set "
-                         f"parallelism_config_sp_backend: {SP_BACKEND} in the config's parallelism_config section")
+        raise ValueError(
+            f"the Accelerate config asks for parallelism_config_sp_size: {size} with sp_backend "
+            f"{backend or 'deepspeed'!r}, which is DeepSpeed's ALST, not ulysses_sp; set "
+            f"parallelism_config_sp_backend: {SP_BACKEND} in the config's parallelism_config section"
+        )
     return own
 
 
@@ -127,7 +133,7 @@ def claim_sp_size(environ: MutableMapping[str, str] | None = None) -> int | None
 
 
 def launched_engine(environ: Mapping[str, str] | None = None) -> str | None:
-    """"deepspeed" or "fsdp" when ``accelerate launch`` started this process with that
+    """ "deepspeed" or "fsdp" when ``accelerate launch`` started this process with that
     ``distributed_type``, else None."""
     env = os.environ if environ is None else environ
     if env_flag("ACCELERATE_USE_DEEPSPEED", env):

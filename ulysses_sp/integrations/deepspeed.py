@@ -36,8 +36,18 @@ from ..core.apply import applied_topology, apply, is_applied
 from .deepspeed_config import batch_sizes, load_config, prepare_config, zero_stage
 from .sp_size import resolve_sp_size
 
-__all__ = ["SPMpu", "batch_sizes", "check_partitioning", "destroy", "init_comm", "initialize", "load_config",
-           "prepare_config", "resolve_sp_size", "zero_stage"]
+__all__ = [
+    "SPMpu",
+    "batch_sizes",
+    "check_partitioning",
+    "destroy",
+    "init_comm",
+    "initialize",
+    "load_config",
+    "prepare_config",
+    "resolve_sp_size",
+    "zero_stage",
+]
 
 
 class SPMpu:
@@ -127,8 +137,12 @@ def initialize(
     Returns DeepSpeed's ``(engine, optimizer, training_dataloader, lr_scheduler)``. Use it as usual:
     ``loss = ...; engine.backward(loss); engine.step()`` with the loss of loss/causal_lm.py, unscaled.
     """
-    config = prepare_config(load_config(ds_config), topology, micro_batch_size=micro_batch_size,
-                            gradient_accumulation_steps=gradient_accumulation_steps)
+    config = prepare_config(
+        load_config(ds_config),
+        topology,
+        micro_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+    )
     _ensure_applied(model, topology)
     import deepspeed
 
@@ -142,8 +156,14 @@ def initialize(
     if model_parameters is None and optimizer is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     engine, opt, loader, scheduler = deepspeed.initialize(
-        model=model, model_parameters=model_parameters, optimizer=optimizer, lr_scheduler=lr_scheduler,
-        config=config, mpu=mpu, **deepspeed_kwargs)
+        model=model,
+        model_parameters=model_parameters,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        config=config,
+        mpu=mpu,
+        **deepspeed_kwargs,
+    )
     if zero_stage(config) == 3:
         check_partitioning(engine.module, topology)
     return engine, opt, loader, scheduler
@@ -168,7 +188,8 @@ def init_comm() -> None:
     if os.name != "posix":  # the shm all-reduce is POSIX shared memory
         return
     name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), comm.rank())
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), comm.rank()
+    )
     comm.barrier()  # every peer has mapped this rank's segment
     path = os.path.join("/dev/shm", name)
     if os.path.exists(path):
@@ -179,14 +200,18 @@ def _ensure_applied(model: torch.nn.Module, topology: SPTopology) -> None:
     applied = [m for m in model.modules() if is_applied(m)]
     if not applied:
         if not isinstance(model, transformers.PreTrainedModel):
-            raise ValueError(f"{type(model).__name__} holds no model with ulysses_sp applied: call "
-                             "ulysses_sp.apply(transformers_model, topology) on the model inside it first")
+            raise ValueError(
+                f"{type(model).__name__} holds no model with ulysses_sp applied: call "
+                "ulysses_sp.apply(transformers_model, topology) on the model inside it first"
+            )
         apply(model, topology)
     for m in applied:
         t = applied_topology(m)
         if (t.sp_size, t.dp_size) != (topology.sp_size, topology.dp_size):
-            raise ValueError(f"{type(m).__name__} has ulysses_sp applied with sp={t.sp_size}, dp={t.dp_size}, "
-                             f"but DeepSpeed is being set up for sp={topology.sp_size}, dp={topology.dp_size}")
+            raise ValueError(
+                f"{type(m).__name__} has ulysses_sp applied with sp={t.sp_size}, dp={t.dp_size}, "
+                f"but DeepSpeed is being set up for sp={topology.sp_size}, dp={topology.dp_size}"
+            )
 
 
 def _partition_over_all_ranks(model: torch.nn.Module, config: dict, mpu: SPMpu) -> None:
@@ -206,8 +231,13 @@ def _partition_over_all_ranks(model: torch.nn.Module, config: dict, mpu: SPMpu) 
         for p in params:
             if p.is_floating_point() and p.dtype != dtype:
                 p.data = p.data.to(dtype)
-    Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(), config_dict_or_path=config,
-         mpu=mpu, dtype=dtype or params[0].dtype)
+    Init(
+        module=model,
+        data_parallel_group=mpu.get_sequence_data_parallel_group(),
+        config_dict_or_path=config,
+        mpu=mpu,
+        dtype=dtype or params[0].dtype,
+    )
 
 
 def _gather_head_for_loss(model: torch.nn.Module) -> None:

@@ -61,7 +61,7 @@ def prepare_config(
         value = cfg.pop(key, None)
         if value is not None and value != want:
             raise ValueError(
-                f"\"{key}\": {value} in the DeepSpeed config does not match the topology "
+                f'"{key}": {value} in the DeepSpeed config does not match the topology '
                 f"(sp={topology.sp_size}, dp={topology.dp_size}, world={topology.world_size})"
             )
     given = {k: (None if cfg.get(k) == "auto" else cfg.get(k)) for k in BATCH_KEYS}
@@ -72,20 +72,27 @@ def prepare_config(
     cfg.update(zip(BATCH_KEYS, batch_sizes(topology.dp_size, *(given[k] for k in BATCH_KEYS))))
     autos = _auto_keys(cfg)
     if autos:
-        raise ValueError(f"the DeepSpeed config has \"auto\" values at {autos}; give concrete values "
-                         "(\"auto\" is filled in by the Hugging Face Trainer only)")
+        raise ValueError(
+            f'the DeepSpeed config has "auto" values at {autos}; give concrete values '
+            '("auto" is filled in by the Hugging Face Trainer only)'
+        )
     return cfg
 
 
 def batch_sizes(dp: int, train_batch_size=None, micro=None, accumulation=None) -> tuple[int, int, int]:
     """Complete ``(train_batch_size, micro, accumulation)`` with ``train = micro x accumulation x dp``."""
-    for name, v in (("train_batch_size", train_batch_size), ("train_micro_batch_size_per_gpu", micro),
-                    ("gradient_accumulation_steps", accumulation)):
+    for name, v in (
+        ("train_batch_size", train_batch_size),
+        ("train_micro_batch_size_per_gpu", micro),
+        ("gradient_accumulation_steps", accumulation),
+    ):
         if v is not None:
             check_int(name, v)
     if micro is None and train_batch_size is None:
-        raise ValueError("the DeepSpeed config needs train_micro_batch_size_per_gpu or train_batch_size "
-                         "(or pass the micro batch size from the command line)")
+        raise ValueError(
+            "the DeepSpeed config needs train_micro_batch_size_per_gpu or train_batch_size "
+            "(or pass the micro batch size from the command line)"
+        )
     if micro is None:
         accumulation = accumulation or 1
         micro, rest = divmod(train_batch_size, accumulation * dp)

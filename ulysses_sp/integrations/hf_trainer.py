@@ -71,8 +71,15 @@ class SPTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # normalised by the whole step's token count (num_items_in_batch)
 
-    def __init__(self, *args, sp_size: int | None = None, attn_implementation: str | None = None,
-                 check_identical: bool = True, pad_token_id: int = 0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        sp_size: int | None = None,
+        attn_implementation: str | None = None,
+        check_identical: bool = True,
+        pad_token_id: int = 0,
+        **kwargs,
+    ):
         # before Trainer creates its Accelerator, which must not see our SP size (no ALST, no rejected backend)
         size = resolve_sp_size(sp_size, explicit_source=f"SPTrainer(sp_size={sp_size})")
         super().__init__(*args, **kwargs)
@@ -97,8 +104,8 @@ class SPTrainer(Trainer):
             "preprocess_logits_for_metrics": self.preprocess_logits_for_metrics is not None,
             f"label_smoothing_factor={args.label_smoothing_factor}": args.label_smoothing_factor != 0,
             f"{args.n_gpu} GPUs per process (DataParallel); launch one process per GPU": args.n_gpu > 1,
-            "train_sampling_strategy='batch_rebalance' (rank-aware by global rank)":
-                args.train_sampling_strategy == "batch_rebalance",
+            "train_sampling_strategy='batch_rebalance' (rank-aware by global rank)": args.train_sampling_strategy
+            == "batch_rebalance",
             "include_for_metrics with 'inputs'": "inputs" in (args.include_for_metrics or []),
         }
         pc = getattr(self.accelerator, "parallelism_config", None)
@@ -159,8 +166,9 @@ class SPTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         """``causal_lm_loss`` of the local shard / ``num_items_in_batch`` (see the module docstring)."""
         if return_outputs:
-            raise ValueError("SPTrainer computes the loss without materialising logits; return_outputs=True is "
-                             "not available")
+            raise ValueError(
+                "SPTrainer computes the loss without materialising logits; return_outputs=True is not available"
+            )
         inner = self.accelerator.unwrap_model(model)
         with sharded_rng(self.sp_topology):
             if isinstance(inner, CausalLMLoss):

@@ -12,8 +12,13 @@ from ..core.checks import check_int
 from .accelerate_env import ENV_SP_SIZE, claim_sp_size
 
 
-def resolve_sp_size(explicit: int | None, ds_config: dict | None = None,
-                    environ: MutableMapping[str, str] | None = None, *, explicit_source: str | None = None) -> int:
+def resolve_sp_size(
+    explicit: int | None,
+    ds_config: dict | None = None,
+    environ: MutableMapping[str, str] | None = None,
+    *,
+    explicit_source: str | None = None,
+) -> int:
     """The explicit size, else the DeepSpeed JSON's ``sequence_parallel_size``, else the Accelerate
     config's (claimed: Accelerate no longer sees it, :func:`~.accelerate_env.claim_sp_size`), else 1.
 
@@ -32,8 +37,12 @@ def resolve_sp_size(explicit: int | None, ds_config: dict | None = None,
         sources.append((f'"sequence_parallel_size": {json_sp} in the DeepSpeed config', json_sp))
     accelerate_sp = claim_sp_size(os.environ if environ is None else environ)
     if accelerate_sp is not None:
-        sources.append((f"the Accelerate config's SP size {accelerate_sp} (parallelism_config_sp_size or "
-                        f"{ENV_SP_SIZE})", accelerate_sp))
+        sources.append(
+            (
+                f"the Accelerate config's SP size {accelerate_sp} (parallelism_config_sp_size or {ENV_SP_SIZE})",
+                accelerate_sp,
+            )
+        )
     for source, value in sources[1:]:
         if value != sources[0][1]:
             raise ValueError(f"{sources[0][0]} disagrees with {source}; give one of them, or make them equal")

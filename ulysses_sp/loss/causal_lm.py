@@ -31,8 +31,14 @@ from ..core.apply import is_applied
 from ..core.sharding import input_tokens
 from ..core.topology import SPTopology
 from .logits import LogitTransform, logit_transform
-from .tiled_ce import (DEFAULT_TILE_BYTES, IGNORE_INDEX, liger_cross_entropy_sum, liger_unsupported_reason,
-                       tile_tokens_for_budget, tiled_cross_entropy_sum)
+from .tiled_ce import (
+    DEFAULT_TILE_BYTES,
+    IGNORE_INDEX,
+    liger_cross_entropy_sum,
+    liger_unsupported_reason,
+    tile_tokens_for_budget,
+    tiled_cross_entropy_sum,
+)
 
 
 def _labels_of(batch: Mapping) -> torch.Tensor:
@@ -41,14 +47,21 @@ def _labels_of(batch: Mapping) -> torch.Tensor:
         raise ValueError(f"the local batch must be a dict of tensors, got {type(batch).__name__}")
     labels = batch.get("shift_labels")
     if labels is None:
-        hint = (" It has `labels`: labels must be shifted on the full sequence before sharding "
+        hint = (
+            (
+                " It has `labels`: labels must be shifted on the full sequence before sharding "
                 "(a shard's last token is labelled with the next shard's first), so use "
-                "ulysses_sp.shard_batch.") if "labels" in batch else ""
+                "ulysses_sp.shard_batch."
+            )
+            if "labels" in batch
+            else ""
+        )
         raise ValueError(f"the local batch has no `shift_labels` [B, S/P].{hint}")
     tokens = input_tokens(batch, "the local batch")
     if labels.dim() != 2 or tuple(labels.shape) != tuple(tokens.shape[:2]):
-        raise ValueError(f"shift_labels must have the local tokens' shape {list(tokens.shape[:2])}, "
-                         f"got {list(labels.shape)}")
+        raise ValueError(
+            f"shift_labels must have the local tokens' shape {list(tokens.shape[:2])}, got {list(labels.shape)}"
+        )
     return labels
 
 
@@ -57,8 +70,10 @@ def _check_count(n) -> None:
         raise ValueError(f"num_items_in_batch must be a scalar, got shape {list(n.shape)}")
     value = float(n) if not torch.is_tensor(n) else float(n.detach().reshape(()))  # one host sync
     if not value > 0:
-        raise ValueError(f"num_items_in_batch must be > 0 (it divides the summed loss), got {value}; "
-                         "a step without labelled tokens should be skipped, or pass None")
+        raise ValueError(
+            f"num_items_in_batch must be > 0 (it divides the summed loss), got {value}; "
+            "a step without labelled tokens should be skipped, or pass None"
+        )
 
 
 def causal_lm_loss(
@@ -90,8 +105,10 @@ def causal_lm_loss(
         raise ValueError("the model runs on a shard of the sequence: call ulysses_sp.apply(model, topology) first")
     backbone, head = model.base_model, model.get_output_embeddings()
     if backbone is model or head is None:
-        raise ValueError(f"{type(model).__name__} is not a causal LM with a backbone and an output head "
-                         "(e.g. LlamaForCausalLM); causal_lm_loss needs both")
+        raise ValueError(
+            f"{type(model).__name__} is not a causal LM with a backbone and an output head "
+            "(e.g. LlamaForCausalLM); causal_lm_loss needs both"
+        )
     transform = logit_transform(model)
     inputs = {k: v for k, v in local_batch.items() if k not in ("shift_labels", "labels")}
     inputs.setdefault("use_cache", False)
@@ -115,8 +132,14 @@ def causal_lm_loss(
     return ce_sum / n
 
 
-def head_cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, head, transform: LogitTransform,
-                           tile_tokens: int, use_liger: bool | None) -> torch.Tensor:
+def head_cross_entropy_sum(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head,
+    transform: LogitTransform,
+    tile_tokens: int,
+    use_liger: bool | None,
+) -> torch.Tensor:
     """Sum of CE(transform(head(hidden)), labels) over the labelled tokens: liger's fused kernel when it
     can run (and ``use_liger`` is not False), else the tiled torch path with ``tile_tokens`` per tile.
     hidden [T, D], labels [T]; a 0-dim fp32 tensor."""
@@ -187,5 +210,6 @@ class CausalLMLoss(torch.nn.Module):
         self.loss_kwargs = loss_kwargs
 
     def forward(self, local_batch: Mapping[str, torch.Tensor], num_items_in_batch=None) -> torch.Tensor:
-        return causal_lm_loss(self.model, local_batch, self.topology, num_items_in_batch, head_loss=self.head_loss,
-                              **self.loss_kwargs)
+        return causal_lm_loss(
+            self.model, local_batch, self.topology, num_items_in_batch, head_loss=self.head_loss, **self.loss_kwargs
+        )

@@ -31,8 +31,12 @@ class LogitTransform:
 
 # How ``config.logits_scaling`` enters each model family's logits (the name means different things).
 _LOGITS_SCALING = {
-    "granite": "divide", "granite_swa": "divide", "granitemoe": "divide", "granitemoe_swa": "divide",
-    "granitemoeshared": "divide", "granitemoehybrid": "divide",
+    "granite": "divide",
+    "granite_swa": "divide",
+    "granitemoe": "divide",
+    "granitemoe_swa": "divide",
+    "granitemoeshared": "divide",
+    "granitemoehybrid": "divide",
     "minicpm3": "divide",  # divides the hidden states before a bias-free head: the same logits
     "hyperclovax": "multiply",
 }
@@ -50,8 +54,10 @@ def logit_transform(model: torch.nn.Module) -> LogitTransform:
     found = [a for a in _UNSUPPORTED_CONFIG if getattr(config, a, None) is not None]
     found += [a for a in _UNSUPPORTED_MODULE if getattr(model, a, None) is not None]
     if found:
-        raise ValueError(f"{name} post-processes its logits ({', '.join(found)}), which ulysses_sp's "
-                         "sharded loss does not reproduce; compute the loss from the model's logits instead")
+        raise ValueError(
+            f"{name} post-processes its logits ({', '.join(found)}), which ulysses_sp's "
+            "sharded loss does not reproduce; compute the loss from the model's logits instead"
+        )
     scale = 1.0
     logit_scale = getattr(model, "logit_scale", None)
     if logit_scale is not None:
@@ -62,8 +68,10 @@ def logit_transform(model: torch.nn.Module) -> LogitTransform:
     if scaling is not None:
         how = _LOGITS_SCALING.get(config.model_type)
         if how is None:
-            raise ValueError(f"{name} has config.logits_scaling={scaling} with no known meaning for model_type "
-                             f"{config.model_type!r}; known: {sorted(_LOGITS_SCALING)}")
+            raise ValueError(
+                f"{name} has config.logits_scaling={scaling} with no known meaning for model_type "
+                f"{config.model_type!r}; known: {sorted(_LOGITS_SCALING)}"
+            )
         if config.model_type == "minicpm3" and getattr(model.get_output_embeddings(), "bias", None) is not None:
             raise ValueError(f"{name} scales the hidden states before a biased head; unsupported")
         scale *= 1.0 / scaling if how == "divide" else float(scaling)

@@ -18,8 +18,12 @@ from .causal_lm import count_label_tokens, reduce_loss_for_logging
 ForwardBackward = Callable[[Mapping, torch.Tensor, bool], torch.Tensor]
 
 
-def accumulate_step(micro_batches: Sequence[Mapping], topology: SPTopology, forward_backward: ForwardBackward,
-                    num_items: torch.Tensor | None = None) -> torch.Tensor:
+def accumulate_step(
+    micro_batches: Sequence[Mapping],
+    topology: SPTopology,
+    forward_backward: ForwardBackward,
+    num_items: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Run ``forward_backward`` on this rank's shards of the step's micro-batches and return the step's
     loss (global token mean over every micro-batch and DP replica, the same on every rank).
 

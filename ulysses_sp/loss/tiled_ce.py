@@ -100,9 +100,11 @@ def head_weight_unavailable_reason(weight: torch.Tensor) -> str | None:
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         if weight.ds_status != ZeroParamStatus.AVAILABLE:
-            return ("the head's weight is ZeRO-3 partitioned and not gathered here; train through "
-                    "ulysses_sp.integrations.deepspeed.initialize(CausalLMLoss(model, topology), ...), which has "
-                    "ZeRO-3 gather it for the loss")
+            return (
+                "the head's weight is ZeRO-3 partitioned and not gathered here; train through "
+                "ulysses_sp.integrations.deepspeed.initialize(CausalLMLoss(model, topology), ...), which has "
+                "ZeRO-3 gather it for the loss"
+            )
     if type(weight).__name__ == "DTensor":
         return "the head's weight is an FSDP DTensor shard; the fused kernel needs the full weight"
     return None
@@ -121,6 +123,11 @@ def liger_cross_entropy_sum(
     if transform.scale != 1.0:
         hidden = hidden * transform.scale
     return liger_fused_linear_cross_entropy(
-        hidden.contiguous(), head.weight, labels.contiguous(), bias=head.bias,
-        ignore_index=IGNORE_INDEX, reduction="sum", softcap=transform.softcap,
+        hidden.contiguous(),
+        head.weight,
+        labels.contiguous(),
+        bias=head.bias,
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+        softcap=transform.softcap,
     ).float()

@@ -36,19 +36,21 @@ from .offload import offload_layer_inputs, restore_layer_inputs
 POLICIES = ("none", "full", "selective")
 
 #: ops whose outputs the selective policy saves (schema names; ``flex_attention`` is a higher-order op).
-SAVED_OPS = frozenset({
-    "_c10d_functional::all_to_all_single",
-    "aten::_scaled_dot_product_flash_attention",
-    "aten::_scaled_dot_product_flash_attention_for_cpu",
-    "aten::_scaled_dot_product_efficient_attention",
-    "aten::_scaled_dot_product_cudnn_attention",
-    "aten::_scaled_dot_product_fused_attention_overrideable",
-    "torch_attn::_varlen_attn",
-    "flash_attn::_flash_attn_forward",
-    "flash_attn::_flash_attn_varlen_forward",
-    "flash_attn_3::fwd",
-    "flex_attention",
-})
+SAVED_OPS = frozenset(
+    {
+        "_c10d_functional::all_to_all_single",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+        "aten::_scaled_dot_product_fused_attention_overrideable",
+        "torch_attn::_varlen_attn",
+        "flash_attn::_flash_attn_forward",
+        "flash_attn::_flash_attn_varlen_forward",
+        "flash_attn_3::fwd",
+        "flex_attention",
+    }
+)
 
 
 def op_name(op) -> str:
@@ -95,8 +97,9 @@ def enable_checkpointing(model: torch.nn.Module, policy: str = "full", *, offloa
     policy = resolve_policy(policy)
     if policy == "none":
         if offload:
-            raise ValueError("offload moves the layers' checkpoints to host memory: it needs policy 'full' or "
-                             "'selective'")
+            raise ValueError(
+                "offload moves the layers' checkpoints to host memory: it needs policy 'full' or 'selective'"
+            )
         return disable_checkpointing(model)
     kwargs = gradient_checkpointing_kwargs(policy)
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; gradient_* is deprecated there
@@ -127,5 +130,10 @@ def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The layers of ``model`` that transformers checkpoints now (``GradientCheckpointingLayer``)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
-            and hasattr(m, "_gradient_checkpointing_func")]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, GradientCheckpointingLayer)
+        and m.gradient_checkpointing
+        and hasattr(m, "_gradient_checkpointing_func")
+    ]

@@ -29,8 +29,9 @@ _LLAMA_CODE = LlamaRMSNorm.forward.__code__
 
 def _is_llama_rms_norm(module: torch.nn.Module) -> bool:
     code = getattr(type(module).forward, "__code__", None)
-    return code is not None and all(getattr(code, attr) == getattr(_LLAMA_CODE, attr)
-                                    for attr in ("co_code", "co_names", "co_consts"))
+    return code is not None and all(
+        getattr(code, attr) == getattr(_LLAMA_CODE, attr) for attr in ("co_code", "co_names", "co_consts")
+    )
 
 
 TILE_ELEMENTS = 1 << 24  # elements per tile: each fp32 temporary of the math is 64 MiB at most
@@ -108,8 +109,9 @@ class RMSNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, rows_per_tile: int,
-                attach_source: bool = False) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, rows_per_tile: int, attach_source: bool = False
+    ) -> torch.Tensor:
         assert rows_per_tile >= 1, rows_per_tile
         d = x.shape[-1]
         flat = x.reshape(-1, d)  # [R, d]
@@ -124,8 +126,9 @@ class RMSNormFunction(torch.autograd.Function):
             out_flat = out.view(-1, d)  # [R, d]
             rstd = flat.new_empty((flat.shape[0], 1), dtype=torch.float32)  # [R, 1]
             for start in range(0, flat.shape[0], rows):
-                out_flat[start:start + rows], rstd[start:start + rows] = _normalize(flat[start:start + rows],
-                                                                                     weight, eps)
+                out_flat[start : start + rows], rstd[start : start + rows] = _normalize(
+                    flat[start : start + rows], weight, eps
+                )
         ctx.save_for_backward(x, weight, rstd)
         ctx.rows = rows
         if attach_source and not torch.compiler.is_compiling():  # (a tensor attribute would break the graph)
@@ -141,19 +144,25 @@ class RMSNormFunction(torch.autograd.Function):
         grad_x = torch.empty_like(flat) if need_x else None  # [R, d]
         grad_w = torch.zeros(d, dtype=torch.float32, device=x.device) if need_w else None  # [d]
         for start in range(0, flat.shape[0], rows):
-            gx, gw = _grads(flat[start:start + rows], weight, rstd[start:start + rows],
-                            grad_flat[start:start + rows], need_x, need_w)
+            gx, gw = _grads(
+                flat[start : start + rows],
+                weight,
+                rstd[start : start + rows],
+                grad_flat[start : start + rows],
+                need_x,
+                need_w,
+            )
             if need_x:
-                grad_x[start:start + rows] = gx  # cast to x.dtype
+                grad_x[start : start + rows] = gx  # cast to x.dtype
             if need_w:
                 grad_w += gw
-        return (grad_x.view(x.shape) if need_x else None, grad_w.to(weight.dtype) if need_w else None,
-                None, None, None)
+        return (grad_x.view(x.shape) if need_x else None, grad_w.to(weight.dtype) if need_w else None, None, None, None)
 
 
 def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon,
-                                 tile_rows(hidden_states.shape[-1]), self._ulysses_sp_in_layer)
+    return RMSNormFunction.apply(
+        hidden_states, self.weight, self.variance_epsilon, tile_rows(hidden_states.shape[-1]), self._ulysses_sp_in_layer
+    )
 
 
 def enable_rms_norm_recompute(model: torch.nn.Module) -> list[str]:
@@ -165,8 +174,10 @@ def enable_rms_norm_recompute(model: torch.nn.Module) -> list[str]:
     norms = {name: m for name, m in model.named_modules() if _is_llama_rms_norm(m)}
     if not norms:
         kinds = sorted({type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()})
-        raise ValueError(f"{type(model).__name__} has no Llama-style RMSNorm to recompute (its norms: {kinds}); "
-                         "leave the option off for this model")
+        raise ValueError(
+            f"{type(model).__name__} has no Llama-style RMSNorm to recompute (its norms: {kinds}); "
+            "leave the option off for this model"
+        )
     in_layers = {id(m) for layer in getattr(model.base_model, "layers", ()) for m in layer.modules()}
     for module in norms.values():
         module._ulysses_sp_in_layer = id(module) in in_layers  # see _attach_source

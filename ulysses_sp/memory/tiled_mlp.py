@@ -66,15 +66,20 @@ def tile_mlp(model: torch.nn.Module, tile_tokens: int | None = None):
     tile_tokens = tile_tokens if tile_tokens is not None else config.hidden_size
     check_int("tile_tokens", tile_tokens)
     backbone = model.base_model
-    mlps = [m.mlp for m in backbone.modules()
-            if isinstance(getattr(m, "mlp", None), torch.nn.Module) and not hasattr(m.mlp, "experts")]
+    mlps = [
+        m.mlp
+        for m in backbone.modules()
+        if isinstance(getattr(m, "mlp", None), torch.nn.Module) and not hasattr(m.mlp, "experts")
+    ]
     if not mlps or backbone is model:
         raise ValueError(f"{type(model).__name__} has no decoder layers with a dense `mlp` module to tile")
     for mlp in mlps:
         dropout = [d for d in mlp.modules() if isinstance(d, torch.nn.Dropout) and d.p > 0]
         if dropout:
-            raise ValueError(f"{type(mlp).__name__} applies dropout; the tiled MLP reruns the forward in the backward "
-                             "without replaying the random state")
+            raise ValueError(
+                f"{type(mlp).__name__} applies dropout; the tiled MLP reruns the forward in the backward "
+                "without replaying the random state"
+            )
     state = _TileState(tile_tokens, mlps)
     state.hook = backbone.register_forward_pre_hook(_make_agree_hook(model, state), with_kwargs=True)
     for mlp in mlps:
@@ -151,7 +156,7 @@ class TiledMLP(torch.autograd.Function):
             y = mlp(tile.unsqueeze(0)).squeeze(0)  # [t, d_out]
             if out is None:
                 out = y.new_empty(flat.shape[0], y.shape[-1])  # [T, d_out]
-            out[start:start + tile.shape[0]] = y
+            out[start : start + tile.shape[0]] = y
             start += tile.shape[0]
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -163,8 +168,10 @@ class TiledMLP(torch.autograd.Function):
             inputs = saved[0].detach().reshape(-1, d).tensor_split(ctx.tiles)  # [t, d] each
         else:  # recompute each tile of x from the norm's input
             norm_x, weight = saved
-            inputs = (rms_norm.recompute_output(nx, weight, ctx.eps)
-                      for nx in norm_x.detach().reshape(-1, d).tensor_split(ctx.tiles))
+            inputs = (
+                rms_norm.recompute_output(nx, weight, ctx.eps)
+                for nx in norm_x.detach().reshape(-1, d).tensor_split(ctx.tiles)
+            )
         grads = grad_out.reshape(-1, grad_out.shape[-1])  # [T, d_out]
         grad_x = grads.new_empty(grads.shape[0], d, dtype=ctx.x_dtype) if ctx.needs_input_grad[0] else None  # [T, d]
         device_type, enabled, dtype = ctx.autocast
@@ -177,7 +184,7 @@ class TiledMLP(torch.autograd.Function):
                 y = ctx.mlp(tile.unsqueeze(0)).squeeze(0)  # [t, d_out]
             torch.autograd.backward(y, grad)
             if grad_x is not None:
-                grad_x[start:start + tile.shape[0]] = tile.grad
+                grad_x[start : start + tile.shape[0]] = tile.grad
             start += tile.shape[0]
         return (None if grad_x is None else grad_x.view(ctx.x_shape)), None, None, None
 

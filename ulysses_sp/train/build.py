@@ -42,8 +42,9 @@ def init_distributed(device_type: str, timeout_s: float) -> None:
         comm.init_world("gloo", timeout)
 
 
-def build_model(name: str, dtype: torch.dtype, device: torch.device, attn: str,
-                config: transformers.PretrainedConfig) -> transformers.PreTrainedModel:
+def build_model(
+    name: str, dtype: torch.dtype, device: torch.device, attn: str, config: transformers.PretrainedConfig
+) -> transformers.PreTrainedModel:
     """Random init from ``config`` (a preset or config.json); loads weights when the directory has them."""
     config._attn_implementation = "sdpa" if attn.startswith("flash") else attn  # set ours in apply()
     has_weights = os.path.isdir(name) and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name))
@@ -58,11 +59,18 @@ def build_engine(plan: RunPlan, model: torch.nn.Module, topology: SPTopology, lo
     """The plan's engine over ``model``: DeepSpeed (ZeRO config of the plan) or torch."""
     config = plan.config
     if plan.engine_name == "deepspeed":
-        return DeepSpeedEngine(model, topology, plan.ds_config, config, plan.dtype, plan.device_type,
-                               load_universal=load_universal)
-    return TorchEngine(model, topology, lr=config.lr, weight_decay=config.weight_decay,
-                       max_grad_norm=config.max_grad_norm, warmup_steps=config.warmup_steps,
-                       total_steps=config.steps)
+        return DeepSpeedEngine(
+            model, topology, plan.ds_config, config, plan.dtype, plan.device_type, load_universal=load_universal
+        )
+    return TorchEngine(
+        model,
+        topology,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.steps,
+    )
 
 
 def training_rows(config: TrainConfig):

@@ -42,8 +42,17 @@ LATEST_FILE = "latest"
 #: run settings a resumed run must share with the saved one (the data order and the model depend on them)
 RUN_KEYS = ("seed", "seq_len", "pack", "heldout_fraction")
 #: config entries that do not change the model's parameters or computation
-_CONFIG_IGNORED = {"_attn_implementation_internal", "_attn_implementation", "transformers_version", "_name_or_path",
-                   "dtype", "torch_dtype", "architectures", "use_cache", "_commit_hash"}
+_CONFIG_IGNORED = {
+    "_attn_implementation_internal",
+    "_attn_implementation",
+    "transformers_version",
+    "_name_or_path",
+    "dtype",
+    "torch_dtype",
+    "architectures",
+    "use_cache",
+    "_commit_hash",
+}
 
 
 @dataclass(frozen=True)
@@ -65,16 +74,25 @@ def step_dir(save_dir: str, step: int) -> str:
 def find_checkpoint(path: str) -> Checkpoint:
     """The checkpoint at ``path``: a step directory, or a ``--save-dir`` (its newest complete step)."""
     if not os.path.isdir(path):
-        raise ValueError(f"--resume {path}: no such directory; give a --save-dir of an earlier run or one of "
-                         f"its step_* directories")
+        raise ValueError(
+            f"--resume {path}: no such directory; give a --save-dir of an earlier run or one of its step_* directories"
+        )
     if not os.path.isfile(os.path.join(path, META_FILE)):
         latest = os.path.join(path, LATEST_FILE)
         if not os.path.isfile(latest):
             steps = sorted(glob.glob(os.path.join(path, "step_*")))
-            hint = (f"; it holds {[os.path.basename(s) for s in steps]} but none is complete (no {META_FILE}: "
-                    f"the run stopped while saving)") if steps else ""
-            raise ValueError(f"--resume {path}: no checkpoint there (expected {LATEST_FILE} in a --save-dir or "
-                             f"{META_FILE} in a step directory){hint}")
+            hint = (
+                (
+                    f"; it holds {[os.path.basename(s) for s in steps]} but none is complete (no {META_FILE}: "
+                    f"the run stopped while saving)"
+                )
+                if steps
+                else ""
+            )
+            raise ValueError(
+                f"--resume {path}: no checkpoint there (expected {LATEST_FILE} in a --save-dir or "
+                f"{META_FILE} in a step directory){hint}"
+            )
         with open(latest) as f:
             path = os.path.join(path, f.read().strip())
         if not os.path.isfile(os.path.join(path, META_FILE)):
@@ -88,8 +106,12 @@ def find_checkpoint(path: str) -> Checkpoint:
 
 def run_settings(config, model_config) -> dict:
     """What :func:`check_compatible` compares: the run's settings (a TrainConfig) and the model's config."""
-    run = {"seed": config.seed, "seq_len": config.seq_len, "pack": bool(config.pack),
-           "heldout_fraction": config.eval_fraction if config.eval_every else None}
+    run = {
+        "seed": config.seed,
+        "seq_len": config.seq_len,
+        "pack": bool(config.pack),
+        "heldout_fraction": config.eval_fraction if config.eval_every else None,
+    }
     config = {k: v for k, v in model_config.to_dict().items() if k not in _CONFIG_IGNORED}
     return {"run": run, "model_config": json.loads(json.dumps(config, default=str))}
 
@@ -101,19 +123,28 @@ def check_compatible(ckpt: Checkpoint, settings: dict, engine: str) -> None:
         a, b = saved["run"].get(key), settings["run"][key]
         if a != b:
             flag = {"heldout_fraction": "eval-fraction (with --eval-every)"}.get(key, key.replace("_", "-"))
-            raise ValueError(f"--resume {ckpt.path}: the checkpoint was saved with --{flag} {a}, this run has {b}; "
-                             f"resume with the same value (the data order depends on it)")
-    diff = sorted(k for k in set(saved["model_config"]) | set(settings["model_config"])
-                  if saved["model_config"].get(k) != settings["model_config"].get(k))
+            raise ValueError(
+                f"--resume {ckpt.path}: the checkpoint was saved with --{flag} {a}, this run has {b}; "
+                f"resume with the same value (the data order depends on it)"
+            )
+    diff = sorted(
+        k
+        for k in set(saved["model_config"]) | set(settings["model_config"])
+        if saved["model_config"].get(k) != settings["model_config"].get(k)
+    )
     if diff:
-        shown = ", ".join(f"{k}: {saved['model_config'].get(k)!r} -> {settings['model_config'].get(k)!r}"
-                          for k in diff[:5])
-        raise ValueError(f"--resume {ckpt.path}: the model differs from the saved one ({shown}); resume with the "
-                         f"same --model")
+        shown = ", ".join(
+            f"{k}: {saved['model_config'].get(k)!r} -> {settings['model_config'].get(k)!r}" for k in diff[:5]
+        )
+        raise ValueError(
+            f"--resume {ckpt.path}: the model differs from the saved one ({shown}); resume with the same --model"
+        )
     if saved["engine"] != engine:
         fix = "with --deepspeed CONFIG.json" if saved["engine"] == "deepspeed" else "without --deepspeed"
-        raise ValueError(f"--resume {ckpt.path}: the checkpoint was written by the {saved['engine']} engine, this "
-                         f"run uses the {engine} engine; resume {fix}")
+        raise ValueError(
+            f"--resume {ckpt.path}: the checkpoint was written by the {saved['engine']} engine, this "
+            f"run uses the {engine} engine; resume {fix}"
+        )
 
 
 def deepspeed_tag(ckpt: Checkpoint, world_size: int, zero_stage: int) -> str:
@@ -133,11 +164,13 @@ def deepspeed_tag(ckpt: Checkpoint, world_size: int, zero_stage: int) -> str:
         f"stage {zero_stage}. ZeRO shards depend on both: convert the checkpoint once with\n"
         f"  python -m deepspeed.checkpoint.ds_to_universal --input_folder {os.path.join(base, NATIVE_TAG)} "
         f"--output_folder {os.path.join(base, UNIVERSAL_TAG)}\nand resume again (the universal checkpoint is then "
-        f"loaded), or resume at world size {saved_world}")
+        f"loaded), or resume at world size {saved_world}"
+    )
 
 
-def save(save_dir: str, step: int, *, engine, loader, topology, settings: dict, engine_name: str,
-         zero_stage: int | None) -> str:
+def save(
+    save_dir: str, step: int, *, engine, loader, topology, settings: dict, engine_name: str, zero_stage: int | None
+) -> str:
     """Write the checkpoint of ``step`` (collective: every rank calls it); returns its directory."""
     path = step_dir(save_dir, step)
     rank = comm.rank()
@@ -151,9 +184,17 @@ def save(save_dir: str, step: int, *, engine, loader, topology, settings: dict, 
         torch.save(get_rng_state(), _rng_file(path, topology.dp_rank))
     comm.barrier()
     if rank == 0:
-        meta = {"format": FORMAT, "step": step, "engine": engine_name, "zero_stage": zero_stage,
-                "world_size": topology.world_size, "sp_size": topology.sp_size, "dp_size": topology.dp_size,
-                "data": loader.state_dict(), **settings}
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "engine": engine_name,
+            "zero_stage": zero_stage,
+            "world_size": topology.world_size,
+            "sp_size": topology.sp_size,
+            "dp_size": topology.dp_size,
+            "data": loader.state_dict(),
+            **settings,
+        }
         _write_atomic(os.path.join(path, META_FILE), json.dumps(meta, indent=1))
         _write_atomic(os.path.join(save_dir, LATEST_FILE), os.path.basename(path))
     return path
@@ -171,9 +212,12 @@ def load(ckpt: Checkpoint, *, engine, loader, topology, seed: int, deepspeed_tag
     else:
         sync_rng(topology, derive_seed(seed, ckpt.step))
         if comm.rank() == 0:
-            warnings.warn(f"resuming at dp_size={topology.dp_size} from a checkpoint saved at dp_size="
-                          f"{ckpt.meta['dp_size']}: the random streams are re-seeded from (seed, step), so random "
-                          f"ops (dropout) differ from an uninterrupted run", stacklevel=2)
+            warnings.warn(
+                f"resuming at dp_size={topology.dp_size} from a checkpoint saved at dp_size="
+                f"{ckpt.meta['dp_size']}: the random streams are re-seeded from (seed, step), so random "
+                f"ops (dropout) differ from an uninterrupted run",
+                stacklevel=2,
+            )
     return ckpt.step
 
 

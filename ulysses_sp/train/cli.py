@@ -27,8 +27,9 @@ _TYPES = {"int": int, "float": float, "str": str}
 
 def build_parser() -> argparse.ArgumentParser:
     """One option per :class:`TrainConfig` field; booleans are switches."""
-    parser = argparse.ArgumentParser(prog="launch/train.py", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="launch/train.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for f in fields(TrainConfig):
         kwargs = dict(f.metadata["argparse"], help=f.metadata["help"], default=f.default)
         assert f.default is not MISSING, f.name

@@ -47,8 +47,10 @@ def split_heldout(documents: Documents, fraction: float) -> tuple[Documents, Doc
     train = Documents(d for d, held in zip(docs, flags) if not held)
     heldout = Documents(d for d, held in zip(docs, flags) if held)
     if len(heldout) == 0 or len(train) == 0:
-        raise ValueError(f"holding out {fraction:.0%} of {len(docs)} documents leaves {len(train)} for training and "
-                         f"{len(heldout)} for evaluation; change --eval-fraction or use a larger dataset")
+        raise ValueError(
+            f"holding out {fraction:.0%} of {len(docs)} documents leaves {len(train)} for training and "
+            f"{len(heldout)} for evaluation; change --eval-fraction or use a larger dataset"
+        )
     return train, heldout
 
 
@@ -64,12 +66,19 @@ class EvalResult:
         return math.exp(min(self.loss, 700.0))
 
     def record(self, step: int) -> dict:
-        return {"step": step, "eval_loss": self.loss, "eval_ppl": self.perplexity, "eval_tokens": self.tokens,
-                "eval_batches": self.batches, "eval_time_s": self.seconds}
+        return {
+            "step": step,
+            "eval_loss": self.loss,
+            "eval_ppl": self.perplexity,
+            "eval_tokens": self.tokens,
+            "eval_batches": self.batches,
+            "eval_time_s": self.seconds,
+        }
 
 
-def evaluate(engine, batches: Iterable[dict], topology, *, device: torch.device, autocast,
-             max_batches: int | None = None) -> EvalResult:
+def evaluate(
+    engine, batches: Iterable[dict], topology, *, device: torch.device, autocast, max_batches: int | None = None
+) -> EvalResult:
     """Token-mean loss of ``engine``'s model over ``batches`` (local shards, the same count on every rank).
 
     ``engine`` provides ``set_train(mode)`` and ``loss_sum(local_batch)`` (the SP group's summed CE,

@@ -25,9 +25,19 @@ from ..core.log import logger
 
 _PREFIX = "ulysses_sp/failed/"
 #: substrings of the errors gloo / NCCL / c10d raise when a collective cannot complete
-_COLLECTIVE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
-                       "timed out", "Watchdog caught collective operation timeout", "NCCL error", "ncclRemoteError",
-                       "ProcessGroupGloo", "ProcessGroupNCCL", "Broken pipe", "Socket Timeout")
+_COLLECTIVE_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Timed out waiting",
+    "timed out",
+    "Watchdog caught collective operation timeout",
+    "NCCL error",
+    "ncclRemoteError",
+    "ProcessGroupGloo",
+    "ProcessGroupNCCL",
+    "Broken pipe",
+    "Socket Timeout",
+)
 
 
 class CollectiveFailure(RuntimeError):
@@ -100,13 +110,17 @@ def _explain(rank: int, where: str, exc: BaseException, notes: dict, world: int,
         first = "; ".join(f"rank {r} failed at {w}: {s}" for r, (_, w, s) in sorted(origins.items()))
         return f"{head} The job stopped because {first}. See that rank's traceback for the cause."
     if not reachable:
-        return (f"{head} The job's store could not be reached to learn which rank failed (its host, rank 0 "
-                f"without torchrun, may be the one that died). Look for the first error in the other ranks' logs.")
+        return (
+            f"{head} The job's store could not be reached to learn which rank failed (its host, rank 0 "
+            f"without torchrun, may be the one that died). Look for the first error in the other ranks' logs."
+        )
     silent = sorted(set(range(world)) - set(notes) - {rank})
     seen = f" Ranks {sorted(notes)} saw a failed collective too." if notes else ""
-    return (f"{head} No rank reported an error of its own: rank(s) {silent} stayed silent, i.e. were killed "
-            f"(out of memory, a signal), crashed hard, or are stalled (a hung kernel, a deadlock).{seen} The "
-            f"collective timeout (--timeout-s) bounds how long a stalled rank holds up the others.")
+    return (
+        f"{head} No rank reported an error of its own: rank(s) {silent} stayed silent, i.e. were killed "
+        f"(out of memory, a signal), crashed hard, or are stalled (a hung kernel, a deadlock).{seen} The "
+        f"collective timeout (--timeout-s) bounds how long a stalled rank holds up the others."
+    )
 
 
 def shutdown(failed: bool) -> None:

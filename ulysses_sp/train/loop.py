@@ -40,8 +40,18 @@ from .plan import RunPlan, make_plan
 class TrainingRun:
     """One run's state: plan, topology, model, engine, data and where it is (``where``, for failure reports)."""
 
-    def __init__(self, plan: RunPlan, topology, model, engine, loader: SPDataLoader, device: torch.device, *,
-                 eval_rows=None, start_step: int = 0):
+    def __init__(
+        self,
+        plan: RunPlan,
+        topology,
+        model,
+        engine,
+        loader: SPDataLoader,
+        device: torch.device,
+        *,
+        eval_rows=None,
+        start_step: int = 0,
+    ):
         self.plan, self.config = plan, plan.config
         self.topology, self.model, self.engine, self.loader, self.device = topology, model, engine, loader, device
         self.eval_rows, self.start_step = eval_rows, start_step
@@ -57,8 +67,9 @@ class TrainingRun:
         """Plan (no process group yet), join the job, build everything, resume when asked."""
         plan = make_plan(config)
         init_distributed(plan.device_type, config.timeout_s)
-        device = (torch.device("cuda", torch.cuda.current_device()) if plan.device_type == "cuda"
-                  else torch.device("cpu"))
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if plan.device_type == "cuda" else torch.device("cpu")
+        )
         topology = init_sp(plan.sp_size)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         # DeepSpeed keeps fp32 master weights itself; the torch engine trains fp32 weights under autocast
@@ -72,14 +83,16 @@ class TrainingRun:
         apply(model, topology, attn_implementation=plan.attention)
         sync_rng(topology, config.seed)
         train_rows, eval_rows = training_rows(config)
-        loader = SPDataLoader(train_rows, topology, config.batch_size, seed=config.seed,
-                              check_identical=config.check_identical)
+        loader = SPDataLoader(
+            train_rows, topology, config.batch_size, seed=config.seed, check_identical=config.check_identical
+        )
         if eval_rows is not None:
             try:
                 eval_loader(eval_rows, topology, config)
             except ValueError as e:
-                raise ValueError(f"the held-out split (--eval-fraction {config.eval_fraction}) is too small: {e}") \
-                    from None
+                raise ValueError(
+                    f"the held-out split (--eval-fraction {config.eval_fraction}) is too small: {e}"
+                ) from None
         tag = None
         if plan.resume is not None and plan.engine_name == "deepspeed":
             tag = checkpoints.deepspeed_tag(plan.resume, topology.world_size, plan.zero_stage)
@@ -87,8 +100,9 @@ class TrainingRun:
         comm.set_all_group_timeouts(timedelta(seconds=config.timeout_s))  # groups DeepSpeed made too
         start_step = 0
         if plan.resume is not None:
-            start_step = checkpoints.load(plan.resume, engine=engine, loader=loader, topology=topology,
-                                          seed=config.seed, deepspeed_tag=tag)
+            start_step = checkpoints.load(
+                plan.resume, engine=engine, loader=loader, topology=topology, seed=config.seed, deepspeed_tag=tag
+            )
         return cls(plan, topology, model, engine, loader, device, eval_rows=eval_rows, start_step=start_step)
 
     def _batches(self):
@@ -105,16 +119,20 @@ class TrainingRun:
                 return micro, num_items
             skipped += len(micro)
             if skipped >= len(self.loader):
-                raise ValueError(f"{skipped} batches in a row (an epoch's worth) hold no labelled token: every row "
-                                 f"is one token long; use documents of at least 2 tokens")
-            logger.info("step %d: the micro-batches hold no labelled token (one-token rows); drawing the next ones",
-                        step)
+                raise ValueError(
+                    f"{skipped} batches in a row (an epoch's worth) hold no labelled token: every row "
+                    f"is one token long; use documents of at least 2 tokens"
+                )
+            logger.info(
+                "step %d: the micro-batches hold no labelled token (one-token rows); drawing the next ones", step
+            )
 
     def train(self) -> None:
         config, topo = self.config, self.topology
         if self.start_step >= config.steps:
-            logger.info("the checkpoint is at step %d and --steps is %d: nothing to train", self.start_step,
-                        config.steps)
+            logger.info(
+                "the checkpoint is at step %d and --steps is %d: nothing to train", self.start_step, config.steps
+            )
             return
         batches = self._batches()
         progress = progress_bar(config.steps, self.start_step) if self.rank0 else None
@@ -148,16 +166,30 @@ class TrainingRun:
 
     def _evaluate(self, step: int) -> None:
         loader = eval_loader(self.eval_rows, self.topology, self.config)
-        result = evaluate(self.engine, loader, self.topology, device=self.device, autocast=self.autocast,
-                          max_batches=self.config.eval_batches)
+        result = evaluate(
+            self.engine,
+            loader,
+            self.topology,
+            device=self.device,
+            autocast=self.autocast,
+            max_batches=self.config.eval_batches,
+        )
         self.metrics.write(result.record(step))
-        logger.info("step %d: eval loss %.4f, perplexity %.2f (%d tokens)", step, result.loss, result.perplexity,
-                    result.tokens)
+        logger.info(
+            "step %d: eval loss %.4f, perplexity %.2f (%d tokens)", step, result.loss, result.perplexity, result.tokens
+        )
 
     def _save(self, step: int) -> None:
-        path = checkpoints.save(self.config.save_dir, step, engine=self.engine, loader=self.loader,
-                                topology=self.topology, settings=self.plan.settings,
-                                engine_name=self.plan.engine_name, zero_stage=self.plan.zero_stage)
+        path = checkpoints.save(
+            self.config.save_dir,
+            step,
+            engine=self.engine,
+            loader=self.loader,
+            topology=self.topology,
+            settings=self.plan.settings,
+            engine_name=self.plan.engine_name,
+            zero_stage=self.plan.zero_stage,
+        )
         logger.info("step %d: saved %s", step, path)
 
     def _record(self, step: int, micro, loss: torch.Tensor, grad_norm, elapsed: float) -> dict:

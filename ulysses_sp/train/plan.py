@@ -63,8 +63,19 @@ def make_plan(config: TrainConfig) -> RunPlan:
     if resume is not None:
         checkpoints.check_compatible(resume, settings, engine)
     zero_stage = ds_integration.zero_stage(ds_config) if ds_path else None
-    return RunPlan(config, device_type, dtype, model_config, config.attn or default_attention(device_type), ds_path,
-                   ds_config, sp_size, zero_stage, settings, resume)
+    return RunPlan(
+        config,
+        device_type,
+        dtype,
+        model_config,
+        config.attn or default_attention(device_type),
+        ds_path,
+        ds_config,
+        sp_size,
+        zero_stage,
+        settings,
+        resume,
+    )
 
 
 def check_accelerate_launch(ds_config: dict, environ: Mapping[str, str] | None = None) -> None:
@@ -74,11 +85,15 @@ def check_accelerate_launch(ds_config: dict, environ: Mapping[str, str] | None =
     engine = launched_engine(env)
     if engine == "deepspeed" and not ds_config:
         source = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "(set in the Accelerate config's deepspeed_config)"
-        raise ValueError(f"accelerate launched DeepSpeed (deepspeed_config_file {source}), but launch/train.py trains "
-                         f"with DeepSpeed only when given --deepspeed: add --deepspeed CONFIG.json to its arguments")
+        raise ValueError(
+            f"accelerate launched DeepSpeed (deepspeed_config_file {source}), but launch/train.py trains "
+            f"with DeepSpeed only when given --deepspeed: add --deepspeed CONFIG.json to its arguments"
+        )
     if engine == "fsdp":
-        raise ValueError("accelerate launched FSDP, which launch/train.py does not support; use an Accelerate config "
-                         "with distributed_type MULTI_GPU (configs/accelerate/sp2.yaml) or DEEPSPEED")
+        raise ValueError(
+            "accelerate launched FSDP, which launch/train.py does not support; use an Accelerate config "
+            "with distributed_type MULTI_GPU (configs/accelerate/sp2.yaml) or DEEPSPEED"
+        )
 
 
 def default_attention(device_type: str) -> str:
@@ -96,15 +111,21 @@ def default_attention(device_type: str) -> str:
 def check_device_dtype(device_type: str, dtype: torch.dtype) -> None:
     """ValueError for a device that is not there or a dtype the device cannot train in."""
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but no CUDA device is visible (torch.cuda.is_available() is "
-                         "False); use --device cpu, or check CUDA_VISIBLE_DEVICES and the torch build")
+        raise ValueError(
+            "--device cuda was given but no CUDA device is visible (torch.cuda.is_available() is "
+            "False); use --device cpu, or check CUDA_VISIBLE_DEVICES and the torch build"
+        )
     if device_type == "cpu" and dtype == torch.float16:
-        raise ValueError("--dtype fp16 is not supported on CPU (DeepSpeed's CPU accelerator has no fp16 and "
-                         "torch's CPU fp16 kernels are partial); use --dtype fp32 or bf16")
+        raise ValueError(
+            "--dtype fp16 is not supported on CPU (DeepSpeed's CPU accelerator has no fp16 and "
+            "torch's CPU fp16 kernels are partial); use --dtype fp32 or bf16"
+        )
     if device_type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name()
-        raise ValueError(f"--dtype bf16 needs a GPU with bfloat16 support (compute capability >= 8.0); "
-                         f"{name} has none: use --dtype fp16 (DeepSpeed loss scaling) or fp32")
+        raise ValueError(
+            f"--dtype bf16 needs a GPU with bfloat16 support (compute capability >= 8.0); "
+            f"{name} has none: use --dtype fp16 (DeepSpeed loss scaling) or fp32"
+        )
 
 
 def check_seq_len(config, seq_len: int, allow_longer: bool) -> None:
@@ -121,12 +142,19 @@ def check_seq_len(config, seq_len: int, allow_longer: bool) -> None:
         return
     rotary = getattr(config, "rope_parameters", None) is not None or getattr(config, "rope_theta", None) is not None
     if not rotary:
-        raise ValueError(f"--seq-len {seq_len} exceeds max_position_embeddings={limit} of {type(config).__name__}, "
-                         f"which has learned absolute position embeddings (no rows past {limit}); use --seq-len <= "
-                         f"{limit}")
+        raise ValueError(
+            f"--seq-len {seq_len} exceeds max_position_embeddings={limit} of {type(config).__name__}, "
+            f"which has learned absolute position embeddings (no rows past {limit}); use --seq-len <= "
+            f"{limit}"
+        )
     if not allow_longer:
-        raise ValueError(f"--seq-len {seq_len} exceeds max_position_embeddings={limit} of {type(config).__name__}; "
-                         f"use --seq-len <= {limit}, or pass --allow-longer-than-max-positions to train past it "
-                         f"(RoPE extrapolates; consider rope_scaling in the model's config.json)")
-    warnings.warn(f"--seq-len {seq_len} exceeds max_position_embeddings={limit}: RoPE positions past the "
-                  f"model's trained range (--allow-longer-than-max-positions)", stacklevel=2)
+        raise ValueError(
+            f"--seq-len {seq_len} exceeds max_position_embeddings={limit} of {type(config).__name__}; "
+            f"use --seq-len <= {limit}, or pass --allow-longer-than-max-positions to train past it "
+            f"(RoPE extrapolates; consider rope_scaling in the model's config.json)"
+        )
+    warnings.warn(
+        f"--seq-len {seq_len} exceeds max_position_embeddings={limit}: RoPE positions past the "
+        f"model's trained range (--allow-longer-than-max-positions)",
+        stacklevel=2,
+    )

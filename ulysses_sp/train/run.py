@@ -28,8 +28,9 @@ def run(config: TrainConfig) -> None:
         training.train()
         failed = False
     except BaseException as exc:
-        replacement = report_failure(exc, training.where if training is not None else "setup",
-                                     grace_s=min(5.0, config.timeout_s))
+        replacement = report_failure(
+            exc, training.where if training is not None else "setup", grace_s=min(5.0, config.timeout_s)
+        )
         if replacement is exc:
             raise
         raise replacement from exc

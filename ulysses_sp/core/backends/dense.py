@@ -24,9 +24,7 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def custom_dense(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
-        raise ValueError(
-            f"a {type(mask).__name__} attention mask works only with attn_implementation='flex_attention'"
-        )
+        raise ValueError(f"a {type(mask).__name__} attention mask works only with attn_implementation='flex_attention'")
     return mask if mask.dtype == torch.bool else mask.to(dtype)
 
 

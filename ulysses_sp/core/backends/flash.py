@@ -57,8 +57,11 @@ def attend(q, k, v, spec: AttnSpec, version: int) -> torch.Tensor:
     else:
         cu, max_len = cu_seqlens(spec.info, q.shape[0], q.device)
         qf, kf, vf = (flatten_valid(t, spec.info) for t in (q, k, v))  # [T, n, H]
-        out = _kernel_output(varlen_func(qf, kf, vf, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
-                                         max_seqlen_k=max_len, **kwargs))  # [T, nq, H]
+        out = _kernel_output(
+            varlen_func(
+                qf, kf, vf, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len, **kwargs
+            )
+        )  # [T, nq, H]
         out = unflatten_valid(out, spec.info, q.shape[0])  # [B, S, nq, H]
     return out[..., :hv].to(in_dtype)
 

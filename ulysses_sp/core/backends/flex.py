@@ -68,8 +68,10 @@ def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
     if spec.dropout > 0:
         raise ValueError("flex_attention has no attention dropout; set attention_dropout=0 or use sdpa")
     if q.is_cuda and min(q.shape[-1], v.shape[-1]) < 16:
-        raise ValueError(f"flex_attention's compiled CUDA kernel needs head dims >= 16; this model's are "
-                         f"{q.shape[-1]} (q/k) and {v.shape[-1]} (v). Use attn_implementation='sdpa' or 'eager'")
+        raise ValueError(
+            f"flex_attention's compiled CUDA kernel needs head dims >= 16; this model's are "
+            f"{q.shape[-1]} (q/k) and {v.shape[-1]} (v). Use attn_implementation='sdpa' or 'eager'"
+        )
     B, S, n = q.shape[:3]
     bias = None
     if spec.custom_mask is not None:
@@ -78,8 +80,9 @@ def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
         key = ("flex", spec.causal, spec.window, str(q.device))
         if key not in spec.info.cache:
             batch = None if spec.info.is_plain else B
-            spec.info.cache[key] = _block_mask(masks.mask_mod(spec.info, spec.causal, spec.window), batch, None, S,
-                                               q.device)
+            spec.info.cache[key] = _block_mask(
+                masks.mask_mod(spec.info, spec.causal, spec.window), batch, None, S, q.device
+            )
         block_mask = spec.info.cache[key]
     score_mod = None
     if spec.softcap is not None or bias is not None:
@@ -92,8 +95,13 @@ def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
 
     fn = flex_attention if (q.device.type == "cpu" or torch.compiler.is_compiling()) else _compiled_flex()
     out = fn(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, n, S, H]
-        score_mod=score_mod, block_mask=block_mask, scale=spec.scale, enable_gqa=q.shape[2] != k.shape[2],
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),  # [B, n, S, H]
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=spec.scale,
+        enable_gqa=q.shape[2] != k.shape[2],
         **(_flex_lse_kwargs() if spec.sinks is not None else {}),
     )  # [B, nq, S, Hv]
     if spec.sinks is not None:

@@ -19,8 +19,10 @@ from .varlen import varlen_route
 def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
     groups = q.shape[2] // k.shape[2]
     if spec.softcap is not None:
-        raise ValueError("sdpa has no logit softcapping; use attn_implementation='eager', 'flex_attention' "
-                         "or 'flash_attention_2' for this model")
+        raise ValueError(
+            "sdpa has no logit softcapping; use attn_implementation='eager', 'flex_attention' "
+            "or 'flash_attention_2' for this model"
+        )
     needs_mask = spec.custom_mask is not None or not spec.info.is_plain or spec.window is not None
     if needs_mask and spec.custom_mask is None and q.is_cuda and spec.dropout == 0.0:
         varlen = varlen_route(q, k, v, spec)
@@ -36,8 +38,13 @@ def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
     if mask is not None and groups > 1:
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)  # masked GQA falls back to math on CUDA
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, n, S, H]
-        attn_mask=mask, dropout_p=spec.dropout, is_causal=is_causal, scale=spec.scale,
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),  # [B, n, S, H]
+        attn_mask=mask,
+        dropout_p=spec.dropout,
+        is_causal=is_causal,
+        scale=spec.scale,
         enable_gqa=mask is None and groups > 1,
     )  # [B, nq, S, Hv]
     return out.transpose(1, 2)  # [B, S, nq, Hv]

@@ -23,11 +23,14 @@ def varlen_route(q, k, v, spec: AttnSpec) -> torch.Tensor | None:
     if spec.window is not None and spec.info.gapped:
         return None  # dropping interior padding would shorten the window's distances
     cu, max_len = cu_seqlens(spec.info, q.shape[0], q.device)
-    window = (-1 if spec.window is None else spec.window - 1, 0 if spec.causal else
-              (-1 if spec.window is None else spec.window - 1))
+    window = (
+        -1 if spec.window is None else spec.window - 1,
+        0 if spec.causal else (-1 if spec.window is None else spec.window - 1),
+    )
     qf, kf, vf = (flatten_valid(t, spec.info) for t in (q, k, v))  # [T, n, H]
-    out = fn(qf, kf, vf, cu, cu, max_len, max_len, scale=spec.scale, window_size=window,
-             enable_gqa=q.shape[2] != k.shape[2])  # [T, nq, H]
+    out = fn(
+        qf, kf, vf, cu, cu, max_len, max_len, scale=spec.scale, window_size=window, enable_gqa=q.shape[2] != k.shape[2]
+    )  # [T, nq, H]
     return unflatten_valid(out, spec.info, q.shape[0])
 
 

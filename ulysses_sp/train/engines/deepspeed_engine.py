@@ -19,8 +19,16 @@ class DeepSpeedEngine:
     (docs/deepspeed.md). ``load_universal`` prepares the engine to load a universal checkpoint (one
     converted to another world size)."""
 
-    def __init__(self, model: torch.nn.Module, topology: SPTopology, ds_config: dict, config: TrainConfig,
-                 dtype: torch.dtype, device_type: str, load_universal: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        topology: SPTopology,
+        ds_config: dict,
+        config: TrainConfig,
+        dtype: torch.dtype,
+        device_type: str,
+        load_universal: bool = False,
+    ):
         ds = dict(ds_config)
         if load_universal:
             ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
@@ -37,8 +45,13 @@ class DeepSpeedEngine:
             schedule = warmup_cosine(config.warmup_steps, config.steps)
             scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # noqa: E731
         self.engine, self.optimizer, _, self.scheduler = ds_integration.initialize(
-            CausalLMLoss(model, topology), topology, ds, lr_scheduler=scheduler,
-            micro_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum)
+            CausalLMLoss(model, topology),
+            topology,
+            ds,
+            lr_scheduler=scheduler,
+            micro_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.grad_accum,
+        )
         self.module = model
         self.topology = topology
 
@@ -54,8 +67,9 @@ class DeepSpeedEngine:
     def step(self) -> float | None:
         """The update happened in the last micro-batch's ``engine.step()``; returns the gradient norm
         (None where DeepSpeed has none: stage 0)."""
-        assert self.engine.micro_steps % self.engine.gradient_accumulation_steps() == 0, \
+        assert self.engine.micro_steps % self.engine.gradient_accumulation_steps() == 0, (
             "an optimizer step must end at DeepSpeed's accumulation boundary"
+        )
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
@@ -73,13 +87,17 @@ class DeepSpeedEngine:
         """DeepSpeed's own checkpoint (collective: every rank writes its ZeRO shards), with the info
         ``python -m deepspeed.checkpoint.ds_to_universal`` needs to convert it to another world size."""
         from deepspeed.checkpoint.constants import (
-            UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
 
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         self.engine.save_checkpoint(os.path.join(path, DEEPSPEED_DIR), tag=NATIVE_TAG, client_state=info)
 
     def load(self, path: str, tag: str = NATIVE_TAG) -> None:
-        load_dir, _ = self.engine.load_checkpoint(os.path.join(path, DEEPSPEED_DIR), tag=tag,
-                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_dir, _ = self.engine.load_checkpoint(
+            os.path.join(path, DEEPSPEED_DIR), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if load_dir is None:
             raise ValueError(f"DeepSpeed found no checkpoint {tag!r} under {os.path.join(path, DEEPSPEED_DIR)}")

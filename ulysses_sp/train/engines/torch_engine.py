@@ -20,8 +20,16 @@ _BUCKET_ELEMS = 1 << 25
 class TorchEngine:
     """AdamW over the model's parameters; gradients averaged over the world after accumulation."""
 
-    def __init__(self, model: torch.nn.Module, topology: SPTopology, lr: float, weight_decay: float = 0.0,
-                 max_grad_norm: float = 0.0, warmup_steps: int = 0, total_steps: int = 1):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        topology: SPTopology,
+        lr: float,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 0.0,
+        warmup_steps: int = 0,
+        total_steps: int = 1,
+    ):
         self.module = model
         self.topology = topology
         self.max_grad_norm = max_grad_norm
@@ -64,8 +72,11 @@ class TorchEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
