@@ -113,17 +113,17 @@ def main(argv=None) -> None:
 
     import torch
     import torch.distributed as dist
+
     from spbench import levers as lv
     from spbench.alst import AlstSide
     from spbench.ours import OursSide
     from spbench.report import Results
     from spbench.runner import Measure, Search, run_config, search_max_len
     from spbench.workload import DTYPES, Workload
-
-    from ulysses_sp.integrations import deepspeed as ds_integration
     from ulysses_sp.core.topology import init_sp
-    from ulysses_sp.train.plan import default_attention
+    from ulysses_sp.integrations import deepspeed as ds_integration
     from ulysses_sp.train.build import init_distributed
+    from ulysses_sp.train.plan import default_attention
 
     # deprecation notices raised on every step by DeepSpeed's / ArcticTraining's calls, not by this script
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated", category=FutureWarning)

@@ -7,9 +7,9 @@ configuration. Memory is the C heap in use (glibc ``mallinfo2``: in-use small bl
 blocks), sampled after every dispatched op: "held" is what the forward leaves for the backward,
 "peak" the maximum during forward + backward, both above the level before the step. Checks the
 per-token model of docs/memory.md: the tiled MLP removes ~8 d_ff bytes per token from the peak,
-full checkpointing keeps ~2d per token and layer, RMSNorm recompute
-(``+norms``) removes ~10d per token from what a layer holds during its backward. (Checkpoint offload is not shown: on CPU its copy
-stays in the same memory.) Linux with glibc >= 2.33 only.
+full checkpointing keeps ~2d per token and layer, RMSNorm recompute (``+norms``) removes ~10d per
+token from what a layer holds during its backward. (Checkpoint offload is not shown: on CPU its
+copy stays in the same memory.) Linux with glibc >= 2.33 only.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from ulysses_sp.loss.tiled_ce import tiled_cross_entropy_sum
 from ulysses_sp.memory import rms_norm
 from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
 from ulysses_sp.memory.rms_norm import enable_rms_norm_recompute
-from ulysses_sp.loss.tiled_ce import tiled_cross_entropy_sum
 from ulysses_sp.memory.tiled_mlp import tile_mlp
 
 CONFIGS = {

@@ -30,11 +30,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import ulysses_sp  # noqa: E402
-from cpu_memory import heap_bytes  # noqa: E402
-from ulysses_sp.memory import rms_norm, tiled_mlp  # noqa: E402
-from ulysses_sp.memory.activation_checkpointing import enable_checkpointing  # noqa: E402
-from ulysses_sp.loss.tiled_ce import tiled_cross_entropy_sum  # noqa: E402
+from cpu_memory import heap_bytes
+
+import ulysses_sp
+from ulysses_sp.loss.tiled_ce import tiled_cross_entropy_sum
+from ulysses_sp.memory import rms_norm, tiled_mlp
+from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
 
 CONFIGS = {"full+tiled_mlp": False, "full+tiled_mlp+norms": True}
 PHASES = ("forward", "layer recompute", "MLP backward", "norm backward", "attention backward", "other backward")

@@ -17,7 +17,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from ulysses_sp.train.cli import main  # noqa: E402
+from ulysses_sp.train.cli import main
 
 if __name__ == "__main__":
     record(main)()  # under torchrun: the failing rank's traceback goes into the launcher's failure summary

@@ -129,7 +129,7 @@ def profile_step(step_fn):
     try:
         prof = profile(activities=[ProfilerActivity.CUDA])
         prof.start()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return step_fn(), {"error": f"profiler did not start: {type(exc).__name__}: {exc}"}
     try:
         result = step_fn()
@@ -138,5 +138,5 @@ def profile_step(step_fn):
         prof.stop()
     try:
         return result, summarize(gpu_kernels(prof))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return result, {"error": f"trace analysis failed: {type(exc).__name__}: {exc}"}

@@ -48,7 +48,8 @@ def step_context(levers: frozenset[str]):
 
 
 def checkpoint_policy(levers: frozenset[str]) -> str:
-    """``ulysses_sp.memory.activation_checkpointing`` policy of a lever set: every side checkpoints every decoder layer."""
+    """``ulysses_sp.memory.activation_checkpointing`` policy of a lever set: every side checkpoints
+    every decoder layer."""
     return "selective" if "sac" in levers else "full"
 
 

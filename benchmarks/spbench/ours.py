@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from ulysses_sp import CausalLMLoss, apply, count_label_tokens, remove, shard_batch, sharded_rng, to_device
-from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
+from ulysses_sp.core.topology import SPTopology
 from ulysses_sp.integrations import deepspeed as ds_integration
+from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
 from ulysses_sp.memory.rms_norm import enable_rms_norm_recompute
 from ulysses_sp.memory.tiled_mlp import tile_mlp
-from ulysses_sp.core.topology import SPTopology
 
 from . import levers as lv
 from .workload import Workload

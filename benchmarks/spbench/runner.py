@@ -173,19 +173,19 @@ def run_config(
         build_peak = _memory(device)[0]
         if device.type == "cuda":  # the step's peak, not the full model materialised before ZeRO-3 shards it
             torch.cuda.reset_peak_memory_stats(device)
-    except Exception as exc:  # noqa: BLE001 - every failure must reach the agreement below
+    except Exception as exc:
         code = _failure(exc, "build", spec, seq_len, record)
     code = _agree(code, device)  # a rank that failed to build does not enter the steps' collectives alone
     if code == 0:
         try:
             _timed(run, workload, measure, record, build_peak)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             code = _failure(exc, "steps", spec, seq_len, record)
     code = _agree(code, device)
     if run is not None:
         try:
             run.close()
-        except Exception as exc:  # noqa: BLE001 - a half-run engine may not close cleanly
+        except Exception as exc:
             print(f"[rank {dist.get_rank()}] closing {spec}: {type(exc).__name__}: {exc}", flush=True)
     run = None
     free_memory(device)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import ulysses_sp
-from ulysses_sp.core import comm
 from tests.distributed import harness
 from tests.helpers import assert_grads_close, clone, tiny_model, tokens, tolerances
+from ulysses_sp.core import comm
 
 CASES = [  # (preset, backend)
     ("tiny-llama", "sdpa"),

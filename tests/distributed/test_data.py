@@ -11,16 +11,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import ulysses_sp
-from ulysses_sp.core import comm
-from ulysses_sp.data.text import Documents
-from ulysses_sp.data.packing import PackedDataset, pack_collate
-from ulysses_sp.data.identical import SPBatchMismatchError, batch_checksum
-from ulysses_sp.data.loader import SPDataLoader, SPShardAdapter
-from ulysses_sp.data.collate import collate_padded
-from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG
-from ulysses_sp.core.sharding import shard_batch
 from tests.distributed import harness
 from tests.helpers import clone, tiny_model, tokens, tolerances
+from ulysses_sp.core import comm
+from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG
+from ulysses_sp.core.sharding import shard_batch
+from ulysses_sp.data.collate import collate_padded
+from ulysses_sp.data.identical import SPBatchMismatchError, batch_checksum
+from ulysses_sp.data.loader import SPDataLoader, SPShardAdapter
+from ulysses_sp.data.packing import PackedDataset, pack_collate
+from ulysses_sp.data.text import Documents
 
 
 class Samples(Dataset):

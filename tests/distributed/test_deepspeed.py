@@ -71,7 +71,8 @@ def _full(p) -> torch.Tensor:
 
 
 def _sp_loss(logits: torch.Tensor, labels: torch.Tensor, topo) -> torch.Tensor:
-    """loss/causal_lm.py's convention: the micro-batch's token-mean loss on every SP rank. logits [B, s, V], labels [B, s]."""
+    """loss/causal_lm.py's convention: the micro-batch's token-mean loss on every SP rank.
+    logits [B, s, V], labels [B, s]."""
     local = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     return comm.all_reduce_autograd_sum(local, topo.sp_group) / (B * (S - 1))
 

@@ -19,10 +19,10 @@ import torch
 import ulysses_sp
 from tests.distributed import harness
 from tests.helpers import assert_grads_close, tiny_model, tokens, tolerances
-from ulysses_sp.train.presets import build_config
 from ulysses_sp.core import backends, comm
 from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG
 from ulysses_sp.core.sharding import shard_batch
+from ulysses_sp.train.presets import build_config
 
 LENS = [[5, 14, 13], [20, 12]]  # documents of the two rows of a 32-token batch; 14 > both windows (12, 10)
 

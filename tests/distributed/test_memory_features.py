@@ -17,9 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ulysses_sp
 from tests.distributed import harness
 from tests.helpers import clone, tiny_model, tokens
+from ulysses_sp.integrations import deepspeed as uds
 from ulysses_sp.memory import rms_norm
 from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
-from ulysses_sp.integrations import deepspeed as uds
 from ulysses_sp.memory.tiled_mlp import tile_mlp
 
 A2A = "_c10d_functional::all_to_all_single"

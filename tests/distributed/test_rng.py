@@ -19,8 +19,8 @@ from tests.distributed import harness
 from tests.distributed.test_loss import _full_batch, _local_batch
 from tests.helpers import tiny_model
 from ulysses_sp.core import comm
-from ulysses_sp.loss.causal_lm import causal_lm_loss
 from ulysses_sp.core.rng import sharded_rng, sync_rng
+from ulysses_sp.loss.causal_lm import causal_lm_loss
 
 
 def _gather(x: torch.Tensor, group) -> list[torch.Tensor]:

@@ -10,14 +10,14 @@ import os
 import pytest
 
 from ulysses_sp.integrations.accelerate_env import (
-    launched_deepspeed_config_file,
     ENV_SP_SIZE,
     claim_sp_size,
     env_flag,
+    launched_deepspeed_config_file,
     read_sp_size,
 )
-from ulysses_sp.train.plan import check_accelerate_launch
 from ulysses_sp.integrations.sp_size import resolve_sp_size
+from ulysses_sp.train.plan import check_accelerate_launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OURS = {

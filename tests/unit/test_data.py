@@ -10,12 +10,12 @@ import datasets
 import pytest
 import torch
 
-from ulysses_sp.data.text import BYTE_VOCAB_SIZE, Documents, encode_bytes, load_text_dataset, read_documents
-from ulysses_sp.data.packing import PackedDataset, pack_collate
-from ulysses_sp.data.loader import SPDataLoader
-from ulysses_sp.data.identical import batch_checksum
-from ulysses_sp.data.collate import collate_padded
 from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG
+from ulysses_sp.data.collate import collate_padded
+from ulysses_sp.data.identical import batch_checksum
+from ulysses_sp.data.loader import SPDataLoader
+from ulysses_sp.data.packing import PackedDataset, pack_collate
+from ulysses_sp.data.text import BYTE_VOCAB_SIZE, Documents, encode_bytes, load_text_dataset, read_documents
 
 
 def decode_bytes(ids) -> str:

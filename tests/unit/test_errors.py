@@ -14,14 +14,15 @@ import torch.distributed as dist
 import transformers
 
 import ulysses_sp
-from ulysses_sp.train import checkpoints as checkpoint, failures
 from ulysses_sp.core.attention import UlyssesAttention
-from ulysses_sp.train.evaluation import is_heldout, split_heldout
-from ulysses_sp.train.presets import build_config
 from ulysses_sp.data.text import Documents
-from ulysses_sp.train.run import run
+from ulysses_sp.train import checkpoints as checkpoint
+from ulysses_sp.train import failures
 from ulysses_sp.train.cli import parse_config
+from ulysses_sp.train.evaluation import is_heldout, split_heldout
 from ulysses_sp.train.plan import check_device_dtype, check_seq_len
+from ulysses_sp.train.presets import build_config
+from ulysses_sp.train.run import run
 
 TOPO2 = SimpleNamespace(sp_size=2, sp_rank=0, dp_size=1, dp_rank=0)
 

@@ -37,7 +37,7 @@ def test_pad_shift_and_reassemble_uneven_length():
         "ids": torch.tensor([7, 8]),
     }
     shards = _all_shards(batch, 4, pad_token_id=99)
-    for r, sh in enumerate(shards):
+    for sh in shards:
         assert sh["input_ids"].shape == (2, 3) and sh["position_ids"].shape == (2, 3)
         assert "labels" not in sh and "attention_mask" not in sh
         assert sh["note"] == "keep" and torch.equal(sh["ids"], torch.tensor([7, 8]))

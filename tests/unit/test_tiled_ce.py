@@ -12,8 +12,7 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ulysses_sp.loss.logits import logit_transform
-from ulysses_sp.loss.logits import LogitTransform
+from ulysses_sp.loss.logits import LogitTransform, logit_transform
 from ulysses_sp.loss.tiled_ce import liger_unsupported_reason, tile_tokens_for_budget, tiled_cross_entropy_sum
 
 

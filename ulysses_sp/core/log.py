@@ -3,8 +3,9 @@
 Library code only logs; it never adds a handler (an application decides where messages go).
 :func:`configure_logging` is what launch/train.py calls: records on standard error, written through
 tqdm so a progress bar stays intact; rank 0 writes every record, the other ranks their warnings and
-errors only (a rank's own trouble), prefixed with their rank. The rank is the process group's, or ``RANK`` of the launcher's environment
-before the group exists, so messages of the checks that run before distributed init are filtered too.
+errors only (a rank's own trouble), prefixed with their rank. The rank is the process group's, or
+``RANK`` of the launcher's environment before the group exists, so messages of the checks that run
+before distributed init are filtered too.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from . import comm
-from .sharding import input_tokens
 from .sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, local_position_ids
+from .sharding import input_tokens
 from .topology import SPTopology
 
 

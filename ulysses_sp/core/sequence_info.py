@@ -47,7 +47,7 @@ class SequenceInfo:
     def is_plain(self) -> bool:
         return self.doc_ids is None and self.key_valid is None
 
-    def to(self, device: torch.device) -> "SequenceInfo":
+    def to(self, device: torch.device) -> SequenceInfo:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return SequenceInfo(
             self.seq_len,

@@ -20,8 +20,8 @@ the same position whenever ``b*dp`` of the new loader divides the samples consum
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler

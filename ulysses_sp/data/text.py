@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ class Documents(Dataset):
         lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
         return {"input_ids": self.tokens[lo:hi]}  # [n_i] view
 
-    def chunked(self, seq_len: int) -> "Documents":
+    def chunked(self, seq_len: int) -> Documents:
         """The same tokens with every document split into pieces of at most ``seq_len``."""
         return Documents(piece for i in range(len(self)) for piece in self[i]["input_ids"].split(seq_len))
 

@@ -31,8 +31,8 @@ import torch
 import transformers
 
 from ..core import comm
-from ..core.topology import SPTopology
 from ..core.apply import applied_topology, apply, is_applied
+from ..core.topology import SPTopology
 from .deepspeed_config import batch_sizes, load_config, prepare_config, zero_stage
 from .sp_size import resolve_sp_size
 

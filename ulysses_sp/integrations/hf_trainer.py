@@ -47,15 +47,15 @@ from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
 from ..core import comm
-from ..data.loader import assert_same_across_sp
-from ..loss.causal_lm import CausalLMLoss, causal_lm_loss, count_label_tokens
+from ..core.apply import apply
 from ..core.rng import sharded_rng
 from ..core.sharding import shard_batch
-from ..loss.tiled_ce import IGNORE_INDEX
 from ..core.topology import init_sp
+from ..data.identical import assert_same_across_sp
+from ..loss.causal_lm import CausalLMLoss, causal_lm_loss, count_label_tokens
+from ..loss.tiled_ce import IGNORE_INDEX
 from .accelerate import check_accelerator, ensure_process_group, key_loader_by_dp
 from .sp_size import resolve_sp_size
-from ..core.apply import apply
 
 
 class SPTrainer(Trainer):

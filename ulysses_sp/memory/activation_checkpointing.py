@@ -28,6 +28,7 @@ Offload (``enable_checkpointing(..., offload=True)``): the layers' checkpoints l
 from __future__ import annotations
 
 import functools
+
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 

@@ -4,8 +4,9 @@ recomputation, lives in host memory between the forward and the backward.
 Shape legend: B batch, s = S/P local tokens, d hidden size.
 
 The input [B, s, d] goes to host memory when the forward saves it and comes back when the backward
-recomputes the layer. On CUDA the device-to-host copy runs on a side stream into pinned memory (the compute stream does not
-wait for it); the copy back runs on the compute stream right before the layer's recomputation. It
+recomputes the layer. On CUDA the device-to-host copy runs on a side stream into pinned memory (the
+compute stream does not wait for it); the copy back runs on the compute stream right before the
+layer's recomputation. It
 removes the checkpoint stack (2d bytes per token and layer, all layers) from the device and costs
 host memory of the same size. Scoped to the model's own layers; activation_checkpointing.py turns
 it on (``enable_checkpointing(..., offload=True)``) and off (``disable_checkpointing``).

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from ..core import comm
-from .engines import DEEPSPEED_DIR, NATIVE_TAG, UNIVERSAL_TAG
 from ..core.rng import derive_seed, get_rng_state, set_rng_state, sync_rng
+from .engines import DEEPSPEED_DIR, NATIVE_TAG, UNIVERSAL_TAG
 
 FORMAT = 1
 META_FILE = "trainer.json"
@@ -159,9 +159,10 @@ def deepspeed_tag(ckpt: Checkpoint, world_size: int, zero_stage: int) -> str:
     if os.path.isdir(os.path.join(base, UNIVERSAL_TAG)):
         return UNIVERSAL_TAG
     raise ValueError(
-        f"--resume {ckpt.path}: the DeepSpeed checkpoint was saved at world size {saved_world} (sp={ckpt.meta['sp_size']}"
-        f" x dp={ckpt.meta['dp_size']}) with ZeRO stage {saved_stage}; this run has world size {world_size} and "
-        f"stage {zero_stage}. ZeRO shards depend on both: convert the checkpoint once with\n"
+        f"--resume {ckpt.path}: the DeepSpeed checkpoint was saved at world size {saved_world} "
+        f"(sp={ckpt.meta['sp_size']} x dp={ckpt.meta['dp_size']}) with ZeRO stage {saved_stage}; this run has "
+        f"world size {world_size} and stage {zero_stage}. ZeRO shards depend on both: convert the checkpoint once "
+        f"with\n"
         f"  python -m deepspeed.checkpoint.ds_to_universal --input_folder {os.path.join(base, NATIVE_TAG)} "
         f"--output_folder {os.path.join(base, UNIVERSAL_TAG)}\nand resume again (the universal checkpoint is then "
         f"loaded), or resume at world size {saved_world}"

@@ -2,7 +2,8 @@
 
 The tiny presets cover the attention variants SP must handle: MHA, GQA with fewer kv heads than a
 typical sp size, sliding windows, q/k norms, MLA with a value head dim unlike the query's,
-attention sinks (GPT-OSS), and head counts no sp size divides. ``llama-8b`` is the Llama-3.1-8B shape used by the benchmarks.
+attention sinks (GPT-OSS), and head counts no sp size divides. ``llama-8b`` is the Llama-3.1-8B
+shape used by the benchmarks.
 """
 
 from __future__ import annotations

@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import dense
+from . import dense, flex
 from .dense import custom_dense, dense_mask, repeat_kv
-from . import flex
 from .spec import AttnSpec
 from .varlen import varlen_route
 
