@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import transformers
 
 from ulysses_sp.train.presets import build_config
+
+#: the repository's root (launch/, configs/, examples/ are read from there)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_model(name: str, seed: int = 0, attn: str = "sdpa", dtype=torch.float32, **overrides):

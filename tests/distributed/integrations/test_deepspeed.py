@@ -23,13 +23,13 @@ import torch.nn.functional as F
 
 import ulysses_sp
 from tests.distributed import harness
-from tests.helpers import clone, tiny_model, tokens
+from tests.helpers import ROOT, clone, tiny_model, tokens
 from ulysses_sp.core import comm
 from ulysses_sp.integrations import deepspeed as uds
 
 B, S, LR = 2, 16, 1e5
 CONFIGS = ["zero0", "zero1", "zero2", "zero3", "zero3_offload"]
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+CONFIG_DIR = Path(ROOT) / "configs" / "deepspeed"
 
 
 def _labels(ids: torch.Tensor) -> torch.Tensor:

@@ -20,13 +20,12 @@ import torch.distributed as dist
 
 import ulysses_sp
 from tests.distributed import harness
-from tests.helpers import tiny_model, tokens
+from tests.helpers import ROOT, tiny_model, tokens
 from ulysses_sp.core import comm
 from ulysses_sp.train.cli import parse_config
 from ulysses_sp.train.loop import TrainingRun
 from ulysses_sp.train.presets import build_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HARNESS_TIMEOUT = timedelta(seconds=300)  # harness.py's init_process_group timeout
 
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.distributed.test_train_e2e import COMMON, ROOT, TRAIN, _port, assert_same_curve, run_ok, train
+from tests.distributed.train.test_train_e2e import COMMON, ROOT, TRAIN, _port, assert_same_curve, run_ok, train
 
 pytestmark = pytest.mark.slow
 

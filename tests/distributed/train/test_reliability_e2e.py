@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.distributed.test_train_e2e import ROOT, TRAIN, _env, _port, run_ok, train_command
+from tests.distributed.train.test_train_e2e import ROOT, TRAIN, _env, _port, run_ok, train_command
 from ulysses_sp.train.checkpoints import find_checkpoint
 
 ZERO3 = os.path.join(ROOT, "configs", "deepspeed", "zero3.json")

@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 import ulysses_sp
 from tests.distributed import harness
-from tests.distributed.test_loss import _full_batch, _local_batch
+from tests.distributed.loss.test_loss import _full_batch, _local_batch
 from tests.helpers import tiny_model
 from ulysses_sp.core import comm
 from ulysses_sp.core.rng import sharded_rng, sync_rng

@@ -9,9 +9,8 @@ import torch.distributed as dist
 
 from benchmarks.spbench import runner
 from benchmarks.spbench.workload import Workload
-
-from ..helpers import tiny_model
-from .harness import cpu_only, run
+from tests.distributed.harness import cpu_only, run
+from tests.helpers import tiny_model
 
 pytestmark = cpu_only("CPU/gloo checks of the benchmark runner's OOM agreement")
 

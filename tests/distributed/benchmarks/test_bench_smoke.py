@@ -17,10 +17,10 @@ import sys
 import pytest
 
 from tests.distributed import harness
+from tests.helpers import ROOT
 
 pytestmark = harness.cpu_only("the benchmark's CPU smoke run (the GPU benchmark is benchmarks/bench_sp.py itself)")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, "benchmarks", "bench_sp.py")
 SEQ_LENS = (64, 128)
 CONFIGS = ("alst", "ours", "ours+sac+cudnn", "alst+tiled_mlp+ac_offload", "ours+tiled_mlp+offload+sac+norms")

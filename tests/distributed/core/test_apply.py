@@ -12,7 +12,7 @@ import transformers
 
 import ulysses_sp
 from tests.distributed import harness
-from tests.distributed.test_attention_parity import _check_parity
+from tests.distributed.core.test_attention_parity import _check_parity
 from tests.helpers import clone, tiny_model, tokens
 
 

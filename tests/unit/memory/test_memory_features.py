@@ -4,8 +4,6 @@ saves, the trainer's flags, and that both features are scoped to one model and u
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -16,8 +14,6 @@ from ulysses_sp.memory import activation_checkpointing as ckpt
 from ulysses_sp.memory import offload
 from ulysses_sp.memory.tiled_mlp import is_mlp_tiled, tile_mlp, untile_mlp
 from ulysses_sp.train.cli import parse_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_selective_policy_saves_attention_and_a2a_only():

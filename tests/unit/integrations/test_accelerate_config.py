@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from tests.helpers import ROOT
 from ulysses_sp.integrations.accelerate_env import (
     ENV_SP_SIZE,
     claim_sp_size,
@@ -19,7 +20,6 @@ from ulysses_sp.integrations.accelerate_env import (
 from ulysses_sp.integrations.sp_size import resolve_sp_size
 from ulysses_sp.train.plan import check_accelerate_launch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OURS = {
     "ACCELERATE_USE_PARALLELISM_CONFIG": "true",
     "PARALLELISM_CONFIG_SP_SIZE": "2",
