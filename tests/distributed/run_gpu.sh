@@ -2,7 +2,7 @@
 # Run the distributed test bodies on GPUs with NCCL, in fp32 and bf16 (tolerances: tests/helpers.py,
 # docs/testing.md). Usage, on a node with >= 4 GPUs (tests needing more GPUs than present skip):
 #   tests/distributed/run_gpu.sh [pytest args]      (ULYSSES_SP_TEST_DTYPES="fp32" for one dtype)
-#   tests/distributed/run_gpu.sh tests/distributed/test_loss.py   (named tests instead of the whole suite)
+#   tests/distributed/run_gpu.sh tests/distributed/loss/test_loss.py   (named tests instead of the whole suite)
 # Every body runs as one process per GPU; CPU-only tests (launcher end-to-end runs) are deselected.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

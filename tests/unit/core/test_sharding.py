@@ -214,3 +214,17 @@ def test_errors_name_the_numbers(batch, match):
 def test_bad_topology():
     with pytest.raises(ValueError, match=r"0 <= sp_rank < sp_size, got P=2 rank=2"):
         shard_batch({"input_ids": torch.zeros(1, 4, dtype=torch.long)}, _topo(2, 2))
+
+
+def test_negative_position_ids_in_a_batch():
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "position_ids": torch.tensor([[0, 1, -1, 2]])}
+    with pytest.raises(ValueError, match=r"position_ids hold negative values \(min -1\)"):
+        shard_batch(batch, _topo(2, 0))
+
+
+def test_sequence_shorter_than_sp_is_padded_not_refused():
+    batch = {"input_ids": torch.tensor([[7, 8]]), "labels": torch.tensor([[7, 8]])}
+    shards = [shard_batch(batch, _topo(4, r)) for r in range(4)]
+    assert [sh["input_ids"].tolist() for sh in shards] == [[[7]], [[8]], [[0]], [[0]]]
+    assert [sh["shift_labels"].tolist() for sh in shards] == [[[8]], [[-100]], [[-100]], [[-100]]]
+    assert [sh["position_ids"].tolist() for sh in shards] == [[[0]], [[1]], [[2]], [[3]]]

@@ -1,5 +1,5 @@
 """Data path without processes: collation, packing, text formats, and the loader's sampling and
-resume logic on a fake topology (the distributed checks are in tests/distributed/test_data.py)."""
+resume logic on a fake topology (the distributed checks are in tests/distributed/data/test_data.py)."""
 
 from __future__ import annotations
 

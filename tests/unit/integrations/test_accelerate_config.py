@@ -18,7 +18,6 @@ from ulysses_sp.integrations.accelerate_env import (
     read_sp_size,
 )
 from ulysses_sp.integrations.sp_size import resolve_sp_size
-from ulysses_sp.train.plan import check_accelerate_launch
 
 OURS = {
     "ACCELERATE_USE_PARALLELISM_CONFIG": "true",
@@ -136,19 +135,3 @@ def test_resolve_sp_size_order_and_conflicts():
         r"got '4'",
     ):
         resolve_sp_size(None, {"sequence_parallel_size": "4"}, {})
-
-
-def test_accelerate_launches_the_trainer_cannot_honour():
-    ds_launch = {**OURS, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "z2.json"}
-    assert launched_deepspeed_config_file(ds_launch) == "z2.json"  # the trainer loads it as --deepspeed
-    assert launched_deepspeed_config_file(OURS) is None
-    check_accelerate_launch({"zero_optimization": {"stage": 2}}, ds_launch)
-    inline = {**OURS, "ACCELERATE_USE_DEEPSPEED": "true"}  # DeepSpeed settings in the YAML, no JSON file
-    with pytest.raises(
-        ValueError,
-        match=r"accelerate launched DeepSpeed \(deepspeed_config_file \(set in the "
-        r"Accelerate config's deepspeed_config\)\).*add --deepspeed CONFIG.json",
-    ):
-        check_accelerate_launch({}, inline)
-    with pytest.raises(ValueError, match="accelerate launched FSDP, which launch/train.py does not support"):
-        check_accelerate_launch({}, {"ACCELERATE_USE_FSDP": "true"})

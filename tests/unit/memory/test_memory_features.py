@@ -1,6 +1,6 @@
 """Checkpointing policies and the tiled MLP without a process group: which ops the selective policy
 saves, the trainer's flags, and that both features are scoped to one model and undone cleanly.
-(Numerics and all-to-all counts under SP, ZeRO-3: tests/distributed/test_memory_features.py.)"""
+(Numerics and all-to-all counts under SP, ZeRO-3: tests/distributed/memory/test_memory_features.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from tests.helpers import clone, tiny_model, tokens
 from ulysses_sp.memory import activation_checkpointing as ckpt
 from ulysses_sp.memory import offload
 from ulysses_sp.memory.tiled_mlp import is_mlp_tiled, tile_mlp, untile_mlp
-from ulysses_sp.train.cli import parse_config
 
 
 def test_selective_policy_saves_attention_and_a2a_only():
@@ -151,20 +150,6 @@ def test_tiled_mlp_recomputes_its_input_from_an_rms_norm_recompute():
     model(input_ids=ids)
     layers = ref.config.num_hidden_layers
     assert sources == [True, True] * layers + [False], sources  # the final norm's output is returned: none
-
-
-def test_memory_flags():
-    assert parse_config([]).grad_ckpt == "none"
-    assert parse_config(["--grad-ckpt"]).grad_ckpt == "full"
-    config = parse_config(["--grad-ckpt", "selective", "--tiled-mlp", "--offload-activations", "--recompute-norms"])
-    assert (config.grad_ckpt, config.tiled_mlp, config.offload_activations, config.recompute_norms) == (
-        "selective",
-        True,
-        True,
-        True,
-    )
-    with pytest.raises(ValueError, match="--offload-activations moves the layers' checkpoints to host memory"):
-        parse_config(["--offload-activations"])
 
 
 def _saved_bytes(fn, x) -> int:

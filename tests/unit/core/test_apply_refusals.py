@@ -1,0 +1,62 @@
+"""Models and settings ``apply`` refuses with a ValueError, before anything is changed."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import transformers
+
+import ulysses_sp
+from ulysses_sp.core.attention import UlyssesAttention
+from ulysses_sp.train.presets import build_config
+
+TOPO2 = SimpleNamespace(sp_size=2, sp_rank=0, dp_size=1, dp_rank=0)
+
+
+def _model(config):
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def test_models_ulysses_sp_refuses():
+    mamba = _model(transformers.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=4))
+    with pytest.raises(
+        ValueError,
+        match=r"MambaForCausalLM has layers of type \['linear_attention'\]; .*supports only "
+        r"\['full_attention', 'sliding_attention'\]",
+    ):
+        ulysses_sp.apply(mamba, TOPO2)
+    hybrid = _model(
+        transformers.Lfm2Config(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            layer_types=["conv", "full_attention"],
+        )
+    )
+    with pytest.raises(ValueError, match=r"Lfm2ForCausalLM has layers of type \['conv'\]"):
+        ulysses_sp.apply(hybrid, TOPO2)
+    bloom = _model(transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
+    with pytest.raises(
+        ValueError,
+        match=r"BloomForCausalLM does not route attention through transformers' "
+        r"AttentionInterface",
+    ):
+        ulysses_sp.apply(bloom, TOPO2)
+    uneven_kv = _model(build_config("tiny-llama", num_attention_heads=8, num_key_value_heads=3, hidden_size=64))
+    with pytest.raises(ValueError, match=r"num_attention_heads=8, not a multiple of num_key_value_heads=3"):
+        ulysses_sp.apply(uneven_kv, TOPO2)
+    few_heads = _model(build_config("tiny-llama", num_attention_heads=2, num_key_value_heads=2, hidden_size=32))
+    with pytest.raises(ValueError, match=r"sp_size=4 exceeds num_attention_heads=2: .* Use sp_size <= 2"):
+        ulysses_sp.apply(few_heads, SimpleNamespace(sp_size=4, sp_rank=0))
+    with pytest.raises(
+        ValueError,
+        match=r"attention implementation 'paged_attention' is not supported by ulysses_sp; "
+        r"use one of \['sdpa'",
+    ):
+        UlyssesAttention(TOPO2, "paged_attention")
+    for model in (mamba, hybrid, bloom, uneven_kv, few_heads):
+        assert not ulysses_sp.is_applied(model)
