@@ -96,6 +96,22 @@ def measure(model, ids: torch.Tensor) -> tuple[int, int]:
     return held, peak.peak - start
 
 
+def llama_config(layers: int, hidden: int, ffn: int, tokens: int) -> transformers.LlamaConfig:
+    """The Llama shape both memory benchmarks measure (8 heads, 2 kv heads, sdpa)."""
+    config = transformers.LlamaConfig(
+        vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=tokens,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -113,17 +129,7 @@ def main(argv=None) -> None:
     rms_norm.TILE_ELEMENTS = args.norm_tile_elements
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(1)
-    config = transformers.LlamaConfig(
-        vocab_size=1024,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=args.tokens,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "sdpa"
+    config = llama_config(args.layers, args.hidden, args.ffn, args.tokens)
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config).to(torch.bfloat16).train()
     ids = torch.randint(0, config.vocab_size, (1, args.tokens))

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cpu_memory import heap_bytes
+from cpu_memory import heap_bytes, llama_config
 
 import ulysses_sp
 from ulysses_sp.loss.tiled_ce import tiled_cross_entropy_sum
@@ -104,17 +104,7 @@ def main(argv=None) -> None:
     mode_ref: list = [None]
     _labelled(tiled_mlp.TiledMLP, "MLP backward", mode_ref)
     _labelled(rms_norm.RMSNormFunction, "norm backward", mode_ref)
-    config = transformers.LlamaConfig(
-        vocab_size=1024,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=args.tokens,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "sdpa"
+    config = llama_config(args.layers, args.hidden, args.ffn, args.tokens)
     ids = torch.randint(0, config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     batch = ulysses_sp.shard_batch({"input_ids": ids, "labels": ids}, topo)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
+import sys
 
 import torch
 import transformers
@@ -21,6 +23,28 @@ def tiny_model(name: str, seed: int = 0, attn: str = "sdpa", dtype=torch.float32
     config._attn_implementation = attn
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.train()
+
+
+#: the smallest shape of the family tests below (override per family)
+_SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
+
+
+def small_model(config_class: str, seed: int = 0, attn: str | None = None, **overrides):
+    """A random-init model of the transformers config class ``config_class`` at a tiny shape
+    (``attn``: its attention implementation, default the model's)."""
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**{**_SMALL, **overrides})
+    if attn is not None:
+        config._attn_implementation = attn
+    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def tokens(batch: int, seq: int, vocab: int = 256, seed: int = 1, device="cpu") -> torch.Tensor:
@@ -58,3 +82,42 @@ def assert_grads_close(model, ref, rtol: float, atol: float) -> int:
         n += 1
     assert n > 0, "no gradients compared"
     return n
+
+
+# --- launching commands (end-to-end tests) ----------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a launcher's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment of a launched command: this checkout importable, one thread per rank, gloo."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ULYSSES_SP_TEST_BACKEND", None)
+    env.update(extra)
+    return env
+
+
+#: launcher -> (module run with python -m, its process-count flag)
+_LAUNCHERS = {
+    "torchrun": ("torch.distributed.run", "--nproc_per_node"),
+    "deepspeed": ("deepspeed.launcher.runner", "--num_gpus"),
+}
+
+
+def launcher_command(launcher: str, nproc: int, script: str, *args) -> list[str]:
+    """``script args`` under torchrun or the deepspeed launcher with ``nproc`` processes."""
+    module, count = _LAUNCHERS[launcher]
+    return [sys.executable, "-m", module, count, str(nproc), "--master_port", str(free_port()), script, *map(str, args)]
+
+
+def flags(**values) -> list[str]:
+    """Command-line flags from keyword arguments: ``flags(sp_size=2, pack=True)`` -> ``--sp-size 2 --pack``."""
+    out = []
+    for name, value in values.items():
+        out += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return out

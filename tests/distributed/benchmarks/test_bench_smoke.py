@@ -10,26 +10,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from tests.distributed import harness
-from tests.helpers import ROOT
+from tests.helpers import ROOT, flags, launcher_command, subprocess_env
 
 pytestmark = harness.cpu_only("the benchmark's CPU smoke run (the GPU benchmark is benchmarks/bench_sp.py itself)")
 
 BENCH = os.path.join(ROOT, "benchmarks", "bench_sp.py")
 SEQ_LENS = (64, 128)
 CONFIGS = ("alst", "ours", "ours+sac+cudnn", "alst+tiled_mlp+ac_offload", "ours+tiled_mlp+offload+sac+norms")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _finite(value) -> bool:
@@ -39,17 +32,9 @@ def _finite(value) -> bool:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("ULYSSES_SP_TEST_BACKEND", None)
+    env = subprocess_env()
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_port()),
-        BENCH,
+        *launcher_command("torchrun", 2, BENCH),
         "--device",
         "cpu",
         "--model",
@@ -127,50 +112,27 @@ def _table(stdout: str, names) -> dict[str, list[str]]:
     return {words[0]: words[1:] for words in rows if words and words[0] in names}
 
 
+def _output(cmd: list[str]) -> str:
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=True).stdout
+
+
 def test_cpu_memory_benchmarks():
     """benchmarks/cpu_memory.py (one process) and cpu_memory_sp.py (2 SP ranks) at a small size: every
     configuration prints, and RMSNorm recompute lowers the peak (it keeps no fp32 copies)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    single = subprocess.run(
+    single = _output(
         [
             sys.executable,
             os.path.join(ROOT, "benchmarks", "cpu_memory.py"),
-            "--layers",
-            "1",
-            "--tokens",
-            "1024",
-            "--norm-tile-elements",
-            "8192",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+            *flags(layers=1, tokens=1024, norm_tile_elements=8192),
+        ]
+    )
     rows = _table(single, ("full+tiled_mlp", "full+tiled_mlp+norms"))
     assert float(rows["full+tiled_mlp+norms"][1]) < float(rows["full+tiled_mlp"][1]), single  # peak MiB
-    sp = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_port()),
-            os.path.join(ROOT, "benchmarks", "cpu_memory_sp.py"),
-            "--layers",
-            "1",
-            "--tokens",
-            "1024",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+    sp = _output(
+        launcher_command(
+            "torchrun", 2, os.path.join(ROOT, "benchmarks", "cpu_memory_sp.py"), *flags(layers=1, tokens=1024)
+        )
+    )
     rows = _table(sp, ("full+tiled_mlp", "full+tiled_mlp+norms"))
     peaks = {name: max(float(x) for x in row[:6]) for name, row in rows.items()}
     assert len(peaks) == 2 and peaks["full+tiled_mlp+norms"] < peaks["full+tiled_mlp"], sp

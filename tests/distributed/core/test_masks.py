@@ -69,16 +69,18 @@ def _local(x: torch.Tensor, topo) -> torch.Tensor:
     return x[:, topo.sp_rank * s : (topo.sp_rank + 1) * s]
 
 
-def _compare(ctx, topo, model, ref, backend, got, want, ref_loss, weights, valid=None, what=""):
+def _compare(ctx, topo, model, ref, backend, got, want, weights, *, ref_loss=None, valid=None, what=""):
     """Local logits against the reference's slice (valid positions only), then every parameter's
-    gradient (summed over the SP group) against the reference's; the loss is sum(logits * weights)."""
+    gradient (summed over the SP group) against the reference's; the loss is sum(logits * weights)
+    (the reference's: ``ref_loss``, by default from ``want``)."""
     tol = _tol(ctx, backend)
     want_local = _local(want, topo).detach()
     mask = torch.ones(got.shape[:2], dtype=torch.bool, device=got.device) if valid is None else _local(valid, topo)
+    what = f"{what} {model.config.model_type}/{backend}"
     torch.testing.assert_close(got[mask], want_local[mask], **tol, msg=lambda m: f"{what} logits: {m}")
     if not _with_grads(backend):
         return
-    ref_loss.backward()
+    (ref_loss if ref_loss is not None else (want.float() * weights).sum()).backward()
     w = _local(weights, topo) * mask[..., None]
     (got.float() * w).sum().backward()
     for p in model.parameters():
@@ -113,9 +115,7 @@ def _check_packed(ctx, topo, preset, backend, layout):
                 lengths = torch.tensor([0] + [n for row in LENS for n in row])
                 batch["cu_seqlens"] = lengths.cumsum(0).to(torch.int32)  # over B*S: [0, 5, 19, 32, 52, 64]
             got = model(**shard_batch(batch, topo)).logits
-        _compare(
-            ctx, topo, model, ref, backend, got, want, ref_loss, weights, what=f"packed {preset}/{backend}/{layout}"
-        )
+        _compare(ctx, topo, model, ref, backend, got, want, weights, ref_loss=ref_loss, what=f"packed {layout}")
 
 
 def _check_window(ctx, topo, preset, backend):
@@ -127,18 +127,7 @@ def _check_window(ctx, topo, preset, backend):
     with torch.set_grad_enabled(_with_grads(backend)):
         want = ref(input_ids=ids).logits
         got = model(input_ids=_local(ids, topo)).logits
-        _compare(
-            ctx,
-            topo,
-            model,
-            ref,
-            backend,
-            got,
-            want,
-            (want.float() * weights).sum(),
-            weights,
-            what=f"window {preset}/{backend}",
-        )
+        _compare(ctx, topo, model, ref, backend, got, want, weights, what="window")
 
 
 def _check_window_matters(ctx, preset):
@@ -179,7 +168,7 @@ def _check_padding(ctx, topo, preset, backend):
         want = ref(input_ids=ids, attention_mask=mask).logits
         ref_loss = torch.where(valid[..., None], want.float() * weights, 0).sum()
         got = model(input_ids=_local(ids, topo), attention_mask=_local(mask, topo)).logits
-        _compare(ctx, topo, model, ref, backend, got, want, ref_loss, weights, valid, f"padding {preset}/{backend}")
+        _compare(ctx, topo, model, ref, backend, got, want, weights, ref_loss=ref_loss, valid=valid, what="padding")
     with torch.no_grad():
         got = model(**shard_batch({"input_ids": ids, "attention_mask": mask}, topo)).logits
         local_valid = _local(valid, topo)
@@ -217,18 +206,7 @@ def _check_custom(ctx, topo, preset, backend):
         with torch.set_grad_enabled(_with_grads(backend)):
             want = ref(input_ids=ids, attention_mask=ref_mask).logits
             got = model(input_ids=_local(ids, topo), attention_mask=mask).logits
-            _compare(
-                ctx,
-                topo,
-                model,
-                ref,
-                backend,
-                got,
-                want,
-                (want.float() * weights).sum(),
-                weights,
-                what=f"custom {name} {preset}/{backend}",
-            )
+            _compare(ctx, topo, model, ref, backend, got, want, weights, what=f"custom {name}")
     keep29, _ = _custom_masks(ctx, 29, heads)
     with torch.no_grad():
         want = ref(input_ids=ids[:, :29], attention_mask=keep29[:, None]).logits

@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.distributed.train.test_train_e2e import COMMON, ROOT, TRAIN, _port, assert_same_curve, run_ok, train
+from tests.distributed.train.test_train_e2e import COMMON, TRAIN, assert_same_curve, run_ok, train
+from tests.helpers import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ def accelerate_launch(tmp_path, name, script, *args, num_processes=None, config=
         "--config_file",
         config,
         "--main_process_port",
-        str(_port()),
+        str(free_port()),
     ]
     if num_processes is not None:
         launch += ["--num_processes", str(num_processes)]

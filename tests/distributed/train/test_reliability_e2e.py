@@ -20,7 +20,8 @@ import time
 
 import pytest
 
-from tests.distributed.train.test_train_e2e import ROOT, TRAIN, _env, _port, run_ok, train_command
+from tests.distributed.train.test_train_e2e import TRAIN, run_ok, train_command
+from tests.helpers import ROOT, flags, free_port, launcher_command, subprocess_env
 from ulysses_sp.train.checkpoints import find_checkpoint
 
 ZERO3 = os.path.join(ROOT, "configs", "deepspeed", "zero3.json")
@@ -68,7 +69,9 @@ def _start_ranks(nproc, args, cwds):
 
     The ranks run at a lower priority than the test: on a 2-core machine two busy ranks would
     otherwise starve the test's polling and its signal would land steps later than planned."""
-    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    env = subprocess_env(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc)
+    )
     procs = []
     for rank, cwd in enumerate(cwds):
         cwd.mkdir(parents=True, exist_ok=True)
@@ -141,20 +144,7 @@ def test_killed_rank_ends_the_job_then_resume_is_exact(uninterrupted, tmp_path):
     uninterrupted run exactly."""
     sp2 = uninterrupted["sp2"]
     metrics = tmp_path / "killed.jsonl"
-    args = [
-        *COMMON,
-        *EVAL,
-        "--sp-size",
-        "2",
-        "--save-dir",
-        str(tmp_path / "ckpt"),
-        "--save-every",
-        "3",
-        "--metrics",
-        str(metrics),
-        "--timeout-s",
-        "20",
-    ]
+    args = [*COMMON, *EVAL, *flags(sp_size=2, save_dir=tmp_path / "ckpt", save_every=3, metrics=metrics, timeout_s=20)]
     procs = _start_ranks(2, args, [tmp_path, tmp_path])
     _wait_for_step(metrics, 4, procs)  # the step-3 checkpoint is complete before step 4 starts
     procs[1].send_signal(signal.SIGKILL)
@@ -239,21 +229,7 @@ def test_successful_run_frees_its_objects_before_exit(tmp_path):
     (docs/troubleshooting.md). gc is off in the ranks, so only run()'s own collection frees them."""
     probe = tmp_path / "probe.py"
     probe.write_text(_FREED_PROBE)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_port()),
-        str(probe),
-        os.path.dirname(TRAIN),
-        str(tmp_path),
-        *COMMON,
-        "--sp-size",
-        "2",
-    ]
+    cmd = launcher_command("torchrun", 2, probe, os.path.dirname(TRAIN), tmp_path, *COMMON, *flags(sp_size=2))
     run_ok(cmd, tmp_path)
     for rank in (0, 1):
         alive = json.loads((tmp_path / f"alive_{rank}.json").read_text())
@@ -306,17 +282,7 @@ def test_deepspeed_resume_exact_and_at_another_world_size(uninterrupted, tmp_pat
     change) equals the torch engine's."""
     args = [*COMMON, *EVAL, "--dtype", "fp32", "--deepspeed", ZERO3]
     full = _launch(
-        tmp_path,
-        "ds_full",
-        2,
-        *args,
-        "--sp-size",
-        "2",
-        "--save-dir",
-        str(tmp_path / "ckpt"),
-        "--save-every",
-        "3",
-        launcher="deepspeed",
+        tmp_path, "ds_full", 2, *args, *flags(sp_size=2, save_dir=tmp_path / "ckpt", save_every=3), launcher="deepspeed"
     )
     ref = uninterrupted["ref"]["train"]
     assert [full["train"][s]["lr"] for s in range(1, 7)] == [ref[s]["lr"] for s in range(1, 7)]
@@ -340,7 +306,7 @@ def test_deepspeed_resume_exact_and_at_another_world_size(uninterrupted, tmp_pat
             "--output_folder",
             str(state / "universal"),
         ],
-        env=_env(),
+        env=subprocess_env(),
         check=True,
         capture_output=True,
         timeout=300,

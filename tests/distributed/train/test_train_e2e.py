@@ -11,25 +11,10 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, launcher_command, subprocess_env
 
 TRAIN = os.path.join(ROOT, "launch", "train.py")
 pytestmark = pytest.mark.slow
-
-
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("ULYSSES_SP_TEST_BACKEND", None)
-    env.update(extra)
-    return env
-
-
-def _port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_command(nproc: int, args, launcher: str = "torchrun") -> list[str]:
@@ -37,35 +22,12 @@ def train_command(nproc: int, args, launcher: str = "torchrun") -> list[str]:
     if launcher == "python":
         assert nproc == 1, nproc
         return [sys.executable, TRAIN, *args]
-    if launcher == "torchrun":
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(_port()),
-            TRAIN,
-            *args,
-        ]
-    assert launcher == "deepspeed", launcher
-    return [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        str(nproc),
-        "--master_port",
-        str(_port()),
-        TRAIN,
-        *args,
-    ]
+    return launcher_command(launcher, nproc, TRAIN, *args)
 
 
 def run_ok(cmd, cwd):
     """Run ``cmd`` to completion; fail the test with its output unless it exits 0."""
-    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=cwd, check=False)
+    out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=cwd, check=False)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     return out
 

@@ -8,6 +8,7 @@ import pytest
 import transformers
 
 import ulysses_sp
+from tests.helpers import small_model
 from ulysses_sp.core.attention import UlyssesAttention
 from ulysses_sp.train.presets import build_config
 
@@ -19,27 +20,17 @@ def _model(config):
 
 
 def test_models_ulysses_sp_refuses():
-    mamba = _model(transformers.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=4))
+    mamba = small_model("MambaConfig", state_size=4)
     with pytest.raises(
         ValueError,
         match=r"MambaForCausalLM has layers of type \['linear_attention'\]; .*supports only "
         r"\['full_attention', 'sliding_attention'\]",
     ):
         ulysses_sp.apply(mamba, TOPO2)
-    hybrid = _model(
-        transformers.Lfm2Config(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            layer_types=["conv", "full_attention"],
-        )
-    )
+    hybrid = small_model("Lfm2Config", num_hidden_layers=2, layer_types=["conv", "full_attention"])
     with pytest.raises(ValueError, match=r"Lfm2ForCausalLM has layers of type \['conv'\]"):
         ulysses_sp.apply(hybrid, TOPO2)
-    bloom = _model(transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
+    bloom = small_model("BloomConfig", n_layer=1, n_head=4)
     with pytest.raises(
         ValueError,
         match=r"BloomForCausalLM does not route attention through transformers' "

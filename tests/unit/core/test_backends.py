@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 
 import ulysses_sp
+from tests.helpers import small_model
 from ulysses_sp.core import backends, masks
 from ulysses_sp.core.model_inputs import complete_kwargs
 from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
@@ -239,19 +239,14 @@ def test_hook_folds_a_2d_mask_and_never_drops_a_layout():
 
 
 def test_chunked_attention_is_refused():
-    config = transformers.Llama4TextConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
+    model = small_model(
+        "Llama4TextConfig",
         intermediate_size_mlp=64,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=8,
         attention_chunk_size=8,
         num_local_experts=2,
     )
-    model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match=r"uses chunked attention \(attention_chunk_size=8, e.g. Llama 4\)"):
         ulysses_sp.apply(model, SimpleNamespace(sp_size=2, sp_rank=0))
 

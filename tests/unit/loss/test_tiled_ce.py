@@ -8,10 +8,10 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from tests.helpers import small_model
 from ulysses_sp.loss.logits import LogitTransform, logit_transform
 from ulysses_sp.loss.tiled_ce import liger_unsupported_reason, tile_tokens_for_budget, tiled_cross_entropy_sum
 
@@ -104,19 +104,7 @@ def test_peak_memory_bounded_by_one_tile():
 
 
 def _tiny(cls_name: str, **kw):
-    torch.manual_seed(0)
-    base = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    config = getattr(transformers, cls_name)(**{**base, **kw})
-    config._attn_implementation = "eager"
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return small_model(cls_name, attn="eager", **kw).eval()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
-from tests.helpers import clone, tiny_model, tokens
+from tests.helpers import clone, small_model, tiny_model, tokens
 from ulysses_sp.memory import activation_checkpointing as ckpt
 from ulysses_sp.memory import offload
 from ulysses_sp.memory.tiled_mlp import is_mlp_tiled, tile_mlp, untile_mlp
@@ -285,19 +285,8 @@ def test_rms_norm_recompute_is_scoped_undone_and_exact_in_a_model():
 
 
 def test_rms_norm_recompute_leaves_other_norms_alone():
-    import transformers
-
     from ulysses_sp.memory.rms_norm import enable_rms_norm_recompute
 
-    config = transformers.GemmaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-    )
-    gemma = transformers.AutoModelForCausalLM.from_config(config)  # its norm scales by (1 + weight)
+    gemma = small_model("GemmaConfig", num_attention_heads=2, num_key_value_heads=1, head_dim=16)  # norm: 1 + weight
     with pytest.raises(ValueError, match=r"no Llama-style RMSNorm .*GemmaRMSNorm"):
         enable_rms_norm_recompute(gemma)
