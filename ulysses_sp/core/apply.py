@@ -70,6 +70,12 @@ def applied_topology(model: torch.nn.Module) -> SPTopology | None:
 
 
 def _validate(model, config, topology: SPTopology, impl: str) -> None:
+    if getattr(config, "alibi", False):
+        raise ValueError(
+            f"{type(model).__name__} uses ALiBi (config.alibi=True): transformers adds the ALiBi bias to the mask "
+            "it builds for the local shard, which does not describe the full sequence under sequence "
+            "parallelism, so ulysses_sp refuses it; set alibi=False (rotary positions) or train without SP"
+        )
     if not hasattr(model, "_can_set_attn_implementation") or not model._can_set_attn_implementation():
         raise ValueError(
             f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "

@@ -91,7 +91,9 @@ class UlyssesAttention:
         out = backends.run(self.backend, q, k, v, spec)  # [B, S, nq, Hv]
         if P > 1:
             out = heads_to_seq(out, plan.q_heads, topo.sp_group, rank)  # [B, s, Nq, Hv]
-        return out, None
+        # contiguous, as transformers' own kernels return it: models .view() it (JetMoE, AFMoE), and with
+        # one head per rank the reshape in heads_to_seq (or a kernel's transpose at P = 1) is a strided view
+        return out.contiguous(), None
 
     @staticmethod
     def _full_mask(mask, S: int, Nq: int, my_heads: slice):

@@ -9,8 +9,26 @@ import torch
 
 import ulysses_sp
 from tests.distributed import harness
-from tests.helpers import assert_grads_close, clone, tiny_model, tokens, tolerances
+from tests.helpers import assert_grads_close, clone, small_model, tiny_model, tokens, tolerances
 from ulysses_sp.core import comm
+from ulysses_sp.train.presets import PRESETS
+
+#: families without a preset: transformers config class -> its tiny shape (small_model's, overridden)
+FAMILIES = {
+    # mixture of attention heads: kv heads repeated per expert, the output viewed per expert
+    "JetMoeConfig": dict(
+        num_key_value_heads=2, kv_channels=8, intermediate_size=32, num_local_experts=2, num_experts_per_tok=2
+    ),
+    # gated attention output viewed as [B, s, N*H]
+    "AfmoeConfig": dict(
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_dense_layers=1,
+    ),
+}
 
 CASES = [  # (preset, backend)
     ("tiny-llama", "sdpa"),
@@ -21,12 +39,20 @@ CASES = [  # (preset, backend)
     ("tiny-llama-6h", "sdpa"),
     ("tiny-deepseek-v3", "sdpa"),
     ("tiny-gpt-oss", "eager"),  # attention sinks sliced per rank; sliding layer shorter than the sequence
+    ("JetMoeConfig", "sdpa"),  # 4 heads: one per rank at sp4, where the output must still be contiguous
+    ("AfmoeConfig", "sdpa"),
 ]
+
+
+def _model(preset: str, backend: str, dtype: torch.dtype, **overrides):
+    if preset in PRESETS:
+        return tiny_model(preset, attn=backend, dtype=dtype, **overrides)
+    return small_model(preset, attn=backend, vocab_size=256, **{**FAMILIES[preset], **overrides}).to(dtype).train()
 
 
 def _check_parity(ctx, topo, preset, backend, batch=2, seq=24, **overrides):
     dtype = ctx.dtype
-    model = tiny_model(preset, attn=backend, dtype=dtype, **overrides).to(ctx.device)
+    model = _model(preset, backend, dtype, **overrides).to(ctx.device)
     ref = clone(model)
     # each DP group gets its own batch; ranks of one SP group share it
     ids = tokens(batch, seq, seed=100 + topo.dp_rank, device=ctx.device)

@@ -37,6 +37,9 @@ def test_models_ulysses_sp_refuses():
         r"AttentionInterface",
     ):
         ulysses_sp.apply(bloom, TOPO2)
+    falcon = small_model("FalconConfig", alibi=True)
+    with pytest.raises(ValueError, match=r"FalconForCausalLM uses ALiBi \(config.alibi=True\).* set alibi=False"):
+        ulysses_sp.apply(falcon, TOPO2)
     uneven_kv = _model(build_config("tiny-llama", num_attention_heads=8, num_key_value_heads=3, hidden_size=64))
     with pytest.raises(ValueError, match=r"num_attention_heads=8, not a multiple of num_key_value_heads=3"):
         ulysses_sp.apply(uneven_kv, TOPO2)
@@ -49,5 +52,5 @@ def test_models_ulysses_sp_refuses():
         r"use one of \['sdpa'",
     ):
         UlyssesAttention(TOPO2, "paged_attention")
-    for model in (mamba, hybrid, bloom, uneven_kv, few_heads):
+    for model in (mamba, hybrid, bloom, falcon, uneven_kv, few_heads):
         assert not ulysses_sp.is_applied(model)
