@@ -7,7 +7,7 @@ For every sequence length and every configuration (``--configs``: ``ours`` / ``a
 e.g. ``ours+cudnn+sac``, see spbench/levers.py) a fresh model and DeepSpeed engine are built,
 warmed up and timed; then freed before the next. Printed on rank 0 and written to ``--out``:
 step time (median of ``--steps`` timed steps, slowest rank), tokens/s per GPU, model TFLOP/s and
-MFU (formula in spbench/flops.py), peak memory (max over ranks of max_memory_allocated over the
+MFU (formula in ulysses_sp/train/flops.py), peak memory (max over ranks of max_memory_allocated over the
 steps minus what was allocated before the configuration's build; the absolute value too), exposed
 all-to-all / communication time (spbench/comm.py), the first
 step's loss on both sides (parity), ratios against ``--baseline``. ``--max-len-search`` then

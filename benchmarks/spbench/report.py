@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from . import flops
+from ulysses_sp.train import flops
 
 _ENV_KEYS = (
     "PYTORCH_CUDA_ALLOC_CONF",

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import comm, flops
+from ulysses_sp.train import flops
+
+from . import comm
 from .workload import Workload, synchronize
 
 _STATUS = {0: "ok", 1: "oom", 2: "error"}

@@ -25,6 +25,7 @@ import transformers
 from packaging.version import Version
 
 from .attention import UlyssesAttention
+from .backends.flash import check_installed
 from .heads import plan_heads
 from .model_inputs import complete_kwargs
 from .topology import SPTopology
@@ -76,6 +77,12 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
             "it builds for the local shard, which does not describe the full sequence under sequence "
             "parallelism, so ulysses_sp refuses it; set alibi=False (rotary positions) or train without SP"
         )
+    if any(hasattr(m, "prepare_dynamic_mask") for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} computes a dynamic attention mask from each layer's values (prepare_dynamic_mask, "
+            "e.g. Doge): on a shard of the sequence that mask sees only the local tokens, so it cannot describe "
+            "the full sequence under sequence parallelism, and ulysses_sp refuses the model; train it without SP"
+        )
     if not hasattr(model, "_can_set_attn_implementation") or not model._can_set_attn_implementation():
         raise ValueError(
             f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
@@ -107,16 +114,7 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
             "head to serve the same number of query heads (num_attention_heads % num_key_value_heads == 0)"
         )
     plan_heads(heads, kv, topology.sp_size)  # raises on sp > heads
-    if impl in ("flash_attention_2", "flash_attention_3"):
-        from .backends.flash import flash_functions
-
-        try:
-            flash_functions(3 if impl.endswith("3") else 2)
-        except ImportError as e:
-            raise ValueError(
-                f"attn_implementation={impl!r} needs the flash-attn package ({e}); install it with "
-                "pip install 'ulysses_sp[flash]' or choose 'sdpa'"
-            ) from None
+    check_installed(impl)
 
 
 def _swap_configs(model, text_config, name: str) -> list:

@@ -85,7 +85,7 @@ class UlyssesAttention:
             window=sliding_window,
             softcap=softcap,
             info=info,
-            custom_mask=self._full_mask(attention_mask, s * P, Nq, plan.q_slice(rank)),
+            custom_mask=self._full_mask(attention_mask, s * P, s, Nq, plan.q_slice(rank)),
             sinks=None if s_aux is None else s_aux[plan.q_slice(rank)],  # [nq]
         )
         out = backends.run(self.backend, q, k, v, spec)  # [B, S, nq, Hv]
@@ -96,12 +96,19 @@ class UlyssesAttention:
         return out.contiguous(), None
 
     @staticmethod
-    def _full_mask(mask, S: int, Nq: int, my_heads: slice):
+    def _full_mask(mask, S: int, s: int, Nq: int, my_heads: slice):
         """A user's custom mask must describe the full sequence: [B|1, 1|Nq, S, S] (a tensor or a flex
         BlockMask); a per-head tensor is sliced to this rank's heads -> [B|1, nq, S, S]."""
         if mask is None:
             return None
         shape = tuple(mask.shape)
+        if len(shape) == 4 and shape[-2:] == (s, s) and s < S:
+            raise ValueError(
+                f"attention got a [{s}, {s}] mask, the size of the local shard ({S} tokens over {S // s} ranks): "
+                "a mask the model builds from its own inputs (e.g. a dynamic or chunked mask) covers only the "
+                "shard under sequence parallelism, and ulysses_sp cannot use it; this model cannot run with SP "
+                "(a mask of your own must cover the full sequence)"
+            )
         if len(shape) != 4 or shape[-2:] != (S, S) or shape[1] not in (1, Nq):
             raise ValueError(
                 f"under sequence parallelism a custom attention mask must cover the full sequence: "

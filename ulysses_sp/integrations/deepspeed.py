@@ -25,6 +25,7 @@ then leaves ZeRO parameters as they are) and checks every parameter's group afte
 
 from __future__ import annotations
 
+import glob
 import os
 
 import torch
@@ -32,6 +33,7 @@ import transformers
 
 from ..core import comm
 from ..core.apply import applied_topology, apply, is_applied
+from ..core.log import logger
 from ..core.topology import SPTopology
 from .deepspeed_config import batch_sizes, load_config, prepare_config, zero_stage
 from .sp_size import resolve_sp_size
@@ -184,6 +186,8 @@ def init_comm() -> None:
     """
     import deepspeed
 
+    if "nccl" not in comm.backend() and comm.rank() == 0:
+        _announce_cpu_op_build()
     deepspeed.init_distributed(dist_backend=comm.backend())
     if os.name != "posix":  # the shm all-reduce is POSIX shared memory
         return
@@ -194,6 +198,20 @@ def init_comm() -> None:
     path = os.path.join("/dev/shm", name)
     if os.path.exists(path):
         os.unlink(path)
+
+
+def _announce_cpu_op_build() -> None:
+    """Say that DeepSpeed is about to JIT-compile its CPU all-reduce op, when it has not been built yet:
+    a silent half minute at the first run on a machine looks like a hang."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    if not glob.glob(os.path.join(root, "**", "deepspeed_shm_comm*.so"), recursive=True):
+        logger.info(
+            "DeepSpeed compiles its CPU shared-memory all-reduce op now: once per machine and torch "
+            "version, about 30 s on 2 cores, cached in %s",
+            root,
+        )
 
 
 def _ensure_applied(model: torch.nn.Module, topology: SPTopology) -> None:

@@ -13,7 +13,7 @@ from ..core import comm
 from ..core.topology import SPTopology
 from ..data.loader import SPDataLoader
 from ..data.packing import PackedDataset
-from ..data.text import read_documents
+from ..data.text import Documents
 from .config import TrainConfig
 from .engines.deepspeed_engine import DeepSpeedEngine
 from .engines.torch_engine import TorchEngine
@@ -34,12 +34,20 @@ def init_distributed(device_type: str, timeout_s: float) -> None:
     if device_type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
-        comm.init_world("nccl", timeout, torch.device("cuda", local))
+        backend, device = "nccl", torch.device("cuda", local)
     else:
         if "OMP_NUM_THREADS" not in os.environ:  # the deepspeed launcher leaves every rank all cores
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        comm.init_world("gloo", timeout)
+        backend, device = "gloo", None
+    try:
+        comm.init_world(backend, timeout, device)
+    except (comm.DistError, RuntimeError) as e:  # a rendezvous timeout is a DistStoreError, or a RuntimeError
+        raise RuntimeError(
+            f"not every rank joined the job within --timeout-s {timeout_s:g} ({type(e).__name__}: {e}). A rank that "
+            "refused its settings before joining (e.g. a file missing on its node) said why in its own log, "
+            "prefixed with its rank; a rank that never started: check the launcher"
+        ) from e
 
 
 def build_model(
@@ -73,10 +81,9 @@ def build_engine(plan: RunPlan, model: torch.nn.Module, topology: SPTopology, lo
     )
 
 
-def training_rows(config: TrainConfig):
-    """(training rows, held-out rows or None): documents split when evaluation is on (evaluation.py),
-    then chunked to ``--seq-len`` or packed."""
-    documents = read_documents(config.dataset)
+def training_rows(config: TrainConfig, documents: Documents):
+    """(training rows, held-out rows or None): the documents split when evaluation is on
+    (evaluation.py), then chunked to ``--seq-len`` or packed."""
     heldout = None
     if config.eval_every:
         documents, heldout = split_heldout(documents, config.eval_fraction)

@@ -18,13 +18,15 @@ from ..core.backends import SUPPORTED as SUPPORTED_ATTENTION
 from ..core.checks import check_int
 from ..memory.activation_checkpointing import POLICIES
 
-DTYPES = ("fp32", "bf16", "fp16")
+#: --dtype values: our short names and torch's
+DTYPES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 
 
-def _flag(help_text: str, **argparse_kwargs) -> dict:
-    """Field metadata: the flag's help and its extra argparse options."""
-    return {"help": help_text, "argparse": argparse_kwargs}
+def _flag(help_text: str, shown_default: str | None = None, **argparse_kwargs) -> dict:
+    """Field metadata: the flag's help (also its row in docs/configuration.md), how its default reads
+    there when it is not a plain value, and its extra argparse options."""
+    return {"help": help_text, "shown_default": shown_default, "argparse": argparse_kwargs}
 
 
 @dataclass(frozen=True)
@@ -34,87 +36,193 @@ class TrainConfig:
     sp_size: int | None = field(
         default=None,
         metadata=_flag(
-            "SP group size (default: the DeepSpeed JSON's sequence_parallel_size, else the Accelerate config's, else 1)"
+            "SP group size. Resolution: --sp-size, else the DeepSpeed JSON's sequence_parallel_size, else the "
+            "Accelerate config's (parallelism_config_sp_size with parallelism_config_sp_backend: ulysses_sp, or "
+            "ULYSSES_SP_SIZE), else 1; two sources that differ are an error. The world size must be a multiple; "
+            "dp = world / sp",
+            "from the configs, else 1",
+            metavar="K",
         ),
     )
-    model: str = field(default="tiny-llama", metadata=_flag("preset name or a local config.json / model directory"))
-    seq_len: int = field(default=256, metadata=_flag("tokens per row"))
-    batch_size: int = field(default=1, metadata=_flag("sequences per micro-batch per DP replica"))
-    grad_accum: int = field(default=1, metadata=_flag("micro-batches per optimizer step"))
+    model: str = field(
+        default="tiny-llama",
+        metadata=_flag(
+            "a preset (listed below), a model's config file (any file name) or a model directory (its config.json; "
+            "its weights are loaded when it has .safetensors / .bin files, else random init). Nothing is downloaded",
+            metavar="NAME",
+        ),
+    )
+    seq_len: int = field(
+        default=256,
+        metadata=_flag(
+            "tokens per row (>= 2): longer documents are split into rows of at most L; with --pack, rows of exactly L "
+            "(the last may be shorter)",
+            metavar="L",
+        ),
+    )
+    batch_size: int = field(
+        default=1,
+        metadata=_flag("sequences per micro-batch per DP replica (all ranks of an SP group share them)", metavar="B"),
+    )
+    grad_accum: int = field(
+        default=1,
+        metadata=_flag(
+            "micro-batches per optimizer step; every micro-batch's loss is normalised by the labelled tokens of the "
+            "whole step over all DP replicas",
+            metavar="M",
+        ),
+    )
     steps: int = field(default=10, metadata=_flag("optimizer steps"))
-    lr: float = field(default=1e-3, metadata=_flag("peak learning rate"))
-    weight_decay: float = field(default=0.0, metadata=_flag("AdamW weight decay"))
-    warmup_steps: int = field(default=0, metadata=_flag("linear warmup steps before the cosine decay"))
-    max_grad_norm: float = field(default=1.0, metadata=_flag("gradient clipping norm; 0 disables clipping"))
-    seed: int = field(default=0, metadata=_flag("seed of the weights, the data order and the random streams"))
+    lr: float = field(default=1e-3, metadata=_flag("peak learning rate (AdamW; replaces a DeepSpeed JSON's)"))
+    weight_decay: float = field(default=0.0, metadata=_flag("AdamW weight decay (replaces a DeepSpeed JSON's)"))
+    warmup_steps: int = field(
+        default=0,
+        metadata=_flag(
+            "linear warmup, then cosine decay to 0.1 x lr over --steps (with --deepspeed: the JSON's scheduler when it "
+            "has one)"
+        ),
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata=_flag("gradient clipping by global norm; 0 disables it (DeepSpeed: gradient_clipping)")
+    )
+    seed: int = field(
+        default=0, metadata=_flag("initial weights (identical on every rank), data order, random streams")
+    )
     dataset: str | None = field(
         default=None,
-        metadata=_flag("default: the bundled corpus; or a .txt file, a .jsonl file or a datasets directory"),
+        metadata=_flag(
+            "a .txt file (documents separated by blank lines), a .jsonl file (input_ids or text per line) or a "
+            "datasets.save_to_disk directory (train split); text is tokenised as UTF-8 bytes (vocab 256). Every "
+            "document needs 2 tokens or more to be learned from",
+            "the bundled corpus",
+            metavar="PATH",
+        ),
     )
-    pack: bool = field(default=False, metadata=_flag("pack documents into rows (positions reset per document)"))
+    pack: bool = field(
+        default=False,
+        metadata=_flag(
+            "pack documents into rows; position ids restart at each document and no token attends across a document "
+            "boundary"
+        ),
+    )
     attn: str | None = field(
         default=None,
         metadata=_flag(
-            "core attention kernel (default: flash_attention_2 on CUDA when installed, else sdpa)",
+            "core attention kernel run over the full sequence",
+            "flash_attention_2 on CUDA when flash-attn is installed, else sdpa",
             choices=list(SUPPORTED_ATTENTION),
+            metavar="NAME",
         ),
     )
-    dtype: str | None = field(default=None, metadata=_flag("default: bf16 on CUDA, fp32 on CPU", choices=list(DTYPES)))
+    dtype: str | None = field(
+        default=None,
+        metadata=_flag(
+            "fp32, bf16, fp16 (not on CPU), or torch's names float32, bfloat16, float16. Torch engine: fp32 weights "
+            "under autocast; DeepSpeed: its bf16 / fp16 sections",
+            "bf16 on CUDA, fp32 on CPU",
+            choices=list(DTYPES),
+        ),
+    )
     device: str | None = field(
-        default=None, metadata=_flag("default: cuda when visible, else cpu", choices=list(DEVICES))
+        default=None,
+        metadata=_flag(
+            "cpu or cuda (cuda without a visible GPU is an error); the device detected when absent is used everywhere",
+            "cuda when visible, else cpu",
+            choices=list(DEVICES),
+        ),
     )
     deepspeed: str | None = field(
         default=None,
         metadata=_flag(
-            "train with DeepSpeed (ZeRO config); under accelerate launch with distributed_type DEEPSPEED: its "
-            "deepspeed_config_file",
+            "train with the DeepSpeed engine and this JSON (the flags replace its lr, weight decay, clipping, dtype "
+            "and batch keys, and say so); under accelerate launch with distributed_type DEEPSPEED its "
+            "deepspeed_config_file is used",
+            "off",
             metavar="CONFIG.json",
         ),
     )
     grad_ckpt: str = field(
         default="none",
         metadata=_flag(
-            "activation checkpointing of the decoder layers; bare --grad-ckpt: full; selective also saves the "
-            "attention and all-to-all outputs (docs/memory.md)",
+            "activation checkpointing of the decoder layers: full (also a bare --grad-ckpt), selective (also saves "
+            "the attention kernel's and the all-to-alls' outputs), none (docs/memory.md)",
             nargs="?",
             const="full",
             choices=list(POLICIES),
+            metavar="POLICY",
         ),
     )
-    tiled_mlp: bool = field(default=False, metadata=_flag("run each decoder layer's MLP over token tiles"))
+    tiled_mlp: bool = field(
+        default=False,
+        metadata=_flag(
+            "run each decoder layer's MLP over tiles of d (hidden size) tokens, recomputed per tile in the backward"
+        ),
+    )
     recompute_norms: bool = field(
-        default=False, metadata=_flag("RMSNorms keep only their input for the backward (no fp32 copy; docs/memory.md)")
+        default=False,
+        metadata=_flag(
+            "Llama-style RMSNorms keep only their input for the backward (no fp32 copy), the math in bounded tiles; "
+            "with --tiled-mlp the MLP recomputes its input from the norm's (docs/memory.md)"
+        ),
     )
     offload_activations: bool = field(
         default=False,
-        metadata=_flag("keep the layers' checkpoints in host memory (needs --grad-ckpt full or selective)"),
+        metadata=_flag(
+            "keep each checkpointed layer's input in pinned host memory until its backward (needs --grad-ckpt)"
+        ),
     )
-    metrics: str | None = field(default=None, metadata=_flag("append JSON lines per step", metavar="FILE"))
+    metrics: str | None = field(
+        default=None,
+        metadata=_flag(
+            "rank 0 appends a JSON line per step: step, loss (global token mean), tokens, tok_per_s, "
+            "tok_per_s_per_gpu, peak_mem_gb, lr, grad_norm, step_time_s, mfu (bf16/fp16 on a known GPU); and per "
+            "evaluation: eval_loss, eval_ppl, eval_tokens, eval_batches, eval_time_s",
+            "off",
+            metavar="FILE",
+        ),
+    )
     timeout_s: float = field(
         default=600.0,
         metadata=_flag("collective timeout of every process group: a stalled or dead rank fails the job after it"),
     )
-    check_identical: bool = field(default=False, metadata=_flag("verify the SP group reads identical samples"))
+    check_identical: bool = field(
+        default=False,
+        metadata=_flag("verify with a checksum per batch that the ranks of each SP group read the same samples"),
+    )
     allow_longer_than_max_positions: bool = field(
-        default=False, metadata=_flag("allow --seq-len above the model's max_position_embeddings (RoPE models only)")
+        default=False,
+        metadata=_flag("allow --seq-len above the model's max_position_embeddings (RoPE models only; warns)"),
     )
     save_dir: str | None = field(
-        default=None, metadata=_flag("write checkpoints here (and at the last step)", metavar="DIR")
+        default=None,
+        metadata=_flag(
+            "write run checkpoints here, every --save-every steps and at the last step (docs/checkpointing.md)",
+            "off",
+            metavar="DIR",
+        ),
     )
-    save_every: int = field(default=0, metadata=_flag("checkpoint every N steps (0: last only)", metavar="N"))
+    save_every: int = field(default=0, metadata=_flag("checkpoint every N steps (0: the last step only)", metavar="N"))
     resume: str | None = field(
         default=None,
         metadata=_flag(
-            "continue from a --save-dir (its newest checkpoint) or one step_* directory of it", metavar="DIR"
+            "continue from a --save-dir (its newest complete checkpoint) or one step_* directory of it; another sp "
+            "size works (docs/checkpointing.md)",
+            "off",
+            metavar="DIR",
         ),
     )
     eval_every: int = field(
         default=0,
-        metadata=_flag("evaluate on the held-out split every N steps and at the last step (0: never)", metavar="N"),
+        metadata=_flag(
+            "evaluate on the held-out split every N steps and at the last step (0: never; docs/evaluation.md)",
+            metavar="N",
+        ),
     )
     eval_batches: int | None = field(
         default=None,
-        metadata=_flag("batches per DP replica per evaluation (default: the whole held-out split)", metavar="K"),
+        metadata=_flag(
+            "batches per DP replica per evaluation (needs --eval-every)", "the whole held-out split", metavar="K"
+        ),
     )
     eval_fraction: float = field(
         default=0.05,
@@ -122,8 +230,9 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+        for name in ("steps", "batch_size", "grad_accum"):
             check_int(flag(name), getattr(self, name))
+        check_int("--seq-len", self.seq_len, minimum=2, note=" (a row needs a next token to learn from)")
         check_int("--seed", self.seed, minimum=0)
         for name in ("warmup_steps", "save_every", "eval_every"):
             check_int(flag(name), getattr(self, name), minimum=0, note=" (0 turns it off)")

@@ -20,6 +20,7 @@ from ..core import comm
 from ..core.apply import apply
 from ..core.log import logger
 from ..core.rng import sync_rng
+from ..core.sequence_info import SEQ_INFO_KWARG
 from ..core.sharding import to_device
 from ..core.topology import init_sp
 from ..data.loader import SPDataLoader
@@ -28,13 +29,12 @@ from ..loss.step import accumulate_step
 from ..memory.activation_checkpointing import enable_checkpointing
 from ..memory.rms_norm import enable_rms_norm_recompute
 from ..memory.tiled_mlp import tile_mlp
-from . import checkpoints
+from . import checkpoints, flops
 from .build import build_engine, build_model, eval_loader, init_distributed, training_rows
-from .config import TrainConfig
 from .engines import NATIVE_TAG
 from .evaluation import evaluate
-from .metrics import MetricsFile, peak_memory_gb, progress_bar
-from .plan import RunPlan, make_plan
+from .metrics import MetricsFile, Throughput, peak_memory_gb, progress_bar
+from .plan import RunPlan
 
 
 class TrainingRun:
@@ -59,13 +59,20 @@ class TrainingRun:
         if plan.engine_name == "torch" and plan.dtype != torch.float32:  # fp32 weights trained under autocast
             self.autocast = torch.autocast(plan.device_type, dtype=plan.dtype)
         self.where = "setup"
+        self.skipped_draws = 0  # draws of micro-batches without a labelled token, over the run
         self.rank0 = comm.rank() == 0
         self.metrics = MetricsFile(self.config.metrics, comm.rank())
+        self.shape = flops.shape_of(model)
+        half = plan.dtype in (torch.bfloat16, torch.float16)
+        self.peak_flops = (
+            flops.gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and half else None
+        )  # MFU against the half-precision peak: reported for bf16/fp16 runs on known GPUs only
+        self.throughput = Throughput()
 
     @classmethod
-    def start(cls, config: TrainConfig) -> TrainingRun:
-        """Plan (no process group yet), join the job, build everything, resume when asked."""
-        plan = make_plan(config)
+    def start(cls, plan: RunPlan) -> TrainingRun:
+        """Join the job, build everything the plan says, resume when asked."""
+        config = plan.config
         init_distributed(plan.device_type, config.timeout_s)
         device = (
             torch.device("cuda", torch.cuda.current_device()) if plan.device_type == "cuda" else torch.device("cpu")
@@ -82,7 +89,7 @@ class TrainingRun:
             enable_rms_norm_recompute(model)
         apply(model, topology, attn_implementation=plan.attention)
         sync_rng(topology, config.seed)
-        train_rows, eval_rows = training_rows(config)
+        train_rows, eval_rows = training_rows(config, plan.documents)
         loader = SPDataLoader(
             train_rows, topology, config.batch_size, seed=config.seed, check_identical=config.check_identical
         )
@@ -123,9 +130,14 @@ class TrainingRun:
                     f"{skipped} batches in a row (an epoch's worth) hold no labelled token: every row "
                     f"is one token long; use documents of at least 2 tokens"
                 )
-            logger.info(
-                "step %d: the micro-batches hold no labelled token (one-token rows); drawing the next ones", step
-            )
+            self.skipped_draws += 1
+            if self.skipped_draws in (1, 10, 100) or self.skipped_draws % 1000 == 0:  # not once per draw
+                logger.info(
+                    "step %d: the micro-batches hold no labelled token (one-token rows); drawing the next "
+                    "ones (%d draws skipped so far)",
+                    step,
+                    self.skipped_draws,
+                )
 
     def train(self) -> None:
         config, topo = self.config, self.topology
@@ -153,7 +165,7 @@ class TrainingRun:
             record = self._record(step, micro, loss, grad_norm, elapsed)
             self.metrics.write(record)
             if progress is not None:
-                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
+                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{self.throughput.recent_tok_per_s:.0f}")
                 progress.update(1)
             if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
                 self.where = f"evaluation after step {step}"
@@ -163,6 +175,25 @@ class TrainingRun:
                 self._save(step)
         if progress is not None:
             progress.close()
+        self._summary(record)
+
+    def _summary(self, last: dict) -> None:
+        """One block at the end: what was trained, how fast, the memory, the loss, where the outputs are."""
+        t, world = self.throughput, self.topology.world_size
+        peak_gb = float(comm.all_reduce(torch.tensor(peak_memory_gb(self.device), device=self.device), None, "max"))
+        rate, flop_rate = t.median_rates()
+        unit = "GPU" if self.device.type == "cuda" else "rank"
+        mfu = "" if self.peak_flops is None else f", MFU {flop_rate / (world * self.peak_flops):.1%}"
+        lines = [
+            f"done: {t.steps} steps (to step {last['step']}), {t.tokens} tokens in {t.seconds:.1f} s of steps",
+            f"  median step: {rate:.0f} tok/s, {rate / world:.0f} tok/s per {unit}{mfu}",
+            f"  peak memory {peak_gb:.2f} GiB (the largest of {world} ranks), final loss {last['loss']:.4f}",
+        ]
+        if self.config.metrics:
+            lines.append(f"  metrics: {self.config.metrics}")
+        if self.config.save_dir:
+            lines.append(f"  checkpoints: {self.config.save_dir}")
+        logger.info("\n".join(lines))
 
     def _evaluate(self, step: int) -> None:
         loader = eval_loader(self.eval_rows, self.topology, self.config)
@@ -194,8 +225,22 @@ class TrainingRun:
 
     def _record(self, step: int, micro, loss: torch.Tensor, grad_norm, elapsed: float) -> dict:
         topo = self.topology
-        local_tokens = sum(int(mb["input_ids"].numel()) for mb in micro)
-        tokens = int(comm.all_reduce(torch.tensor(float(local_tokens), device=self.device), None))
+        local = torch.zeros(2, dtype=torch.float64)  # [tokens, model FLOPs] of this rank's share of the step
+        for mb in micro:
+            B, s = mb["input_ids"].shape[:2]
+            info = mb.get(SEQ_INFO_KWARG)
+            local[0] += B * s
+            if info is not None and info.cu_seqlens is not None:  # attention within documents only
+                group = flops.document_step_flops(self.shape, B * s * topo.sp_size, info.cu_seqlens.diff())
+            else:
+                group = flops.step_flops(self.shape, s * topo.sp_size, B)
+            local[1] += group / topo.sp_size  # each SP rank counts 1/P of its group's sequences
+        tokens, step_flops = comm.all_reduce(local.to(self.device), None).tolist()
+        tokens = int(tokens)
+        self.throughput.add(tokens, elapsed, step_flops)
+        extra = (
+            {} if self.peak_flops is None else {"mfu": flops.mfu(step_flops, elapsed, topo.world_size, self.peak_flops)}
+        )
         return {
             "step": step,
             "loss": float(loss),
@@ -206,6 +251,7 @@ class TrainingRun:
             "lr": self.engine.lr,
             "grad_norm": grad_norm,
             "step_time_s": elapsed,
+            **extra,
         }
 
     def close(self) -> None:

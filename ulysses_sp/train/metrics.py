@@ -1,10 +1,12 @@
-"""What the run reports per step: a JSON line per step (``--metrics``) and the progress bar."""
+"""What the run reports: a JSON line per step (``--metrics``), the progress bar with a moving-average
+tok/s, and the totals behind the end-of-run summary."""
 
 from __future__ import annotations
 
 import json
 import os
 import resource
+from collections import deque
 
 import torch
 
@@ -34,6 +36,35 @@ class MetricsFile:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+class Throughput:
+    """Tokens, seconds and model FLOPs of the steps run: over the last ``window`` steps (the bar's
+    tok/s, which per step would jump with every short or long batch), over the whole run, and the
+    median step's rates (the summary's: the first step of each new batch shape pays for warm-up and
+    kernel selection, tens of seconds on a GPU, which would drag a short run's mean far below what the
+    run does)."""
+
+    def __init__(self, window: int = 20):
+        self.recent: deque[tuple[float, float]] = deque(maxlen=window)
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+        self.rates: list[tuple[float, float]] = []  # (tokens/s, model FLOP/s) of every step
+
+    def add(self, tokens: int, seconds: float, flops: float) -> None:
+        self.recent.append((tokens, seconds))
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += seconds
+        self.rates.append((tokens / max(seconds, 1e-9), flops / max(seconds, 1e-9)))
+
+    @property
+    def recent_tok_per_s(self) -> float:
+        return sum(t for t, _ in self.recent) / max(sum(s for _, s in self.recent), 1e-9)
+
+    def median_rates(self) -> tuple[float, float]:
+        """(tokens/s, model FLOP/s) of the median step (by tokens/s)."""
+        ordered = sorted(self.rates)
+        return ordered[(len(ordered) - 1) // 2]
 
 
 def progress_bar(total: int, initial: int):

@@ -13,16 +13,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import transformers
 
-from ..integrations import deepspeed as ds_integration
+from ..core.backends.flash import check_installed
+from ..data.text import Documents, read_documents
 from ..integrations.accelerate_env import launched_deepspeed_config_file, launched_engine
+from ..integrations.deepspeed_config import load_config
+from ..integrations.deepspeed_config import zero_stage as ds_zero_stage
 from ..integrations.sp_size import resolve_sp_size
 from . import checkpoints
 from .config import TrainConfig
-from .presets import build_config
+from .presets import build_config, model_source
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,7 @@ class RunPlan:
     config: TrainConfig
     device_type: str
     dtype: torch.dtype
-    model_config: transformers.PretrainedConfig
+    model_config: object  # the transformers PretrainedConfig of --model
     attention: str
     deepspeed_config_path: str | None  # --deepspeed, or the one an Accelerate DeepSpeed launch names
     ds_config: dict
@@ -40,6 +49,7 @@ class RunPlan:
     zero_stage: int | None
     settings: dict  # what a checkpoint must share with this run (checkpoints.run_settings)
     resume: checkpoints.Checkpoint | None
+    documents: Documents  # the dataset, read and checked
 
     @property
     def engine_name(self) -> str:
@@ -51,31 +61,54 @@ def make_plan(config: TrainConfig) -> RunPlan:
     device_type = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = TORCH_DTYPES[config.dtype or ("bf16" if device_type == "cuda" else "fp32")]
     check_device_dtype(device_type, dtype)
-    model_config = build_config(config.model)
-    check_seq_len(model_config, config.seq_len, config.allow_longer_than_max_positions)
+    # what needs only the file system first: a wrong path fails before transformers is imported
+    model_source(config.model)
+    documents = read_training_documents(config.dataset)
     ds_path = config.deepspeed or launched_deepspeed_config_file()  # accelerate launch with DEEPSPEED: its file
-    ds_config = ds_integration.load_config(ds_path)
+    ds_config = load_config(ds_path)
     check_accelerate_launch(ds_config)
     sp_size = resolve_sp_size(config.sp_size, ds_config)  # CLI, DeepSpeed JSON, Accelerate config
+    resume = checkpoints.find_checkpoint(config.resume) if config.resume else None
+    attention = config.attn or default_attention(device_type)
+    check_installed(attention)
+    model_config = build_config(config.model)
+    check_seq_len(model_config, config.seq_len, config.allow_longer_than_max_positions)
     settings = checkpoints.run_settings(config, model_config)
     engine = "deepspeed" if ds_path else "torch"
-    resume = checkpoints.find_checkpoint(config.resume) if config.resume else None
     if resume is not None:
         checkpoints.check_compatible(resume, settings, engine)
-    zero_stage = ds_integration.zero_stage(ds_config) if ds_path else None
+    zero_stage = ds_zero_stage(ds_config) if ds_path else None
     return RunPlan(
         config,
         device_type,
         dtype,
         model_config,
-        config.attn or default_attention(device_type),
+        attention,
         ds_path,
         ds_config,
         sp_size,
         zero_stage,
         settings,
         resume,
+        documents,
     )
+
+
+def read_training_documents(path: str | None) -> Documents:
+    """The documents of ``--dataset`` (None: the bundled corpus); ValueError for a missing or unreadable
+    path and for a dataset without a document of 2 tokens (nothing to predict a next token of)."""
+    where = "the bundled corpus" if path is None else path
+    try:
+        documents = read_documents(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--dataset {where}: {e}") from None
+    longest = int(documents.lengths.max())
+    if longest < 2:
+        raise ValueError(
+            f"--dataset {where}: every one of its {len(documents)} documents is {longest} token long; a "
+            "document needs at least 2 tokens to have a next-token target"
+        )
+    return documents
 
 
 def check_accelerate_launch(ds_config: dict, environ: Mapping[str, str] | None = None) -> None:

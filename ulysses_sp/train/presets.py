@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-
-import transformers
+import re
 
 from ..data.text import BYTE_VOCAB_SIZE
+
+#: org/name, as a model id on the Hugging Face hub
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # fmt: off
 # a table: one preset per line reads better than the formatter's one keyword per line
@@ -47,21 +49,50 @@ PRESETS: dict[str, tuple[str, dict]] = {
 # fmt: on
 
 
-def build_config(name_or_path: str, **overrides) -> transformers.PretrainedConfig:
-    """A preset name, a directory with config.json, or a path to a config.json."""
+def model_source(name_or_path: str) -> str:
+    """Where ``--model`` reads its config from, checked on the file system only (transformers is not
+    imported): the preset name, or the config file (a directory's config.json, or the file given,
+    whatever its name). ValueError for anything else; nothing is downloaded."""
     if name_or_path in PRESETS:
-        cls_name, kwargs = PRESETS[name_or_path]
-        return getattr(transformers, cls_name)(**{**kwargs, **overrides})
-    path = name_or_path
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"--model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json / "
-            "model directory on disk"
+        return name_or_path
+    path = os.path.join(name_or_path, "config.json") if os.path.isdir(name_or_path) else name_or_path
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(name_or_path):
+        where = f"the directory {name_or_path!r} has no config.json"
+    elif _HUB_ID.match(name_or_path) and not name_or_path.endswith(".json"):
+        where = (
+            f"{name_or_path!r} looks like a hub model id, and ulysses_sp downloads nothing: download it first "
+            f"(huggingface-cli download {name_or_path} --local-dir DIR) and pass DIR"
         )
-    with open(path) as f:
-        model_type = json.load(f).get("model_type")
+    else:
+        where = f"{name_or_path!r} is neither a preset nor a file or directory on disk"
+    raise ValueError(
+        f"--model: {where}. --model takes a preset ({', '.join(PRESETS)}), a model's config file (any file name) or "
+        "a model directory"
+    )
+
+
+def build_config(name_or_path: str, **overrides):
+    """The transformers config of a preset name, a model directory (its config.json) or a config file
+    (that file, whatever its name), for a model AutoModelForCausalLM builds."""
+    import transformers  # here, not at import: model_source and the presets table need none of it
+
+    source = model_source(name_or_path)
+    if source in PRESETS:
+        cls_name, kwargs = PRESETS[source]
+        return getattr(transformers, cls_name)(**{**kwargs, **overrides})
+    try:
+        with open(source) as f:
+            model_type = json.load(f).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"--model {source}: not a JSON object of a transformers config ({e})") from None
     if model_type is None:
-        raise ValueError(f"{path} has no model_type; is it a transformers config.json?")
-    return transformers.AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(path)), **overrides)
+        raise ValueError(f"--model {source}: the file has no model_type; is it a transformers config.json?")
+    config = transformers.AutoConfig.from_pretrained(source, **overrides)  # this file, not its directory's config.json
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"--model {source}: model_type {model_type!r} ({type(config).__name__}) has no causal-LM class in "
+            "transformers (AutoModelForCausalLM); launch/train.py trains causal language models"
+        )
+    return config

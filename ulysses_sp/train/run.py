@@ -14,17 +14,25 @@ from ..core.log import configure_logging
 from .config import TrainConfig
 from .failures import report_failure, shutdown
 from .loop import TrainingRun
+from .plan import RunPlan, make_plan
 
 
 def run(config: TrainConfig) -> None:
-    """Train as ``config`` says. A failure on any rank ends every rank: a rank's own error is raised as
+    """Train as ``config`` says: the plan (a ValueError here is raised before any process group), then
+    :func:`run_plan`."""
+    run_plan(make_plan(config))
+
+
+def run_plan(plan: RunPlan) -> None:
+    """Train as ``plan`` says. A failure on any rank ends every rank: a rank's own error is raised as
     it is (after leaving a note for the others), a collective that fails because another rank failed,
     died or stalled raises :class:`~.failures.CollectiveFailure` naming it."""
     configure_logging()
+    config = plan.config
     training = None
     failed = True
     try:
-        training = TrainingRun.start(config)
+        training = TrainingRun.start(plan)
         training.train()
         failed = False
     except BaseException as exc:

@@ -21,12 +21,7 @@ FAMILIES = {
     ),
     # gated attention output viewed as [B, s, N*H]
     "AfmoeConfig": dict(
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-        num_dense_layers=1,
+        num_hidden_layers=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16
     ),
 }
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from torch.utils.data import Subset
 
 from tests.distributed import harness
-from tests.helpers import tiny_model
+from tests.helpers import ROOT, flags, launcher_command, subprocess_env, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +96,20 @@ def test_sp_trainer_matches_stock_trainer(tmp_path):
     _close(sp["train_loss"], ref["train_loss"], "train_loss")
     _close(sp["final_eval_loss"], ref["final_eval_loss"], "final eval_loss")
     assert ref["loss"][-1] < ref["loss"][0], "the run did not train"
+
+
+def test_trainer_example_matches_one_process(tmp_path):
+    """examples/trainer_sp.py runs under torchrun at sp2 and its logged losses (training and evaluation)
+    equal the same script's in one process without SP."""
+    example = os.path.join(ROOT, "examples", "trainer_sp.py")
+    runs = {}
+    for name, cmd in (
+        ("sp2", launcher_command("torchrun", 2, example, *flags(sp_size=2, out=tmp_path / "sp2"))),
+        ("one", [sys.executable, example, *flags(sp_size=1, out=tmp_path / "one")]),
+    ):
+        subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, check=True, cwd=tmp_path)
+        history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+        runs[name] = [(key, h[key]) for h in history for key in ("loss", "eval_loss") if key in h]
+    assert [k for k, _ in runs["sp2"]] == [k for k, _ in runs["one"]] and runs["one"], runs
+    for (key, got), (_, want) in zip(runs["sp2"], runs["one"]):
+        _close(float(got), float(want), f"example {key}")

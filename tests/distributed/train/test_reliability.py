@@ -24,6 +24,7 @@ from tests.helpers import ROOT, tiny_model, tokens
 from ulysses_sp.core import comm
 from ulysses_sp.train.cli import parse_config
 from ulysses_sp.train.loop import TrainingRun
+from ulysses_sp.train.plan import make_plan
 from ulysses_sp.train.presets import build_config
 
 HARNESS_TIMEOUT = timedelta(seconds=300)  # harness.py's init_process_group timeout
@@ -66,7 +67,7 @@ def _train(argv: list[str]) -> tuple[list[float], dict]:
     """One TrainingRun in this process (the process group exists already): its step losses (rank 0) and
     the data loader's final position."""
     config = parse_config(argv)
-    run = TrainingRun.start(config)
+    run = TrainingRun.start(make_plan(config))
     try:
         run.train()
     finally:
@@ -89,10 +90,10 @@ def _body_checkpoint_round_trips(ctx, tmp: str, engines):
     data = os.path.join(tmp, "data.txt")  # documents of 25 tokens: rows of 24 and of 1 (no label: skipped)
     with open(data, "w") as f:
         f.write("\n\n".join(f"doc {i:03d} abcdefghijklmnopq" for i in range(40)))
-    ones = os.path.join(tmp, "ones.txt")  # one-token documents: no step has anything to learn from
+    ones = os.path.join(tmp, "ones.txt")  # one-token documents: nothing to learn from, refused by the plan
     with open(ones, "w") as f:
         f.write("\n\n".join("x" for _ in range(8)))
-    with pytest.raises(ValueError, match=r"8 batches in a row \(an epoch's worth\) hold no labelled token"):
+    with pytest.raises(ValueError, match=r"ones.txt: every one of its 8 documents is 1 token long; a document needs"):
         _train(
             [
                 "--device",

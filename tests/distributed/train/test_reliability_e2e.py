@@ -236,23 +236,24 @@ def test_successful_run_frees_its_objects_before_exit(tmp_path):
         assert alive == [], f"rank {rank}: still alive after run() returned: {alive}"
 
 
-def test_raising_rank_is_named_by_the_others(tmp_path):
-    """Rank 1 cannot read the dataset (its working directory lacks the relative path): rank 0 exits too,
-    naming rank 1 and its error."""
+def test_rank_refusing_its_own_files_says_so(tmp_path):
+    """Rank 1 cannot read the dataset (its working directory lacks the relative path), rank 0 can: rank 1
+    refuses before joining and says why with its rank (exit 2); rank 0, waiting for it, fails after
+    --timeout-s saying that a rank did not join and where to look. No launcher: a launcher would stop
+    rank 0 as soon as rank 1 exits."""
     (tmp_path / "rank0").mkdir()
     (tmp_path / "rank0" / "data.txt").write_text("\n\n".join(f"document {i} " * 30 for i in range(40)))
     procs = _start_ranks(
         2,
-        [*COMMON, "--sp-size", "2", "--dataset", "data.txt", "--timeout-s", "60"],
+        [*COMMON, *flags(sp_size=2, dataset="data.txt", timeout_s=10)],
         [tmp_path / "rank0", tmp_path / "rank1"],
     )
     code1, out1, _ = _finish(procs[1], 60 + SLACK_S)
     code0, out0, took = _finish(procs[0], 60 + SLACK_S)
-    assert code1 != 0 and "FileNotFoundError: dataset path 'data.txt' does not exist" in out1
-    assert code0 != 0 and took < 60, out0[-3000:]  # the peer's exit closes its connections: no timeout wait
-    assert (
-        "The job stopped because rank 1 failed at setup: FileNotFoundError: dataset path 'data.txt' does not exist"
-    ) in out0, out0[-3000:]
+    assert code1 == 2 and "[rank 1] ulysses_sp: --dataset data.txt: dataset path 'data.txt' does not exist" in out1
+    assert "Traceback" not in out1, out1
+    assert code0 != 0 and took < 10 + SLACK_S, out0[-3000:]
+    assert "not every rank joined the job within --timeout-s 10" in out0, out0[-3000:]
 
 
 def test_stalled_rank_times_out(tmp_path):

@@ -39,7 +39,7 @@ def _shm_segments() -> set[str]:
 def train(tmp_path, name, nproc, *args, launcher="torchrun"):
     metrics = tmp_path / f"{name}.jsonl"
     shm_before = _shm_segments()
-    run_ok(train_command(nproc, ["--device", "cpu", "--metrics", str(metrics), *args], launcher), tmp_path)
+    out = run_ok(train_command(nproc, ["--device", "cpu", "--metrics", str(metrics), *args], launcher), tmp_path)
     # the deepspeed launcher turns on DeepSpeed's CPU shm all-reduce; its segments are RAM until reboot
     left = _shm_segments() - shm_before
     assert not left, f"{name}: DeepSpeed /dev/shm segments left behind: {sorted(left)}"
@@ -47,6 +47,10 @@ def train(tmp_path, name, nproc, *args, launcher="torchrun"):
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows
     for r in rows:
         assert r["tokens"] > 0 and r["tok_per_s"] > 0 and r["peak_mem_gb"] > 0
+    # the end-of-run summary, once (rank 0): steps, tokens, throughput, memory, the final loss, where metrics went
+    summary = [line for line in out.stderr.splitlines() if "done: " in line]
+    assert len(summary) == 1 and f"done: {len(rows)} steps" in summary[0], out.stderr[-3000:]
+    assert f"final loss {rows[-1]['loss']:.4f}" in out.stderr and f"metrics: {metrics}" in out.stderr
     return [r["loss"] for r in rows]
 
 
@@ -106,3 +110,15 @@ def test_deepspeed_zero_stages_sp2_match_non_sp(tmp_path, stages):
             launcher="deepspeed",
         )
         assert_same_curve(got, ref)
+
+
+def test_bad_flag_fails_at_once_with_one_message(tmp_path):
+    """Two ranks, a flag no run can use: the job ends with exit code 2 before any process group, rank 0
+    says what was wrong once, the other rank stays quiet, and no rank prints a traceback of its own."""
+    cmd = train_command(2, ["--device", "cpu", "--seq-len", "1"])
+    out = subprocess.run(
+        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False
+    )
+    message = "--seq-len must be an integer >= 2"
+    assert out.returncode != 0 and (out.stdout + out.stderr).count(message) == 1, out.stderr[-3000:]
+    assert "ValueError" not in out.stderr and "[rank 1]" not in out.stderr, out.stderr[-3000:]

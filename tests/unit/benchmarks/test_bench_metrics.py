@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from benchmarks.spbench import comm, flops, levers
+from benchmarks.spbench import comm, levers
+from ulysses_sp.train import flops
 from ulysses_sp.train.presets import build_config
 
 

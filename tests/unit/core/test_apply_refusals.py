@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 import transformers
 
 import ulysses_sp
@@ -40,6 +41,9 @@ def test_models_ulysses_sp_refuses():
     falcon = small_model("FalconConfig", alibi=True)
     with pytest.raises(ValueError, match=r"FalconForCausalLM uses ALiBi \(config.alibi=True\).* set alibi=False"):
         ulysses_sp.apply(falcon, TOPO2)
+    doge = small_model("DogeConfig")
+    with pytest.raises(ValueError, match=r"DogeForCausalLM computes a dynamic attention mask from each layer's values"):
+        ulysses_sp.apply(doge, TOPO2)
     uneven_kv = _model(build_config("tiny-llama", num_attention_heads=8, num_key_value_heads=3, hidden_size=64))
     with pytest.raises(ValueError, match=r"num_attention_heads=8, not a multiple of num_key_value_heads=3"):
         ulysses_sp.apply(uneven_kv, TOPO2)
@@ -52,5 +56,13 @@ def test_models_ulysses_sp_refuses():
         r"use one of \['sdpa'",
     ):
         UlyssesAttention(TOPO2, "paged_attention")
-    for model in (mamba, hybrid, bloom, falcon, uneven_kv, few_heads):
+    for model in (mamba, hybrid, bloom, falcon, doge, uneven_kv, few_heads):
         assert not ulysses_sp.is_applied(model)
+
+
+def test_a_mask_the_size_of_the_shard_is_named_as_such():
+    """A [s, s] mask reaching attention was built by the model from its shard (Doge-like): the error says so."""
+    with pytest.raises(
+        ValueError, match=r"attention got a \[4, 4\] mask, the size of the local shard \(8 tokens over 2"
+    ):
+        UlyssesAttention._full_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), 8, 4, 2, slice(0, 1))

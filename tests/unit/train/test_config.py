@@ -4,11 +4,13 @@ rank fails alike; the command line is built from the config's fields."""
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
 from ulysses_sp.core import comm
-from ulysses_sp.train.cli import build_parser, parse_config
+from ulysses_sp.train.cli import build_parser, configuration_markdown, parse_config
 from ulysses_sp.train.config import TrainConfig, flag
 from ulysses_sp.train.run import run
 
@@ -19,7 +21,7 @@ from ulysses_sp.train.run import run
         (["--steps", "0"], r"--steps must be an integer >= 1, got 0"),
         (["--batch-size", "0"], r"--batch-size must be an integer >= 1, got 0"),
         (["--grad-accum", "-1"], r"--grad-accum must be an integer >= 1, got -1"),
-        (["--seq-len", "0"], r"--seq-len must be an integer >= 1, got 0"),
+        (["--seq-len", "1"], r"--seq-len must be an integer >= 2 \(a row needs a next token to learn from\), got 1"),
         (["--warmup-steps", "-2"], r"--warmup-steps must be an integer >= 0 \(0 turns it off\), got -2"),
         (["--seed", "-1"], r"--seed must be an integer >= 0"),
         (["--lr", "0"], r"--lr must be > 0, got 0.0"),
@@ -68,5 +70,19 @@ def test_the_command_line_is_the_config():
     assert config == TrainConfig(seq_len=64, pack=True, attn="eager", sp_size=2)
     with pytest.raises(AttributeError):
         config.seq_len = 128  # validated once, never changed after
-    with pytest.raises(ValueError, match=r"--dtype must be one of \['fp32', 'bf16', 'fp16'\], got 'float32'"):
-        TrainConfig(dtype="float32")
+    assert parse_config(["--dtype", "bfloat16"]).dtype == "bfloat16"  # torch's names too
+    with pytest.raises(
+        ValueError,
+        match=r"--dtype must be one of \['fp32', 'bf16', 'fp16', 'float32', 'bfloat16', "
+        r"'float16'\], got 'float64'",
+    ):
+        TrainConfig(dtype="float64")
+
+
+def test_configuration_doc_lists_every_flag_and_preset():
+    """docs/configuration.md holds the generated tables: every flag with its default and help, every preset."""
+    doc = (Path(ROOT) / "docs" / "configuration.md").read_text()
+    assert configuration_markdown() in doc, (
+        "docs/configuration.md is out of date; paste the output of\n  python -c 'from ulysses_sp.train.cli import "
+        "configuration_markdown as c; print(c())'\nbetween its 'generated' markers"
+    )

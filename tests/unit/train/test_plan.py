@@ -3,13 +3,25 @@ length against the model, an Accelerate launch whose engine the trainer would no
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers
 
+from tests.helpers import subprocess_env
+from ulysses_sp.core.backends.flash import check_installed
 from ulysses_sp.integrations.accelerate_env import launched_deepspeed_config_file
-from ulysses_sp.train.plan import check_accelerate_launch, check_device_dtype, check_seq_len
-from ulysses_sp.train.presets import build_config
+from ulysses_sp.train.plan import (
+    TORCH_DTYPES,
+    check_accelerate_launch,
+    check_device_dtype,
+    check_seq_len,
+    read_training_documents,
+)
+from ulysses_sp.train.presets import build_config, model_source
 
 OURS = {
     "ACCELERATE_USE_PARALLELISM_CONFIG": "true",
@@ -67,3 +79,74 @@ def test_accelerate_launches_the_trainer_cannot_honour():
         check_accelerate_launch({}, inline)
     with pytest.raises(ValueError, match="accelerate launched FSDP, which launch/train.py does not support"):
         check_accelerate_launch({}, {"ACCELERATE_USE_FSDP": "true"})
+
+
+def test_model_is_the_file_given(tmp_path):
+    """--model x.json reads that file, not its directory's config.json; a directory reads its config.json."""
+    transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4).to_json_file(
+        tmp_path / "config.json"
+    )
+    qwen = transformers.Qwen2Config(num_hidden_layers=7, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    qwen.to_json_file(tmp_path / "my-qwen.json")
+    chosen = build_config(str(tmp_path / "my-qwen.json"))
+    assert (type(chosen).__name__, chosen.num_hidden_layers) == ("Qwen2Config", 7)
+    assert type(build_config(str(tmp_path))).__name__ == "LlamaConfig"
+    assert model_source("tiny-llama") == "tiny-llama" and model_source(str(tmp_path)) == str(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        (
+            "meta-llama/Llama-3.1-8B",
+            r"looks like a hub model id, and ulysses_sp downloads nothing: download it first "
+            r"\(huggingface-cli download meta-llama/Llama-3.1-8B --local-dir DIR\)",
+        ),
+        ("nowhere.json", r"'nowhere.json' is neither a preset nor a file or directory on disk"),
+        ("{tmp}", r"the directory '.*' has no config.json"),
+        ("{tmp}/no_type.json", r"the file has no model_type; is it a transformers config.json\?"),
+        ("{tmp}/encoder.json", r"model_type 'distilbert' \(DistilBertConfig\) has no causal-LM class"),
+    ],
+)
+def test_model_errors(tmp_path, name, match):
+    (tmp_path / "no_type.json").write_text('{"hidden_size": 8}')
+    (tmp_path / "encoder.json").write_text('{"model_type": "distilbert"}')
+    with pytest.raises(ValueError, match=match):
+        build_config(name.replace("{tmp}", str(tmp_path)))
+
+
+def test_dataset_must_exist_and_hold_a_document_of_two_tokens(tmp_path):
+    with pytest.raises(ValueError, match=r"--dataset .*missing.txt: dataset path .* does not exist"):
+        read_training_documents(str(tmp_path / "missing.txt"))
+    short = tmp_path / "short.txt"
+    short.write_text("a\n\nb\n\nc")
+    with pytest.raises(ValueError, match=r"every one of its 3 documents is 1 token long; a document needs at least 2"):
+        read_training_documents(str(short))
+    assert len(read_training_documents(None)) > 10  # the bundled corpus
+
+
+def test_the_plan_checks_files_before_importing_transformers(tmp_path):
+    """A wrong path fails without transformers (or DeepSpeed) being imported: in seconds."""
+    code = (
+        "import sys\nfrom ulysses_sp.train.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    print('exit', e.code, [m for m in ('transformers', 'deepspeed') if m in sys.modules])\n"
+    )
+    for argv in (["--steps", "0"], ["--model", "org/model"], ["--dataset", str(tmp_path / "none.txt")]):
+        out = subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=subprocess_env(),
+            check=True,
+        )
+        assert out.stdout.strip() == "exit 2 []", (argv, out.stdout, out.stderr)
+        assert out.stderr.count("ulysses_sp: ") == 1 and "Traceback" not in out.stderr, out.stderr
+
+
+def test_torch_dtype_names_and_the_flash_check():
+    assert TORCH_DTYPES["bfloat16"] is TORCH_DTYPES["bf16"] is torch.bfloat16
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2' needs the flash-attn package"):
+            check_installed("flash_attention_2")

@@ -25,6 +25,18 @@ def flash_functions(version: int):
     return flash_attn_func, flash_attn_varlen_func
 
 
+def check_installed(impl: str) -> None:
+    """ValueError when the kernel ``impl`` needs a package that is not installed (flash-attn 2 / 3)."""
+    if impl in ("flash_attention_2", "flash_attention_3"):
+        try:
+            flash_functions(3 if impl.endswith("3") else 2)
+        except ImportError as e:
+            raise ValueError(
+                f"attn_implementation={impl!r} needs the flash-attn package ({e}); install it with "
+                "pip install 'ulysses_sp[flash]' or choose 'sdpa'"
+            ) from None
+
+
 def attend(q, k, v, spec: AttnSpec, version: int) -> torch.Tensor:
     if spec.custom_mask is not None:
         raise ValueError(

@@ -3,10 +3,12 @@ runs inside the DeepSpeed engine's forward (ZeRO-3 hooks gather the head and the
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 
+from ...core.log import logger
 from ...core.topology import SPTopology
 from ...integrations import deepspeed as ds_integration
 from ...loss.causal_lm import CausalLMLoss
@@ -14,10 +16,46 @@ from ..config import TrainConfig
 from . import DEEPSPEED_DIR, NATIVE_TAG, warmup_cosine
 
 
+def run_config(
+    ds_config: dict, config: TrainConfig, dtype: torch.dtype, device_type: str, load_universal: bool = False
+) -> tuple[dict, list[str]]:
+    """The DeepSpeed config of this run: ``ds_config`` with what the flags set (learning rate, weight
+    decay, clipping, the dtype; the batch keys are set by ``initialize``), and a line per JSON value a
+    flag replaces (batch keys included). Torch's Adam on CPU (``device_type`` is the detected device), so that DeepSpeed
+    does not JIT-build its fused Adam there."""
+    ds = copy.deepcopy(ds_config)
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+    ds.pop("train_batch_size", None)  # recomputed from the flags: micro x accumulation x dp
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    settings = [  # (where in the JSON, its dict, key, value, the flag that sets it)
+        ("gradient_clipping", ds, "gradient_clipping", config.max_grad_norm, "--max-grad-norm"),
+        ("bf16.enabled", ds.setdefault("bf16", {}), "enabled", dtype == torch.bfloat16, "--dtype"),
+        ("fp16.enabled", ds.setdefault("fp16", {}), "enabled", dtype == torch.float16, "--dtype"),
+        ("optimizer.params.lr", params, "lr", config.lr, "--lr"),
+        ("optimizer.params.weight_decay", params, "weight_decay", config.weight_decay, "--weight-decay"),
+    ]
+    overrides = []
+    for where, node, key, value, flag in settings:
+        if key in node and node[key] != value:
+            overrides.append(f"{where} {node[key]!r} -> {value!r} ({flag})")
+        node[key] = value
+    for key, value, flag in (
+        ("train_micro_batch_size_per_gpu", config.batch_size, "--batch-size"),
+        ("gradient_accumulation_steps", config.grad_accum, "--grad-accum"),
+    ):
+        if ds.get(key) not in (None, "auto", value):  # initialize sets them from the flags
+            overrides.append(f"{key} {ds[key]!r} -> {value!r} ({flag})")
+    if device_type == "cpu" and optimizer["type"].lower() in ("adam", "adamw"):
+        params["torch_adam"] = True
+    return ds, overrides
+
+
 class DeepSpeedEngine:
     """The run's flags set the batch keys, clipping, dtype and learning rate of ``ds_config``
-    (docs/deepspeed.md). ``load_universal`` prepares the engine to load a universal checkpoint (one
-    converted to another world size)."""
+    (docs/deepspeed.md; :func:`run_config`). ``load_universal`` prepares the engine to load a universal
+    checkpoint (one converted to another world size)."""
 
     def __init__(
         self,
@@ -29,17 +67,9 @@ class DeepSpeedEngine:
         device_type: str,
         load_universal: bool = False,
     ):
-        ds = dict(ds_config)
-        if load_universal:
-            ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-        ds.pop("train_batch_size", None)  # recomputed from the flags: micro x accumulation x dp
-        ds["gradient_clipping"] = config.max_grad_norm
-        ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == torch.bfloat16}
-        ds["fp16"] = {**ds.get("fp16", {}), "enabled": dtype == torch.float16}
-        optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
-        optimizer.setdefault("params", {}).update(lr=config.lr, weight_decay=config.weight_decay)
-        if device_type == "cpu" and optimizer["type"].lower() in ("adam", "adamw"):
-            optimizer["params"]["torch_adam"] = True  # no JIT build of DeepSpeed's fused Adam on CPU
+        ds, overrides = run_config(ds_config, config, dtype, device_type, load_universal)
+        if overrides:
+            logger.info("the flags replace values of the DeepSpeed config: %s", "; ".join(overrides))
         scheduler = None
         if "scheduler" not in ds:  # the torch engine's warmup + cosine, so both engines agree
             schedule = warmup_cosine(config.warmup_steps, config.steps)

@@ -16,7 +16,8 @@ Convention (what "model FLOPs" counts; recomputation is never counted):
   The backward's recomputation of QK^T inside flash kernels is not counted (it is not model work).
 
 ``F_step = 6 N T + L * B * dp * F_attn``; ``MFU = F_step / (t_step * n_gpus * peak)`` with ``peak``
-the dense bf16 peak of one GPU (989e12 for H100/H200 SXM).
+the dense bf16 peak of one GPU (989e12 for H100/H200 SXM). Used by the trainer's metrics and its
+end-of-run summary, and by benchmarks/bench_sp.py.
 """
 
 from __future__ import annotations
@@ -79,6 +80,24 @@ def step_flops(shape: ModelShape, seq_len: int, sequences: int) -> float:
     """``F_step`` for ``sequences`` sequences (B * dp) of ``seq_len`` tokens each."""
     tokens = seq_len * sequences
     return 6.0 * shape.matmul_params * tokens + sequences * attention_flops(shape, seq_len)
+
+
+def document_step_flops(shape: ModelShape, tokens: int, document_lengths: torch.Tensor) -> float:
+    """``F_step`` for ``tokens`` tokens whose attention runs within documents of ``document_lengths``
+    tokens each (packed rows: a document attends only to itself, so S(S+1)/2 per row overcounts)."""
+    lengths = document_lengths.to(torch.float64)
+    pairs = float((lengths * (lengths + 1) / 2).sum())
+    attention = shape.layers * 6.0 * (shape.qk_head_dim + shape.v_head_dim) * shape.q_heads * pairs
+    return 6.0 * shape.matmul_params * tokens + attention
+
+
+#: dense bf16/fp16 tensor-core peak FLOP/s of one GPU, by a substring of its CUDA device name
+PEAK_HALF_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12}
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The dense half-precision peak of the GPU called ``device_name``, or None when unknown."""
+    return next((peak for key, peak in PEAK_HALF_FLOPS.items() if key in device_name), None)
 
 
 def mfu(flops: float, step_s: float, n_gpus: int, peak_flops: float) -> float:
