@@ -29,6 +29,11 @@ _PUBLIC = {
     "SequenceInfo": ("core.sequence_info", "SequenceInfo"),
     "build_sequence_info": ("core.sequence_info", "build_sequence_info"),
     "shard_batch": ("core.sharding", "shard_batch"),
+    "gather_tokens": ("core.per_token", "gather_tokens"),
+    "shard_tokens": ("core.per_token", "shard_tokens"),
+    "token_logprobs": ("loss.logprobs", "token_logprobs"),
+    "policy_loss": ("loss.policy", "policy_loss"),
+    "count_policy_items": ("loss.policy", "count_policy_items"),
     "to_device": ("core.sharding", "to_device"),
     "SPTopology": ("core.topology", "SPTopology"),
     "init_sp": ("core.topology", "init_sp"),
@@ -64,22 +69,27 @@ __all__ = [
     "causal_lm_loss",
     "claim_sp_size",
     "count_label_tokens",
+    "count_policy_items",
     "disable_checkpointing",
     "disable_rms_norm_recompute",
     "enable_checkpointing",
     "enable_rms_norm_recompute",
+    "gather_tokens",
     "gradient_checkpointing_kwargs",
     "init_sp",
     "is_applied",
     "load_text_dataset",
+    "policy_loss",
     "prepare_sp",
     "reduce_loss_for_logging",
     "remove",
     "shard_batch",
+    "shard_tokens",
     "sharded_rng",
     "sync_rng",
     "tile_mlp",
     "to_device",
+    "token_logprobs",
     "train_step",
     "untile_mlp",
 ]
@@ -104,6 +114,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .core.apply import apply, is_applied, remove
     from .core.backends import SUPPORTED as SUPPORTED_ATTENTION
+    from .core.per_token import gather_tokens, shard_tokens
     from .core.rng import sharded_rng, sync_rng
     from .core.sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
     from .core.sharding import shard_batch, to_device
@@ -113,6 +124,8 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .integrations.accelerate import prepare_sp, train_step
     from .integrations.accelerate_env import claim_sp_size
     from .loss.causal_lm import CausalLMLoss, causal_lm_loss, count_label_tokens, reduce_loss_for_logging
+    from .loss.logprobs import token_logprobs
+    from .loss.policy import count_policy_items, policy_loss
     from .memory.activation_checkpointing import (
         disable_checkpointing,
         enable_checkpointing,

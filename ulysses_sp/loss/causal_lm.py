@@ -98,25 +98,11 @@ def causal_lm_loss(
     Linear head), True requires it, False uses the torch path. ``head_loss``: a :class:`HeadLoss`
     to run the head and the cross-entropy in (:class:`CausalLMLoss` passes its own).
     """
-    labels = _labels_of(local_batch)
     if num_items_in_batch is not None:
         _check_count(num_items_in_batch)
-    if topology.sp_size > 1 and not is_applied(model):
-        raise ValueError("the model runs on a shard of the sequence: call ulysses_sp.apply(model, topology) first")
-    backbone, head = model.base_model, model.get_output_embeddings()
-    if backbone is model or head is None:
-        raise ValueError(
-            f"{type(model).__name__} is not a causal LM with a backbone and an output head "
-            "(e.g. LlamaForCausalLM); causal_lm_loss needs both"
-        )
-    transform = logit_transform(model)
-    inputs = {k: v for k, v in local_batch.items() if k not in ("shift_labels", "labels")}
-    inputs.setdefault("use_cache", False)
-    hidden = backbone(**inputs)[0]  # [B, s, D]
-    hidden, flat_labels = hidden.flatten(0, 1), labels.flatten().to(hidden.device)  # [T, D], [T]
+    hidden, flat_labels, head, transform = shard_hidden_states(model, local_batch, topology)  # [T, D], [T]
 
-    vocab = getattr(head, "out_features", None) or model.config.get_text_config(decoder=True).vocab_size
-    tile = tile_tokens if tile_tokens is not None else tile_tokens_for_budget(vocab, tile_bytes)
+    tile = tile_tokens if tile_tokens is not None else tile_tokens_for_budget(vocab_size(model), tile_bytes)
     head_ce = head_loss if head_loss is not None else head_cross_entropy_sum
     ce_sum = head_ce(hidden, flat_labels, head, transform, tile, use_liger)  # scalar fp32
 
@@ -130,6 +116,31 @@ def causal_lm_loss(
     else:
         n = torch.as_tensor(num_items_in_batch, device=ce_sum.device).to(torch.float32).reshape(())
     return ce_sum / n
+
+
+def shard_hidden_states(model: torch.nn.Module, local_batch: Mapping[str, torch.Tensor], topology: SPTopology):
+    """The backbone's last hidden states of this rank's shard and what turns them into next-token
+    logits: ``(hidden [T, D], shift_labels [T], head, LogitTransform)``, T = B*s. Every key of
+    ``local_batch`` but the labels goes to the backbone (``model.base_model``)."""
+    labels = _labels_of(local_batch)
+    if topology.sp_size > 1 and not is_applied(model):
+        raise ValueError("the model runs on a shard of the sequence: call ulysses_sp.apply(model, topology) first")
+    backbone, head = model.base_model, model.get_output_embeddings()
+    if backbone is model or head is None:
+        raise ValueError(
+            f"{type(model).__name__} is not a causal LM with a backbone and an output head "
+            "(e.g. LlamaForCausalLM); the sharded loss needs both"
+        )
+    transform = logit_transform(model)
+    inputs = {k: v for k, v in local_batch.items() if k not in ("shift_labels", "labels")}
+    inputs.setdefault("use_cache", False)
+    hidden = backbone(**inputs)[0]  # [B, s, D]
+    return hidden.flatten(0, 1), labels.flatten().to(hidden.device), head, transform  # [T, D], [T]
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    head = model.get_output_embeddings()
+    return getattr(head, "out_features", None) or model.config.get_text_config(decoder=True).vocab_size
 
 
 def head_cross_entropy_sum(
