@@ -85,14 +85,16 @@ def _groups():
 
 
 def _body_checkpoint_round_trips(ctx, tmp: str, engines):
-    config = build_config("tiny-llama-gqa", attention_dropout=0.2)
-    config.save_pretrained(os.path.join(tmp, "model"))  # dropout on: the losses depend on the random streams
     data = os.path.join(tmp, "data.txt")  # documents of 25 tokens: rows of 24 and of 1 (no label: skipped)
-    with open(data, "w") as f:
-        f.write("\n\n".join(f"doc {i:03d} abcdefghijklmnopq" for i in range(40)))
     ones = os.path.join(tmp, "ones.txt")  # one-token documents: nothing to learn from, refused by the plan
-    with open(ones, "w") as f:
-        f.write("\n\n".join("x" for _ in range(8)))
+    if ctx.rank == 0:  # one writer, then a barrier: a rank reading a file another rank is writing reads it empty
+        config = build_config("tiny-llama-gqa", attention_dropout=0.2)
+        config.save_pretrained(os.path.join(tmp, "model"))  # dropout on: the losses depend on the random streams
+        with open(data, "w") as f:
+            f.write("\n\n".join(f"doc {i:03d} abcdefghijklmnopq" for i in range(40)))
+        with open(ones, "w") as f:
+            f.write("\n\n".join("x" for _ in range(8)))
+    dist.barrier()
     with pytest.raises(ValueError, match=r"ones.txt: every one of its 8 documents is 1 token long; a document needs"):
         _train(
             [
