@@ -44,9 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if "RANK" not in os.environ:  # one process without a launcher
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
-    dist.init_process_group("gloo")
+    if "RANK" in os.environ:  # started by torchrun
+        dist.init_process_group("gloo")
+    else:  # one process without a launcher: an in-memory store, no port to collide on
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     topo = ulysses_sp.init_sp(args.sp_size or dist.get_world_size())
 
     torch.manual_seed(0)

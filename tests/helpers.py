@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import subprocess
 import sys
 
 import torch
@@ -113,6 +114,18 @@ def launcher_command(launcher: str, nproc: int, script: str, *args) -> list[str]
     """``script args`` under torchrun or the deepspeed launcher with ``nproc`` processes."""
     module, count = _LAUNCHERS[launcher]
     return [sys.executable, "-m", module, count, str(nproc), "--master_port", str(free_port()), script, *map(str, args)]
+
+
+def run_ok(cmd: list[str], timeout: float = 600, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to completion; fail the test with the tail of its output unless it exits 0 (a
+    ``check=True`` run would hide the launched command's traceback)."""
+    out = subprocess.run(
+        cmd, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False
+    )
+    assert out.returncode == 0, (
+        f"{' '.join(map(str, cmd))} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    )
+    return out
 
 
 def flags(**values) -> list[str]:

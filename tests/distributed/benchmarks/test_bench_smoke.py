@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 
 from tests.distributed import harness
-from tests.helpers import ROOT, flags, launcher_command, subprocess_env
+from tests.helpers import ROOT, flags, launcher_command, run_ok, subprocess_env
 
 pytestmark = harness.cpu_only("the benchmark's CPU smoke run (the GPU benchmark is benchmarks/bench_sp.py itself)")
 
@@ -54,8 +53,7 @@ def results(tmp_path_factory):
         "--out",
         str(out),
     ]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=out.parent)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = run_ok(cmd, timeout=300, env=env, cwd=out.parent)
     assert "parity (first-step loss" in proc.stdout  # the rank-0 table was printed
     return out, json.loads(out.read_text())
 
@@ -113,7 +111,7 @@ def _table(stdout: str, names) -> dict[str, list[str]]:
 
 
 def _output(cmd: list[str]) -> str:
-    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=True).stdout
+    return run_ok(cmd, timeout=300).stdout
 
 
 def test_cpu_memory_benchmarks():

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.distributed.train.test_train_e2e import COMMON, TRAIN, assert_same_curve, run_ok, train
-from tests.helpers import ROOT, free_port
+from tests.distributed.train.test_train_e2e import COMMON, TRAIN, assert_same_curve, train
+from tests.helpers import ROOT, free_port, run_ok
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def accelerate_launch(tmp_path, name, script, *args, num_processes=None, config=
     if num_processes is not None:
         launch += ["--num_processes", str(num_processes)]
     device = ["--device", "cpu"] if script == TRAIN else []
-    run_ok([*launch, script, *device, "--metrics", str(metrics), *args], cwd or tmp_path)
+    run_ok([*launch, script, *device, "--metrics", str(metrics), *args], cwd=cwd or tmp_path)
     return _losses(metrics)
 
 
@@ -83,7 +83,7 @@ def test_four_processes_dp2_sp2_matches_dp2(tmp_path):
 
 def _example_reference(tmp_path, *args):
     metrics = tmp_path / "example_ref.jsonl"
-    run_ok([sys.executable, EXAMPLE, "--sp-size", "1", "--metrics", str(metrics), *args], tmp_path)
+    run_ok([sys.executable, EXAMPLE, "--sp-size", "1", "--metrics", str(metrics), *args], cwd=tmp_path)
     return _losses(metrics)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +15,7 @@ import pytest
 from torch.utils.data import Subset
 
 from tests.distributed import harness
-from tests.helpers import ROOT, flags, launcher_command, subprocess_env, tiny_model
+from tests.helpers import ROOT, flags, launcher_command, run_ok, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +106,7 @@ def test_trainer_example_matches_one_process(tmp_path):
         ("sp2", launcher_command("torchrun", 2, example, *flags(sp_size=2, out=tmp_path / "sp2"))),
         ("one", [sys.executable, example, *flags(sp_size=1, out=tmp_path / "one")]),
     ):
-        subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, check=True, cwd=tmp_path)
+        run_ok(cmd, cwd=tmp_path)
         history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
         runs[name] = [(key, h[key]) for h in history for key in ("loss", "eval_loss") if key in h]
     assert [k for k, _ in runs["sp2"]] == [k for k, _ in runs["one"]] and runs["one"], runs

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -24,7 +23,7 @@ from tests.helpers import (
     clone,
     flags,
     launcher_command,
-    subprocess_env,
+    run_ok,
     tiny_model,
     tokens,
     tolerances,
@@ -205,7 +204,7 @@ def test_grpo_example_matches_one_process(tmp_path):
         ("sp2", launcher_command("torchrun", 2, example, *flags(sp_size=2, out=tmp_path / "sp2"))),
         ("one", [sys.executable, example, *flags(sp_size=1, out=tmp_path / "one")]),
     ):
-        subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=True)
+        run_ok(cmd, timeout=300)
         runs[name] = json.loads((tmp_path / name).read_text())
     assert runs["sp2"]["reward"] == runs["one"]["reward"]  # the same completions on every rank and run
     for key in ("loss", "completion_logprob_after", "param_abs_sum"):

@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from tests.distributed.train.test_train_e2e import TRAIN, run_ok, train_command
-from tests.helpers import ROOT, flags, free_port, launcher_command, subprocess_env
+from tests.distributed.train.test_train_e2e import TRAIN, train_command
+from tests.helpers import ROOT, flags, free_port, launcher_command, run_ok, subprocess_env
 from ulysses_sp.train.checkpoints import find_checkpoint
 
 ZERO3 = os.path.join(ROOT, "configs", "deepspeed", "zero3.json")
@@ -52,7 +52,7 @@ SLACK_S = 30  # process start, imports and the grace for the other ranks' notes,
 def _launch(tmp_path, name, nproc, *args, launcher="torchrun"):
     """Run train.py to completion; returns {"train": {step: row}, "eval": {step: row}}."""
     metrics = tmp_path / f"{name}.jsonl"
-    run_ok(train_command(nproc, ["--metrics", str(metrics), *args], "python" if nproc == 1 else launcher), tmp_path)
+    run_ok(train_command(nproc, ["--metrics", str(metrics), *args], "python" if nproc == 1 else launcher), cwd=tmp_path)
     return _read(metrics)
 
 
@@ -230,7 +230,7 @@ def test_successful_run_frees_its_objects_before_exit(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(_FREED_PROBE)
     cmd = launcher_command("torchrun", 2, probe, os.path.dirname(TRAIN), tmp_path, *COMMON, *flags(sp_size=2))
-    run_ok(cmd, tmp_path)
+    run_ok(cmd, cwd=tmp_path)
     for rank in (0, 1):
         alive = json.loads((tmp_path / f"alive_{rank}.json").read_text())
         assert alive == [], f"rank {rank}: still alive after run() returned: {alive}"
@@ -297,7 +297,7 @@ def test_deepspeed_resume_exact_and_at_another_world_size(uninterrupted, tmp_pat
         assert resumed["train"][step]["lr"] == full["train"][step]["lr"], step
     assert resumed["eval"][6]["eval_loss"] == full["eval"][6]["eval_loss"]  # evaluation through the ZeRO-3 engine
     state = step3 / "deepspeed"
-    subprocess.run(
+    run_ok(
         [
             sys.executable,
             "-m",
@@ -307,9 +307,6 @@ def test_deepspeed_resume_exact_and_at_another_world_size(uninterrupted, tmp_pat
             "--output_folder",
             str(state / "universal"),
         ],
-        env=subprocess_env(),
-        check=True,
-        capture_output=True,
         timeout=300,
     )
     sp1 = _launch(tmp_path, "ds_sp1", 1, *args, "--sp-size", "1", "--resume", str(step3))

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, launcher_command, subprocess_env
+from tests.helpers import ROOT, launcher_command, run_ok, subprocess_env
 
 TRAIN = os.path.join(ROOT, "launch", "train.py")
 pytestmark = pytest.mark.slow
@@ -25,13 +25,6 @@ def train_command(nproc: int, args, launcher: str = "torchrun") -> list[str]:
     return launcher_command(launcher, nproc, TRAIN, *args)
 
 
-def run_ok(cmd, cwd):
-    """Run ``cmd`` to completion; fail the test with its output unless it exits 0."""
-    out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=cwd, check=False)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-    return out
-
-
 def _shm_segments() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer_")}
 
@@ -39,7 +32,7 @@ def _shm_segments() -> set[str]:
 def train(tmp_path, name, nproc, *args, launcher="torchrun"):
     metrics = tmp_path / f"{name}.jsonl"
     shm_before = _shm_segments()
-    out = run_ok(train_command(nproc, ["--device", "cpu", "--metrics", str(metrics), *args], launcher), tmp_path)
+    out = run_ok(train_command(nproc, ["--device", "cpu", "--metrics", str(metrics), *args], launcher), cwd=tmp_path)
     # the deepspeed launcher turns on DeepSpeed's CPU shm all-reduce; its segments are RAM until reboot
     left = _shm_segments() - shm_before
     assert not left, f"{name}: DeepSpeed /dev/shm segments left behind: {sorted(left)}"
