@@ -43,6 +43,7 @@ _PUBLIC = {
     "prepare_sp": ("integrations.accelerate", "prepare_sp"),
     "train_step": ("integrations.accelerate", "train_step"),
     "claim_sp_size": ("integrations.accelerate_env", "claim_sp_size"),
+    "shard_causal_lm": ("integrations.fsdp2", "shard_causal_lm"),
     "CausalLMLoss": ("loss.causal_lm", "CausalLMLoss"),
     "causal_lm_loss": ("loss.causal_lm", "causal_lm_loss"),
     "count_label_tokens": ("loss.causal_lm", "count_label_tokens"),
@@ -84,6 +85,7 @@ __all__ = [
     "reduce_loss_for_logging",
     "remove",
     "shard_batch",
+    "shard_causal_lm",
     "shard_tokens",
     "sharded_rng",
     "sync_rng",
@@ -123,6 +125,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .data.text import load_text_dataset
     from .integrations.accelerate import prepare_sp, train_step
     from .integrations.accelerate_env import claim_sp_size
+    from .integrations.fsdp2 import shard_causal_lm
     from .loss.causal_lm import CausalLMLoss, causal_lm_loss, count_label_tokens, reduce_loss_for_logging
     from .loss.logprobs import token_logprobs
     from .loss.policy import count_policy_items, policy_loss

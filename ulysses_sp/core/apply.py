@@ -10,6 +10,9 @@ original configs back and unregisters the name; a model freed without ``remove``
 
 A forward pre-hook on the model's backbone completes each call with what the shard alone does not
 carry (model_inputs.py).
+
+A PEFT model (``peft.get_peft_model``) is seen through: SP goes on the transformers model inside it,
+which also holds this module's state, so the wrapper and the inner model answer alike (wrappers.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .backends.flash import check_installed
 from .heads import plan_heads
 from .model_inputs import complete_kwargs
 from .topology import SPTopology
+from .wrappers import check_adapters, unwrap
 
 MIN_TRANSFORMERS = Version("5.0")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -61,12 +65,12 @@ def _attention_interface():
 
 
 def is_applied(model: torch.nn.Module) -> bool:
-    return getattr(model, "_ulysses_sp", None) is not None
+    return getattr(unwrap(model), "_ulysses_sp", None) is not None
 
 
 def applied_topology(model: torch.nn.Module) -> SPTopology | None:
     """The topology ``model`` was applied with, or None when SP is not applied to it."""
-    state: _State | None = getattr(model, "_ulysses_sp", None)
+    state: _State | None = getattr(unwrap(model), "_ulysses_sp", None)
     return None if state is None else state.topology
 
 
@@ -136,39 +140,45 @@ def _swap_configs(model, text_config, name: str) -> list:
 def apply(model: torch.nn.Module, topology: SPTopology, attn_implementation: str | None = None):
     """Wrap the attention of ``model`` (only) with Ulysses SP over ``topology``; returns ``model``.
 
-    ``attn_implementation`` picks the core kernel run over the full sequence (default: the model's
-    own, e.g. "sdpa"). Afterwards call the model with the local shard:
+    ``model``: a transformers causal LM, or a PEFT model wrapping one (LoRA adapters; SP goes on the
+    model inside, see wrappers.py). ``attn_implementation`` picks the core kernel run over the full
+    sequence (default: the model's own, e.g. "sdpa"). Afterwards call the model with the local shard:
     ``model(input_ids=[B, S/P], position_ids=[B, S/P] global positions)``, ideally the output of
     :func:`ulysses_sp.shard_batch`; outputs are the local shard's.
     """
     _check_transformers()
-    if not isinstance(model, transformers.PreTrainedModel):
-        raise ValueError(f"ulysses_sp.apply expects a transformers PreTrainedModel, got {type(model).__name__}")
-    if is_applied(model):
+    check_adapters(model)
+    inner = unwrap(model)
+    if not isinstance(inner, transformers.PreTrainedModel):
+        raise ValueError(
+            "ulysses_sp.apply expects a transformers PreTrainedModel (or a PEFT model wrapping one), "
+            f"got {type(inner).__name__}"
+        )
+    if is_applied(inner):
         raise ValueError("ulysses_sp is already applied to this model; call ulysses_sp.remove(model) first")
-    config = model.config
+    config = inner.config
     text_config = config.get_text_config(decoder=True)
     if text_config is not config:
         raise ValueError(
-            f"{type(model).__name__} is a composite (e.g. multimodal) model; ulysses_sp supports "
+            f"{type(inner).__name__} is a composite (e.g. multimodal) model; ulysses_sp supports "
             "decoder-only language models for now"
         )
     original = config._attn_implementation or "sdpa"
     impl = attn_implementation or original
     if impl.startswith("ulysses_sp"):
         raise ValueError("the model's attention is already a ulysses_sp wrapper (applied to a shared config?)")
-    _validate(model, text_config, topology, impl)
+    _validate(inner, text_config, topology, impl)
     attention = UlyssesAttention(topology, impl)
     name = f"ulysses_sp_{next(_names)}"
     _attention_interface().register(name, attention)
-    refs = _swap_configs(model, text_config, name)
-    backbone = model.base_model
+    refs = _swap_configs(inner, text_config, name)
+    backbone = inner.base_model
     params = tuple(inspect.signature(backbone.forward).parameters)
-    hook = backbone.register_forward_pre_hook(_make_pre_hook(model), with_kwargs=True)
+    hook = backbone.register_forward_pre_hook(_make_pre_hook(inner), with_kwargs=True)
     # transformers' registry is process-global: without this a model freed unremoved would leave its
     # attention, and through it the topology's process groups, alive until interpreter exit
-    unregister = weakref.finalize(model, _unregister, name)
-    model._ulysses_sp = _State(topology, attention, refs, hook, params, unregister)
+    unregister = weakref.finalize(inner, _unregister, name)
+    inner._ulysses_sp = _State(topology, attention, refs, hook, params, unregister)
     return model
 
 
@@ -177,15 +187,17 @@ def _unregister(name: str) -> None:
 
 
 def remove(model: torch.nn.Module):
-    """Undo :func:`apply`: original configs (and attention), no hook, name unregistered."""
-    state: _State | None = getattr(model, "_ulysses_sp", None)
+    """Undo :func:`apply` (on ``model`` or the PEFT wrapper around it): original configs (and
+    attention), no hook, name unregistered."""
+    inner = unwrap(model)
+    state: _State | None = getattr(inner, "_ulysses_sp", None)
     if state is None:
         raise ValueError("ulysses_sp is not applied to this model")
     state.hook.remove()
     for module, cfg in state.config_refs:
         module.config = cfg
     state.unregister()
-    del model._ulysses_sp
+    del inner._ulysses_sp
     return model
 
 

@@ -199,3 +199,72 @@ def all_gather_object(obj, group: ProcessGroup | None = None) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+# --- sharded parameters (FSDP2) and their checkpoints ------------------------------------------
+
+
+def fully_shard(
+    module: torch.nn.Module | list[torch.nn.Module],
+    mesh: Mesh,
+    *,
+    reshard_after_forward: bool,
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype | None,
+):
+    """torch's FSDP2 over ``mesh`` (1-D: parameters sharded on dim 0 over its ranks); a list groups
+    modules into one unit (one all-gather, one reduce-scatter). Gradients are averaged over the mesh."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    return torch_fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+
+
+def is_fsdp_module(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (a parameter or gradient sharded by FSDP2 or tensor parallelism)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (collective over its mesh); ``t`` itself otherwise."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``{"model": ..., "optimizer": ...}`` keyed by parameter names, each rank holding its shards:
+    what :func:`save_sharded` writes and any world size can read back."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Put a :func:`sharded_state` (filled by :func:`load_sharded`) back into the model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def save_sharded(state: dict, path: str) -> None:
+    """torch.distributed.checkpoint: every rank writes its shards under ``path`` (collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=path)
+
+
+def load_sharded(state: dict, path: str) -> None:
+    """Fill ``state`` (the layout of this run, e.g. :func:`sharded_state`) in place from ``path``,
+    resharded to this run's world size (collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=path)

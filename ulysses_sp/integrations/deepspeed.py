@@ -35,6 +35,7 @@ from ..core import comm
 from ..core.apply import applied_topology, apply, is_applied
 from ..core.log import logger
 from ..core.topology import SPTopology
+from ..core.wrappers import unwrap
 from .deepspeed_config import batch_sizes, load_config, prepare_config, zero_stage
 from .sp_size import resolve_sp_size
 
@@ -217,7 +218,7 @@ def _announce_cpu_op_build() -> None:
 def _ensure_applied(model: torch.nn.Module, topology: SPTopology) -> None:
     applied = [m for m in model.modules() if is_applied(m)]
     if not applied:
-        if not isinstance(model, transformers.PreTrainedModel):
+        if not isinstance(unwrap(model), transformers.PreTrainedModel):  # a PEFT model is applied inside
             raise ValueError(
                 f"{type(model).__name__} holds no model with ulysses_sp applied: call "
                 "ulysses_sp.apply(transformers_model, topology) on the model inside it first"
@@ -268,7 +269,7 @@ def _gather_head_for_loss(model: torch.nn.Module) -> None:
     from ..loss.causal_lm import CausalLMLoss
 
     if isinstance(model, CausalLMLoss):
-        head = model.model.get_output_embeddings()
+        head = unwrap(model.model).get_output_embeddings()  # a LoRA head's .weight is its frozen base weight
         if head is not None:
             register_external_parameter(model.head_loss, head.weight)
 

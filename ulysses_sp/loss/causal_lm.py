@@ -30,6 +30,7 @@ from ..core import comm
 from ..core.apply import is_applied
 from ..core.sharding import input_tokens
 from ..core.topology import SPTopology
+from ..core.wrappers import check_adapters, unwrap
 from .logits import LogitTransform, logit_transform
 from .tiled_ce import (
     DEFAULT_TILE_BYTES,
@@ -90,9 +91,11 @@ def causal_lm_loss(
     """Next-token CE of the SP group's sequences / ``num_items_in_batch``; a 0-dim fp32 tensor,
     equal on every rank of the group (see the module docstring for the gradient convention).
 
-    ``local_batch``: this rank's shard, ``input_ids`` [B, s], ``position_ids`` [B, s] (global),
-    ``shift_labels`` [B, s] (-100 ignored), optionally ``ulysses_sp_info`` and other model inputs;
-    every key but ``shift_labels`` / ``labels`` goes to the backbone (``model.base_model``).
+    ``model``: a causal LM, or a PEFT model wrapping one (its LoRA adapters run inside the backbone
+    and the head; core/wrappers.py). ``local_batch``: this rank's shard, ``input_ids`` [B, s],
+    ``position_ids`` [B, s] (global), ``shift_labels`` [B, s] (-100 ignored), optionally
+    ``ulysses_sp_info`` and other model inputs; every key but ``shift_labels`` / ``labels`` goes to
+    the backbone (the causal LM's ``base_model``).
     The head runs over tiles of ``tile_tokens`` tokens (default: ``tile_bytes`` of fp32 logits per
     tile). ``use_liger``: None uses liger-kernel's fused loss when it can run (CUDA, installed, plain
     Linear head), True requires it, False uses the torch path. ``head_loss``: a :class:`HeadLoss`
@@ -121,17 +124,21 @@ def causal_lm_loss(
 def shard_hidden_states(model: torch.nn.Module, local_batch: Mapping[str, torch.Tensor], topology: SPTopology):
     """The backbone's last hidden states of this rank's shard and what turns them into next-token
     logits: ``(hidden [T, D], shift_labels [T], head, LogitTransform)``, T = B*s. Every key of
-    ``local_batch`` but the labels goes to the backbone (``model.base_model``)."""
+    ``local_batch`` but the labels goes to the backbone (the causal LM's ``base_model``); a PEFT
+    wrapper is seen through to the causal LM inside it, whose head may itself carry a LoRA adapter
+    (the head is called as a module, so the adapter is applied)."""
     labels = _labels_of(local_batch)
+    check_adapters(model, local_batch)
     if topology.sp_size > 1 and not is_applied(model):
         raise ValueError("the model runs on a shard of the sequence: call ulysses_sp.apply(model, topology) first")
-    backbone, head = model.base_model, model.get_output_embeddings()
-    if backbone is model or head is None:
+    lm = unwrap(model)
+    backbone, head = lm.base_model, lm.get_output_embeddings()
+    if backbone is lm or head is None:
         raise ValueError(
-            f"{type(model).__name__} is not a causal LM with a backbone and an output head "
+            f"{type(lm).__name__} is not a causal LM with a backbone and an output head "
             "(e.g. LlamaForCausalLM); the sharded loss needs both"
         )
-    transform = logit_transform(model)
+    transform = logit_transform(lm)
     inputs = {k: v for k, v in local_batch.items() if k not in ("shift_labels", "labels")}
     inputs.setdefault("use_cache", False)
     hidden = backbone(**inputs)[0]  # [B, s, D]
@@ -139,8 +146,9 @@ def shard_hidden_states(model: torch.nn.Module, local_batch: Mapping[str, torch.
 
 
 def vocab_size(model: torch.nn.Module) -> int:
-    head = model.get_output_embeddings()
-    return getattr(head, "out_features", None) or model.config.get_text_config(decoder=True).vocab_size
+    lm = unwrap(model)
+    head = lm.get_output_embeddings()
+    return getattr(head, "out_features", None) or lm.config.get_text_config(decoder=True).vocab_size
 
 
 def head_cross_entropy_sum(

@@ -84,7 +84,13 @@ def liger_unsupported_reason(hidden: torch.Tensor, head, transform: LogitTransfo
     if not hidden.is_cuda:
         return "liger-kernel runs on CUDA tensors only"
     if type(head) is not torch.nn.Linear:
-        return f"the output head is a {type(head).__name__}, not a plain torch.nn.Linear"
+        # the kernel reads head.weight: an adapter on the head (lm_head in PEFT's target_modules or
+        # modules_to_save) would be skipped, so such a head runs on the torch path, which calls it
+        return (
+            f"the output head is a {type(head).__module__}.{type(head).__qualname__}, not a plain torch.nn.Linear "
+            "(a PEFT adapter on lm_head, from target_modules or modules_to_save, needs the torch path: "
+            "use_liger=False, or leave lm_head out of target_modules)"
+        )
     reason = head_weight_unavailable_reason(head.weight)
     if reason is not None:
         return reason

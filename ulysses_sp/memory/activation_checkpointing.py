@@ -32,6 +32,7 @@ import functools
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from ..core.wrappers import unwrap
 from .offload import offload_layer_inputs, restore_layer_inputs
 
 POLICIES = ("none", "full", "selective")
@@ -92,9 +93,10 @@ def gradient_checkpointing_kwargs(policy: str = "full") -> dict:
 
 
 def enable_checkpointing(model: torch.nn.Module, policy: str = "full", *, offload: bool = False):
-    """Checkpoint every decoder layer of ``model`` (a transformers model) with ``policy``; with
-    ``offload`` their checkpoints live in host memory. Returns ``model``. ``policy="none"`` disables
-    checkpointing (and refuses ``offload``, which has nothing to move then)."""
+    """Checkpoint every decoder layer of ``model`` (a transformers model, or a PEFT model wrapping
+    one: its layers, LoRA adapters included) with ``policy``; with ``offload`` their checkpoints live
+    in host memory. Returns ``model``. ``policy="none"`` disables checkpointing (and refuses
+    ``offload``, which has nothing to move then)."""
     policy = resolve_policy(policy)
     if policy == "none":
         if offload:
@@ -103,13 +105,16 @@ def enable_checkpointing(model: torch.nn.Module, policy: str = "full", *, offloa
             )
         return disable_checkpointing(model)
     kwargs = gradient_checkpointing_kwargs(policy)
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; gradient_* is deprecated there
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    # the transformers model's own switch, not one a wrapper forwards; non-reentrant checkpoints need
+    # no input that requires grad, so frozen embeddings under LoRA are fine
+    inner = unwrap(model)
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x; gradient_* is deprecated there
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    layers = checkpointed_layers(model)
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = checkpointed_layers(inner)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no layer transformers checkpoints (GradientCheckpointingLayer)")
+        raise ValueError(f"{type(inner).__name__} has no layer transformers checkpoints (GradientCheckpointingLayer)")
     if offload:
         offload_layer_inputs(layers)
     return model
@@ -117,13 +122,14 @@ def enable_checkpointing(model: torch.nn.Module, policy: str = "full", *, offloa
 
 def disable_checkpointing(model: torch.nn.Module):
     """Undo :func:`enable_checkpointing`: no layer is checkpointed, no offload wrapper is left."""
-    layers = checkpointed_layers(model)
+    inner = unwrap(model)
+    layers = checkpointed_layers(inner)
     restore_layer_inputs(layers)
     if layers:
-        if hasattr(model, "activation_checkpointing_disable"):
-            model.activation_checkpointing_disable()
+        if hasattr(inner, "activation_checkpointing_disable"):
+            inner.activation_checkpointing_disable()
         else:
-            model.gradient_checkpointing_disable()
+            inner.gradient_checkpointing_disable()
     return model
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from ..core.wrappers import unwrap
+
 _LLAMA_CODE = LlamaRMSNorm.forward.__code__
 
 
@@ -166,32 +168,35 @@ def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def enable_rms_norm_recompute(model: torch.nn.Module) -> list[str]:
-    """Make every Llama-style RMSNorm of ``model`` save only its input (see the module docstring).
-    Scoped to this model's norm instances; :func:`disable_rms_norm_recompute` undoes it. Returns the
-    names of the replaced norms; raises ``ValueError`` when there is none."""
-    if getattr(model, "_ulysses_sp_rms_norms", None) is not None:
+    """Make every Llama-style RMSNorm of ``model`` (of the model inside, for a PEFT model) save only
+    its input (see the module docstring). Scoped to this model's norm instances;
+    :func:`disable_rms_norm_recompute` undoes it. Returns the names of the replaced norms; raises
+    ``ValueError`` when there is none."""
+    inner = unwrap(model)
+    if getattr(inner, "_ulysses_sp_rms_norms", None) is not None:
         raise ValueError("RMSNorm recompute is already enabled on this model")
-    norms = {name: m for name, m in model.named_modules() if _is_llama_rms_norm(m)}
+    norms = {name: m for name, m in inner.named_modules() if _is_llama_rms_norm(m)}
     if not norms:
-        kinds = sorted({type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()})
+        kinds = sorted({type(m).__name__ for m in inner.modules() if "norm" in type(m).__name__.lower()})
         raise ValueError(
-            f"{type(model).__name__} has no Llama-style RMSNorm to recompute (its norms: {kinds}); "
+            f"{type(inner).__name__} has no Llama-style RMSNorm to recompute (its norms: {kinds}); "
             "leave the option off for this model"
         )
-    in_layers = {id(m) for layer in getattr(model.base_model, "layers", ()) for m in layer.modules()}
+    in_layers = {id(m) for layer in getattr(inner.base_model, "layers", ()) for m in layer.modules()}
     for module in norms.values():
         module._ulysses_sp_in_layer = id(module) in in_layers  # see _attach_source
         module.forward = types.MethodType(_forward, module)
-    model._ulysses_sp_rms_norms = list(norms.values())
+    inner._ulysses_sp_rms_norms = list(norms.values())
     return list(norms)
 
 
 def disable_rms_norm_recompute(model: torch.nn.Module):
     """Undo :func:`enable_rms_norm_recompute`; returns ``model``."""
-    norms = getattr(model, "_ulysses_sp_rms_norms", None)
+    inner = unwrap(model)
+    norms = getattr(inner, "_ulysses_sp_rms_norms", None)
     if norms is None:
         raise ValueError("RMSNorm recompute is not enabled on this model")
     for module in norms:
         del module.forward, module._ulysses_sp_in_layer
-    del model._ulysses_sp_rms_norms
+    del inner._ulysses_sp_rms_norms
     return model

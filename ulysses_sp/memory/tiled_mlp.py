@@ -40,6 +40,7 @@ from ..core import comm
 from ..core.apply import applied_topology
 from ..core.checks import check_int
 from ..core.sharding import input_tokens
+from ..core.wrappers import unwrap
 from . import rms_norm
 
 
@@ -52,51 +53,56 @@ class _TileState:
 
 
 def is_mlp_tiled(model: torch.nn.Module) -> bool:
-    return getattr(model, "_ulysses_sp_tiled_mlp", None) is not None
+    return getattr(unwrap(model), "_ulysses_sp_tiled_mlp", None) is not None
 
 
 def tile_mlp(model: torch.nn.Module, tile_tokens: int | None = None):
     """Run the MLP of every decoder layer of ``model`` over tiles of ``tile_tokens`` tokens (default:
     the hidden size d, as ALST: one tile's intermediates then take 8 d d_ff bytes in bf16, about the
     size of the MLP's weights). Scoped to this model's MLP instances; :func:`untile_mlp` undoes it. Returns
-    ``model``. MoE blocks (modules with ``experts``) are left as they are."""
-    if is_mlp_tiled(model):
+    ``model``. MoE blocks (modules with ``experts``) are left as they are. A PEFT model is tiled
+    inside (core/wrappers.py): LoRA layers in the MLP run in each tile; tile after ``get_peft_model``,
+    so that the adapters' dropout is seen (and refused)."""
+    inner = unwrap(model)
+    if is_mlp_tiled(inner):
         raise ValueError("the MLPs of this model are already tiled; call untile_mlp(model) first")
-    config = model.config.get_text_config(decoder=True)
+    config = inner.config.get_text_config(decoder=True)
     tile_tokens = tile_tokens if tile_tokens is not None else config.hidden_size
     check_int("tile_tokens", tile_tokens)
-    backbone = model.base_model
+    backbone = inner.base_model
     mlps = [
         m.mlp
         for m in backbone.modules()
         if isinstance(getattr(m, "mlp", None), torch.nn.Module) and not hasattr(m.mlp, "experts")
     ]
-    if not mlps or backbone is model:
-        raise ValueError(f"{type(model).__name__} has no decoder layers with a dense `mlp` module to tile")
+    if not mlps or backbone is inner:
+        raise ValueError(f"{type(inner).__name__} has no decoder layers with a dense `mlp` module to tile")
     for mlp in mlps:
-        dropout = [d for d in mlp.modules() if isinstance(d, torch.nn.Dropout) and d.p > 0]
+        dropout = [n for n, d in mlp.named_modules() if isinstance(d, torch.nn.Dropout) and d.p > 0]
         if dropout:
             raise ValueError(
-                f"{type(mlp).__name__} applies dropout; the tiled MLP reruns the forward in the backward "
-                "without replaying the random state"
+                f"{type(mlp).__name__} applies dropout ({', '.join(dropout)}); the tiled MLP reruns the forward "
+                "in the backward without replaying the random state (a LoRA adapter in the MLP: lora_dropout=0, "
+                "or leave the MLP's projections out of target_modules)"
             )
     state = _TileState(tile_tokens, mlps)
-    state.hook = backbone.register_forward_pre_hook(_make_agree_hook(model, state), with_kwargs=True)
+    state.hook = backbone.register_forward_pre_hook(_make_agree_hook(inner, state), with_kwargs=True)
     for mlp in mlps:
         mlp.forward = types.MethodType(_make_tiled_forward(state, type(mlp).forward), mlp)
-    model._ulysses_sp_tiled_mlp = state
+    inner._ulysses_sp_tiled_mlp = state
     return model
 
 
 def untile_mlp(model: torch.nn.Module):
     """Undo :func:`tile_mlp`: the MLPs run their own forward again, the hook is removed."""
-    state: _TileState | None = getattr(model, "_ulysses_sp_tiled_mlp", None)
+    inner = unwrap(model)
+    state: _TileState | None = getattr(inner, "_ulysses_sp_tiled_mlp", None)
     if state is None:
         raise ValueError("the MLPs of this model are not tiled")
     state.hook.remove()
     for mlp in state.mlps:
         del mlp.forward
-    del model._ulysses_sp_tiled_mlp
+    del inner._ulysses_sp_tiled_mlp
     return model
 
 

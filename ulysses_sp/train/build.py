@@ -16,6 +16,7 @@ from ..data.packing import PackedDataset
 from ..data.text import Documents
 from .config import TrainConfig
 from .engines.deepspeed_engine import DeepSpeedEngine
+from .engines.fsdp2_engine import FSDP2Engine
 from .engines.torch_engine import TorchEngine
 from .evaluation import split_heldout
 from .plan import RunPlan
@@ -64,11 +65,23 @@ def build_model(
 
 
 def build_engine(plan: RunPlan, model: torch.nn.Module, topology: SPTopology, load_universal: bool = False):
-    """The plan's engine over ``model``: DeepSpeed (ZeRO config of the plan) or torch."""
+    """The plan's engine over ``model``: DeepSpeed (ZeRO config of the plan), FSDP2 or torch."""
     config = plan.config
     if plan.engine_name == "deepspeed":
         return DeepSpeedEngine(
             model, topology, plan.ds_config, config, plan.dtype, plan.device_type, load_universal=load_universal
+        )
+    if plan.engine_name == "fsdp2":
+        return FSDP2Engine(
+            model,
+            topology,
+            config.lr,
+            compute_dtype=plan.dtype,
+            reshard_after_forward=not config.no_reshard_after_forward,
+            weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm,
+            warmup_steps=config.warmup_steps,
+            total_steps=config.steps,
         )
     return TorchEngine(
         model,

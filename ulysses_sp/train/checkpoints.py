@@ -8,10 +8,12 @@ Layout of ``--save-dir DIR`` (one directory per saved step)::
     DIR/step_00000300/rng/dp_00000.pt   random streams of DP group 0 (the same on its SP ranks)
     DIR/step_00000300/torch_engine.pt   torch engine: model, optimizer, scheduler (replicated state)
     DIR/step_00000300/deepspeed/state/  DeepSpeed engine: engine.save_checkpoint (ZeRO shards per rank)
+    DIR/step_00000300/fsdp2/            FSDP2 engine: torch.distributed.checkpoint (every rank's shards)
 
 Resuming at another SP size (docs/checkpointing.md):
 
 * torch engine: any sp / dp / world size (the state is the same on every rank);
+* FSDP2: any sp / dp / world size (torch.distributed.checkpoint reshards on load);
 * DeepSpeed: the same world size and ZeRO stage load natively, whatever the sp x dp split (ZeRO
   partitions over all ranks); a stage-0 fp32 checkpoint (no ZeRO shards) loads at any world size;
   otherwise convert once with DeepSpeed's universal checkpoint tool, into ``deepspeed/universal``
@@ -140,7 +142,9 @@ def check_compatible(ckpt: Checkpoint, settings: dict, engine: str) -> None:
             f"--resume {ckpt.path}: the model differs from the saved one ({shown}); resume with the same --model"
         )
     if saved["engine"] != engine:
-        fix = "with --deepspeed CONFIG.json" if saved["engine"] == "deepspeed" else "without --deepspeed"
+        fix = {"deepspeed": "with --deepspeed CONFIG.json", "fsdp2": "with --fsdp"}.get(
+            saved["engine"], "without --deepspeed and --fsdp"
+        )
         raise ValueError(
             f"--resume {ckpt.path}: the checkpoint was written by the {saved['engine']} engine, this "
             f"run uses the {engine} engine; resume {fix}"

@@ -141,6 +141,22 @@ class TrainConfig:
             metavar="CONFIG.json",
         ),
     )
+    fsdp: bool = field(
+        default=False,
+        metadata=_flag(
+            "train with the FSDP2 engine (torch's fully_shard): parameters, gradients and AdamW state sharded over all "
+            "ranks (dp x sp), each decoder layer its own unit, fp32 master weights with --dtype bf16 compute and fp32 "
+            "gradient reduction, checkpoints by torch.distributed.checkpoint (docs/entry-points/fsdp2.md)"
+        ),
+    )
+    no_reshard_after_forward: bool = field(
+        default=False,
+        metadata=_flag(
+            "with --fsdp: keep each decoder layer's parameters gathered from its forward to its backward (one "
+            "all-gather per layer and step instead of two; the whole model's parameters in memory at the end of "
+            "the forward)"
+        ),
+    )
     grad_ckpt: str = field(
         default="none",
         metadata=_flag(
@@ -254,6 +270,18 @@ class TrainConfig:
         if not self.timeout_s > 0:
             raise ValueError(
                 f"--timeout-s must be > 0 seconds (a collective waiting longer fails the job), got {self.timeout_s}"
+            )
+        if self.fsdp and self.deepspeed:
+            raise ValueError(
+                f"--fsdp and --deepspeed {self.deepspeed} name two engines; keep one (both shard parameters, "
+                "gradients and optimizer state over all ranks)"
+            )
+        if self.no_reshard_after_forward and not self.fsdp:
+            raise ValueError("--no-reshard-after-forward is an FSDP2 setting: add --fsdp, or leave it out")
+        if self.fsdp and self.dtype in ("fp16", "float16"):
+            raise ValueError(
+                "--fsdp trains in fp32 or bf16: fp16 needs loss scaling, which the FSDP2 engine does not do; "
+                "use --dtype bf16 (or --deepspeed with its fp16 loss scaler)"
             )
         if self.offload_activations and self.grad_ckpt == "none":
             raise ValueError(

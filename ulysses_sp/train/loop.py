@@ -79,7 +79,8 @@ class TrainingRun:
         )
         topology = init_sp(plan.sp_size)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        # DeepSpeed keeps fp32 master weights itself; the torch engine trains fp32 weights under autocast
+        # DeepSpeed keeps fp32 master weights itself; the torch engine trains fp32 weights under autocast,
+        # the FSDP2 engine fp32 shards with its mixed-precision policy
         weights_dtype = plan.dtype if plan.engine_name == "deepspeed" else torch.float32
         model = build_model(config.model, weights_dtype, device, plan.attention, plan.model_config)
         enable_checkpointing(model, config.grad_ckpt, offload=config.offload_activations)  # "none": nothing

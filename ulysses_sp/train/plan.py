@@ -53,7 +53,14 @@ class RunPlan:
 
     @property
     def engine_name(self) -> str:
-        return "deepspeed" if self.deepspeed_config_path else "torch"
+        return engine_name(self.config, self.deepspeed_config_path)
+
+
+def engine_name(config: TrainConfig, deepspeed_config_path: str | None) -> str:
+    """deepspeed (a DeepSpeed JSON), fsdp2 (--fsdp) or torch."""
+    if deepspeed_config_path:
+        return "deepspeed"
+    return "fsdp2" if config.fsdp else "torch"
 
 
 def make_plan(config: TrainConfig) -> RunPlan:
@@ -65,8 +72,13 @@ def make_plan(config: TrainConfig) -> RunPlan:
     model_source(config.model)
     documents = read_training_documents(config.dataset)
     ds_path = config.deepspeed or launched_deepspeed_config_file()  # accelerate launch with DEEPSPEED: its file
+    if ds_path and config.fsdp:
+        raise ValueError(
+            f"--fsdp under an accelerate launch of DeepSpeed ({ds_path}) names two engines; launch with an "
+            "Accelerate config without DeepSpeed (configs/accelerate/fsdp2_sp2.yaml), or leave out --fsdp"
+        )
     ds_config = load_config(ds_path)
-    check_accelerate_launch(ds_config)
+    check_accelerate_launch(ds_config, fsdp=config.fsdp)
     sp_size = resolve_sp_size(config.sp_size, ds_config)  # CLI, DeepSpeed JSON, Accelerate config
     resume = checkpoints.find_checkpoint(config.resume) if config.resume else None
     attention = config.attn or default_attention(device_type)
@@ -74,9 +86,8 @@ def make_plan(config: TrainConfig) -> RunPlan:
     model_config = build_config(config.model)
     check_seq_len(model_config, config.seq_len, config.allow_longer_than_max_positions)
     settings = checkpoints.run_settings(config, model_config)
-    engine = "deepspeed" if ds_path else "torch"
     if resume is not None:
-        checkpoints.check_compatible(resume, settings, engine)
+        checkpoints.check_compatible(resume, settings, engine_name(config, ds_path))
     zero_stage = ds_zero_stage(ds_config) if ds_path else None
     return RunPlan(
         config,
@@ -111,9 +122,11 @@ def read_training_documents(path: str | None) -> Documents:
     return documents
 
 
-def check_accelerate_launch(ds_config: dict, environ: Mapping[str, str] | None = None) -> None:
+def check_accelerate_launch(ds_config: dict, environ: Mapping[str, str] | None = None, *, fsdp: bool = False) -> None:
     """ValueError for an ``accelerate launch`` whose engine this trainer would silently not use: DeepSpeed
-    configured in the YAML itself (no ``deepspeed_config_file`` to read, and no ``--deepspeed``), or FSDP."""
+    configured in the YAML itself (no ``deepspeed_config_file`` to read, and no ``--deepspeed``), or FSDP
+    without ``--fsdp`` (with it, the FSDP2 engine shards the model itself: Accelerate's FSDP plugin is
+    not used, and it does not shard CPU processes at all)."""
     env = os.environ if environ is None else environ
     engine = launched_engine(env)
     if engine == "deepspeed" and not ds_config:
@@ -122,10 +135,11 @@ def check_accelerate_launch(ds_config: dict, environ: Mapping[str, str] | None =
             f"accelerate launched DeepSpeed (deepspeed_config_file {source}), but launch/train.py trains "
             f"with DeepSpeed only when given --deepspeed: add --deepspeed CONFIG.json to its arguments"
         )
-    if engine == "fsdp":
+    if engine == "fsdp" and not fsdp:
         raise ValueError(
-            "accelerate launched FSDP, which launch/train.py does not support; use an Accelerate config "
-            "with distributed_type MULTI_GPU (configs/accelerate/sp2.yaml) or DEEPSPEED"
+            "accelerate launched FSDP; launch/train.py trains with its FSDP2 engine only when given --fsdp: add "
+            "--fsdp to its arguments (configs/accelerate/fsdp2_sp2.yaml), or use an Accelerate config with "
+            "distributed_type MULTI_GPU (configs/accelerate/sp2.yaml) or DEEPSPEED"
         )
 
 

@@ -7,7 +7,9 @@ relative (fp32, same seed, same global batch):
 * examples/accelerate_loop.py (Accelerator + prepare_sp + train_step) at 2 processes against the
   same script in one process with ``--sp-size 1``;
 * configs/accelerate/deepspeed_zero2_sp2.yaml (distributed_type DEEPSPEED, its ZeRO-2 config file
-  taken as --deepspeed) against the non-SP DeepSpeed run.
+  taken as --deepspeed) against the non-SP DeepSpeed run;
+* configs/accelerate/fsdp2_sp2.yaml (distributed_type FSDP) with launch/train.py --fsdp (the FSDP2
+  engine) against one process without SP.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tests.helpers import ROOT, free_port, run_ok
 pytestmark = pytest.mark.slow
 
 SP2_YAML = os.path.join(ROOT, "configs", "accelerate", "sp2.yaml")
+FSDP2_YAML = os.path.join(ROOT, "configs", "accelerate", "fsdp2_sp2.yaml")
 DS_YAML = os.path.join("configs", "accelerate", "deepspeed_zero2_sp2.yaml")  # its JSON path is relative to the root
 EXAMPLE = os.path.join(ROOT, "examples", "accelerate_loop.py")
 
@@ -105,5 +108,15 @@ def test_deepspeed_yaml_sp2_matches_non_sp_deepspeed(tmp_path):
         *_both(
             lambda: accelerate_launch(tmp_path, "acc_ds_sp2", TRAIN, *args, config=DS_YAML, cwd=ROOT),
             lambda: train(tmp_path, "ds_ref", 1, "--sp-size", "1", "--deepspeed", zero0, *args, launcher="deepspeed"),
+        )
+    )
+
+
+def test_fsdp2_yaml_with_fsdp_matches_single_process(tmp_path):
+    args = [*COMMON, "--seq-len", "40", "--batch-size", "1", "--pack", "--fsdp"]
+    assert_same_curve(
+        *_both(
+            lambda: accelerate_launch(tmp_path, "acc_fsdp2", TRAIN, *args, config=FSDP2_YAML),
+            lambda: train(tmp_path, "ref", 1, "--sp-size", "1", *args, launcher="python"),
         )
     )

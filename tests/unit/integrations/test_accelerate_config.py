@@ -15,6 +15,7 @@ from ulysses_sp.integrations.accelerate_env import (
     claim_sp_size,
     env_flag,
     launched_deepspeed_config_file,
+    launched_engine,
     read_sp_size,
 )
 from ulysses_sp.integrations.sp_size import resolve_sp_size
@@ -48,6 +49,7 @@ def launcher_env(config: str, *cli: str) -> tuple[int, dict]:
         ("configs/accelerate/sp2.yaml", ("--num_processes", "4", "--parallelism_config_sp_size", "4"), 4, 4),
         ("configs/accelerate/multi_gpu_sp4.yaml", (), 8, 4),
         ("configs/accelerate/deepspeed_zero2_sp2.yaml", (), 2, 2),
+        ("configs/accelerate/fsdp2_sp2.yaml", (), 2, 2),
     ],
 )
 def test_shipped_yamls_give_our_sp_size(config, cli, processes, sp):
@@ -56,6 +58,7 @@ def test_shipped_yamls_give_our_sp_size(config, cli, processes, sp):
     assert env["PARALLELISM_CONFIG_SP_BACKEND"] == "ulysses_sp"
     expected_ds = "configs/deepspeed/zero2.json" if "deepspeed" in config else None
     assert launched_deepspeed_config_file(env) == expected_ds
+    assert launched_engine(env) == ("deepspeed" if expected_ds else "fsdp" if "fsdp" in config else None)
 
 
 def test_cli_false_arrives_as_true_and_is_ignored():

@@ -31,6 +31,9 @@ from ulysses_sp.train.run import run
         (["--eval-every", "2", "--eval-batches", "0"], r"--eval-batches must be an integer >= 1 .* got 0"),
         (["--eval-batches", "3"], r"--eval-batches 3 has no effect without --eval-every N"),
         (["--eval-every", "2", "--eval-fraction", "1.5"], r"--eval-fraction must be in \(0, 1\).* got 1.5"),
+        (["--fsdp", "--deepspeed", "z.json"], r"--fsdp and --deepspeed z.json name two engines; keep one"),
+        (["--no-reshard-after-forward"], r"--no-reshard-after-forward is an FSDP2 setting: add --fsdp"),
+        (["--fsdp", "--dtype", "fp16"], r"--fsdp trains in fp32 or bf16: fp16 needs loss scaling"),
     ],
 )
 def test_flag_values_are_checked(argv, match):

@@ -77,8 +77,12 @@ def test_accelerate_launches_the_trainer_cannot_honour():
         r"Accelerate config's deepspeed_config\)\).*add --deepspeed CONFIG.json",
     ):
         check_accelerate_launch({}, inline)
-    with pytest.raises(ValueError, match="accelerate launched FSDP, which launch/train.py does not support"):
-        check_accelerate_launch({}, {"ACCELERATE_USE_FSDP": "true"})
+    fsdp_launch = {**OURS, "ACCELERATE_USE_FSDP": "true"}
+    with pytest.raises(
+        ValueError, match="accelerate launched FSDP; launch/train.py trains with its FSDP2 engine only "
+    ):
+        check_accelerate_launch({}, fsdp_launch)
+    check_accelerate_launch({}, fsdp_launch, fsdp=True)  # --fsdp: the FSDP2 engine shards the model itself
 
 
 def test_model_is_the_file_given(tmp_path):

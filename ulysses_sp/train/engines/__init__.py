@@ -1,11 +1,14 @@
-"""Training engines of the run loop: plain torch (torch_engine.py) or DeepSpeed (deepspeed_engine.py).
+"""Training engines of the run loop: plain torch (torch_engine.py), DeepSpeed (deepspeed_engine.py) or
+FSDP2 (fsdp2_engine.py).
 
-Both run :func:`ulysses_sp.causal_lm_loss` (the SP group's loss, whose gradients summed over the SP
+All run :func:`ulysses_sp.causal_lm_loss` (the SP group's loss, whose gradients summed over the SP
 ranks are P x the reference) and end each optimizer step at the reference gradient:
 
  - TorchEngine averages gradients over all dp x sp ranks, which divides the P back out;
  - DeepSpeedEngine runs the loss inside the DeepSpeed engine's forward (ZeRO hooks see it) and
-   lets DeepSpeed average over all dp x sp ranks too (integrations/deepspeed.py: SPMpu).
+   lets DeepSpeed average over all dp x sp ranks too (integrations/deepspeed.py: SPMpu);
+ - FSDP2Engine runs it inside the FSDP2 root and reduce-scatters each gradient as a mean over all
+   dp x sp ranks (integrations/fsdp2.py).
 
 The interface the loop uses: ``forward_backward(local_batch, num_items)`` returns the micro-batch's
 (unscaled) loss; ``step()`` ends the optimizer step and returns the gradient norm; ``loss_sum(local_batch)``
@@ -23,11 +26,13 @@ from collections.abc import Callable
 TORCH_STATE_FILE = "torch_engine.pt"
 #: the DeepSpeed engine's folder in a checkpoint directory, and the tags of its native / universal checkpoint
 DEEPSPEED_DIR, NATIVE_TAG, UNIVERSAL_TAG = "deepspeed", "state", "universal"
+#: the FSDP2 engine's folder in a checkpoint directory (torch.distributed.checkpoint, every rank's shards)
+FSDP2_DIR = "fsdp2"
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     """The learning-rate factor of a step: linear warmup over ``warmup`` steps, then a cosine decay to
-    0.1 at step ``total``. Both engines use it, so their curves agree."""
+    0.1 at step ``total``. Every engine uses it, so their curves agree."""
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
