@@ -72,7 +72,10 @@ def main(argv=None) -> None:
     metrics = trainer.evaluate()  # under SP: no logits, the loss (perplexity = exp(eval_loss))
     trainer.save_state()
     if trainer.is_world_process_zero():
-        print(f"eval loss {metrics['eval_loss']:.4f} after {trainer.state.global_step} steps; log in {args.out}")
+        print(
+            f"eval loss {metrics['eval_loss']:.4f} after {trainer.state.global_step} steps "
+            f"(engine {trainer.sp_engine}, sp {trainer.sp_topology.sp_size}); log in {args.out}"
+        )
 
 
 if __name__ == "__main__":

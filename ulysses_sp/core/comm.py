@@ -248,6 +248,15 @@ def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
     return {"model": model_state, "optimizer": optimizer_state}
 
 
+def full_model_state(model: torch.nn.Module) -> dict:
+    """The whole state dict of a model with DTensor parameters, on CPU, keyed by parameter names, on
+    rank 0; the other ranks get an empty dict (torch's rule, so that no rank but one holds a copy).
+    Collective: each parameter is all-gathered."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Put a :func:`sharded_state` (filled by :func:`load_sharded`) back into the model and optimizer."""
     from torch.distributed.checkpoint.state_dict import set_state_dict

@@ -46,9 +46,10 @@ def _distributed_types():
     return supported
 
 
-def check_accelerator(accelerator) -> None:
+def check_accelerator(accelerator, *, allow_fsdp: bool = False) -> None:
     """Raise a ValueError naming the fix when ``accelerator`` cannot run ulysses_sp: ALST
-    configured, an unsupported distributed type, or processes Accelerate does not see."""
+    configured, an unsupported distributed type, or processes Accelerate does not see.
+    ``allow_fsdp``: the caller shards with FSDP2 itself (SPTrainer), so Accelerate's FSDP type is fine."""
     pc = getattr(accelerator, "parallelism_config", None)
     if pc is not None and pc.sp_size > 1:
         raise ValueError(
@@ -57,7 +58,9 @@ def check_accelerator(accelerator) -> None:
             "ulysses_sp.claim_sp_size() before creating the Accelerator and do "
             "not pass an SP parallelism_config"
         )
-    if accelerator.distributed_type not in _distributed_types():
+    if accelerator.distributed_type not in _distributed_types() and not (
+        allow_fsdp and accelerator.distributed_type.name == "FSDP"
+    ):
         raise ValueError(
             f"ulysses_sp supports Accelerate with DDP (MULTI_GPU, MULTI_CPU, ...), DEEPSPEED or a single "
             f"process; got {accelerator.distributed_type}"

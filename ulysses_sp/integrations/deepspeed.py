@@ -155,7 +155,7 @@ def initialize(
     mpu = SPMpu(topology)
     if zero_stage(config) == 3:
         _partition_over_all_ranks(model, config, mpu)
-        _gather_head_for_loss(model)
+        gather_head_for_loss(model)
     if model_parameters is None and optimizer is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     engine, opt, loader, scheduler = deepspeed.initialize(
@@ -259,7 +259,7 @@ def _partition_over_all_ranks(model: torch.nn.Module, config: dict, mpu: SPMpu) 
     )
 
 
-def _gather_head_for_loss(model: torch.nn.Module) -> None:
+def gather_head_for_loss(model: torch.nn.Module) -> None:
     """A CausalLMLoss's fused kernel reads its head's weight directly (liger takes the weight, not the
     module): register it as an external parameter of the loss's :class:`~ulysses_sp.loss.causal_lm.HeadLoss`, so
     ZeRO-3 gathers it around the loss only (not through the whole model's forward and backward) and

@@ -49,7 +49,7 @@ from ..core.apply import is_applied
 from ..core.log import logger
 from ..core.topology import SPTopology
 from ..core.wrappers import check_adapters, unwrap
-from ..loss.causal_lm import CausalLMLoss
+from ..loss.causal_lm import CausalLMLoss, HeadLoss
 
 #: the first torch whose grouped FSDP2 unit may run one module without the others (see above)
 GROUPED_HEAD_TORCH = Version("2.13")
@@ -62,12 +62,14 @@ def shard_causal_lm(
     reshard_after_forward: bool = True,
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = torch.float32,
+    head_loss: HeadLoss | None = None,
     **loss_kwargs,
 ) -> CausalLMLoss:
     """``CausalLMLoss(model, topology, **loss_kwargs)`` sharded by FSDP2 over all ranks (module
     docstring). ``model``: a causal LM or a PEFT model wrapping one (LoRA), with SP applied when
     ``topology.sp_size > 1``, its weights on the device of the topology's mesh and the same on every
-    rank up to rank 0's broadcast (made identical here). Returns the FSDP root; ``model``'s
+    rank up to rank 0's broadcast (made identical here). ``head_loss``: the module the head and the
+    cross-entropy run in (default a new :class:`HeadLoss`). Returns the FSDP root; ``model``'s
     parameters become DTensor shards (frozen ones too).
     """
     check_shardable(model, topology)
@@ -77,6 +79,8 @@ def shard_causal_lm(
             p.copy_(comm.broadcast(p.detach(), src=0))
     mesh = comm.device_mesh(topology.device_type, (topology.world_size,), ("fsdp",))
     loss_module = CausalLMLoss(model, topology, **loss_kwargs)
+    if head_loss is not None:
+        loss_module.head_loss = head_loss
 
     def shard(module, reshard: bool) -> None:
         comm.fully_shard(

@@ -15,15 +15,18 @@ import pytest
 from torch.utils.data import Subset
 
 from tests.distributed import harness
-from tests.helpers import ROOT, flags, launcher_command, run_ok, tiny_model
+from tests.helpers import ROOT, flags, free_port, launcher_command, run_ok, tiny_model
 
 pytestmark = pytest.mark.slow
 
 STEPS = 4
+TRAINER_ZERO3 = os.path.join(ROOT, "configs", "deepspeed", "trainer_zero3.json")
 
 
-def _train_and_evaluate(ctx, sp_size: int | None, out_path: str) -> None:
+def _train_and_evaluate(ctx, sp_size: int | None, out_path: str, engine: str = "ddp") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", OMP_NUM_THREADS="1")
+    if engine == "fsdp2":  # what `accelerate launch --config_file configs/accelerate/fsdp2_sp2.yaml` sets
+        os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_RESHARD_AFTER_FORWARD="true")
     from transformers import Trainer, TrainingArguments
 
     from ulysses_sp.data.collate import collate_padded
@@ -32,6 +35,8 @@ def _train_and_evaluate(ctx, sp_size: int | None, out_path: str) -> None:
 
     rows = load_text_dataset(None, 40, pack=False)  # one row per document piece, 1..40 tokens
     train, evaluation = Subset(rows, range(64)), Subset(rows, range(64, 71))  # 7 rows: batches 3, 3, 1
+    # before TrainingArguments: with a ZeRO-3 config those make from_config partition the model at once
+    model = tiny_model("tiny-llama", seed=3)
     args = TrainingArguments(
         output_dir=os.path.join(os.path.dirname(out_path), f"run{sp_size}"),
         use_cpu=True,
@@ -47,11 +52,13 @@ def _train_and_evaluate(ctx, sp_size: int | None, out_path: str) -> None:
         logging_steps=1,
         eval_strategy="steps",
         eval_steps=2,
-        save_strategy="no",
+        save_strategy="steps" if engine == "fsdp2" else "no",
+        save_steps=2,
+        deepspeed=TRAINER_ZERO3 if engine == "deepspeed" else None,
         disable_tqdm=True,
     )
     common = {
-        "model": tiny_model("tiny-llama", seed=3),
+        "model": model,
         "args": args,
         "train_dataset": train,
         "eval_dataset": evaluation,
@@ -60,6 +67,14 @@ def _train_and_evaluate(ctx, sp_size: int | None, out_path: str) -> None:
     trainer = Trainer(**common) if sp_size is None else SPTrainer(**common, sp_size=sp_size)
     trainer.train()
     final = trainer.evaluate()
+    if engine != "ddp":
+        _assert_engine_ran(trainer, engine)
+    resumed = None
+    if engine == "fsdp2":  # the step-2 checkpoint (sharded weights + AdamW state) continues the same curve
+        common["model"] = tiny_model("tiny-llama", seed=11)  # other weights: the checkpoint must replace them
+        again = SPTrainer(**common, sp_size=sp_size)
+        again.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2"))
+        resumed = [h["loss"] for h in again.state.log_history if "loss" in h and h["step"] > 2]
     if ctx.rank == 0:
         history = trainer.state.log_history
         result = {
@@ -67,21 +82,42 @@ def _train_and_evaluate(ctx, sp_size: int | None, out_path: str) -> None:
             "eval_loss": [h["eval_loss"] for h in history if "eval_loss" in h],
             "train_loss": next(h["train_loss"] for h in history if "train_loss" in h),
             "final_eval_loss": final["eval_loss"],
+            "resumed": resumed,
         }
         with open(out_path, "w") as f:
             json.dump(result, f)
+
+
+def _assert_engine_ran(trainer, engine: str) -> None:
+    """The parameters are the engine's (no silent fallback to DDP): DTensor shards under FSDP2,
+    ZeRO-3-partitioned under DeepSpeed, and the loss module is what the engine wraps."""
+    from ulysses_sp.core import comm
+    from ulysses_sp.loss.causal_lm import CausalLMLoss
+
+    params = list(trainer.model.parameters())
+    if engine == "fsdp2":
+        assert all(comm.is_sharded(p) for p in params), "FSDP2 did not shard every parameter"
+        assert trainer.model_wrapped is trainer.sp_loss_root and isinstance(trainer.sp_loss_root, CausalLMLoss)
+    else:
+        assert all(hasattr(p, "ds_id") for p in params), "ZeRO-3 did not partition every parameter"
+        assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine"
+        assert isinstance(trainer.model_wrapped.module, CausalLMLoss)
 
 
 def _close(a: float, b: float, what: str) -> None:
     assert abs(a - b) <= 1e-4 * abs(b), f"{what}: SP {a} vs non-SP {b}"
 
 
-def test_sp_trainer_matches_stock_trainer(tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed"])
+def test_sp_trainer_matches_stock_trainer(tmp_path, engine):
+    """SPTrainer at sp2 under DDP, FSDP2 (sharded by SPTrainer, as under fsdp2_sp2.yaml) and DeepSpeed
+    ZeRO-3 (Accelerate's DeepSpeed plugin, configs/deepspeed/trainer_zero3.json) against the stock
+    Trainer on one process; under FSDP2 also a resume from the step-2 checkpoint."""
     ref_path, sp_path = tmp_path / "ref.json", tmp_path / "sp.json"
     with ThreadPoolExecutor(2) as pool:  # the two jobs are independent: overlap their start-up
         jobs = [
             pool.submit(harness.run, _train_and_evaluate, 1, None, str(ref_path)),
-            pool.submit(harness.run, _train_and_evaluate, 2, 2, str(sp_path)),
+            pool.submit(harness.run, _train_and_evaluate, 2, 2, str(sp_path), engine),
         ]
         for job in jobs:
             job.result()
@@ -95,6 +131,10 @@ def test_sp_trainer_matches_stock_trainer(tmp_path):
     _close(sp["train_loss"], ref["train_loss"], "train_loss")
     _close(sp["final_eval_loss"], ref["final_eval_loss"], "final eval_loss")
     assert ref["loss"][-1] < ref["loss"][0], "the run did not train"
+    if engine == "fsdp2":
+        assert len(sp["resumed"]) == STEPS - 2, sp["resumed"]
+        for step, (a, b) in enumerate(zip(sp["resumed"], sp["loss"][2:]), 3):
+            _close(a, b, f"resumed training loss at step {step}")
 
 
 def test_trainer_example_matches_one_process(tmp_path):
@@ -112,3 +152,32 @@ def test_trainer_example_matches_one_process(tmp_path):
     assert [k for k, _ in runs["sp2"]] == [k for k, _ in runs["one"]] and runs["one"], runs
     for (key, got), (_, want) in zip(runs["sp2"], runs["one"]):
         _close(float(got), float(want), f"example {key}")
+
+
+@pytest.mark.parametrize(
+    "yaml_name, engine",
+    [("fsdp2_sp2.yaml", "fsdp2"), ("deepspeed_zero3_sp2.yaml", "deepspeed")],
+    ids=["fsdp2", "zero3"],
+)
+def test_trainer_example_under_shipped_yaml_matches_one_process(tmp_path, yaml_name, engine):
+    """``accelerate launch --config_file configs/accelerate/<yaml> examples/trainer_sp.py`` (2 CPU
+    processes, sp2 from the YAML) trains with that engine and logs the losses of the same script in
+    one process without SP."""
+    example = os.path.join(ROOT, "examples", "trainer_sp.py")
+    yaml = os.path.join("configs", "accelerate", yaml_name)  # the DeepSpeed YAML names its JSON relative to the root
+    launch = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", yaml]
+    launch += ["--main_process_port", str(free_port())]
+    runs = {}
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {
+            "sp2": pool.submit(run_ok, [*launch, example, *flags(steps=4, out=tmp_path / "sp2")], cwd=ROOT),
+            "one": pool.submit(run_ok, [sys.executable, example, *flags(sp_size=1, steps=4, out=tmp_path / "one")]),
+        }
+        outputs = {name: job.result() for name, job in jobs.items()}
+    assert f"(engine {engine}, sp 2)" in outputs["sp2"].stdout, outputs["sp2"].stdout[-2000:]
+    for name in jobs:
+        history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+        runs[name] = [(key, h[key]) for h in history for key in ("loss", "eval_loss") if key in h]
+    assert [k for k, _ in runs["sp2"]] == [k for k, _ in runs["one"]] and runs["one"], runs
+    for (key, got), (_, want) in zip(runs["sp2"], runs["one"]):
+        _close(float(got), float(want), f"example {key} under {yaml_name}")

@@ -31,3 +31,41 @@ def test_sp_size_must_agree_with_the_accelerate_config(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_SP_SIZE, "2")
     with pytest.raises(ValueError, match=r"SPTrainer\(sp_size=4\) disagrees with the Accelerate config's SP size 2"):
         SPTrainer(model=tiny_model("tiny-llama"), args=_args(tmp_path), sp_size=4)
+
+
+@pytest.mark.parametrize(
+    "env, match",
+    [
+        ({"FSDP_VERSION": "1"}, r"FSDP version 1 \(the Accelerate config \(ACCELERATE_USE_FSDP\)\).*fsdp_version: 2"),
+        ({"FSDP_OFFLOAD_PARAMS": "true"}, "FSDP parameter offload"),
+        ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "fsdp_cpu_ram_efficient_loading"),
+        ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "FSDP activation checkpointing.*gradient_checkpointing=True"),
+    ],
+)
+def test_fsdp_settings_it_cannot_honour_are_refused(tmp_path, monkeypatch, env, match):
+    """What `accelerate launch` sets from an FSDP config, refused before any process group."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=match):
+        SPTrainer(model=tiny_model("tiny-llama"), args=_args(tmp_path))
+
+
+def test_fsdp2_request_is_read_from_the_environment_and_the_arguments(tmp_path, monkeypatch):
+    from ulysses_sp.integrations.trainer_engine import fsdp_request
+
+    class Stub:  # what fsdp_request reads of a Trainer
+        is_fsdp_enabled = False
+        args = _args(tmp_path)
+
+    assert fsdp_request(Stub()) is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    request = fsdp_request(Stub())
+    assert (request.version, request.reshard_after_forward) == (2, False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    Stub.args = _args(tmp_path, fsdp="full_shard", fsdp_config={"version": 2, "reshard_after_forward": True})
+    request = fsdp_request(Stub())
+    assert (request.version, request.reshard_after_forward, request.source) == (2, True, "TrainingArguments.fsdp")
