@@ -22,9 +22,15 @@ backbone (``model.base_model``) takes ceil(T / t) and, when the MLP parameters a
 partitioned and the ranks' token counts can differ (DP > 1, or a model without SP applied), the
 maximum over the partition group (one all-reduce of a scalar). The MLPs of that forward and of its
 recomputation in the backward all use it; ``torch.tensor_split`` gives a rank with fewer tokens
-shorter (possibly empty) tiles. Under ZeRO 1-3 the parameter gradients are handed to DeepSpeed once,
-after the last tile (``param.ds_grad_is_ready``). DDP's gradient hooks expect one gradient per
-parameter and backward: use DeepSpeed or the trainer's torch engine.
+shorter (possibly empty) tiles.
+
+Parameter gradients reach the engine once per backward, summed over the tiles: DDP, ZeRO 1/2 and
+FSDP2 act on a parameter's gradient as it is accumulated (DDP fails on a second one), so the MLP's
+trainable parameters are inputs of the autograd function, whose backward returns their gradients
+summed over the tiles (one [d_ff, d]-sized buffer each, the size of the gradients themselves). ZeRO-3
+partitioned parameters cannot be inputs (outside their module's call they are empty, so autograd
+would reject full-size gradients); their gradients accumulate tile by tile and DeepSpeed's hooks
+reduce them after the last tile only (``param.ds_grad_is_ready``).
 """
 
 from __future__ import annotations
@@ -133,7 +139,9 @@ def _make_tiled_forward(state: _TileState, forward):
     def tiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         tiles = state.tiles if state.tiles is not None else max(1, math.ceil(x[..., 0].numel() / state.tile_tokens))
         params = [p for p in self.parameters() if p.requires_grad]
-        return TiledMLP.apply(x, lambda h: forward(self, h), tiles, params)
+        if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned (module docstring)
+            return TiledMLP.apply(x, lambda h: forward(self, h), tiles, params)
+        return TiledMLP.apply(x, lambda h: forward(self, h), tiles, [], *params)
 
     return tiled_forward
 
@@ -141,13 +149,15 @@ def _make_tiled_forward(state: _TileState, forward):
 class TiledMLP(torch.autograd.Function):
     """``mlp(x)`` over ``tiles`` token tiles, recomputed tile by tile in the backward.
 
-    x [..., d] -> [..., d_out]; ``mlp`` maps [1, t, d] -> [1, t, d_out] token-wise; ``params``: the
-    parameters it uses (their ``ds_grad_is_ready`` flags DeepSpeed's hooks for the last tile only).
+    x [..., d] -> [..., d_out]; ``mlp`` maps [1, t, d] -> [1, t, d_out] token-wise. ``zero3_params``:
+    ZeRO-3 partitioned parameters it uses (their ``ds_grad_is_ready`` flags DeepSpeed's hooks for the
+    last tile only); ``params``: the other trainable ones, whose gradients the backward returns,
+    summed over the tiles (module docstring).
     """
 
     @staticmethod
-    def forward(ctx, x, mlp, tiles: int, params: list[torch.nn.Parameter]):
-        ctx.mlp, ctx.tiles, ctx.params = mlp, tiles, params
+    def forward(ctx, x, mlp, tiles: int, zero3_params: list[torch.nn.Parameter], *params: torch.nn.Parameter):
+        ctx.mlp, ctx.tiles, ctx.zero3_params, ctx.params = mlp, tiles, zero3_params, params
         ctx.autocast = _autocast_state(x.device.type)
         source = rms_norm.norm_source(x)
         if source is None:
@@ -181,18 +191,28 @@ class TiledMLP(torch.autograd.Function):
         grads = grad_out.reshape(-1, grad_out.shape[-1])  # [T, d_out]
         grad_x = grads.new_empty(grads.shape[0], d, dtype=ctx.x_dtype) if ctx.needs_input_grad[0] else None  # [T, d]
         device_type, enabled, dtype = ctx.autocast
+        param_grads = [None] * len(ctx.params)  # each the parameter's shape, summed over the tiles
         start = 0
         for i, (tile, grad) in enumerate(zip(inputs, grads.tensor_split(ctx.tiles))):
-            for p in ctx.params:
+            for p in ctx.zero3_params:
                 p.ds_grad_is_ready = i == ctx.tiles - 1  # DeepSpeed reduces after the last tile only
             tile = tile.detach().requires_grad_(grad_x is not None)
             with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
                 y = ctx.mlp(tile.unsqueeze(0)).squeeze(0)  # [t, d_out]
-            torch.autograd.backward(y, grad)
+            if ctx.zero3_params:  # into .grad of the tile and of the parameters, through DeepSpeed's hooks
+                torch.autograd.backward(y, grad)
+                tile_grad = tile.grad
+            else:
+                wrt = ([tile] if grad_x is not None else []) + list(ctx.params)
+                found = list(torch.autograd.grad(y, wrt, grad, allow_unused=True)) if wrt else []
+                tile_grad = found.pop(0) if grad_x is not None else None
+                for j, g in enumerate(found):
+                    if g is not None:
+                        param_grads[j] = g if param_grads[j] is None else param_grads[j].add_(g)
             if grad_x is not None:
-                grad_x[start : start + tile.shape[0]] = tile.grad
+                grad_x[start : start + tile.shape[0]] = tile_grad
             start += tile.shape[0]
-        return (None if grad_x is None else grad_x.view(ctx.x_shape)), None, None, None
+        return (None if grad_x is None else grad_x.view(ctx.x_shape)), None, None, None, *param_grads
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:

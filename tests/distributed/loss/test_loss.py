@@ -56,8 +56,9 @@ def _local_batch(ids, labels, topo):
 
 
 def _check_step(ctx, topo, preset, tile, ddp=False):
-    """One optimiser step's worth of micro-batches; the engine is DDP over the world (``ddp``) or its
-    reduction done by hand (sum all-reduce over the world / world size)."""
+    """One optimiser step's worth of micro-batches; the engine is DDP over the world (``ddp``, with the
+    tiled MLP on: DDP takes one gradient per parameter and backward) or its reduction done by hand
+    (sum all-reduce over the world / world size)."""
     tol = tolerances(ctx.dtype)
     model = tiny_model(preset, dtype=ctx.dtype).to(ctx.device)
     ref = clone(model)
@@ -70,6 +71,8 @@ def _check_step(ctx, topo, preset, tile, ddp=False):
     sum(ref_losses.values()).backward()
 
     ulysses_sp.apply(model, topo)
+    if ddp:
+        ulysses_sp.tile_mlp(model, tile_tokens=3)
     engine = DistributedDataParallel(CausalLMLoss(model, topo, tile_tokens=tile)) if ddp else None
     mine = [_local_batch(*step[(topo.dp_rank, m)], topo) for m in range(MICRO)]
     n = count_label_tokens(mine, topo)
@@ -97,6 +100,8 @@ def _check_step(ctx, topo, preset, tile, ddp=False):
         for p in model.parameters():
             p.grad = comm.all_reduce(p.grad, dist.group.WORLD) / topo.world_size
     assert_grads_close(model, ref, **tol)
+    if ddp:
+        ulysses_sp.untile_mlp(model)
     ulysses_sp.remove(model)
 
 
