@@ -169,6 +169,14 @@ def broadcast(x: torch.Tensor, src: int = 0, group: ProcessGroup | None = None) 
     return _wait(funcol.broadcast(x.detach().contiguous(), src, group if group is not None else dist.group.WORLD))
 
 
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every parameter of ``module`` rank ``src``'s, in place (every rank built it from the same
+    seed; this makes it bit-identical whatever the initialisation did)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(broadcast(p.detach(), src=src))
+
+
 def all_reduce_autograd_sum(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Differentiable sum over the group: forward all-reduce, backward all-reduce of the gradient.
 

@@ -74,9 +74,7 @@ def shard_causal_lm(
     """
     check_shardable(model, topology)
     lm = unwrap(model)
-    with torch.no_grad():  # every rank built the model from the same seed; make it bit-identical (rank 0 wins)
-        for p in model.parameters():
-            p.copy_(comm.broadcast(p.detach(), src=0))
+    comm.broadcast_parameters(model)  # identical on every rank before each keeps its shard
     mesh = comm.device_mesh(topology.device_type, (topology.world_size,), ("fsdp",))
     loss_module = CausalLMLoss(model, topology, **loss_kwargs)
     if head_loss is not None:

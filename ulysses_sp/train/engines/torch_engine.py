@@ -35,13 +35,7 @@ class TorchEngine:
         self.max_grad_norm = max_grad_norm
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(warmup_steps, total_steps))
-        self._sync_initial_weights()
-
-    def _sync_initial_weights(self) -> None:
-        # every rank built the model from the same seed; make it bit-identical anyway (rank 0 wins)
-        with torch.no_grad():
-            for p in self.module.parameters():
-                p.copy_(comm.broadcast(p.detach(), src=0))
+        comm.broadcast_parameters(model)
 
     def forward_backward(self, local_batch, num_items) -> torch.Tensor:
         loss = causal_lm_loss(self.module, local_batch, self.topology, num_items_in_batch=num_items)
