@@ -9,7 +9,7 @@ relative (fp32, same seed, same global batch):
 * configs/accelerate/deepspeed_zero2_sp2.yaml (distributed_type DEEPSPEED, its ZeRO-2 config file
   taken as --deepspeed) against the non-SP DeepSpeed run;
 * configs/accelerate/fsdp2_sp2.yaml (distributed_type FSDP) with launch/train.py --fsdp (the FSDP2
-  engine) against one process without SP.
+  engine) on 4 processes (dp2 x sp2) against the non-SP FSDP2 run over dp2.
 """
 
 from __future__ import annotations
@@ -112,11 +112,14 @@ def test_deepspeed_yaml_sp2_matches_non_sp_deepspeed(tmp_path):
     )
 
 
-def test_fsdp2_yaml_with_fsdp_matches_single_process(tmp_path):
+def test_fsdp2_yaml_dp2_sp2_matches_non_sp_fsdp2(tmp_path):
+    """launch/train.py --fsdp under fsdp2_sp2.yaml on 4 processes (dp2 x sp2) with every memory
+    feature against torchrun dp2 --fsdp without SP."""
     args = [*COMMON, "--seq-len", "40", "--batch-size", "1", "--pack", "--fsdp"]
+    args += ["--grad-ckpt", "selective", "--tiled-mlp", "--recompute-norms"]
     assert_same_curve(
         *_both(
-            lambda: accelerate_launch(tmp_path, "acc_fsdp2", TRAIN, *args, config=FSDP2_YAML),
-            lambda: train(tmp_path, "ref", 1, "--sp-size", "1", *args, launcher="python"),
+            lambda: accelerate_launch(tmp_path, "acc_fsdp2", TRAIN, *args, num_processes=4, config=FSDP2_YAML),
+            lambda: train(tmp_path, "fsdp_dp2", 2, "--sp-size", "1", *args),
         )
     )
