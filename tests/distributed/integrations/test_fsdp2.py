@@ -19,7 +19,7 @@ from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
 from ulysses_sp.memory.rms_norm import enable_rms_norm_recompute
 from ulysses_sp.memory.tiled_mlp import tile_mlp
 
-SEQ, LR = 23, 1e-2  # 23: not a multiple of the SP size
+SEQ, LR, ADAM_EPS = 23, 1e-2, 1e-3  # 23: not a multiple of the SP size
 
 
 def _batch(dp_rank: int, device) -> dict:
@@ -88,14 +88,15 @@ def _fsdp2_parity(ctx, sp_size: int, tied: bool):
             comm.full_tensor(p.grad), r.grad, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=lambda m: f"{name}: {m}"
         )
 
-    # one AdamW step on the shards equals the step on the full weights
-    torch.optim.AdamW(loss_module.parameters(), lr=LR).step()
-    torch.optim.AdamW(ref.parameters(), lr=LR).step()
-    # Adam divides by sqrt(v): a near-zero gradient entry's reduction-order noise becomes up to ~1 % of a
-    # step of size LR; a wrong gradient or a missed shard moves entries by a whole step
+    # one AdamW step on the shards equals the step on the full weights. Adam's first step is
+    # LR * g / (|g| + eps): with eps ~1e-8 a near-zero entry's reduction-order noise can swing it by a
+    # sizeable part of LR (seen on an H100 in fp32: 0.03 * LR). eps=1e-3 bounds that by LR * noise / eps,
+    # while a wrong gradient or a missed shard still moves entries by up to a whole step.
+    torch.optim.AdamW(loss_module.parameters(), lr=LR, eps=ADAM_EPS).step()
+    torch.optim.AdamW(ref.parameters(), lr=LR, eps=ADAM_EPS).step()
     for name, p in model.named_parameters():
         torch.testing.assert_close(
-            comm.full_tensor(p.detach()), ref_params[name].detach(), rtol=tol["rtol"], atol=max(tol["atol"], 0.02 * LR)
+            comm.full_tensor(p.detach()), ref_params[name].detach(), rtol=tol["rtol"], atol=max(tol["atol"], 0.01 * LR)
         )
 
 
