@@ -30,8 +30,8 @@ def _rows(path) -> dict[int, dict]:
 
 
 def test_fsdp2_sp2_matches_single_process_and_resumes(tmp_path):
-    """sp2 --fsdp against one process (the torch engine); its step-3
-    checkpoint resumed at sp2 gives steps 4-5 bit for bit, and at sp1 (one process) within 1e-4."""
+    """sp2 --fsdp against one process (the torch engine); its step-3 checkpoint resumed at sp2
+    (under the deepspeed launcher) gives steps 4-5 bit for bit, and at sp1 (one process) within 1e-4."""
     ref = train(tmp_path, "ref", 1, "--sp-size", "1", *ARGS, launcher="python")
     save = ["--save-dir", str(tmp_path / "ckpt"), "--save-every", "3"]
     assert_same_curve(train(tmp_path, "fsdp_sp2", 2, "--sp-size", "2", *ARGS, *FSDP, *save), ref)
@@ -39,7 +39,8 @@ def test_fsdp2_sp2_matches_single_process_and_resumes(tmp_path):
 
     full = _rows(tmp_path / "fsdp_sp2.jsonl")
     resume = ["--resume", str(tmp_path / "ckpt" / "step_00000003")]
-    resumed = _resume(tmp_path, "resumed_sp2", 2, "--sp-size", "2", *ARGS, *FSDP, *resume)
+    # resumed under the deepspeed launcher: --fsdp is launched by it as by torchrun
+    resumed = _resume(tmp_path, "resumed_sp2", 2, "--sp-size", "2", *ARGS, *FSDP, *resume, launcher="deepspeed")
     assert sorted(resumed) == [4, 5]
     for step in (4, 5):
         for key in ("loss", "lr", "grad_norm"):
