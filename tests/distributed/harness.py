@@ -8,6 +8,7 @@ a failed assertion on any rank fails the test with that rank's traceback.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import tempfile
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ class Ctx:
 
 
 def _worker(rank: int, world_size: int, store_path: str, fn, args) -> None:
+    # a native crash (SIGABRT, SIGSEGV) prints every thread's Python stack: CI once saw a rank abort on
+    # glibc heap corruption with nothing else to go on
+    faulthandler.enable(all_threads=True)
     # a FileStore rendezvous: no TCP port to race for between concurrent test runs
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     init = dict(init_method=f"file://{store_path}", rank=rank, world_size=world_size, timeout=timedelta(seconds=300))
