@@ -51,6 +51,10 @@ from ..core.topology import SPTopology
 from ..core.wrappers import check_adapters, unwrap
 from ..loss.causal_lm import CausalLMLoss, HeadLoss
 
+#: the folder of a checkpoint directory holding FSDP2 shards (torch.distributed.checkpoint), written
+#: by launch/train.py's FSDP2 engine and by SPTrainer under FSDP2
+FSDP2_CHECKPOINT_DIR = "fsdp2"
+
 #: the first torch whose grouped FSDP2 unit may run one module without the others (see above)
 GROUPED_HEAD_TORCH = Version("2.13")
 

@@ -64,12 +64,9 @@ from ..loss.causal_lm import CausalLMLoss, HeadLoss, causal_lm_loss, count_label
 from ..loss.tiled_ce import IGNORE_INDEX
 from .accelerate import check_accelerator, ensure_process_group, key_loader_by_dp
 from .deepspeed import gather_head_for_loss
-from .fsdp2 import shard_causal_lm
+from .fsdp2 import FSDP2_CHECKPOINT_DIR, shard_causal_lm
 from .sp_size import resolve_sp_size
 from .trainer_engine import engine_name, fsdp_refusals, fsdp_request
-
-#: where a checkpoint of SPTrainer under FSDP2 keeps its sharded weights and optimizer state
-FSDP2_CHECKPOINT_DIR = "fsdp2"
 
 
 class SPTrainer(Trainer):

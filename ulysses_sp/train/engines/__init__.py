@@ -26,8 +26,6 @@ from collections.abc import Callable
 TORCH_STATE_FILE = "torch_engine.pt"
 #: the DeepSpeed engine's folder in a checkpoint directory, and the tags of its native / universal checkpoint
 DEEPSPEED_DIR, NATIVE_TAG, UNIVERSAL_TAG = "deepspeed", "state", "universal"
-#: the FSDP2 engine's folder in a checkpoint directory (torch.distributed.checkpoint, every rank's shards)
-FSDP2_DIR = "fsdp2"
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:

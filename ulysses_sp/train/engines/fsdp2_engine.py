@@ -10,8 +10,8 @@ import torch
 
 from ...core import comm
 from ...core.topology import SPTopology
-from ...integrations.fsdp2 import shard_causal_lm
-from . import FSDP2_DIR, warmup_cosine
+from ...integrations.fsdp2 import FSDP2_CHECKPOINT_DIR, shard_causal_lm
+from . import warmup_cosine
 
 
 class FSDP2Engine:
@@ -76,11 +76,11 @@ class FSDP2Engine:
 
     def save(self, path: str) -> None:
         """Every rank writes its shards (collective)."""
-        comm.save_sharded(self._state(), os.path.join(path, FSDP2_DIR))
+        comm.save_sharded(self._state(), os.path.join(path, FSDP2_CHECKPOINT_DIR))
 
     def load(self, path: str) -> None:
         """Read a checkpoint of any world size, resharded to this one (collective)."""
         state = self._state()
-        comm.load_sharded(state, os.path.join(path, FSDP2_DIR))
+        comm.load_sharded(state, os.path.join(path, FSDP2_CHECKPOINT_DIR))
         comm.load_sharded_state(self.loss_module, self.optimizer, state)
         self.scheduler.load_state_dict(state["scheduler"])
