@@ -51,6 +51,8 @@ _PUBLIC = {
     "disable_checkpointing": ("memory.activation_checkpointing", "disable_checkpointing"),
     "enable_checkpointing": ("memory.activation_checkpointing", "enable_checkpointing"),
     "gradient_checkpointing_kwargs": ("memory.activation_checkpointing", "gradient_checkpointing_kwargs"),
+    "compile_layers": ("memory.compile", "compile_layers"),
+    "uncompile_layers": ("memory.compile", "uncompile_layers"),
     "disable_rms_norm_recompute": ("memory.rms_norm", "disable_rms_norm_recompute"),
     "enable_rms_norm_recompute": ("memory.rms_norm", "enable_rms_norm_recompute"),
     "tile_mlp": ("memory.tiled_mlp", "tile_mlp"),
@@ -69,6 +71,7 @@ __all__ = [
     "build_sequence_info",
     "causal_lm_loss",
     "claim_sp_size",
+    "compile_layers",
     "count_label_tokens",
     "count_policy_items",
     "disable_checkpointing",
@@ -93,6 +96,7 @@ __all__ = [
     "to_device",
     "token_logprobs",
     "train_step",
+    "uncompile_layers",
     "untile_mlp",
 ]
 
@@ -134,5 +138,6 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         enable_checkpointing,
         gradient_checkpointing_kwargs,
     )
+    from .memory.compile import compile_layers, uncompile_layers
     from .memory.rms_norm import disable_rms_norm_recompute, enable_rms_norm_recompute
     from .memory.tiled_mlp import tile_mlp, untile_mlp

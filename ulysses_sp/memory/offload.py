@@ -24,13 +24,13 @@ def offload_layer_inputs(layers: list[torch.nn.Module]) -> None:
     with checkpointing on) so that the input it saves goes to host memory."""
     streams: dict[torch.device, torch.cuda.Stream] = {}  # one side stream per CUDA device, shared by the layers
     for layer in layers:
-        layer._gradient_checkpointing_func = _OffloadLayerInput(layer._gradient_checkpointing_func, streams)
+        layer._gradient_checkpointing_func = OffloadLayerInput(layer._gradient_checkpointing_func, streams)
 
 
 def restore_layer_inputs(layers: list[torch.nn.Module]) -> None:
     """Undo :func:`offload_layer_inputs` where it was applied."""
     for layer in layers:
-        if isinstance(layer._gradient_checkpointing_func, _OffloadLayerInput):
+        if isinstance(layer._gradient_checkpointing_func, OffloadLayerInput):
             layer._gradient_checkpointing_func = layer._gradient_checkpointing_func.checkpoint_fn
 
 
@@ -40,7 +40,7 @@ class _HostCopy(NamedTuple):
     copied: torch.cuda.Event | None  # the device-to-host copy's completion on its side stream (CUDA only)
 
 
-class _OffloadLayerInput:
+class OffloadLayerInput:
     """A layer's checkpoint function that keeps the layer input, the tensor the checkpoint saves for
     the recomputation, in host memory: the ``saved_tensors_hooks`` below see what the checkpoint
     saves outside its own hooks (its inputs); only ``args[0]`` (hidden states [B, s, d]) moves."""

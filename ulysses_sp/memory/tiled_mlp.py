@@ -41,6 +41,7 @@ import types
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..core import comm
 from ..core.apply import applied_topology
@@ -138,12 +139,27 @@ def _agreed_tiles(model: torch.nn.Module, params: list[torch.nn.Parameter], tile
 def _make_tiled_forward(state: _TileState, forward):
     def tiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         tiles = state.tiles if state.tiles is not None else max(1, math.ceil(x[..., 0].numel() / state.tile_tokens))
+        if torch.compiler.is_compiling():
+            return _checkpointed_tiles(lambda h: forward(self, h), x, tiles)
         params = [p for p in self.parameters() if p.requires_grad]
         if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned (module docstring)
             return TiledMLP.apply(x, lambda h: forward(self, h), tiles, params)
         return TiledMLP.apply(x, lambda h: forward(self, h), tiles, [], *params)
 
     return tiled_forward
+
+
+def _checkpointed_tiles(mlp, x: torch.Tensor, tiles: int) -> torch.Tensor:
+    """The tiled MLP as the compiler sees it: one checkpoint per tile. Dynamo cannot trace
+    :class:`TiledMLP`'s backward (it calls ``torch.autograd.grad``); a checkpoint per tile gives the
+    compiled graph the same schedule: each tile's [t, d_ff] intermediates are recomputed in the
+    backward and freed before the next tile. x [..., d] -> [..., d_out]."""
+    flat = x.reshape(-1, x.shape[-1])  # [T, d]
+    outs = [
+        checkpoint(mlp, tile.unsqueeze(0), use_reentrant=False).squeeze(0)  # [t, d_out]
+        for tile in flat.tensor_split(tiles)
+    ]
+    return torch.cat(outs).view(*x.shape[:-1], outs[0].shape[-1])
 
 
 class TiledMLP(torch.autograd.Function):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from ..core.backends import SUPPORTED as SUPPORTED_ATTENTION
 from ..core.checks import check_int
 from ..memory.activation_checkpointing import POLICIES
+from ..memory.compile import BACKENDS as COMPILE_BACKENDS
 
 #: --dtype values: our short names and torch's
 DTYPES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
@@ -187,6 +188,19 @@ class TrainConfig:
             "keep each checkpointed layer's input in pinned host memory until its backward (needs --grad-ckpt)"
         ),
     )
+    compile: str | None = field(
+        default=None,
+        metadata=_flag(
+            "torch.compile each decoder layer after SP and the memory features, with this backend (a bare "
+            "--compile: inductor, which fuses the elementwise work of the forward and the recomputation; "
+            "aot_eager checks tracing without code generation); the first step compiles (docs/performance.md)",
+            "off",
+            nargs="?",
+            const="inductor",
+            choices=list(COMPILE_BACKENDS),
+            metavar="BACKEND",
+        ),
+    )
     metrics: str | None = field(
         default=None,
         metadata=_flag(
@@ -258,6 +272,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise ValueError(f"{flag(name)} must be one of {list(allowed)}, got {value!r}")
+        if self.compile is not None and self.compile not in COMPILE_BACKENDS:
+            raise ValueError(f"--compile must be one of {list(COMPILE_BACKENDS)}, got {self.compile!r}")
         if self.grad_ckpt not in POLICIES:
             raise ValueError(f"--grad-ckpt must be one of {list(POLICIES)}, got {self.grad_ckpt!r}")
         if not self.lr > 0:

@@ -27,6 +27,7 @@ from ..data.loader import SPDataLoader
 from ..loss.causal_lm import count_label_tokens
 from ..loss.step import accumulate_step
 from ..memory.activation_checkpointing import enable_checkpointing
+from ..memory.compile import compile_layers
 from ..memory.rms_norm import enable_rms_norm_recompute
 from ..memory.tiled_mlp import tile_mlp
 from . import checkpoints, flops
@@ -89,6 +90,8 @@ class TrainingRun:
         if config.recompute_norms:
             enable_rms_norm_recompute(model)
         apply(model, topology, attn_implementation=plan.attention)
+        if config.compile:
+            compile_layers(model, backend=config.compile)
         sync_rng(topology, config.seed)
         train_rows, eval_rows = training_rows(config, plan.documents)
         loader = SPDataLoader(

@@ -89,6 +89,12 @@ def make_plan(config: TrainConfig) -> RunPlan:
     if resume is not None:
         checkpoints.check_compatible(resume, settings, engine_name(config, ds_path))
     zero_stage = ds_zero_stage(ds_config) if ds_path else None
+    if config.compile and zero_stage == 3:
+        raise ValueError(
+            f"--compile with ZeRO-3 ({ds_path}): DeepSpeed gathers each partitioned weight in hooks of every "
+            "module inside the compiled layers, which torch.compile cannot trace; use --fsdp (FSDP2 composes with "
+            "compiled layers) or a ZeRO stage of 0 to 2, or leave out --compile"
+        )
     return RunPlan(
         config,
         device_type,

@@ -3,7 +3,8 @@ MLP and RMSNorm recompute give the gradients of the plain path; selective checkp
 all-to-alls of full checkpointing; under ZeRO-3 the tiled MLP agrees its tile count across DP
 replicas holding different lengths (parameter all-gathers every tile: a disagreement would hang)
 and its gradients reach DeepSpeed once; ``integrations.deepspeed.destroy`` frees a ZeRO-3 engine,
-and the head's weight is gathered for the loss only."""
+and the head's weight is gathered for the loss only. Compiled layers (``compile_layers``) with every
+feature give the eager gradients without a graph break, and selective checkpointing keeps its saves."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from tests.distributed import harness
 from tests.helpers import clone, tiny_model, tokens
 from ulysses_sp.integrations import deepspeed as uds
 from ulysses_sp.memory import rms_norm
-from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
+from ulysses_sp.memory.activation_checkpointing import enable_checkpointing, op_name
+from ulysses_sp.memory.compile import compile_layers, uncompile_layers
 from ulysses_sp.memory.tiled_mlp import tile_mlp
 
 A2A = "_c10d_functional::all_to_all_single"
@@ -28,12 +30,14 @@ A2A = "_c10d_functional::all_to_all_single"
 class _CountOps(TorchDispatchMode):
     """Counts the dispatched ops by schema name while active (the backward's too: same thread on CPU)."""
 
+    supports_higher_order_operators = True  # a compiled backward runs checkpoint's run_with_rng_state
+
     def __init__(self):
         super().__init__()
         self.counts = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func._schema.name] += 1
+        self.counts[op_name(func)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -95,6 +99,51 @@ def _body_sp2(ctx):
         # tiles and the closed-form norm backward sum in another order
         torch.testing.assert_close(loss, ref_loss, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
         _assert_grads(grads, ref, name, exact)
+
+
+def _body_compile_sp2(ctx):
+    """sp=2, compiled layers (aot_eager on CPU: Inductor's C++ build would cost minutes of CI; the GPU
+    run uses Inductor) with each feature set: the eager loss and gradients, no graph break, one graph
+    per layer shape, and under selective checkpointing still 2 backward all-to-alls per layer."""
+    import torch._dynamo.utils as dynamo_utils
+
+    topo = ulysses_sp.init_sp(2)
+    base = tiny_model("tiny-llama-gqa").to(ctx.device)
+    layers = base.config.num_hidden_layers
+    ids = tokens(2, 40, seed=7, device=ctx.device)
+    batch = ulysses_sp.shard_batch({"input_ids": ids, "labels": ids}, topo)
+    backend = "inductor" if harness.on_gpu() else "aot_eager"
+    cases = {  # name: (policy, offload, tile tokens, RMSNorm recompute, backward a2a per layer)
+        "none": ("none", False, None, False, 2),
+        "selective+offload+tiled+norms": ("selective", True, 7, True, 2),
+    }
+    for name, (policy, offload, tile, norms, bwd_a2a) in cases.items():
+        runs = []
+        for compiled in (False, True):
+            model = clone(base)
+            enable_checkpointing(model, policy, offload=offload)
+            if tile:
+                tile_mlp(model, tile)  # 3 tiles of the 20 local tokens
+            if norms:
+                ulysses_sp.enable_rms_norm_recompute(model)
+            ulysses_sp.apply(model, topo)
+            if compiled:
+                torch._dynamo.reset()
+                dynamo_utils.counters.clear()
+                compile_layers(model, backend=backend)
+            loss = ulysses_sp.causal_lm_loss(model, batch, topo)
+            with _CountOps() as bwd:
+                loss.backward()
+            runs.append((loss.detach(), _grads(model)))
+            if compiled:
+                assert not dynamo_utils.counters["graph_break"], (name, dict(dynamo_utils.counters["graph_break"]))
+                assert dynamo_utils.counters["stats"]["unique_graphs"] >= 1, name
+                if ctx.device.type == "cpu":
+                    assert bwd.counts[A2A] == bwd_a2a * layers, (name, bwd.counts[A2A])
+                uncompile_layers(model)
+        (want_loss, want), (got_loss, got) = runs
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+        _assert_grads(got, want, f"compiled {name}", exact=False)
 
 
 def _zero3_config() -> dict:
@@ -163,6 +212,10 @@ def _body_zero3_dp2(ctx):
 
 def test_policies_offload_tiling_sp2():
     harness.run(_body_sp2, 2)
+
+
+def test_compiled_layers_match_eager_sp2():
+    harness.run(_body_compile_sp2, 2)
 
 
 def test_zero3_tiled_mlp_unequal_lengths_and_destroy():

@@ -60,14 +60,14 @@ def test_enable_disable_checkpointing_is_scoped_and_undone():
     ckpt.enable_checkpointing(model, "selective", offload=True)
     layers = model.model.layers
     assert ckpt.checkpointed_layers(model) and not ckpt.checkpointed_layers(other)
-    assert all(isinstance(layer._gradient_checkpointing_func, offload._OffloadLayerInput) for layer in layers)
+    assert all(isinstance(layer._gradient_checkpointing_func, offload.OffloadLayerInput) for layer in layers)
     ckpt.enable_checkpointing(model, "full")  # enabling again replaces the offload wrappers
-    assert not any(isinstance(layer._gradient_checkpointing_func, offload._OffloadLayerInput) for layer in layers)
+    assert not any(isinstance(layer._gradient_checkpointing_func, offload.OffloadLayerInput) for layer in layers)
     ckpt.enable_checkpointing(model, "full", offload=True)
     ckpt.disable_checkpointing(model)
     assert not ckpt.checkpointed_layers(model)
     assert not any(
-        isinstance(getattr(layer, "_gradient_checkpointing_func", None), offload._OffloadLayerInput) for layer in layers
+        isinstance(getattr(layer, "_gradient_checkpointing_func", None), offload.OffloadLayerInput) for layer in layers
     )
     with pytest.raises(ValueError, match="needs policy 'full' or 'selective'"):
         ckpt.enable_checkpointing(model, "none", offload=True)
