@@ -69,9 +69,9 @@ class TokenStatisticsHeadLoss(HeadLoss):
         super().__init__()
         self.sums: torch.Tensor | None = None  # [3] fp64
 
-    def forward(self, hidden, labels, head, transform, tile_tokens, use_liger):
+    def forward(self, hidden, labels, head, transform, tile_tokens, use_liger, full=False):
         self.sums = token_statistics(hidden.detach(), labels, head, transform, tile_tokens)
-        return super().forward(hidden, labels, head, transform, tile_tokens, use_liger)
+        return super().forward(hidden, labels, head, transform, tile_tokens, use_liger, full)
 
 
 def sft_token_count(batch: dict) -> int:

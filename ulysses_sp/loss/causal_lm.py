@@ -33,8 +33,11 @@ from ..core.topology import SPTopology
 from ..core.wrappers import check_adapters, unwrap
 from .logits import LogitTransform, logit_transform
 from .tiled_ce import (
+    DEFAULT_FULL_LOGITS_BYTES,
     DEFAULT_TILE_BYTES,
     IGNORE_INDEX,
+    choose_loss_path,
+    fits_full,
     liger_cross_entropy_sum,
     liger_unsupported_reason,
     tile_tokens_for_budget,
@@ -87,6 +90,7 @@ def causal_lm_loss(
     tile_bytes: int = DEFAULT_TILE_BYTES,
     use_liger: bool | None = None,
     head_loss: torch.nn.Module | None = None,
+    full_logits_bytes: int = DEFAULT_FULL_LOGITS_BYTES,
 ) -> torch.Tensor:
     """Next-token CE of the SP group's sequences / ``num_items_in_batch``; a 0-dim fp32 tensor,
     equal on every rank of the group (see the module docstring for the gradient convention).
@@ -96,18 +100,25 @@ def causal_lm_loss(
     ``position_ids`` [B, s] (global), ``shift_labels`` [B, s] (-100 ignored), optionally
     ``ulysses_sp_info`` and other model inputs; every key but ``shift_labels`` / ``labels`` goes to
     the backbone (the causal LM's ``base_model``).
-    The head runs over tiles of ``tile_tokens`` tokens (default: ``tile_bytes`` of fp32 logits per
-    tile). ``use_liger``: None uses liger-kernel's fused loss when it can run (CUDA, installed, plain
-    Linear head), True requires it, False uses the torch path. ``head_loss``: a :class:`HeadLoss`
-    to run the head and the cross-entropy in (:class:`CausalLMLoss` passes its own).
+    The path (tiled_ce.choose_loss_path): when the shard's fp32 logits fit ``full_logits_bytes``
+    they are computed in one piece and kept for the backward, as plain transformers does ("full"; 0
+    turns it off, and so does an explicit ``tile_tokens``); above it liger-kernel's fused loss when
+    it can run (CUDA, installed, plain Linear head) and ``use_liger`` is None, else the torch path
+    over tiles of ``tile_tokens`` tokens (default: ``tile_bytes`` of fp32 logits per tile), each
+    recomputed in the backward.
+    ``use_liger=True`` requires liger at every size, False never uses it. ``head_loss``: a
+    :class:`HeadLoss` to run the head and the cross-entropy in (:class:`CausalLMLoss` passes its own).
     """
     if num_items_in_batch is not None:
         _check_count(num_items_in_batch)
     hidden, flat_labels, head, transform = shard_hidden_states(model, local_batch, topology)  # [T, D], [T]
 
-    tile = tile_tokens if tile_tokens is not None else tile_tokens_for_budget(vocab_size(model), tile_bytes)
+    vocab = vocab_size(model)
+    tile = tile_tokens if tile_tokens is not None else tile_tokens_for_budget(vocab, tile_bytes)
+    # tiles asked for by size are tiles: the full path is the default's choice only
+    full = use_liger is not True and tile_tokens is None and fits_full(hidden.shape[0], vocab, full_logits_bytes)
     head_ce = head_loss if head_loss is not None else head_cross_entropy_sum
-    ce_sum = head_ce(hidden, flat_labels, head, transform, tile, use_liger)  # scalar fp32
+    ce_sum = head_ce(hidden, flat_labels, head, transform, tile, use_liger, full)  # scalar fp32
 
     if topology.sp_size > 1:
         ce_sum = comm.all_reduce_autograd_sum(ce_sum, topology.sp_group)
@@ -151,6 +162,26 @@ def vocab_size(model: torch.nn.Module) -> int:
     return getattr(head, "out_features", None) or lm.config.get_text_config(decoder=True).vocab_size
 
 
+def planned_loss_path(
+    model: torch.nn.Module,
+    tokens: int,
+    device: torch.device,
+    use_liger: bool | None = None,
+    full_logits_bytes: int = DEFAULT_FULL_LOGITS_BYTES,
+) -> str:
+    """The path (tiled_ce.LOSS_PATHS) :func:`causal_lm_loss` takes for ``tokens`` local tokens on
+    ``device`` with these settings, the engine making the head's weight available to the loss."""
+    lm = unwrap(model)
+    reason = (
+        "disabled"
+        if use_liger is False
+        else liger_unsupported_reason(
+            torch.empty(0, device=device), lm.get_output_embeddings(), logit_transform(lm), check_weight=False
+        )
+    )
+    return choose_loss_path(tokens, vocab_size(model), reason, use_liger, full_logits_bytes)
+
+
 def head_cross_entropy_sum(
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -158,10 +189,13 @@ def head_cross_entropy_sum(
     transform: LogitTransform,
     tile_tokens: int,
     use_liger: bool | None,
+    full: bool = False,
 ) -> torch.Tensor:
-    """Sum of CE(transform(head(hidden)), labels) over the labelled tokens: liger's fused kernel when it
-    can run (and ``use_liger`` is not False), else the tiled torch path with ``tile_tokens`` per tile.
-    hidden [T, D], labels [T]; a 0-dim fp32 tensor."""
+    """Sum of CE(transform(head(hidden)), labels) over the labelled tokens, on the path
+    :func:`causal_lm_loss` describes: ``full`` (the logits in one piece, kept), liger's fused kernel, or
+    the torch path with ``tile_tokens`` per tile. hidden [T, D], labels [T]; a 0-dim fp32 tensor."""
+    if full:
+        return tiled_cross_entropy_sum(hidden, labels, head, max(1, hidden.shape[0]), transform, recompute=False)
     reason = liger_unsupported_reason(hidden, head, transform) if use_liger is not False else "disabled"
     if use_liger and reason is not None:
         raise ValueError(f"use_liger=True but the fused liger loss cannot run: {reason}")
@@ -180,8 +214,8 @@ class HeadLoss(torch.nn.Module):
     gathered through every decoder layer's forward and backward.
     """
 
-    def forward(self, hidden, labels, head, transform, tile_tokens, use_liger):
-        return head_cross_entropy_sum(hidden, labels, head, transform, tile_tokens, use_liger)
+    def forward(self, hidden, labels, head, transform, tile_tokens, use_liger, full=False):
+        return head_cross_entropy_sum(hidden, labels, head, transform, tile_tokens, use_liger, full)
 
 
 def count_label_tokens(local_batches: Mapping | Iterable[Mapping], topology: SPTopology) -> torch.Tensor:

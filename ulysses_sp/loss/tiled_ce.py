@@ -35,6 +35,34 @@ from .logits import LogitTransform
 IGNORE_INDEX = -100
 #: default budget for the fp32 logits of one tile (tile tokens = budget / (4 * V)).
 DEFAULT_TILE_BYTES = 1 << 30
+#: fp32 logits of a whole shard up to this size are computed in one piece and kept for the backward,
+#: as plain transformers does (its loss upcasts all of them): no recomputation, no fused-kernel
+#: overhead, so short batches pay nothing for the long-sequence path. 2 GiB: 4K tokens at V = 128K,
+#: about where liger's fused kernel overtakes it on an H200 (docs/performance.md).
+DEFAULT_FULL_LOGITS_BYTES = 2 << 30
+#: how the loss turns hidden states into the CE sum: one untiled piece, liger's fused kernel, tiles
+LOSS_PATHS = ("full", "liger", "tiled")
+
+
+def fits_full(tokens: int, vocab_size: int, full_logits_bytes: int) -> bool:
+    """Whether the fp32 logits [tokens, V] fit the "full" path's budget."""
+    return 4 * tokens * vocab_size <= full_logits_bytes
+
+
+def choose_loss_path(
+    tokens: int, vocab_size: int, liger_reason: str | None, use_liger: bool | None, full_logits_bytes: int
+) -> str:
+    """One of :data:`LOSS_PATHS` for ``tokens`` local tokens: "liger" when required (``use_liger``
+    True; ``liger_reason`` must then be None), else "full" when their fp32 logits fit
+    ``full_logits_bytes``, else "liger" when it can run (``liger_reason`` None) and is not disabled,
+    else "tiled"."""
+    if use_liger:
+        if liger_reason is not None:
+            raise ValueError(f"use_liger=True but the fused liger loss cannot run: {liger_reason}")
+        return "liger"
+    if fits_full(tokens, vocab_size, full_logits_bytes):
+        return "full"
+    return "liger" if use_liger is None and liger_reason is None else "tiled"
 
 
 def tile_tokens_for_budget(vocab_size: int, budget_bytes: int = DEFAULT_TILE_BYTES) -> int:
@@ -54,14 +82,16 @@ def tiled_cross_entropy_sum(
     head,
     tile_tokens: int,
     transform: LogitTransform = LogitTransform(),
+    recompute: bool = True,
 ) -> torch.Tensor:
     """Sum over tokens of CE(transform(head(hidden[i])), labels[i]); -100 labels are skipped.
 
     hidden [T, D], labels [T] int64, ``head`` maps [t, D] -> [t, V] (a module, called once per tile
-    and once more per tile in the backward). Returns a 0-dim fp32 tensor.
+    and once more per tile in the backward). ``recompute=False`` keeps every tile's logits for the
+    backward instead (the "full" path: one tile). Returns a 0-dim fp32 tensor.
     """
     check_int("tile_tokens", tile_tokens)
-    recompute = torch.is_grad_enabled()
+    recompute = recompute and torch.is_grad_enabled()
     total = hidden.new_zeros((), dtype=torch.float32)
     for h, y in zip(hidden.split(tile_tokens), labels.split(tile_tokens)):  # [t, D], [t]
         if recompute:
@@ -77,8 +107,11 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def liger_unsupported_reason(hidden: torch.Tensor, head, transform: LogitTransform) -> str | None:
-    """Why liger's fused kernel cannot run here (None: it can)."""
+def liger_unsupported_reason(
+    hidden: torch.Tensor, head, transform: LogitTransform, check_weight: bool = True
+) -> str | None:
+    """Why liger's fused kernel cannot run here (None: it can). ``check_weight=False``: whether it
+    could run once the engine makes the head's full weight available (a plan, not the call)."""
     if not liger_available():
         return "liger-kernel is not installed (pip install 'ulysses_sp[liger]')"
     if not hidden.is_cuda:
@@ -91,7 +124,7 @@ def liger_unsupported_reason(hidden: torch.Tensor, head, transform: LogitTransfo
             "(a PEFT adapter on lm_head, from target_modules or modules_to_save, needs the torch path: "
             "use_liger=False, or leave lm_head out of target_modules)"
         )
-    reason = head_weight_unavailable_reason(head.weight)
+    reason = head_weight_unavailable_reason(head.weight) if check_weight else None
     if reason is not None:
         return reason
     if transform.scale != 1.0 and head.bias is not None:

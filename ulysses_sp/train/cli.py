@@ -15,7 +15,7 @@ DESCRIPTION = """Train a causal LM with Ulysses sequence parallelism.
 
 DP = world / SP. Every rank of an SP group reads the same samples and keeps S/P tokens of them.
 Metrics (JSON lines, --metrics): step, loss (global token mean), tokens (per step, all ranks),
-tok_per_s (all ranks), tok_per_s_per_gpu, peak_mem_gb, lr, grad_norm, step_time_s; with
+tok_per_s (all ranks), tok_per_s_per_gpu, peak_mem_gb, lr, grad_norm, step_time_s, loss_path; with
 --eval-every, lines with step, eval_loss, eval_ppl, eval_tokens, eval_batches, eval_time_s.
 
 Checkpoints: --save-dir DIR --save-every N, then --resume DIR (docs/checkpointing.md).

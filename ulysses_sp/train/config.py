@@ -205,7 +205,8 @@ class TrainConfig:
         default=None,
         metadata=_flag(
             "rank 0 appends a JSON line per step: step, loss (global token mean), tokens, tok_per_s, "
-            "tok_per_s_per_gpu, peak_mem_gb, lr, grad_norm, step_time_s, mfu (bf16/fp16 on a known GPU); and per "
+            "tok_per_s_per_gpu, peak_mem_gb, lr, grad_norm, step_time_s, loss_path (full, liger or tiled: "
+            "docs/loss.md), mfu (bf16/fp16 on a known GPU); and per "
             "evaluation: eval_loss, eval_ppl, eval_tokens, eval_batches, eval_time_s",
             "off",
             metavar="FILE",

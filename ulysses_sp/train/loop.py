@@ -24,7 +24,7 @@ from ..core.sequence_info import SEQ_INFO_KWARG
 from ..core.sharding import to_device
 from ..core.topology import init_sp
 from ..data.loader import SPDataLoader
-from ..loss.causal_lm import count_label_tokens
+from ..loss.causal_lm import count_label_tokens, planned_loss_path
 from ..loss.step import accumulate_step
 from ..memory.activation_checkpointing import enable_checkpointing
 from ..memory.compile import compile_layers
@@ -255,6 +255,7 @@ class TrainingRun:
             "lr": self.engine.lr,
             "grad_norm": grad_norm,
             "step_time_s": elapsed,
+            "loss_path": planned_loss_path(self.model, B * s, self.device),  # the last micro-batch's
             **extra,
         }
 

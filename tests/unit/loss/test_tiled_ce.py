@@ -13,7 +13,12 @@ from torch.utils._pytree import tree_leaves
 
 from tests.helpers import small_model
 from ulysses_sp.loss.logits import LogitTransform, logit_transform
-from ulysses_sp.loss.tiled_ce import liger_unsupported_reason, tile_tokens_for_budget, tiled_cross_entropy_sum
+from ulysses_sp.loss.tiled_ce import (
+    choose_loss_path,
+    liger_unsupported_reason,
+    tile_tokens_for_budget,
+    tiled_cross_entropy_sum,
+)
 
 
 class PeakTensorBytes(TorchDispatchMode):
@@ -82,6 +87,32 @@ def test_tiled_equals_full_logits_ce(transform):
     assert torch.count_nonzero(torch.autograd.grad(zero, hidden)[0]) == 0
     with pytest.raises(ValueError, match="tile_tokens"):
         tiled_cross_entropy_sum(hidden, labels, head, 0, transform)
+
+
+def test_full_path_keeps_logits_and_matches():
+    """recompute=False (the "full" path): the same loss and gradients, the head run once (no
+    recomputation in the backward); the path choice by size and liger availability."""
+    head, hidden, labels = _problem()
+    calls = []
+    head.register_forward_hook(lambda *_: calls.append(1))
+    ref = tiled_cross_entropy_sum(hidden, labels, head, 16)
+    ref_grads = torch.autograd.grad(ref, [hidden, head.weight])
+    assert len(calls) == 2 * 4  # 4 tiles, each recomputed
+    calls.clear()
+    got = tiled_cross_entropy_sum(hidden, labels, head, hidden.shape[0], recompute=False)
+    grads = torch.autograd.grad(got, [hidden, head.weight])
+    assert len(calls) == 1
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    V, budget = 1000, 4 * 1000 * 64  # the fp32 logits of 64 tokens
+    assert choose_loss_path(64, V, None, None, budget) == "full"
+    assert choose_loss_path(65, V, None, None, budget) == "liger"
+    assert choose_loss_path(65, V, "not installed", None, budget) == "tiled"
+    assert choose_loss_path(65, V, None, False, budget) == "tiled"
+    assert choose_loss_path(8, V, None, True, budget) == "liger"  # required: at every size
+    with pytest.raises(ValueError, match="use_liger=True but the fused liger loss cannot run: not installed"):
+        choose_loss_path(8, V, "not installed", True, budget)
 
 
 def test_peak_memory_bounded_by_one_tile():
