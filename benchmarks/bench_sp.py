@@ -59,8 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--configs",
         type=_csv,
         default=["alst", "ours"],
-        help="side[+lever...] list; ours levers: cudnn, sac, liger, tiled, tiled_mlp, offload; alst levers: "
-        "cudnn, tiled_mlp, ac_offload",
+        help="side[+lever...] list; ours levers: cudnn, sac, noac, compile, liger, tiled, tiled_mlp, offload, norms, "
+        "heads2, heads4; alst levers: cudnn, tiled_mlp, ac_offload; hf (plain transformers, sp=1 only) levers: "
+        "cudnn, sac, noac, liger",
     )
     p.add_argument("--baseline", default=None, help="configuration the ratios divide by (default: first alst one)")
     p.add_argument(
@@ -116,6 +117,7 @@ def main(argv=None) -> None:
 
     from spbench import levers as lv
     from spbench.alst import AlstSide
+    from spbench.hf import HfSide
     from spbench.ours import OursSide
     from spbench.report import Results
     from spbench.runner import Measure, Search, run_config, search_max_len
@@ -157,7 +159,7 @@ def main(argv=None) -> None:
         lr=args.lr,
         seed=args.seed,
     )
-    sides = {"ours": OursSide(workload, topology), "alst": AlstSide(workload)}
+    sides = {"ours": OursSide(workload, topology), "alst": AlstSide(workload), "hf": HfSide(workload)}
     settings = {
         **{k: v for k, v in vars(args).items() if k != "local_rank"},
         "attn": attn,
@@ -205,6 +207,8 @@ def _problems(args, configs, device_type: str, attn: str, sp: int) -> list[str]:
     problems += [
         f"--seq-lens {s} is not a multiple of sp={sp} (ALST's adapter needs it)" for s in args.seq_lens if s % sp
     ]
+    if sp > 1 and any(side == "hf" for _, side, _ in configs):
+        problems.append(f"the hf side (plain transformers) has no sequence parallelism: run it with --sp 1, not {sp}")
     if not args.seq_lens and not args.max_len_search:
         problems.append("nothing to do: give --seq-lens and/or --max-len-search")
     return problems

@@ -19,8 +19,15 @@ None of them changes what is computed (same loss, same gradients up to kernel ro
   (``enable_checkpointing(..., offload=True)``); ``norms`` (ours): ``enable_rms_norm_recompute``, the
   RMSNorms save their bf16 input and rstd instead of an fp32 copy and the normalised tensor. They
   save memory, not time.
-* ``liger`` / ``tiled`` (ours): force the fused liger cross-entropy / the tiled torch one (default:
-  liger when it can run: CUDA, liger-kernel installed; at ZeRO-3 the head is gathered for the loss).
+* ``noac`` (ours, hf): no checkpointing at all (``sac`` and ``noac`` also apply to the hf side,
+  through transformers' own ``gradient_checkpointing_enable``).
+* ``compile`` (ours): ``ulysses_sp.compile_layers`` (Inductor), after every other feature.
+* ``heads2`` / ``heads4`` (ours): head-chunked attention, the heads of a rank in 2 / 4 chunks
+  (``ulysses_sp.apply(..., head_chunks=...)``): memory, not time.
+* ``liger`` / ``tiled`` (ours): force the fused liger cross-entropy / the tiled torch one at every
+  size (default: the loss's choice by size, docs/loss.md: full logits when they fit 2 GiB, else
+  liger when it can run, else tiles; at ZeRO-3 the head is gathered for the loss). ``liger`` (hf):
+  liger's fused linear cross-entropy in place of transformers' loss, see hf.py.
 * ``tiled_mlp``, ``ac_offload`` (ALST): its TiledMLP and its checkpoint-offload context, see alst.py.
 """
 
@@ -30,8 +37,9 @@ import contextlib
 
 import torch
 
-OURS = ("cudnn", "sac", "liger", "tiled", "tiled_mlp", "offload", "norms")
+OURS = ("cudnn", "sac", "noac", "compile", "liger", "tiled", "tiled_mlp", "offload", "norms", "heads2", "heads4")
 ALST = ("cudnn", "tiled_mlp", "ac_offload")
+HF = ("cudnn", "sac", "noac", "liger")
 
 
 def sdpa_priority():
@@ -48,22 +56,27 @@ def step_context(levers: frozenset[str]):
 
 
 def checkpoint_policy(levers: frozenset[str]) -> str:
-    """``ulysses_sp.memory.activation_checkpointing`` policy of a lever set: every side checkpoints
-    every decoder layer."""
+    """``ulysses_sp.memory.activation_checkpointing`` policy of a lever set: every decoder layer is
+    checkpointed ("full") unless ``sac`` (selective) or ``noac`` (none) says otherwise."""
+    if "noac" in levers:
+        return "none"
     return "selective" if "sac" in levers else "full"
 
 
 def parse(spec: str) -> tuple[str, frozenset[str]]:
     """``"ours+cudnn+sac"`` -> ("ours", {"cudnn", "sac"}); ValueError on an unknown side or lever."""
     side, *levers = [p.strip() for p in spec.split("+")]
-    allowed = {"ours": OURS, "alst": ALST}.get(side)
+    allowed = {"ours": OURS, "alst": ALST, "hf": HF}.get(side)
     if allowed is None:
-        raise ValueError(f"configuration {spec!r}: the side must be 'ours' or 'alst'")
+        raise ValueError(f"configuration {spec!r}: the side must be 'ours', 'alst' or 'hf'")
     unknown = [lv for lv in levers if lv not in allowed]
     if unknown:
         raise ValueError(f"configuration {spec!r}: unknown lever(s) {unknown} for {side}; allowed: {list(allowed)}")
-    if {"liger", "tiled"} <= set(levers):
-        raise ValueError(f"configuration {spec!r}: 'liger' and 'tiled' exclude each other")
+    for pair in (("liger", "tiled"), ("sac", "noac"), ("heads2", "heads4")):
+        if set(pair) <= set(levers):
+            raise ValueError(f"configuration {spec!r}: {pair[0]!r} and {pair[1]!r} exclude each other")
+    if "offload" in levers and "noac" in levers:
+        raise ValueError(f"configuration {spec!r}: 'offload' moves checkpoints, and 'noac' makes none")
     return side, frozenset(levers)
 
 

@@ -5,7 +5,8 @@ tiled or liger cross-entropy, global token normalisation) handed to
 ``ulysses_sp.integrations.deepspeed.initialize`` (our mpu; ZeRO-3 partitions over all ranks, as
 ALST's), backpropagated unscaled with ``engine.backward(..., scale_wrt_gas=False)``; then
 ``engine.step()``. Levers: ``sac`` (selective checkpointing policy), ``tiled_mlp`` (``tile_mlp``),
-``offload`` (checkpoints in host memory), ``norms`` (RMSNorm recompute), ``liger`` / ``tiled`` (loss kernel), ``cudnn``.
+``offload`` (checkpoints in host memory), ``norms`` (RMSNorm recompute), ``liger`` / ``tiled`` (loss kernel), ``cudnn``,
+``noac`` (no checkpointing), ``compile`` (compiled layers), ``heads2`` / ``heads4`` (head-chunked attention).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ulysses_sp import CausalLMLoss, apply, count_label_tokens, remove, shard_ba
 from ulysses_sp.core.topology import SPTopology
 from ulysses_sp.integrations import deepspeed as ds_integration
 from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
+from ulysses_sp.memory.compile import compile_layers
 from ulysses_sp.memory.rms_norm import enable_rms_norm_recompute
 from ulysses_sp.memory.tiled_mlp import tile_mlp
 
@@ -47,7 +49,10 @@ class OursRun:
             tile_mlp(self.model)
         if "norms" in levers:
             enable_rms_norm_recompute(self.model)
-        apply(self.model, topo, attn_implementation=wl.attn)
+        chunks = 4 if "heads4" in levers else 2 if "heads2" in levers else 1
+        apply(self.model, topo, attn_implementation=wl.attn, head_chunks=chunks)
+        if "compile" in levers:
+            compile_layers(self.model)
         use_liger = True if "liger" in levers else False if "tiled" in levers else None
         module = CausalLMLoss(self.model, topo, use_liger=use_liger)
         self.engine, *_ = ds_integration.initialize(module, topo, wl.ds_config())

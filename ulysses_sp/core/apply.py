@@ -29,6 +29,7 @@ from packaging.version import Version
 
 from .attention import UlyssesAttention
 from .backends.flash import check_installed
+from .checks import check_int
 from .heads import plan_heads
 from .model_inputs import complete_kwargs
 from .topology import SPTopology
@@ -74,7 +75,31 @@ def applied_topology(model: torch.nn.Module) -> SPTopology | None:
     return None if state is None else state.topology
 
 
-def _validate(model, config, topology: SPTopology, impl: str) -> None:
+def applied_head_chunks(model: torch.nn.Module) -> int:
+    """The ``head_chunks`` ``model`` was applied with (1 when SP is not applied)."""
+    state: _State | None = getattr(unwrap(model), "_ulysses_sp", None)
+    return 1 if state is None else state.attention.head_chunks
+
+
+SELECTIVE_WITH_CHUNKS = (
+    "head_chunks > 1 with selective checkpointing: the selective policy saves the all-to-all and kernel "
+    "outputs of every head chunk until the backward, the full-sequence tensors head chunks exist to avoid; "
+    "use full checkpointing (or none) with head chunks, or head_chunks=1 with selective"
+)
+
+
+def _has_selective_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether a checkpointed layer of ``model`` runs its checkpoint with a ``context_fn`` (the
+    selective policy), also inside an offload wrapper."""
+    for m in model.modules():
+        fn = getattr(m, "_gradient_checkpointing_func", None)
+        fn = getattr(fn, "checkpoint_fn", fn)
+        if getattr(m, "gradient_checkpointing", False) and getattr(fn, "keywords", {}).get("context_fn"):
+            return True
+    return False
+
+
+def _validate(model, config, topology: SPTopology, impl: str, head_chunks: int = 1) -> None:
     if getattr(config, "alibi", False):
         raise ValueError(
             f"{type(model).__name__} uses ALiBi (config.alibi=True): transformers adds the ALiBi bias to the mask "
@@ -118,6 +143,21 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
             "head to serve the same number of query heads (num_attention_heads % num_key_value_heads == 0)"
         )
     plan_heads(heads, kv, topology.sp_size)  # raises on sp > heads
+    check_int("head_chunks", head_chunks)
+    if head_chunks > 1:
+        if not isinstance(kv, int) or kv % head_chunks:
+            raise ValueError(
+                f"head_chunks={head_chunks} must divide num_key_value_heads={kv}: a chunk holds whole key/value "
+                f"heads with their query heads; use one of {[c for c in range(1, kv + 1) if kv % c == 0]}"
+            )
+        if _has_selective_checkpointing(model):
+            raise ValueError(SELECTIVE_WITH_CHUNKS)
+        if heads // head_chunks < topology.sp_size:
+            raise ValueError(
+                f"head_chunks={head_chunks} leaves {heads // head_chunks} query heads per chunk, fewer than "
+                f"sp_size={topology.sp_size}: every SP rank needs a query head of each chunk; use head_chunks <= "
+                f"{heads // topology.sp_size}"
+            )
     check_installed(impl)
 
 
@@ -137,12 +177,17 @@ def _swap_configs(model, text_config, name: str) -> list:
     return refs
 
 
-def apply(model: torch.nn.Module, topology: SPTopology, attn_implementation: str | None = None):
+def apply(
+    model: torch.nn.Module, topology: SPTopology, attn_implementation: str | None = None, *, head_chunks: int = 1
+):
     """Wrap the attention of ``model`` (only) with Ulysses SP over ``topology``; returns ``model``.
 
     ``model``: a transformers causal LM, or a PEFT model wrapping one (LoRA adapters; SP goes on the
     model inside, see wrappers.py). ``attn_implementation`` picks the core kernel run over the full
-    sequence (default: the model's own, e.g. "sdpa"). Afterwards call the model with the local shard:
+    sequence (default: the model's own, e.g. "sdpa"). ``head_chunks`` > 1 runs each attention call's
+    heads in that many groups of whole kv heads, each recomputed in the backward, so the attention's
+    full-sequence working set is that of one group (attention.py; docs/memory.md). Afterwards call
+    the model with the local shard:
     ``model(input_ids=[B, S/P], position_ids=[B, S/P] global positions)``, ideally the output of
     :func:`ulysses_sp.shard_batch`; outputs are the local shard's.
     """
@@ -167,8 +212,8 @@ def apply(model: torch.nn.Module, topology: SPTopology, attn_implementation: str
     impl = attn_implementation or original
     if impl.startswith("ulysses_sp"):
         raise ValueError("the model's attention is already a ulysses_sp wrapper (applied to a shared config?)")
-    _validate(inner, text_config, topology, impl)
-    attention = UlyssesAttention(topology, impl)
+    _validate(inner, text_config, topology, impl, head_chunks)
+    attention = UlyssesAttention(topology, impl, head_chunks)
     name = f"ulysses_sp_{next(_names)}"
     _attention_interface().register(name, attention)
     refs = _swap_configs(inner, text_config, name)

@@ -8,6 +8,14 @@ transformers calls ``fn(module, query, key, value, attention_mask, **kwargs)`` w
 We re-shard to [B, S, n, H], run the backend over the whole sequence, and re-shard back.
 Per-head inputs follow the heads: a per-head mask and attention sinks (``s_aux`` [Nq], GPT-OSS) are
 sliced to this rank's query heads; their gradients then sum over the SP group like any other.
+
+Head chunks (``head_chunks`` C > 1, as in "Untied Ulysses"/UPipe): the model's heads are cut into C
+groups of whole kv heads with their query heads (Nq/C, Nkv/C), and the all-to-all, the kernel and
+the inverse all-to-all run per group under a non-reentrant checkpoint. The full-sequence tensors
+of one group exist at a time, in the forward and in the backward (which recomputes the group's
+all-to-alls and kernel forward), so the attention's working set is 1/C of all heads' [B, S, n, H];
+each head's math is unchanged, so the gradients are exact. Cost: one more kernel forward and
+all-to-all round per layer and step (what selective checkpointing would have saved).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from . import backends
 from .all_to_all import heads_to_seq, seq_to_heads
@@ -30,7 +39,7 @@ class UlyssesAttention:
     "flex_attention" or "eager"); it always sees the full sequence, never a shard.
     """
 
-    def __init__(self, topology: SPTopology, backend: str):
+    def __init__(self, topology: SPTopology, backend: str, head_chunks: int = 1):
         if backend not in backends.SUPPORTED:
             raise ValueError(
                 f"attention implementation {backend!r} is not supported by ulysses_sp; "
@@ -44,6 +53,7 @@ class UlyssesAttention:
             )
         self.topology = topology
         self.backend = backend
+        self.head_chunks = head_chunks
         self._plans: dict[tuple[int, int], HeadPlan] = {}  # (Nq, Nkv) -> plan; a dict, not lru_cache, for dynamo
 
     def __call__(
@@ -61,8 +71,7 @@ class UlyssesAttention:
         s_aux: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        topo = self.topology
-        P, rank = topo.sp_size, topo.sp_rank
+        P = self.topology.sp_size
         B, Nq, s, H = query.shape
         info: SequenceInfo = kwargs.get(SEQ_INFO_KWARG) or SequenceInfo(s * P)
         if info.seq_len != s * P:
@@ -70,6 +79,38 @@ class UlyssesAttention:
                 f"attention got {s} local tokens on each of {P} SP ranks ({s * P} in all) but the step's "
                 f"sequence info describes {info.seq_len} tokens; pass the output of ulysses_sp.shard_batch"
             )
+        spec = dict(
+            causal=is_causal if is_causal is not None else getattr(module, "is_causal", True),
+            scale=scaling if scaling is not None else H**-0.5,
+            dropout=dropout,
+            window=sliding_window,
+            softcap=softcap,
+            info=info,
+        )
+        C = self.head_chunks
+        if C == 1:
+            out = self._attend(query, key, value, attention_mask, s_aux, spec)
+        else:  # C groups of whole kv heads with their query heads (module docstring)
+            nq, nkv = Nq // C, key.shape[1] // C
+            outs = []
+            for c in range(C):
+                q_c, kv_c = slice(c * nq, (c + 1) * nq), slice(c * nkv, (c + 1) * nkv)
+                mask = attention_mask
+                if torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[1] == Nq:
+                    mask = mask[:, q_c]  # a per-head mask follows its heads
+                sinks = None if s_aux is None else s_aux[q_c]
+                chunk = (query[:, q_c], key[:, kv_c], value[:, kv_c])  # [B, nq|nkv, s, H]
+                outs.append(checkpoint(self._attend, *chunk, mask, sinks, spec, use_reentrant=False))
+            out = torch.cat(outs, dim=2)  # [B, s, Nq, Hv]
+        # contiguous, as transformers' own kernels return it: models .view() it (JetMoE, AFMoE), and with
+        # one head per rank the reshape in heads_to_seq (or a kernel's transpose at P = 1) is a strided view
+        return out.contiguous(), None
+
+    def _attend(self, query, key, value, attention_mask, s_aux, spec: dict) -> torch.Tensor:
+        """[B, Nq, s, H] q / [B, Nkv, s, H] k, v of this call (or of one head chunk) -> [B, s, Nq, Hv]."""
+        topo = self.topology
+        P, rank = topo.sp_size, topo.sp_rank
+        B, Nq, s, H = query.shape
         plan = self._plans.get((Nq, key.shape[1]))
         if plan is None:
             plan = self._plans[(Nq, key.shape[1])] = plan_heads(Nq, key.shape[1], P)
@@ -79,21 +120,14 @@ class UlyssesAttention:
                 [q, k, v], [plan.q_heads, plan.kv_heads, plan.kv_heads], topo.sp_group, rank
             )  # [B, S, n, H]
         spec = backends.AttnSpec(
-            causal=is_causal if is_causal is not None else getattr(module, "is_causal", True),
-            scale=scaling if scaling is not None else H**-0.5,
-            dropout=dropout,
-            window=sliding_window,
-            softcap=softcap,
-            info=info,
+            **spec,
             custom_mask=self._full_mask(attention_mask, s * P, s, Nq, plan.q_slice(rank)),
             sinks=None if s_aux is None else s_aux[plan.q_slice(rank)],  # [nq]
         )
         out = backends.run(self.backend, q, k, v, spec)  # [B, S, nq, Hv]
         if P > 1:
             out = heads_to_seq(out, plan.q_heads, topo.sp_group, rank)  # [B, s, Nq, Hv]
-        # contiguous, as transformers' own kernels return it: models .view() it (JetMoE, AFMoE), and with
-        # one head per rank the reshape in heads_to_seq (or a kernel's transpose at P = 1) is a strided view
-        return out.contiguous(), None
+        return out
 
     @staticmethod
     def _full_mask(mask, S: int, s: int, Nq: int, my_heads: slice):

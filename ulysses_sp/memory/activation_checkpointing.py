@@ -104,6 +104,10 @@ def enable_checkpointing(model: torch.nn.Module, policy: str = "full", *, offloa
                 "offload moves the layers' checkpoints to host memory: it needs policy 'full' or 'selective'"
             )
         return disable_checkpointing(model)
+    from ..core.apply import SELECTIVE_WITH_CHUNKS, applied_head_chunks  # transformers: not at flag parsing
+
+    if policy == "selective" and applied_head_chunks(model) > 1:
+        raise ValueError(SELECTIVE_WITH_CHUNKS)
     kwargs = gradient_checkpointing_kwargs(policy)
     # the transformers model's own switch, not one a wrapper forwards; non-reentrant checkpoints need
     # no input that requires grad, so frozen embeddings under LoRA are fine

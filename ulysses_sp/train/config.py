@@ -182,6 +182,15 @@ class TrainConfig:
             "with --tiled-mlp the MLP recomputes its input from the norm's (docs/memory.md)"
         ),
     )
+    head_chunks: int = field(
+        default=1,
+        metadata=_flag(
+            "run each attention call's heads in N groups of whole key/value heads, each recomputed in the backward: "
+            "the attention's full-sequence tensors exist for one group at a time (not with --grad-ckpt selective; "
+            "docs/memory.md)",
+            metavar="N",
+        ),
+    )
     offload_activations: bool = field(
         default=False,
         metadata=_flag(
@@ -299,6 +308,13 @@ class TrainConfig:
             raise ValueError(
                 "--fsdp trains in fp32 or bf16: fp16 needs loss scaling, which the FSDP2 engine does not do; "
                 "use --dtype bf16 (or --deepspeed with its fp16 loss scaler)"
+            )
+        check_int("--head-chunks", self.head_chunks)
+        if self.head_chunks > 1 and self.grad_ckpt == "selective":
+            raise ValueError(
+                f"--head-chunks {self.head_chunks} with --grad-ckpt selective: selective checkpointing saves every "
+                "head chunk's all-to-all and kernel outputs until the backward, which head chunks exist to avoid; "
+                "use --grad-ckpt full (or none) with --head-chunks, or leave it out"
             )
         if self.offload_activations and self.grad_ckpt == "none":
             raise ValueError(

@@ -89,7 +89,7 @@ class TrainingRun:
             tile_mlp(model)
         if config.recompute_norms:
             enable_rms_norm_recompute(model)
-        apply(model, topology, attn_implementation=plan.attention)
+        apply(model, topology, attn_implementation=plan.attention, head_chunks=config.head_chunks)
         if config.compile:
             compile_layers(model, backend=config.compile)
         sync_rng(topology, config.seed)

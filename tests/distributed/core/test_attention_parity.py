@@ -1,6 +1,7 @@
 """SP attention parity against the non-SP model on the same batch: local logits equal the slice of
 the full-sequence logits, and every parameter gradient summed over the SP group equals the
-reference gradient. Tiny random-init models of several families and backends."""
+reference gradient. Tiny random-init models of several families and backends, and head-chunked
+attention."""
 
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ CASES = [  # (preset, backend)
     ("JetMoeConfig", "sdpa"),  # 4 heads: one per rank at sp4, where the output must still be contiguous
     ("AfmoeConfig", "sdpa"),
 ]
+#: head-chunked attention (apply's head_chunks): 2 groups of 4 query heads / 1 kv head, so at sp4 each
+#: rank holds one query head of a group and a replicated kv head; with sinks and a sliding window
+HEAD_CHUNK_CASES = [("tiny-llama-gqa", "sdpa", 2), ("tiny-gpt-oss", "eager", 2)]
 
 
 def _model(preset: str, backend: str, dtype: torch.dtype, **overrides):
@@ -45,7 +49,7 @@ def _model(preset: str, backend: str, dtype: torch.dtype, **overrides):
     return small_model(preset, attn=backend, vocab_size=256, **{**FAMILIES[preset], **overrides}).to(dtype).train()
 
 
-def _check_parity(ctx, topo, preset, backend, batch=2, seq=24, **overrides):
+def _check_parity(ctx, topo, preset, backend, batch=2, seq=24, head_chunks=1, **overrides):
     dtype = ctx.dtype
     model = _model(preset, backend, dtype, **overrides).to(ctx.device)
     ref = clone(model)
@@ -57,7 +61,7 @@ def _check_parity(ctx, topo, preset, backend, batch=2, seq=24, **overrides):
     ref_logits = ref(input_ids=ids).logits
     (ref_logits.float() * weights).sum().backward()
 
-    ulysses_sp.apply(model, topo)
+    ulysses_sp.apply(model, topo, head_chunks=head_chunks)
     s = seq // topo.sp_size
     sl = slice(topo.sp_rank * s, (topo.sp_rank + 1) * s)
     pos = torch.arange(seq, device=ctx.device)[sl].unsqueeze(0).expand(batch, -1)
@@ -74,15 +78,17 @@ def _check_parity(ctx, topo, preset, backend, batch=2, seq=24, **overrides):
     ulysses_sp.remove(model)
 
 
-def _body_parity(ctx, sp_size, cases):
+def _body_parity(ctx, sp_size, cases, chunk_cases):
     topo = ulysses_sp.init_sp(sp_size)
     for preset, backend in cases:
         _check_parity(ctx, topo, preset, backend)
+    for preset, backend, chunks in chunk_cases:
+        _check_parity(ctx, topo, preset, backend, head_chunks=chunks)
 
 
 @pytest.mark.parametrize("world,sp", [(2, 2), (4, 4), (4, 2)], ids=["sp2", "sp4", "dp2xsp2"])
 def test_parity_families(world, sp):
-    harness.run(_body_parity, world, sp, CASES)
+    harness.run(_body_parity, world, sp, CASES, HEAD_CHUNK_CASES)
 
 
 def _body_layouts(ctx, layouts, cases):

@@ -12,6 +12,7 @@ import collections
 import gc
 import weakref
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -60,27 +61,32 @@ def _body_sp2(ctx):
     layers = base.config.num_hidden_layers
     ids = tokens(2, 40, seed=7, device=ctx.device)
     batch = ulysses_sp.shard_batch({"input_ids": ids, "labels": ids}, topo)  # 20 local tokens per row
-    cases = {  # name: (policy, offload, tile tokens, RMSNorm recompute, backward a2a per layer)
-        "none": ("none", False, None, False, 2),
-        "full": ("full", False, None, False, 4),
-        "selective": ("selective", False, None, False, 2),
-        "full+offload": ("full", True, None, False, 4),
-        "selective+offload": ("selective", True, None, False, 2),
-        "tiled": ("none", False, 7, False, 2),
-        "full+tiled": ("full", False, 3, False, 4),
-        "selective+tiled+offload": ("selective", True, 16, False, 2),
-        "norms": ("none", False, None, True, 2),
-        "full+tiled+offload+norms": ("full", True, 5, True, 4),  # norm math over tiles of 3 rows
+    cases = {  # name: (policy, offload, tile tokens, RMSNorm recompute, head chunks, backward a2a per layer)
+        "none": ("none", False, None, False, 1, 2),
+        "full": ("full", False, None, False, 1, 4),
+        "selective": ("selective", False, None, False, 1, 2),
+        "full+offload": ("full", True, None, False, 1, 4),
+        "selective+offload": ("selective", True, None, False, 1, 2),
+        "tiled": ("none", False, 7, False, 1, 2),
+        "full+tiled": ("full", False, 3, False, 1, 4),
+        "selective+tiled+offload": ("selective", True, 16, False, 1, 2),
+        "norms": ("none", False, None, True, 1, 2),
+        "full+tiled+offload+norms": ("full", True, 5, True, 1, 4),  # norm math over tiles of 3 rows
+        # 2 head chunks, each recomputed in the backward up to what its backward needs (the forward
+        # all-to-all of q, k, v; not the inverse one, whose backward needs no input), then 2 backward
+        "heads": ("none", False, None, False, 2, 3),
+        "full+heads": ("full", False, None, False, 2, 5),
+        "full+heads+tiled+offload+norms": ("full", True, 7, True, 2, 5),
     }
     results, default_tile = {}, rms_norm.TILE_ELEMENTS
-    for name, (policy, offload, tile, norms, bwd_a2a) in cases.items():
+    for name, (policy, offload, tile, norms, chunks, bwd_a2a) in cases.items():
         model = clone(base)
         enable_checkpointing(model, policy, offload=offload)
         if tile:
             tile_mlp(model, tile)
         if norms:
             ulysses_sp.enable_rms_norm_recompute(model)
-        ulysses_sp.apply(model, topo)
+        ulysses_sp.apply(model, topo, head_chunks=chunks)
         rms_norm.TILE_ELEMENTS = 3 * base.config.hidden_size if name == "full+tiled+offload+norms" else default_tile
         try:
             with _CountOps() as fwd:
@@ -89,16 +95,29 @@ def _body_sp2(ctx):
                 loss.backward()
         finally:
             rms_norm.TILE_ELEMENTS = default_tile
-        assert fwd.counts[A2A] == 2 * layers, (name, fwd.counts[A2A])
+        assert fwd.counts[A2A] == 2 * chunks * layers, (name, fwd.counts[A2A])
         if ctx.device.type == "cpu":  # CUDA runs the backward on the autograd engine's device thread
-            assert bwd.counts[A2A] == bwd_a2a * layers, (name, bwd.counts[A2A])
+            assert bwd.counts[A2A] == bwd_a2a * chunks * layers, (name, bwd.counts[A2A])
         results[name] = (loss.detach(), _grads(model))
     ref_loss, ref = results["none"]
     for name, (loss, grads) in results.items():
-        exact = not {"tiled", "norms"} & set(name.split("+"))  # recomputation and copies are bitwise;
+        exact = not {"tiled", "norms", "heads"} & set(name.split("+"))  # recomputation and copies are bitwise;
         # tiles and the closed-form norm backward sum in another order
         torch.testing.assert_close(loss, ref_loss, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
         _assert_grads(grads, ref, name, exact)
+    # head chunks refused with selective checkpointing (either order), or where the heads do not fit
+    model = clone(base)
+    enable_checkpointing(model, "selective", offload=True)
+    with pytest.raises(ValueError, match="head_chunks > 1 with selective checkpointing"):
+        ulysses_sp.apply(model, topo, head_chunks=2)
+    model = ulysses_sp.apply(clone(base), topo, head_chunks=2)
+    with pytest.raises(ValueError, match="head_chunks > 1 with selective checkpointing"):
+        enable_checkpointing(model, "selective")
+    with pytest.raises(ValueError, match=r"head_chunks=3 must divide num_key_value_heads=2: .* use one of \[1, 2\]"):
+        ulysses_sp.apply(clone(base), topo, head_chunks=3)
+    narrow = tiny_model("tiny-llama-gqa", num_attention_heads=2, num_key_value_heads=2, hidden_size=16)
+    with pytest.raises(ValueError, match="leaves 1 query heads per chunk, fewer than sp_size=2"):
+        ulysses_sp.apply(narrow, topo, head_chunks=2)
 
 
 def _body_compile_sp2(ctx):

@@ -34,6 +34,8 @@ from ulysses_sp.train.run import run
         (["--fsdp", "--deepspeed", "z.json"], r"--fsdp and --deepspeed z.json name two engines; keep one"),
         (["--no-reshard-after-forward"], r"--no-reshard-after-forward is an FSDP2 setting: add --fsdp"),
         (["--fsdp", "--dtype", "fp16"], r"--fsdp trains in fp32 or bf16: fp16 needs loss scaling"),
+        (["--head-chunks", "0"], r"--head-chunks must be an integer >= 1, got 0"),
+        (["--head-chunks", "2", "--grad-ckpt", "selective"], r"--head-chunks 2 with --grad-ckpt selective"),
     ],
 )
 def test_flag_values_are_checked(argv, match):
@@ -49,6 +51,8 @@ def test_bad_flags_fail_before_distributed_init():
 
 def test_memory_flags():
     assert parse_config([]).grad_ckpt == "none"
+    assert (parse_config([]).compile, parse_config(["--compile"]).compile) == (None, "inductor")
+    assert parse_config(["--compile", "aot_eager", "--head-chunks", "2"]).head_chunks == 2
     assert parse_config(["--grad-ckpt"]).grad_ckpt == "full"
     config = parse_config(["--grad-ckpt", "selective", "--tiled-mlp", "--offload-activations", "--recompute-norms"])
     assert (config.grad_ckpt, config.tiled_mlp, config.offload_activations, config.recompute_norms) == (
