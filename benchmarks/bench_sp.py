@@ -1,4 +1,4 @@
-"""ulysses_sp vs DeepSpeed ALST: the same model, batch, engine and kernel, measured in one launch.
+"""ulysses_sp vs DeepSpeed ALST and plain transformers: the same model, batch, engine and kernel, in one launch.
 
     torchrun --nproc_per_node 4 benchmarks/bench_sp.py --out results.json
     torchrun --nproc_per_node 2 benchmarks/bench_sp.py --device cpu --model tiny-llama --seq-lens 64,128 --steps 2

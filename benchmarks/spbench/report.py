@@ -170,23 +170,28 @@ def ratios(runs: list[dict], baseline: str) -> list[dict]:
 
 
 def parity(runs: list[dict]) -> list[dict]:
-    """Per length: the first step's loss (before any update) of the first ours / alst config that ran.
-    Same weights and batch on both sides: equal up to kernel rounding, or the comparison is off."""
+    """Per length and other side (alst, hf): the first step's loss (before any update) of the first
+    ours config that ran against that side's first. Same weights and batch on every side: equal up
+    to kernel rounding, or the comparison is off."""
     out = []
     for seq in sorted({r["seq_len"] for r in runs}):
         first = {}
         for r in runs:
             if r["seq_len"] == seq and r["status"] == "ok" and r["side"] not in first:
                 first[r["side"]] = r
-        if len(first) == 2:
-            a, b = first["ours"]["losses"][0], first["alst"]["losses"][0]
+        if "ours" not in first:
+            continue
+        for side, other in first.items():
+            if side == "ours":
+                continue
+            a, b = first["ours"]["losses"][0], other["losses"][0]
             out.append(
                 {
                     "seq_len": seq,
                     "ours_config": first["ours"]["config"],
-                    "alst_config": first["alst"]["config"],
+                    "other_config": other["config"],
                     "loss_ours": a,
-                    "loss_alst": b,
+                    "loss_other": b,
                     "abs_diff": abs(a - b),
                     "rel_diff": abs(a - b) / abs(b),
                 }
@@ -251,7 +256,8 @@ def format_table(data: dict) -> str:
         ]
     if data.get("parity"):
         pairs = ", ".join(
-            f"{p['seq_len']}: {p['loss_ours']:.5f} vs {p['loss_alst']:.5f} (rel {p['rel_diff']:.1e})"
+            f"{p['seq_len']}: {p['loss_ours']:.5f} vs {p['other_config']} {p['loss_other']:.5f} "
+            f"(rel {p['rel_diff']:.1e})"
             for p in data["parity"]
         )
         lines += ["", f"parity (first-step loss, same weights and batch): {pairs}"]
