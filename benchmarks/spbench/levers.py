@@ -25,7 +25,7 @@ None of them changes what is computed (same loss, same gradients up to kernel ro
 * ``heads2`` / ``heads4`` (ours): head-chunked attention, the heads of a rank in 2 / 4 chunks
   (``ulysses_sp.apply(..., head_chunks=...)``): memory, not time.
 * ``liger`` / ``tiled`` (ours): force the fused liger cross-entropy / the tiled torch one at every
-  size (default: the loss's choice by size, docs/loss.md: full logits when they fit 2 GiB, else
+  size (default: the loss's choice by size, docs/loss.md: full logits when they fit 4 GiB, else
   liger when it can run, else tiles; at ZeRO-3 the head is gathered for the loss). ``liger`` (hf):
   liger's fused linear cross-entropy in place of transformers' loss, see hf.py.
 * ``tiled_mlp``, ``ac_offload`` (ALST): its TiledMLP and its checkpoint-offload context, see alst.py.

@@ -37,9 +37,9 @@ IGNORE_INDEX = -100
 DEFAULT_TILE_BYTES = 1 << 30
 #: fp32 logits of a whole shard up to this size are computed in one piece and kept for the backward,
 #: as plain transformers does (its loss upcasts all of them): no recomputation, no fused-kernel
-#: overhead, so short batches pay nothing for the long-sequence path. 2 GiB: 4K tokens at V = 128K,
-#: about where liger's fused kernel overtakes it on an H200 (docs/performance.md).
-DEFAULT_FULL_LOGITS_BYTES = 2 << 30
+#: overhead, so short batches pay nothing for the long-sequence path. 4 GiB: 8K tokens at V = 128K,
+#: where it is still faster than liger's fused kernel on an H200 (docs/performance.md).
+DEFAULT_FULL_LOGITS_BYTES = 4 << 30
 #: how the loss turns hidden states into the CE sum: one untiled piece, liger's fused kernel, tiles
 LOSS_PATHS = ("full", "liger", "tiled")
 

@@ -182,6 +182,18 @@ class TrainConfig:
             "with --tiled-mlp the MLP recomputes its input from the norm's (docs/memory.md)"
         ),
     )
+    memory: str | None = field(
+        default=None,
+        metadata=_flag(
+            "auto: choose the cheapest memory features that fit this device from the model's shape, the local "
+            "tokens, the engine's sharding and the device's memory (instead of --grad-ckpt, --offload-activations, "
+            "--recompute-norms, --tiled-mlp, --head-chunks); logs the plan and its predicted peak, and the measured "
+            "one at the end (docs/memory.md)",
+            "off",
+            choices=["auto"],
+            metavar="auto",
+        ),
+    )
     head_chunks: int = field(
         default=1,
         metadata=_flag(
@@ -309,6 +321,15 @@ class TrainConfig:
                 "--fsdp trains in fp32 or bf16: fp16 needs loss scaling, which the FSDP2 engine does not do; "
                 "use --dtype bf16 (or --deepspeed with its fp16 loss scaler)"
             )
+        if self.memory is not None and self.memory != "auto":
+            raise ValueError(f"--memory must be 'auto', got {self.memory!r}")
+        chosen = [
+            flag(name)
+            for name, default in MEMORY_FLAGS.items()
+            if getattr(self, name) != default and self.memory == "auto"
+        ]
+        if chosen:
+            raise ValueError(f"--memory auto chooses {', '.join(chosen)} itself; leave them out, or leave out --memory")
         check_int("--head-chunks", self.head_chunks)
         if self.head_chunks > 1 and self.grad_ckpt == "selective":
             raise ValueError(
@@ -337,6 +358,16 @@ class TrainConfig:
     def from_mapping(cls, values) -> TrainConfig:
         """A config from a mapping with (at least) every field's name, e.g. ``vars(namespace)``."""
         return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
+#: the flags --memory auto sets, with their defaults
+MEMORY_FLAGS = {
+    "grad_ckpt": "none",
+    "offload_activations": False,
+    "recompute_norms": False,
+    "tiled_mlp": False,
+    "head_chunks": 1,
+}
 
 
 def flag(name: str) -> str:

@@ -34,6 +34,7 @@ from . import checkpoints, flops
 from .build import build_engine, build_model, eval_loader, init_distributed, training_rows
 from .engines import NATIVE_TAG
 from .evaluation import evaluate
+from .memory_plan import memory_features
 from .metrics import MetricsFile, Throughput, peak_memory_gb, progress_bar
 from .plan import RunPlan
 
@@ -52,8 +53,10 @@ class TrainingRun:
         *,
         eval_rows=None,
         start_step: int = 0,
+        predicted_peak: int | None = None,
     ):
         self.plan, self.config = plan, plan.config
+        self.predicted_peak = predicted_peak  # bytes, from --memory auto
         self.topology, self.model, self.engine, self.loader, self.device = topology, model, engine, loader, device
         self.eval_rows, self.start_step = eval_rows, start_step
         self.autocast = nullcontext()
@@ -84,12 +87,15 @@ class TrainingRun:
         # the FSDP2 engine fp32 shards with its mixed-precision policy
         weights_dtype = plan.dtype if plan.engine_name == "deepspeed" else torch.float32
         model = build_model(config.model, weights_dtype, device, plan.attention, plan.model_config)
-        enable_checkpointing(model, config.grad_ckpt, offload=config.offload_activations)  # "none": nothing
-        if config.tiled_mlp:
+        features, predicted = memory_features(plan, model, topology, device)
+        if predicted is not None:
+            logger.info("--memory auto: %s, predicted peak %.1f GiB", features.flags(), predicted / 2**30)
+        enable_checkpointing(model, features.grad_ckpt, offload=features.offload_activations)  # "none": nothing
+        if features.tiled_mlp:
             tile_mlp(model)
-        if config.recompute_norms:
+        if features.recompute_norms:
             enable_rms_norm_recompute(model)
-        apply(model, topology, attn_implementation=plan.attention, head_chunks=config.head_chunks)
+        apply(model, topology, attn_implementation=plan.attention, head_chunks=features.head_chunks)
         if config.compile:
             compile_layers(model, backend=config.compile)
         sync_rng(topology, config.seed)
@@ -114,7 +120,17 @@ class TrainingRun:
             start_step = checkpoints.load(
                 plan.resume, engine=engine, loader=loader, topology=topology, seed=config.seed, deepspeed_tag=tag
             )
-        return cls(plan, topology, model, engine, loader, device, eval_rows=eval_rows, start_step=start_step)
+        return cls(
+            plan,
+            topology,
+            model,
+            engine,
+            loader,
+            device,
+            eval_rows=eval_rows,
+            start_step=start_step,
+            predicted_peak=predicted,
+        )
 
     def _batches(self):
         while True:
@@ -193,6 +209,8 @@ class TrainingRun:
             f"  median step: {rate:.0f} tok/s, {rate / world:.0f} tok/s per {unit}{mfu}",
             f"  peak memory {peak_gb:.2f} GiB (the largest of {world} ranks), final loss {last['loss']:.4f}",
         ]
+        if self.predicted_peak is not None:
+            lines.append(f"  --memory auto predicted a peak of {self.predicted_peak / 2**30:.2f} GiB")
         if self.config.metrics:
             lines.append(f"  metrics: {self.config.metrics}")
         if self.config.save_dir:

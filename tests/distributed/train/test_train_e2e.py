@@ -44,6 +44,9 @@ def train(tmp_path, name, nproc, *args, launcher="torchrun"):
     summary = [line for line in out.stderr.splitlines() if "done: " in line]
     assert len(summary) == 1 and f"done: {len(rows)} steps" in summary[0], out.stderr[-3000:]
     assert f"final loss {rows[-1]['loss']:.4f}" in out.stderr and f"metrics: {metrics}" in out.stderr
+    if "--memory" in args:  # the plan is logged, and its prediction next to the measured peak
+        assert "--memory auto: --grad-ckpt" in out.stderr and "--memory auto predicted a peak of" in out.stderr
+    assert {r["loss_path"] for r in rows} == {"full"}  # tiny vocabularies: the logits always fit
     return [r["loss"] for r in rows]
 
 
@@ -60,7 +63,7 @@ COMMON = ["--model", "tiny-llama-gqa", "--steps", "5", "--lr", "3e-3", "--seed",
 def test_sp2_matches_single_process(tmp_path):
     args = [*COMMON, "--seq-len", "64", "--batch-size", "2", "--grad-accum", "2"]
     ref = train(tmp_path, "ref", 1, "--sp-size", "1", *args)
-    assert_same_curve(train(tmp_path, "sp2", 2, "--sp-size", "2", *args), ref)
+    assert_same_curve(train(tmp_path, "sp2", 2, "--sp-size", "2", "--memory", "auto", *args), ref)
 
 
 def test_sp4_uneven_length_packed_matches_single_process(tmp_path):

@@ -35,6 +35,7 @@ from ulysses_sp.train.run import run
         (["--no-reshard-after-forward"], r"--no-reshard-after-forward is an FSDP2 setting: add --fsdp"),
         (["--fsdp", "--dtype", "fp16"], r"--fsdp trains in fp32 or bf16: fp16 needs loss scaling"),
         (["--head-chunks", "0"], r"--head-chunks must be an integer >= 1, got 0"),
+        (["--memory", "auto", "--grad-ckpt", "--tiled-mlp"], r"--memory auto chooses --grad-ckpt, --tiled-mlp itself"),
         (["--head-chunks", "2", "--grad-ckpt", "selective"], r"--head-chunks 2 with --grad-ckpt selective"),
     ],
 )

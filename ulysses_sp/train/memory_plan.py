@@ -1,0 +1,193 @@
+"""A run's memory features: its flags, or with ``--memory auto`` the cheapest set whose predicted
+peak fits the smallest device of the job.
+
+Shape legend: s local tokens of one micro-batch (B * S / P), d hidden size, k key/value width
+(Nkv * H), f MLP intermediate size, V vocabulary, L decoder layers, b bytes of the compute dtype.
+
+The prediction is a per-token model of what autograd keeps for a Llama-style decoder layer (bytes
+per local token, ``b`` = 2 in bf16):
+
+* no checkpointing, per layer: two RMSNorms (an fp32 copy of the input and the bf16 output, 3bd
+  each; b·d each with the norm recompute), the attention kernel's q, k, v and output and the
+  output's contiguous copy for o_proj (3bd + 2bk), the MLP's gate, up, SiLU and product (4bf; none
+  with the tiled MLP, which keeps only its input);
+* full checkpointing, per layer: the layer input (bd; 0 with offload), plus one layer's worth of
+  the above while it is recomputed and backpropagated (twice it: activations and their gradients);
+* selective: full's, plus the saved kernel and all-to-all outputs, b(3d + 2k) + 2bd at P > 1 and
+  b·d at P = 1 (no all-to-all);
+* head chunks divide the attention's share of the recomputed layer by their number;
+* the loss's working set by its path (loss/tiled_ce.py): full logits 10 s V bytes (bf16 logits,
+  fp32 logits and their gradient), else 3 GiB (three fp32 tiles of 1 GiB; liger's chunks and fp32
+  weight gradient stay below), plus the backbone's output and its gradient (2bd);
+* static: 16 bytes per parameter (weights, gradients, AdamW's two moments; fp32, or bf16 with fp32
+  masters), 4 of them divided by the ranks that shard weights and gradients (ZeRO-3, FSDP2), 12 by
+  those that shard the optimizer state (ZeRO 1-3, FSDP2).
+
+Candidates are tried in the order of their measured cost (docs/performance.md: none, selective,
+then the norm recompute and offload at under 1 % each, full, the tiled MLP at ~6 %, head chunks);
+the first whose prediction fits ``MARGIN`` of the device's memory is chosen. The run then reports
+the measured peak next to the prediction.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..core import comm
+from ..core.topology import SPTopology
+from ..loss.tiled_ce import DEFAULT_FULL_LOGITS_BYTES, DEFAULT_TILE_BYTES, fits_full
+from .plan import RunPlan
+
+#: share of the device's memory a plan may fill (the allocator's fragmentation, kernels' workspaces)
+MARGIN = 0.9
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Features:
+    """One set of memory features, as launch/train.py's flags set them."""
+
+    grad_ckpt: str = "none"
+    offload_activations: bool = False
+    recompute_norms: bool = False
+    tiled_mlp: bool = False
+    head_chunks: int = 1
+
+    def flags(self) -> str:
+        parts = [f"--grad-ckpt {self.grad_ckpt}"]
+        parts += ["--offload-activations"] if self.offload_activations else []
+        parts += ["--recompute-norms"] if self.recompute_norms else []
+        parts += ["--tiled-mlp"] if self.tiled_mlp else []
+        parts += [f"--head-chunks {self.head_chunks}"] if self.head_chunks > 1 else []
+        return " ".join(parts)
+
+
+#: in the order of their cost in step time (module docstring)
+CANDIDATES = (
+    Features(),
+    Features("selective"),
+    Features("selective", recompute_norms=True),
+    Features("selective", offload_activations=True, recompute_norms=True),
+    Features("full", offload_activations=True, recompute_norms=True),
+    Features("full", offload_activations=True, recompute_norms=True, tiled_mlp=True),
+    Features("full", offload_activations=True, recompute_norms=True, tiled_mlp=True, head_chunks=2),
+    Features("full", offload_activations=True, recompute_norms=True, tiled_mlp=True, head_chunks=4),
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the prediction needs of the model and the run."""
+
+    d: int
+    k: int
+    f: int
+    layers: int
+    vocab: int
+    kv_heads: int
+    params: int
+
+    @classmethod
+    def of(cls, config, params: int) -> Shape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        return cls(
+            d=config.hidden_size,
+            k=kv * head_dim,
+            f=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
+            layers=config.num_hidden_layers,
+            vocab=config.vocab_size,
+            kv_heads=kv,
+            params=params,
+        )
+
+
+def predicted_peak(
+    shape: Shape, features: Features, tokens: int, sp: int, dtype_bytes: int, static_shards: int, optimizer_shards: int
+) -> int:
+    """Predicted peak bytes of one rank: static memory plus the activations of ``tokens`` local tokens
+    under ``features`` (module docstring). ``static_shards``: ranks sharding weights and gradients
+    (ZeRO-3, FSDP2), ``optimizer_shards``: ranks sharding the optimizer state."""
+    b, d, k, f = dtype_bytes, shape.d, shape.k, shape.f
+    norms = 2 * (b * d if features.recompute_norms else 3 * b * d)
+    attention = 3 * b * d + 2 * b * k
+    mlp = 0 if features.tiled_mlp else 4 * b * f
+    layer = norms + attention + mlp  # one layer's activations, no checkpointing
+    if features.grad_ckpt == "none":
+        stack = shape.layers * layer
+        working = layer  # the gradients of the layer being backpropagated
+    else:
+        stack = shape.layers * (0 if features.offload_activations else b * d)
+        if features.grad_ckpt == "selective":
+            stack += shape.layers * (b * (3 * d + 2 * k) + 2 * b * d if sp > 1 else b * d)
+        chunked = layer - attention + attention // features.head_chunks
+        working = 2 * chunked
+    # the loss's working set, plus the backbone's output and its gradient
+    full = fits_full(tokens, shape.vocab, DEFAULT_FULL_LOGITS_BYTES)
+    loss = (10 * tokens * shape.vocab if full else 3 * DEFAULT_TILE_BYTES) + 2 * b * d * tokens
+    static = shape.params * 4 // static_shards + shape.params * 12 // optimizer_shards
+    return static + tokens * (stack + working) + loss
+
+
+def choose(
+    shape: Shape,
+    tokens: int,
+    sp: int,
+    dtype_bytes: int,
+    device_bytes: int,
+    static_shards: int = 1,
+    optimizer_shards: int = 1,
+) -> tuple[Features, int]:
+    """The first of :data:`CANDIDATES` (cheapest first) whose predicted peak fits ``MARGIN`` of
+    ``device_bytes``, with its prediction; ValueError when none does (with the numbers)."""
+    budget = int(MARGIN * device_bytes)
+    for features in CANDIDATES:
+        if features.head_chunks > 1 and shape.kv_heads % features.head_chunks:
+            continue
+        peak = predicted_peak(shape, features, tokens, sp, dtype_bytes, static_shards, optimizer_shards)
+        if peak <= budget:
+            return features, peak
+    best = CANDIDATES[-1]
+    peak = predicted_peak(shape, best, tokens, sp, dtype_bytes, static_shards, optimizer_shards)
+    raise ValueError(
+        f"--memory auto: {tokens} local tokens per rank need about {peak / GIB:.1f} GiB even with every memory "
+        f"feature ({best.flags()}), more than {MARGIN:.0%} of the device's {device_bytes / GIB:.1f} GiB; use a "
+        "larger --sp-size, a shorter --seq-len or --batch-size, or shard the model (--fsdp, ZeRO-3)"
+    )
+
+
+def memory_features(
+    plan: RunPlan, model: torch.nn.Module, topology: SPTopology, device: torch.device
+) -> tuple[Features, int | None]:
+    """(features, predicted peak bytes or None without --memory auto). Collective under --memory auto:
+    every rank plans with the smallest device memory of the job, so all choose alike (head chunks
+    change the number of all-to-alls)."""
+    config = plan.config
+    if config.memory is None:
+        return (
+            Features(
+                config.grad_ckpt,
+                config.offload_activations,
+                config.recompute_norms,
+                config.tiled_mlp,
+                config.head_chunks,
+            ),
+            None,
+        )
+    if device.type == "cuda":
+        total = torch.cuda.mem_get_info(device)[1]
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = int(comm.all_reduce(torch.tensor(total, dtype=torch.int64, device=device), None, "min"))
+    world = topology.world_size
+    static_shards = world if plan.engine_name == "fsdp2" or plan.zero_stage == 3 else 1
+    optimizer_shards = world if plan.engine_name == "fsdp2" or (plan.zero_stage or 0) >= 1 else 1
+    params = sum(p.numel() for p in model.parameters())
+    shape = Shape.of(plan.model_config, params)
+    tokens = config.batch_size * -(-config.seq_len // topology.sp_size)
+    dtype_bytes = torch.finfo(plan.dtype).bits // 8
+    return choose(shape, tokens, topology.sp_size, dtype_bytes, total, static_shards, optimizer_shards)
