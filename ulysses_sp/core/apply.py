@@ -29,9 +29,11 @@ from packaging.version import Version
 
 from .attention import UlyssesAttention
 from .backends.flash import check_installed
-from .heads import plan_heads
+from .heads import plan_heads, smallest_ring
+from .layout import ring_size_of
 from .model_inputs import complete_kwargs
-from .topology import SPTopology
+from .ring import RING_BACKENDS
+from .topology import SPTopology, ulysses_of
 from .wrappers import check_adapters, unwrap
 
 MIN_TRANSFORMERS = Version("5.0")
@@ -117,8 +119,25 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
             "ulysses_sp gives each rank whole query heads plus the key/value heads they read, which needs every kv "
             "head to serve the same number of query heads (num_attention_heads % num_key_value_heads == 0)"
         )
-    plan_heads(heads, kv, topology.sp_size)  # raises on sp > heads
+    if ring_size_of(topology) > 1:
+        _validate_ring(topology, heads, impl)
+    plan_heads(heads, kv, ulysses_of(topology)[0])  # raises on more Ulysses ranks than heads
     check_installed(impl)
+
+
+def _validate_ring(topology: SPTopology, heads: int, impl: str) -> None:
+    u, r = topology.ulysses_size, topology.ring_size
+    if impl not in RING_BACKENDS:
+        raise ValueError(
+            f"ring attention (ring_size={r}) runs on attn_implementation in {list(RING_BACKENDS)} (a pure-torch "
+            f"block kernel), not {impl!r}; load the model with attn_implementation='sdpa', or use ring_size=1"
+        )
+    if u > heads:
+        raise ValueError(
+            f"sp_size={topology.sp_size} with ring_size={r} leaves {u} Ulysses ranks, more than "
+            f"num_attention_heads={heads}: every Ulysses rank needs at least one query head. Use "
+            f"ring_size={smallest_ring(topology.sp_size, heads)} (the smallest that fits)"
+        )
 
 
 def _swap_configs(model, text_config, name: str) -> list:
