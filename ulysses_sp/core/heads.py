@@ -57,7 +57,14 @@ def plan_heads(num_q: int, num_kv: int, sp: int) -> HeadPlan:
     return HeadPlan(q_heads=tuple(q_heads), kv_heads=tuple(kv_heads))
 
 
-def smallest_ring(sp_size: int, num_q: int) -> int:
-    """The smallest ring size r (a divisor of ``sp_size``) whose Ulysses groups of sp_size / r ranks
-    each get at least one of ``num_q`` query heads (hybrid SP when sp_size > num_q)."""
-    return next(r for r in range(1, sp_size + 1) if sp_size % r == 0 and sp_size // r <= num_q)
+def smallest_ring(sp_size: int, num_q: int, ranks_per_node: int | None = None) -> int:
+    """The smallest ring size r (a divisor of ``sp_size``) whose Ulysses groups of u = sp_size / r
+    ranks each get at least one of ``num_q`` query heads and, given ``ranks_per_node``, fit a node
+    (u divides it: Ulysses groups are consecutive ranks, so each then lies inside one node)."""
+    return next(
+        r
+        for r in range(1, sp_size + 1)
+        if sp_size % r == 0
+        and sp_size // r <= num_q
+        and (ranks_per_node is None or ranks_per_node % (sp_size // r) == 0)
+    )
