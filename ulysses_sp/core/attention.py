@@ -96,7 +96,9 @@ class UlyssesAttention:
                 [q, k, v], [plan.q_heads, plan.kv_heads, plan.kv_heads], group, rank
             )  # [B, s*U, n, H]: all of this ring rank's tokens (all S without a ring)
         if ring_size > 1:
-            out = ring.attend(q, k, v, spec, topo.ring_group, topo.ring_rank, topo.ring_size)  # [B, s*U, nq, Hv]
+            out = ring.attend(
+                self.backend, q, k, v, spec, topo.ring_group, topo.ring_rank, topo.ring_size
+            )  # [B, s*U, nq, Hv]
         else:
             out = backends.run(self.backend, q, k, v, spec)  # [B, S, nq, Hv]
         if U > 1:

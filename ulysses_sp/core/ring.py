@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import comm, masks
-from .backends import block
+from .backends import block, block_cuda
 from .backends.spec import AttnSpec
 from .comm import ProcessGroup
 from .layout import ring_chunks
@@ -48,12 +48,16 @@ def check_supported(impl: str, spec: AttnSpec) -> None:
             )
 
 
-def attend(q, k, v, spec: AttnSpec, group: ProcessGroup, ring_rank: int, ring_size: int) -> torch.Tensor:
-    """[B, L, nq, H], [B, L, nk, H], [B, L, nk, Hv] (this ring rank's two chunks) -> [B, L, nq, Hv]."""
+def attend(impl: str, q, k, v, spec: AttnSpec, group: ProcessGroup, ring_rank: int, ring_size: int) -> torch.Tensor:
+    """[B, L, nq, H], [B, L, nk, H], [B, L, nk, Hv] (this ring rank's two chunks) -> [B, L, nq, Hv].
+
+    The block kernel: torch's memory-efficient attention on CUDA for sdpa models (block_cuda.py),
+    else the pure-torch kernel (block.py: CPU, eager models, MLA head dims)."""
     window = spec.window if spec.window is not None and spec.window < spec.info.seq_len else None
+    kernel = block_cuda if impl == "sdpa" and block_cuda.supports(q, v) else block
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [B, n, L, H]
-    out = _RingAttention.apply(qt, kt, vt, spec.info, spec.causal, window, spec.scale, group, ring_rank, ring_size)
-    return out.transpose(1, 2)  # [B, L, nq, Hv]
+    args = (spec.info, spec.causal, window, spec.scale, kernel, group, ring_rank, ring_size)
+    return _RingAttention.apply(qt, kt, vt, *args).transpose(1, 2)  # [B, L, nq, Hv]
 
 
 def _pairs(info: SequenceInfo, causal: bool, window, q_rank: int, k_rank: int, r: int, c: int, device):
@@ -91,7 +95,7 @@ def _unpack(flat: torch.Tensor, a_shape, b_shape) -> tuple[torch.Tensor, torch.T
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, info, causal, window, scale, group, rank, r):
+    def forward(ctx, q, k, v, info, causal, window, scale, kernel, group, rank, r):
         B, nq, L, _ = q.shape
         c = L // 2
         out = torch.zeros(B, nq, L, v.shape[-1], dtype=torch.float32, device=q.device)  # [B, nq, L, Hv]
@@ -101,18 +105,18 @@ class _RingAttention(torch.autograd.Function):
             in_flight = comm.ring_shift(kv, group) if t < r - 1 else None  # the next block, during this one
             kt, vt = _unpack(kv, k.shape, v.shape)  # block of ring rank (rank - t) mod r
             for qs, ks, mask in _pairs(info, causal, window, rank, (rank - t) % r, r, c, q.device):
-                o, m = block.forward(q[:, :, qs], kt[:, :, ks], vt[:, :, ks], mask, scale)
+                o, m = kernel.forward(q[:, :, qs], kt[:, :, ks], vt[:, :, ks], mask, scale)
                 block.merge(out[:, :, qs], lse[:, :, qs], o, m)
             if in_flight is not None:
                 kv = comm.wait(in_flight)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (info, causal, window, scale, group, rank, r)
+        ctx.args = (info, causal, window, scale, kernel, group, rank, r)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        info, causal, window, scale, group, rank, r = ctx.args
+        info, causal, window, scale, kernel, group, rank, r = ctx.args
         c = q.shape[2] // 2
         do = grad.float()  # [B, nq, L, Hv]
         delta = (do * out).sum(-1)  # [B, nq, L]
@@ -124,9 +128,8 @@ class _RingAttention(torch.autograd.Function):
             dk = torch.zeros_like(k, dtype=torch.float32)
             dv = torch.zeros_like(v, dtype=torch.float32)
             for qs, ks, mask in _pairs(info, causal, window, rank, (rank - t) % r, r, c, q.device):
-                gq, gk, gv = block.backward(
-                    q[:, :, qs], kt[:, :, ks], vt[:, :, ks], mask, scale, do[:, :, qs], lse[:, :, qs], delta[:, :, qs]
-                )
+                pair = (q[:, :, qs], kt[:, :, ks], vt[:, :, ks], mask, scale)
+                gq, gk, gv = kernel.backward(*pair, do[:, :, qs], out[:, :, qs], lse[:, :, qs], delta[:, :, qs])
                 dq[:, :, qs] += gq
                 dk[:, :, ks] += gk
                 dv[:, :, ks] += gv
@@ -137,4 +140,4 @@ class _RingAttention(torch.autograd.Function):
             if in_flight is not None:
                 kv = comm.wait(in_flight)
         dk, dv = _unpack(comm.wait(dkv_in), k.shape, v.shape)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 8)

@@ -91,16 +91,8 @@ def _simulated_ring(q, k, v, info, causal, window, scale, r):
         for j in range(r):
             kj, vj = k[:, :, own[j]], v[:, :, own[j]]
             for qs, ks, mask in ring._pairs(info, causal, window, i, j, r, c, q.device):
-                gq, gk, gv = block.backward(
-                    qi[:, :, qs],
-                    kj[:, :, ks],
-                    vj[:, :, ks],
-                    mask,
-                    scale,
-                    doi[:, :, qs],
-                    lses[i][:, :, qs],
-                    delta[:, :, qs],
-                )
+                pair = (qi[:, :, qs], kj[:, :, ks], vj[:, :, ks], mask, scale)
+                gq, gk, gv = block.backward(*pair, doi[:, :, qs], outs[i][:, :, qs], lses[i][:, :, qs], delta[:, :, qs])
                 dq[:, :, own[i][qs]] += gq
                 dk[:, :, own[j][ks]] += gk
                 dv[:, :, own[j][ks]] += gv

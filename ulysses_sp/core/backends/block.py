@@ -50,9 +50,10 @@ def merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_l
     lse.copy_(new)
 
 
-def backward(q, k, v, mask, scale: float, do, lse, delta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward(q, k, v, mask, scale: float, do, out, lse, delta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block pair given the merged forward's ``lse`` [B, nq, Lq] and
-    ``delta = rowsum(do * out)`` [B, nq, Lq] (fp32), ``do`` [B, nq, Lq, Hv] fp32.
+    ``delta = rowsum(do * out)`` [B, nq, Lq] (fp32), ``do`` [B, nq, Lq, Hv] fp32. ``out``, the merged
+    output, is what delta was computed from (kernels that take rowsum(do * out) themselves read it).
 
     Returns dq [B, nq, Lq, H], dk [B, nk, Lk, H], dv [B, nk, Lk, Hv], fp32 (dk/dv summed over the
     query heads that share each kv head)."""
