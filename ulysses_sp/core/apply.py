@@ -129,8 +129,9 @@ def _validate_ring(topology: SPTopology, heads: int, impl: str) -> None:
     u, r = topology.ulysses_size, topology.ring_size
     if impl not in RING_BACKENDS:
         raise ValueError(
-            f"ring attention (ring_size={r}) runs on attn_implementation in {list(RING_BACKENDS)} (a pure-torch "
-            f"block kernel), not {impl!r}; load the model with attn_implementation='sdpa', or use ring_size=1"
+            f"ring attention (ring_size={r}) runs on attn_implementation in {list(RING_BACKENDS)} (their block "
+            f"kernels return the log-sum-exp the ring merges with), not {impl!r}; load the model with "
+            "attn_implementation='sdpa', or use ring_size=1"
         )
     if u > heads:
         raise ValueError(
