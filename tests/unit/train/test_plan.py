@@ -173,7 +173,7 @@ def test_ring_size_auto_and_checks(monkeypatch):
     check_ring(2, 4, heads8, "sdpa")
     with pytest.raises(ValueError, match="--ring-size 3 does not divide the SP size 4"):
         check_ring(3, 4, heads8, "sdpa")
-    with pytest.raises(ValueError, match="leaves 16 Ulysses ranks for 8 attention heads; use --ring-size 2"):
+    with pytest.raises(ValueError, match="leaves 16 Ulysses ranks for 8 attention heads; use --ring-size 4"):
         check_ring(2, 32, heads8, "sdpa")
     with pytest.raises(ValueError, match="not 'flash_attention_2'"):
         check_ring(2, 4, heads8, "flash_attention_2")
