@@ -56,7 +56,14 @@ def attend(impl: str, q, k, v, spec: AttnSpec, group: ProcessGroup, ring_rank: i
     window = spec.window if spec.window is not None and spec.window < spec.info.seq_len else None
     kernel = block_cuda if impl == "sdpa" and block_cuda.supports(q, v) else block
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [B, n, L, H]
-    args = (spec.info, spec.causal, window, spec.scale, kernel, group, ring_rank, ring_size)
+    c = q.shape[1] // 2
+    # the (query, key) chunk pairs of every step and their masks, made outside the autograd.Function
+    # (cached in the step's info: a side effect dynamo cannot trace inside it)
+    schedule = [
+        _pairs(spec.info, spec.causal, window, ring_rank, (ring_rank - t) % ring_size, ring_size, c, q.device)
+        for t in range(ring_size)
+    ]
+    args = (schedule, spec.scale, kernel, group, ring_size)
     return _RingAttention.apply(qt, kt, vt, *args).transpose(1, 2)  # [B, L, nq, Hv]
 
 
@@ -95,29 +102,27 @@ def _unpack(flat: torch.Tensor, a_shape, b_shape) -> tuple[torch.Tensor, torch.T
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, info, causal, window, scale, kernel, group, rank, r):
+    def forward(ctx, q, k, v, schedule, scale, kernel, group, r):
         B, nq, L, _ = q.shape
-        c = L // 2
         out = torch.zeros(B, nq, L, v.shape[-1], dtype=torch.float32, device=q.device)  # [B, nq, L, Hv]
         lse = torch.full((B, nq, L), float("-inf"), dtype=torch.float32, device=q.device)  # [B, nq, L]
         kv = _pack(k, v)
         for t in range(r):
             in_flight = comm.ring_shift(kv, group) if t < r - 1 else None  # the next block, during this one
             kt, vt = _unpack(kv, k.shape, v.shape)  # block of ring rank (rank - t) mod r
-            for qs, ks, mask in _pairs(info, causal, window, rank, (rank - t) % r, r, c, q.device):
+            for qs, ks, mask in schedule[t]:
                 o, m = kernel.forward(q[:, :, qs], kt[:, :, ks], vt[:, :, ks], mask, scale)
                 block.merge(out[:, :, qs], lse[:, :, qs], o, m)
             if in_flight is not None:
                 kv = comm.wait(in_flight)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (info, causal, window, scale, kernel, group, rank, r)
-        return out.to(q.dtype)
+        ctx.args = (schedule, scale, kernel, group, r)
+        return out.to(q.dtype, copy=True)  # never the saved fp32 buffer itself (compile: no aliasing)
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        info, causal, window, scale, kernel, group, rank, r = ctx.args
-        c = q.shape[2] // 2
+        schedule, scale, kernel, group, r = ctx.args
         do = grad.float()  # [B, nq, L, Hv]
         delta = (do * out).sum(-1)  # [B, nq, L]
         dq = torch.zeros_like(q, dtype=torch.float32)
@@ -127,7 +132,7 @@ class _RingAttention(torch.autograd.Function):
             kt, vt = _unpack(kv, k.shape, v.shape)
             dk = torch.zeros_like(k, dtype=torch.float32)
             dv = torch.zeros_like(v, dtype=torch.float32)
-            for qs, ks, mask in _pairs(info, causal, window, rank, (rank - t) % r, r, c, q.device):
+            for qs, ks, mask in schedule[t]:
                 pair = (q[:, :, qs], kt[:, :, ks], vt[:, :, ks], mask, scale)
                 gq, gk, gv = kernel.backward(*pair, do[:, :, qs], out[:, :, qs], lse[:, :, qs], delta[:, :, qs])
                 dq[:, :, qs] += gq
@@ -140,4 +145,4 @@ class _RingAttention(torch.autograd.Function):
             if in_flight is not None:
                 kv = comm.wait(in_flight)
         dk, dv = _unpack(comm.wait(dkv_in), k.shape, v.shape)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 8)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 5)

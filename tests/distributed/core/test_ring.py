@@ -4,7 +4,8 @@ the rank's global positions, and every parameter gradient summed over the SP gro
 reference's. Layouts (u, r): (1, 2) on 2 ranks; (2, 2), (1, 4), (4, 1) and dp2 x (1, 2) on 4.
 Cases: GQA; fewer heads than sp (2 heads at sp 4, MQA below u); packed documents (reference: each
 document alone); sliding windows shorter and longer than a ring chunk; a length not divisible by
-2 * sp with a padding mask; positions and documents gathered by the model's hook. fp32, gloo.
+2 * sp with a padding mask; positions and documents gathered by the model's hook; torch.compile
+(no graph break, compiled gradients equal eager ones). fp32, gloo.
 """
 
 from __future__ import annotations
@@ -96,7 +97,26 @@ def _body(ctx, layouts):
                 continue
             _check(ctx, topo, *case)
     if ctx.world_size == 2:
+        _check_compile(ctx)
         _check_refusals(ctx)
+
+
+def _check_compile(ctx):
+    """The ring under torch.compile(fullgraph=True): no graph break (the P2P is functional, the masks
+    are made before the autograd.Function), and compiled logits and gradients equal eager ones."""
+    topo = ulysses_sp.init_sp(2, 2)
+    model = tiny_model("tiny-mistral", dtype=ctx.dtype, num_hidden_layers=1, sliding_window=5).to(ctx.device)
+    ref = clone(model)
+    for m in (model, ref):
+        ulysses_sp.apply(m, topo)
+    local = shard_batch({"input_ids": tokens(1, 32, device=ctx.device), "seq_lens": [[9, 23]]}, topo)
+    assert torch._dynamo.explain(model)(**local).graph_break_count == 0
+    got = torch.compile(model, backend="aot_eager", fullgraph=True)(**local).logits
+    want = ref(**local).logits
+    torch.testing.assert_close(got, want, **TOL)
+    got.sum().backward()
+    want.sum().backward()
+    assert_grads_close(model, ref, **TOL)
 
 
 def _check_refusals(ctx):
