@@ -5,7 +5,8 @@ reference's. Layouts (u, r): (1, 2) on 2 ranks; (2, 2), (1, 4), (4, 1) and dp2 x
 Cases: GQA; fewer heads than sp (2 heads at sp 4, MQA below u); packed documents (reference: each
 document alone); sliding windows shorter and longer than a ring chunk; a length not divisible by
 2 * sp with a padding mask; positions and documents gathered by the model's hook; torch.compile
-(no graph break, compiled gradients equal eager ones). fp32, gloo.
+(no graph break, compiled gradients equal eager ones); full and selective activation checkpointing.
+fp32, gloo.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tests.distributed import harness
 from tests.helpers import assert_grads_close, clone, tiny_model, tokens
 from ulysses_sp.core import comm, layout
 from ulysses_sp.core.sharding import shard_batch
+from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
 
 LENS = [[5, 14, 13], [20, 12]]  # documents of the two rows of a 32-token batch
 TOL = {"rtol": 1e-4, "atol": 1e-4}  # fp32; references sum tokens in another order (documents alone)
@@ -39,9 +41,11 @@ def _alone(ref, ids, lens):
     return torch.stack(rows)
 
 
-def _check(ctx, topo, name, preset, overrides, seq, lens, padded):
+def _check(ctx, topo, name, preset, overrides, seq, lens, padded, checkpointing=None):
     model = tiny_model(preset, attn="sdpa", dtype=ctx.dtype, **overrides).to(ctx.device)
     ref = clone(model)
+    if checkpointing is not None:  # the backward re-runs the layer: the ring's forward, or its saved outputs
+        enable_checkpointing(model, checkpointing)
     ids = tokens(2, seq, seed=50 + topo.dp_rank, device=ctx.device)
     weights = torch.randn(2, seq, model.config.vocab_size, generator=torch.Generator().manual_seed(9 + topo.dp_rank))
     weights = weights.to(ctx.device, ctx.dtype)
@@ -67,7 +71,7 @@ def _check(ctx, topo, name, preset, overrides, seq, lens, padded):
     real = pos < seq
     idx = pos[real]
     ok = keep[:, idx]  # [B, s_real]
-    what = f"{name} at u={topo.ulysses_size} r={topo.ring_size} dp={topo.dp_size}"
+    what = f"{name} at u={topo.ulysses_size} r={topo.ring_size} dp={topo.dp_size} checkpointing={checkpointing}"
     torch.testing.assert_close(got[:, real][ok], want[:, idx][ok].detach(), **TOL, msg=lambda m: f"{what} logits: {m}")
     (torch.where(ok[..., None], got[:, real].float() * weights[:, idx], 0)).sum().backward()
     for p in model.parameters():
@@ -97,6 +101,8 @@ def _body(ctx, layouts):
                 continue
             _check(ctx, topo, *case)
     if ctx.world_size == 2:
+        for policy in ("full", "selective"):
+            _check(ctx, topo, *CASES[2], checkpointing=policy)  # packed documents
         _check_compile(ctx)
         _check_refusals(ctx)
 
