@@ -10,7 +10,8 @@ nq, heads); while block t is computed, block t+1 is already in flight (``comm.ri
 the one rule (masks.py, global positions: causal, window, documents, padding), and the partial
 outputs merge in fp32 by their log-sum-exp. Pairs that the rule rules out from positions alone
 (causal: a later key chunk; window: every distance >= the window) are skipped, which with the
-zigzag layout leaves every ring rank the same work. Backward: the same ring; dK/dV accumulators
+zigzag layout leaves every ring rank the same work; so are pairs whose mask (documents, padding)
+allows nothing, outside torch.compile. Backward: the same ring; dK/dV accumulators
 travel with their K/V block and reach their owner after a full turn. No rank ever holds more than
 two K/V blocks: no full K/V is gathered.
 """
@@ -80,14 +81,20 @@ def _pairs(info: SequenceInfo, causal: bool, window, q_rank: int, k_rank: int, r
             if window is not None and nearest >= window:
                 continue
             limited = (causal and kc == qc) or (window is not None and farthest >= window)
-            mask = None
+            mask, empty = None, False
             if limited or not info.is_plain:
                 key = ("ring", causal, window, qc, kc, c, str(device))
                 if key not in info.cache:
                     qr, kr = range(qc * c, (qc + 1) * c), range(kc * c, (kc + 1) * c)
-                    info.cache[key] = masks.block_mask(info, causal, window, qr, kr, device)
-                mask = info.cache[key]
-            out.append((slice(qa * c, (qa + 1) * c), slice(kb * c, (kb + 1) * c), mask))
+                    pair_mask = masks.block_mask(info, causal, window, qr, kr, device)
+                    # a pair that documents or padding rule out entirely is skipped too: one host sync per
+                    # pair and step (cached for every layer); not while compiling, where it would break the
+                    # graph (the pair then runs, fully masked, and adds nothing)
+                    empty = not torch.compiler.is_compiling() and not bool(pair_mask.any())
+                    info.cache[key] = (pair_mask, empty)
+                mask, empty = info.cache[key]
+            if not empty:
+                out.append((slice(qa * c, (qa + 1) * c), slice(kb * c, (kb + 1) * c), mask))
     return out
 
 

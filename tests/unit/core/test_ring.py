@@ -142,3 +142,6 @@ def test_pairs_skip_by_position_only():
     assert [m is None for _, _, m in same] == [False, True, False]
     assert len(ring._pairs(info, True, None, 0, 1, 2, 4, "cpu")) == 2  # chunk 3 reads chunks 1 and 2
     assert len(ring._pairs(info, True, 2, 0, 1, 2, 4, "cpu")) == 1  # window 2: only (3, 2) is near enough
+    docs = build_sequence_info(torch.cat([torch.arange(6), torch.arange(10)]).view(1, 16))  # 6 + 10 tokens
+    assert len(ring._pairs(docs, True, None, 0, 1, 2, 4, "cpu")) == 2  # (3, 1) and (3, 2): same document
+    assert len(ring._pairs(docs, True, None, 0, 0, 2, 4, "cpu")) == 2  # (3, 0) reads nothing: chunk 0 is doc 0
