@@ -5,7 +5,8 @@ reference's. Layouts (u, r): (1, 2) on 2 ranks; (2, 2), (1, 4), (4, 1) and dp2 x
 Cases: GQA; fewer heads than sp (2 heads at sp 4, MQA below u); packed documents (reference: each
 document alone); sliding windows shorter and longer than a ring chunk; a length not divisible by
 2 * sp with a padding mask; positions and documents gathered by the model's hook; torch.compile
-(no graph break, compiled gradients equal eager ones); full and selective activation checkpointing.
+(no graph break, compiled gradients equal eager ones); full and selective activation checkpointing;
+MLA (DeepSeek-V3: value head dim != query head dim).
 fp32, gloo.
 """
 
@@ -103,6 +104,7 @@ def _body(ctx, layouts):
     if ctx.world_size == 2:
         for policy in ("full", "selective"):
             _check(ctx, topo, *CASES[2], checkpointing=policy)  # packed documents
+        _check(ctx, topo, "MLA", "tiny-deepseek-v3", {}, 32, LENS, False)  # value head dim != query head dim
         _check_compile(ctx)
         _check_refusals(ctx)
 
