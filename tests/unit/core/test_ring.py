@@ -11,6 +11,7 @@ import torch
 
 from ulysses_sp.core import layout, masks, ring
 from ulysses_sp.core.backends import block
+from ulysses_sp.core.per_token import shard_tokens
 from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
 from ulysses_sp.core.sharding import make_shift_labels, shard_batch
 
@@ -54,6 +55,14 @@ def test_shard_batch_follows_the_layout_labels_shifted_before():
     assert info.seq_len == S2 and torch.equal(info.doc_ids, plain[0][SEQ_INFO_KWARG].doc_ids)  # sequence order
     for p, sh in enumerate(shards):
         assert torch.equal(sh["position_ids"][1], layout.local_index(S2, sp, r, p))  # global positions
+
+
+def test_shard_tokens_cuts_like_shard_batch():
+    """RL's per-token tensors (advantages, masks) are cut in the ring's layout, as the tokens are."""
+    ids = torch.arange(1, 2 * 13 + 1).view(2, 13)
+    for p in range(4):
+        topo = SimpleNamespace(sp_size=4, sp_rank=p, ring_size=2)
+        assert torch.equal(shard_tokens(ids, topo), shard_batch({"input_ids": ids}, topo)["input_ids"])
 
 
 def _brute(q, k, v, info, causal, window, scale):
