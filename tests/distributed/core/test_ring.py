@@ -92,9 +92,17 @@ def _body(ctx, layouts):
         assert (topo.ulysses_size, topo.ring_size) == (sp // ring, ring)
         assert topo.sp_rank == topo.ring_rank * topo.ulysses_size + topo.ulysses_rank
         assert comm.world_size(topo.ulysses_group) == sp // ring
+        if (sp, ring) == (4, 2):  # 2 Ulysses ranks for 1 head: refused at apply, naming the ring that fits
+            one_head = tiny_model("tiny-qwen3", num_attention_heads=1, num_key_value_heads=1)
+            with pytest.raises(
+                ValueError, match="leaves 2 Ulysses ranks, more than num_attention_heads=1.*ring_size=4"
+            ):
+                ulysses_sp.apply(one_head, topo)
         for case in CASES:
             if ring == 1 and case[0] not in ("gqa", "2 heads", "padding"):
                 continue  # Ulysses alone: its masks are test_masks.py's; here its layout path and the refusal
+            if topo.dp_size > 1 and case[0] not in ("gqa", "packed", "padding"):
+                continue  # dp x ring: the groups and the reduction; the windows are the same code as at dp 1
             heads = case[2].get("num_attention_heads", 8)
             if topo.ulysses_size > heads:  # 2 heads on 4 Ulysses ranks: refused, naming the ring that fits
                 with pytest.raises(ValueError, match="ring_size=2"):
