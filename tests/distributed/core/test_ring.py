@@ -101,8 +101,9 @@ def _body(ctx, layouts):
         for case in CASES:
             if ring == 1 and case[0] not in ("gqa", "2 heads", "padding"):
                 continue  # Ulysses alone: its masks are test_masks.py's; here its layout path and the refusal
-            if topo.dp_size > 1 and case[0] not in ("gqa", "packed", "padding"):
-                continue  # dp x ring: the groups and the reduction; the windows are the same code as at dp 1
+            if (topo.dp_size > 1 or ctx.world_size == 2) and case[0] not in ("gqa", "packed", "padding"):
+                continue  # dp x ring, and the 2-rank spawn (which adds checkpointing, MLA, compile): the
+                # windows and the 2-head model are the same code as at (1, 4) and (2, 2)
             heads = case[2].get("num_attention_heads", 8)
             if topo.ulysses_size > heads:  # 2 heads on 4 Ulysses ranks: refused, naming the ring that fits
                 with pytest.raises(ValueError, match="ring_size=2"):
@@ -111,7 +112,7 @@ def _body(ctx, layouts):
             _check(ctx, topo, *case)
     if ctx.world_size == 2:
         for policy in ("full", "selective"):
-            _check(ctx, topo, *CASES[2], checkpointing=policy)  # packed documents
+            _check(ctx, topo, *CASES[3], checkpointing=policy)  # a window shorter than a chunk
         _check(ctx, topo, "MLA", "tiny-deepseek-v3", {}, 32, LENS, False)  # value head dim != query head dim
         _check_compile(ctx)
         _check_refusals(ctx)
