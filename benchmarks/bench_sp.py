@@ -35,6 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="llama-8b", help="ulysses_sp preset or a config.json path (random init)")
     p.add_argument("--layers", type=int, default=4, help="num_hidden_layers override (0: the model's own)")
     p.add_argument("--sp", type=int, default=None, help="SP size (default: world size; dp = world / sp)")
+    p.add_argument(
+        "--ring-size",
+        type=int,
+        default=1,
+        help="ours only: hybrid SP, ring attention across R groups of sp/R Ulysses ranks (docs/scaling.md)",
+    )
     p.add_argument("--seq-lens", type=_csv_ints, default=[32768, 65536, 131072], help="comma-separated")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per SP group")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
@@ -136,9 +142,9 @@ def main(argv=None) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     rank, world = dist.get_rank(), dist.get_world_size()
     sp = args.sp or world
-    topology = init_sp(sp)
+    topology = init_sp(sp, args.ring_size)
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    attn = args.attn or default_attention(device_type)
+    attn = args.attn or default_attention(device_type, args.ring_size)
     configs = [(spec, *lv.parse(spec)) for spec in args.configs]
     searches = [(spec, *lv.parse(spec)) for spec in (args.search_configs if args.max_len_search else [])]
     problems = _problems(args, configs + searches, device_type, attn, sp)
@@ -209,6 +215,16 @@ def _problems(args, configs, device_type: str, attn: str, sp: int) -> list[str]:
     ]
     if sp > 1 and any(side == "hf" for _, side, _ in configs):
         problems.append(f"the hf side (plain transformers) has no sequence parallelism: run it with --sp 1, not {sp}")
+    if args.ring_size > 1:
+        from ulysses_sp.core.ring import RING_BACKENDS
+
+        if attn not in RING_BACKENDS:
+            problems.append(f"--ring-size {args.ring_size} runs with --attn in {list(RING_BACKENDS)}, not {attn}")
+        problems += [
+            f"--seq-lens {s} is not a multiple of 2 * sp = {2 * sp} (the ring's load-balanced layout)"
+            for s in args.seq_lens
+            if s % (2 * sp)
+        ]
     if not args.seq_lens and not args.max_len_search:
         problems.append("nothing to do: give --seq-lens and/or --max-len-search")
     return problems

@@ -30,9 +30,11 @@ from packaging.version import Version
 from .attention import UlyssesAttention
 from .backends.flash import check_installed
 from .checks import check_int
-from .heads import plan_heads
+from .heads import plan_heads, smallest_ring
+from .layout import ring_size_of
 from .model_inputs import complete_kwargs
-from .topology import SPTopology
+from .ring import RING_BACKENDS
+from .topology import SPTopology, ulysses_of
 from .wrappers import check_adapters, unwrap
 
 MIN_TRANSFORMERS = Version("5.0")
@@ -142,7 +144,10 @@ def _validate(model, config, topology: SPTopology, impl: str, head_chunks: int =
             "ulysses_sp gives each rank whole query heads plus the key/value heads they read, which needs every kv "
             "head to serve the same number of query heads (num_attention_heads % num_key_value_heads == 0)"
         )
-    plan_heads(heads, kv, topology.sp_size)  # raises on sp > heads
+    if ring_size_of(topology) > 1:
+        _validate_ring(topology, heads, impl)
+    ulysses = ulysses_of(topology)[0]
+    plan_heads(heads, kv, ulysses)  # raises on more Ulysses ranks than heads
     check_int("head_chunks", head_chunks)
     if head_chunks > 1:
         if not isinstance(kv, int) or kv % head_chunks:
@@ -152,13 +157,29 @@ def _validate(model, config, topology: SPTopology, impl: str, head_chunks: int =
             )
         if _has_selective_checkpointing(model):
             raise ValueError(SELECTIVE_WITH_CHUNKS)
-        if heads // head_chunks < topology.sp_size:
+        if heads // head_chunks < ulysses:
             raise ValueError(
                 f"head_chunks={head_chunks} leaves {heads // head_chunks} query heads per chunk, fewer than "
-                f"sp_size={topology.sp_size}: every SP rank needs a query head of each chunk; use head_chunks <= "
-                f"{heads // topology.sp_size}"
+                f"the {ulysses} ranks of the all-to-all (sp_size={topology.sp_size}): every one needs a query head "
+                f"of each chunk; use head_chunks <= {heads // ulysses}"
             )
     check_installed(impl)
+
+
+def _validate_ring(topology: SPTopology, heads: int, impl: str) -> None:
+    u, r = topology.ulysses_size, topology.ring_size
+    if impl not in RING_BACKENDS:
+        raise ValueError(
+            f"ring attention (ring_size={r}) runs on attn_implementation in {list(RING_BACKENDS)} (their block "
+            f"kernels return the log-sum-exp the ring merges with), not {impl!r}; load the model with "
+            "attn_implementation='sdpa', or use ring_size=1"
+        )
+    if u > heads:
+        raise ValueError(
+            f"sp_size={topology.sp_size} with ring_size={r} leaves {u} Ulysses ranks, more than "
+            f"num_attention_heads={heads}: every Ulysses rank needs at least one query head. Use "
+            f"ring_size={smallest_ring(topology.sp_size, heads)} (the smallest that fits)"
+        )
 
 
 def _swap_configs(model, text_config, name: str) -> list:

@@ -1,11 +1,14 @@
 """UlyssesAttention: the all-to-all wrapper around one model's core attention.
 
-Shape legend: B batch, S full sequence, s = S/P local tokens, P = sp_size, Nq/Nkv heads of the
-model, nq/nk heads this rank computes, H head dim (Hv for values).
+Shape legend: B batch, S full sequence, s = S/P local tokens, P = sp_size, U = P / ring_size ranks
+of the Ulysses group, Nq/Nkv heads of the model, nq/nk heads this rank computes, H head dim (Hv for
+values).
 
 transformers calls ``fn(module, query, key, value, attention_mask, **kwargs)`` with q/k/v laid out
 [B, N, s, H] (RoPE already applied with global positions) and expects ``([B, s, Nq, Hv], weights)``.
-We re-shard to [B, S, n, H], run the backend over the whole sequence, and re-shard back.
+We re-shard to [B, S, n, H], run the backend over the whole sequence, and re-shard back. With a ring
+(hybrid SP) the all-to-all runs over the Ulysses group, giving [B, s*U, n, H] (this ring rank's
+tokens), and ring attention (ring.py) runs over the ring group instead of the backend.
 Per-head inputs follow the heads: a per-head mask and attention sinks (``s_aux`` [Nq], GPT-OSS) are
 sliced to this rank's query heads; their gradients then sum over the SP group like any other.
 
@@ -25,11 +28,12 @@ import warnings
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import backends
+from . import backends, ring
 from .all_to_all import heads_to_seq, seq_to_heads
 from .heads import HeadPlan, plan_heads
+from .layout import ring_size_of
 from .sequence_info import SEQ_INFO_KWARG, SequenceInfo
-from .topology import SPTopology
+from .topology import SPTopology, ulysses_of
 
 
 class UlyssesAttention:
@@ -109,24 +113,32 @@ class UlyssesAttention:
     def _attend(self, query, key, value, attention_mask, s_aux, spec: dict) -> torch.Tensor:
         """[B, Nq, s, H] q / [B, Nkv, s, H] k, v of this call (or of one head chunk) -> [B, s, Nq, Hv]."""
         topo = self.topology
-        P, rank = topo.sp_size, topo.sp_rank
+        P, ring_size = topo.sp_size, ring_size_of(topo)
+        U, rank, group = ulysses_of(topo)  # the all-to-all's group: the SP group without a ring
         B, Nq, s, H = query.shape
         plan = self._plans.get((Nq, key.shape[1]))
         if plan is None:
-            plan = self._plans[(Nq, key.shape[1])] = plan_heads(Nq, key.shape[1], P)
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, s, N, H]
-        if P > 1:
-            q, k, v = seq_to_heads(
-                [q, k, v], [plan.q_heads, plan.kv_heads, plan.kv_heads], topo.sp_group, rank
-            )  # [B, S, n, H]
+            plan = self._plans[(Nq, key.shape[1])] = plan_heads(Nq, key.shape[1], U)
         spec = backends.AttnSpec(
             **spec,
             custom_mask=self._full_mask(attention_mask, s * P, s, Nq, plan.q_slice(rank)),
             sinks=None if s_aux is None else s_aux[plan.q_slice(rank)],  # [nq]
         )
-        out = backends.run(self.backend, q, k, v, spec)  # [B, S, nq, Hv]
-        if P > 1:
-            out = heads_to_seq(out, plan.q_heads, topo.sp_group, rank)  # [B, s, Nq, Hv]
+        if ring_size > 1:
+            ring.check_supported(self.backend, spec)  # before the first collective of this call
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, s, N, H]
+        if U > 1:
+            q, k, v = seq_to_heads(
+                [q, k, v], [plan.q_heads, plan.kv_heads, plan.kv_heads], group, rank
+            )  # [B, s*U, n, H]: all of this ring rank's tokens (all S without a ring)
+        if ring_size > 1:
+            out = ring.attend(
+                self.backend, q, k, v, spec, topo.ring_group, topo.ring_rank, topo.ring_size
+            )  # [B, s*U, nq, Hv]
+        else:
+            out = backends.run(self.backend, q, k, v, spec)  # [B, S, nq, Hv]
+        if U > 1:
+            out = heads_to_seq(out, plan.q_heads, group, rank)  # [B, s, Nq, Hv]
         return out
 
     @staticmethod

@@ -91,6 +91,12 @@ def device_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...]
     return init_device_mesh(device_type, shape, mesh_dim_names=names)
 
 
+def flatten_mesh(mesh: Mesh, dims: tuple[str, ...], name: str) -> Mesh:
+    """The 1-D mesh ``name`` over the adjacent dims ``dims`` of ``mesh`` (row-major: the last dim
+    innermost), also reachable as ``mesh[name]``. Collective when it creates the group."""
+    return mesh[dims]._flatten(name)
+
+
 def self_group() -> ProcessGroup:
     """A process group holding only this rank. Collective: every rank must call it (each gets its own)."""
     group, _ = dist.new_subgroups(group_size=1)
@@ -196,6 +202,20 @@ class _SumAllReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _wait(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
+
+
+def ring_shift(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Start passing ``x`` to the next rank of ``group`` (rank + 1 mod P) while receiving the previous
+    rank's, every rank sending the same numel; returns [x.numel()] to :func:`wait` on, so the caller
+    computes while the block is in flight. torch's functional ``permute_tensor`` (no autograd: ring
+    attention calls it inside its own forward and backward), traceable by torch.compile."""
+    P = dist.get_world_size(group)
+    return funcol.permute_tensor(x.reshape(-1).contiguous(), [(r + 1) % P for r in range(P)], group)
+
+
+def wait(x: torch.Tensor) -> torch.Tensor:
+    """The result of an asynchronous collective of this module (e.g. :func:`ring_shift`), completed."""
+    return _wait(x)
 
 
 def barrier(group: ProcessGroup | None = None) -> None:

@@ -37,7 +37,8 @@ def plan_heads(num_q: int, num_kv: int, sp: int) -> HeadPlan:
     if sp > num_q:
         raise ValueError(
             f"sp_size={sp} exceeds num_attention_heads={num_q}: every SP rank needs at least one "
-            f"query head. Use sp_size <= {num_q}."
+            f"query head. Use sp_size <= {num_q}, or ring attention for the rest (init_sp(sp_size, "
+            f"ring_size={smallest_ring(sp, num_q)}) runs Ulysses over sp_size / ring_size ranks)."
         )
     group = num_q // num_kv
     base, extra = divmod(num_q, sp)
@@ -54,3 +55,16 @@ def plan_heads(num_q: int, num_kv: int, sp: int) -> HeadPlan:
         kv_heads.append(tuple(unique) if uniform else tuple(needed))
         q_heads.append(q)
     return HeadPlan(q_heads=tuple(q_heads), kv_heads=tuple(kv_heads))
+
+
+def smallest_ring(sp_size: int, num_q: int, ranks_per_node: int | None = None) -> int:
+    """The smallest ring size r (a divisor of ``sp_size``) whose Ulysses groups of u = sp_size / r
+    ranks each get at least one of ``num_q`` query heads and, given ``ranks_per_node``, fit a node
+    (u divides it: Ulysses groups are consecutive ranks, so each then lies inside one node)."""
+    return next(
+        r
+        for r in range(1, sp_size + 1)
+        if sp_size % r == 0
+        and sp_size // r <= num_q
+        and (ranks_per_node is None or ranks_per_node % (sp_size // r) == 0)
+    )

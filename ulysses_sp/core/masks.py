@@ -35,16 +35,25 @@ def mask_mod(info: SequenceInfo, causal: bool, window: int | None):
 def dense_mask(info: SequenceInfo, causal: bool, window: int | None, device) -> torch.Tensor:
     """The rule above as a dense bool mask [B or 1, 1, S, S] (True = attend). O(S^2) memory."""
     S = info.seq_len
-    q = torch.arange(S, device=device).view(S, 1)  # [S, 1]
-    k = torch.arange(S, device=device).view(1, S)  # [1, S]
-    ok = (k <= q) if causal else torch.ones(S, S, dtype=torch.bool, device=device)
+    return block_mask(info, causal, window, range(S), range(S), device)
+
+
+def block_mask(
+    info: SequenceInfo, causal: bool, window: int | None, q_pos: range, k_pos: range, device
+) -> torch.Tensor:
+    """The rule above for queries at global positions ``q_pos`` and keys at ``k_pos`` (ranges of the
+    full sequence, e.g. one chunk pair of ring attention) as a bool mask [B or 1, 1, Sq, Sk]."""
+    Sq, Sk = len(q_pos), len(k_pos)
+    q = torch.arange(q_pos.start, q_pos.stop, device=device).view(Sq, 1)  # [Sq, 1]
+    k = torch.arange(k_pos.start, k_pos.stop, device=device).view(1, Sk)  # [1, Sk]
+    ok = (k <= q) if causal else torch.ones(Sq, Sk, dtype=torch.bool, device=device)
     if window is not None:
         ok = ok & ((q - k) < window) if causal else ok & ((q - k).abs() < window)
-    ok = ok.view(1, 1, S, S)  # [1, 1, S, S]
+    ok = ok.view(1, 1, Sq, Sk)  # [1, 1, Sq, Sk]
     if info.doc_ids is not None:
         doc = info.doc_ids.to(device)
-        ok = ok & (doc[:, None, :, None] == doc[:, None, None, :])  # [B, 1, S, S]
+        ok = ok & (doc[:, None, q_pos.start : q_pos.stop, None] == doc[:, None, None, k_pos.start : k_pos.stop])
     if info.key_valid is not None:
-        valid = info.key_valid.to(device)[:, None, None, :]  # [B, 1, 1, S]
-        ok = ok & (valid | torch.eye(S, dtype=torch.bool, device=device))
+        valid = info.key_valid.to(device)[:, None, None, k_pos.start : k_pos.stop]  # [B, 1, 1, Sk]
+        ok = ok & (valid | (q == k))  # [B, 1, Sq, Sk]
     return ok

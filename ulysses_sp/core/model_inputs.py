@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from . import comm
-from .sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, local_position_ids
+from .layout import check_local_length, local_index, ring_size_of, to_sequence_order
+from .sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative
 from .sharding import input_tokens
 from .topology import SPTopology
 
@@ -30,9 +31,10 @@ def complete_kwargs(kwargs: dict, topology: SPTopology) -> dict:
             "past_key_values) are not supported. Pass use_cache=False"
         )
     kwargs["use_cache"] = False
+    check_local_length(s, P, ring_size_of(topology))
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
-        position_ids = local_position_ids(B, s, rank, tokens.device)
+        position_ids = local_index(s * P, P, ring_size_of(topology), rank, tokens.device).expand(B, s)  # [B, s]
         kwargs["position_ids"] = position_ids
     elif position_ids.shape[-1] != s or position_ids.dim() not in (2, 3):
         raise ValueError(
@@ -111,9 +113,11 @@ def gather_sequence_info(position_ids: torch.Tensor, mask: torch.Tensor | None, 
         position_ids = position_ids[0]  # [B, s] temporal row of mRoPE ids
     if topology.sp_size > 1:
         _check_same_local_shape(position_ids, topology)
-        position_ids = comm.all_gather(position_ids.contiguous(), topology.sp_group, dim=-1)  # [B, S]
+        position_ids = comm.all_gather(position_ids.contiguous(), topology.sp_group, dim=-1)  # [B, S] layout order
+        position_ids = to_sequence_order(position_ids, 1, ring_size_of(topology))  # [B, S]
         if mask is not None:
-            mask = comm.all_gather(mask.to(torch.int32), topology.sp_group, dim=-1)  # [B, S]
+            mask = comm.all_gather(mask.to(torch.int32), topology.sp_group, dim=-1)  # [B, S] layout order
+            mask = to_sequence_order(mask, 1, ring_size_of(topology))  # [B, S]
     check_non_negative(position_ids)  # on the gathered ids: the same verdict on every rank
     return build_sequence_info(position_ids, mask)
 

@@ -2,7 +2,8 @@
 
 Shape legend: B batch, S full (padded) sequence, s = S/P local tokens, T valid tokens over B*S.
 
-Each rank holds tokens [sp_rank*s, (sp_rank+1)*s) with their *global* position ids. Attention runs
+Each rank holds tokens [sp_rank*s, (sp_rank+1)*s) (with a ring: its tokens of the load-balanced
+layout, layout.py) with their *global* position ids. Attention runs
 over all S tokens after the all-to-all, so it needs the full picture: where documents start
 (position ids that do not continue, or ``cu_seqlens`` given by the data path) and which keys are
 padding. :class:`SequenceInfo` carries that, computed once per step and passed to every attention
@@ -58,12 +59,6 @@ class SequenceInfo:
             move(self.valid_index),
             self.gapped,
         )
-
-
-def local_position_ids(batch: int, local_len: int, sp_rank: int, device) -> torch.Tensor:
-    """Global positions of this rank's shard of an unpacked sequence: [B, s]."""
-    start = sp_rank * local_len
-    return torch.arange(start, start + local_len, device=device).unsqueeze(0).expand(batch, -1)
 
 
 def check_non_negative(position_ids: torch.Tensor) -> None:

@@ -4,7 +4,9 @@ Shape legend: B batch, S full sequence as given, S' = S padded up to a multiple 
 s = S'/P local tokens, E embedding width, K rows of multi-axis (mRoPE) position ids, D documents.
 
 Pure tensor logic, no communication. Every rank of an SP group holds the same full batch (the data
-loader samples by dp rank) and keeps tokens [sp_rank*s, (sp_rank+1)*s) of every row.
+loader samples by dp rank) and keeps tokens [sp_rank*s, (sp_rank+1)*s) of every row; with a ring
+(``topology.ring_size`` > 1) S' is a multiple of 2P and each rank keeps its tokens of the
+load-balanced layout (layout.py), every per-token tensor permuted alike.
 
 Packed rows (several documents per row) are described by one of:
   * ``position_ids`` [B, S] that restart where a document starts (any value other than previous + 1);
@@ -15,7 +17,8 @@ Packed rows (several documents per row) are described by one of:
 Missing position ids are built from that layout: 0, 1, ... restarting at every document. Given
 position ids are used as they are; with ``seq_lens``/``cu_seqlens`` too, those decide the documents.
 
-Labels: ``shift_labels[:, t] = labels[:, t + 1]``, computed on the full row *before* slicing, so the
+Labels: ``shift_labels[:, t] = labels[:, t + 1]``, computed on the full row *before* slicing (and
+before the ring layout's permutation), so the
 last token of a shard is labelled with the first token of the next shard. The last token of a row,
 and the last token of every packed document, get ``ignore_index``: no token learns to predict the
 next document. That is exactly what transformers' ``ForCausalLMLoss`` computes on a batch from
@@ -37,6 +40,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .layout import padded_length, ring_size_of, take_local
 from .sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, document_starts
 
 #: keys describing the full batch that are folded into the SequenceInfo and not returned.
@@ -59,7 +63,8 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
     ``labels`` or ``shift_labels`` [B, S], ``position_ids`` [B|1, S] or [K, B|1, S], an
     ``attention_mask`` (2-D padding mask [B, S], 1 = token, 0 = padding; or a custom [B, S, S] /
     [B|1, 1|N, S, S] mask, see the module docstring), a packed layout (``seq_lens`` or
-    ``cu_seqlens``) and any other tensors. ``topology`` needs only ``sp_size`` and ``sp_rank``.
+    ``cu_seqlens``) and any other tensors. ``topology`` needs only ``sp_size`` and ``sp_rank``
+    (and ``ring_size``, default 1).
 
     Returns ``input_ids`` [B, s] (or ``inputs_embeds`` [B, s, E]), ``position_ids`` [B, s] (or
     [K, B, s]) with global positions, ``shift_labels`` [B, s] when labels were given, the
@@ -74,10 +79,10 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
         raise ValueError(f"topology must have sp_size >= 1 and 0 <= sp_rank < sp_size, got {P=} {rank=}")
     if SEQ_INFO_KWARG in batch:
         raise ValueError(f"the batch already has {SEQ_INFO_KWARG!r}: it is a shard already; pass the full batch")
+    ring = ring_size_of(topology)
     tokens = _tokens(batch)
     B, S = tokens.shape[:2]
-    pad = -(-S // P) * P - S
-    s = (S + pad) // P
+    pad = padded_length(S, P, ring) - S
     starts = _explicit_starts(batch, B, S, tokens.device)  # [B, S] bool or None
     explicit = starts is not None
     position_ids = _position_ids(batch.get("position_ids"), starts, B, S, tokens.device)  # [B, S] / [K, B, S]
@@ -108,11 +113,11 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
             continue
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == S:
             fill = pad_token_id if key == "input_ids" else 0
-            value = _pad(value, 1, pad, fill).narrow(1, rank * s, s).clone()  # [B, s, ...]
+            value = take_local(_pad(value, 1, pad, fill), 1, P, ring, rank).clone()  # [B, s, ...]
         local[key] = value
-    local["position_ids"] = full_pos.narrow(-1, rank * s, s).clone()  # [B, s] / [K, B, s]
+    local["position_ids"] = take_local(full_pos, full_pos.dim() - 1, P, ring, rank).clone()  # [B, s] / [K, B, s]
     if shifted is not None:
-        local["shift_labels"] = _pad(shifted, 1, pad, ignore_index).narrow(1, rank * s, s).clone()  # [B, s]
+        local["shift_labels"] = take_local(_pad(shifted, 1, pad, ignore_index), 1, P, ring, rank).clone()  # [B, s]
     if custom is not None:
         local["attention_mask"] = custom  # the full sequence's: attention reads all S' tokens
     local[SEQ_INFO_KWARG] = info

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..core.checks import check_int
+from ..core.layout import ring_size_of
 from ..core.sharding import shard_batch
 from .collate import collate_padded
 from .identical import assert_same_across_sp, batch_checksum, compare_checksums
@@ -45,6 +46,7 @@ class _CollateAndShard:
     pad_token_id: int
     ignore_index: int
     checksum: bool
+    ring_size: int = 1  # the token layout follows the ring's (shard_batch reads it)
 
     def __call__(self, samples):
         full = self.collate_fn(samples)
@@ -97,6 +99,7 @@ class SPDataLoader:
             pad_token_id,
             ignore_index,
             check_identical and topology.sp_size > 1,
+            ring_size_of(topology),
         )
         self.epoch = 0
         self.batches_seen = 0

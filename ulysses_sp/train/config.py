@@ -45,6 +45,15 @@ class TrainConfig:
             metavar="K",
         ),
     )
+    ring_size: str = field(
+        default="1",
+        metadata=_flag(
+            "R or auto. Hybrid SP: ring attention across R groups of sp/R Ulysses ranks (sp must be a multiple of "
+            "R; R = sp is pure ring). auto: the smallest R that gives every Ulysses rank a query head and keeps "
+            "each Ulysses group inside a node (docs/scaling.md). Ring attention runs with --attn sdpa or eager",
+            metavar="R",
+        ),
+    )
     model: str = field(
         default="tiny-llama",
         metadata=_flag(
@@ -290,6 +299,8 @@ class TrainConfig:
             check_int(flag(name), getattr(self, name), minimum=0, note=" (0 turns it off)")
         if self.sp_size is not None:
             check_int("--sp-size", self.sp_size)
+        if self.ring_size != "auto" and not (self.ring_size.isdigit() and int(self.ring_size) >= 1):
+            raise ValueError(f"--ring-size must be an integer >= 1 or auto, got {self.ring_size!r}")
         for name, allowed in (("dtype", DTYPES), ("device", DEVICES), ("attn", SUPPORTED_ATTENTION)):
             value = getattr(self, name)
             if value is not None and value not in allowed:

@@ -81,7 +81,9 @@ class TrainingRun:
         device = (
             torch.device("cuda", torch.cuda.current_device()) if plan.device_type == "cuda" else torch.device("cpu")
         )
-        topology = init_sp(plan.sp_size)
+        topology = init_sp(plan.sp_size, plan.ring_size)
+        if plan.ring_size > 1:
+            logger.info("hybrid SP: %d Ulysses x %d ring ranks", topology.ulysses_size, plan.ring_size)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         # DeepSpeed keeps fp32 master weights itself; the torch engine trains fp32 weights under autocast,
         # the FSDP2 engine fp32 shards with its mixed-precision policy

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from ..core.backends.flash import check_installed
+from ..core.heads import smallest_ring
+from ..core.ring import RING_BACKENDS
 from ..data.text import Documents, read_documents
 from ..integrations.accelerate_env import launched_deepspeed_config_file, launched_engine
 from ..integrations.deepspeed_config import load_config
@@ -46,6 +48,7 @@ class RunPlan:
     deepspeed_config_path: str | None  # --deepspeed, or the one an Accelerate DeepSpeed launch names
     ds_config: dict
     sp_size: int
+    ring_size: int  # hybrid SP: ring attention across ring_size Ulysses groups (1: Ulysses only)
     zero_stage: int | None
     settings: dict  # what a checkpoint must share with this run (checkpoints.run_settings)
     resume: checkpoints.Checkpoint | None
@@ -81,9 +84,11 @@ def make_plan(config: TrainConfig) -> RunPlan:
     check_accelerate_launch(ds_config, fsdp=config.fsdp)
     sp_size = resolve_sp_size(config.sp_size, ds_config)  # CLI, DeepSpeed JSON, Accelerate config
     resume = checkpoints.find_checkpoint(config.resume) if config.resume else None
-    attention = config.attn or default_attention(device_type)
-    check_installed(attention)
     model_config = build_config(config.model)
+    ring_size = resolve_ring_size(config.ring_size, sp_size, model_config)
+    attention = config.attn or default_attention(device_type, ring_size)
+    check_installed(attention)
+    check_ring(ring_size, sp_size, model_config, attention)
     check_seq_len(model_config, config.seq_len, config.allow_longer_than_max_positions)
     settings = checkpoints.run_settings(config, model_config)
     if resume is not None:
@@ -104,6 +109,7 @@ def make_plan(config: TrainConfig) -> RunPlan:
         ds_path,
         ds_config,
         sp_size,
+        ring_size,
         zero_stage,
         settings,
         resume,
@@ -149,8 +155,42 @@ def check_accelerate_launch(ds_config: dict, environ: Mapping[str, str] | None =
         )
 
 
-def default_attention(device_type: str) -> str:
-    """flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
+def resolve_ring_size(value: str, sp_size: int, model_config) -> int:
+    """``--ring-size``: an integer, or "auto": the smallest ring that gives every Ulysses rank a
+    query head and keeps each Ulysses group inside a node (LOCAL_WORLD_SIZE ranks, set by torchrun
+    and the deepspeed launcher; unknown: the heads alone decide)."""
+    if value != "auto":
+        return int(value)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return smallest_ring(sp_size, model_config.num_attention_heads, int(local) if local.isdigit() else None)
+
+
+def check_ring(ring_size: int, sp_size: int, model_config, attention: str) -> None:
+    """ValueError before any process group when the ring cannot run this model (the same checks as
+    init_sp and apply, made on every rank from the command line alone)."""
+    if ring_size == 1:
+        return
+    heads = model_config.num_attention_heads
+    if sp_size % ring_size:
+        raise ValueError(
+            f"--ring-size {ring_size} does not divide the SP size {sp_size}: the SP group is ring-size Ulysses "
+            f"groups of sp / ring-size ranks; use a divisor of {sp_size} or --ring-size auto"
+        )
+    if sp_size // ring_size > heads:
+        raise ValueError(
+            f"--sp-size {sp_size} with --ring-size {ring_size} leaves {sp_size // ring_size} Ulysses ranks for "
+            f"{heads} attention heads; use --ring-size {smallest_ring(sp_size, heads)} or auto"
+        )
+    if attention not in RING_BACKENDS:
+        raise ValueError(
+            f"--ring-size {ring_size}: ring attention runs with --attn in {list(RING_BACKENDS)}, not {attention!r}"
+        )
+
+
+def default_attention(device_type: str, ring_size: int = 1) -> str:
+    """flash_attention_2 on CUDA when flash-attn is installed (not on the ring), else sdpa."""
+    if ring_size > 1:
+        return "sdpa"
     if device_type == "cuda":
         try:
             import flash_attn  # noqa: F401

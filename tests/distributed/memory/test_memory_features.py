@@ -116,7 +116,9 @@ def _body_sp2(ctx):
     with pytest.raises(ValueError, match=r"head_chunks=3 must divide num_key_value_heads=2: .* use one of \[1, 2\]"):
         ulysses_sp.apply(clone(base), topo, head_chunks=3)
     narrow = tiny_model("tiny-llama-gqa", num_attention_heads=2, num_key_value_heads=2, hidden_size=16)
-    with pytest.raises(ValueError, match="leaves 1 query heads per chunk, fewer than sp_size=2"):
+    with pytest.raises(
+        ValueError, match=r"leaves 1 query heads per chunk, fewer than the 2 ranks of the all-to-all \(sp_size=2\)"
+    ):
         ulysses_sp.apply(narrow, topo, head_chunks=2)
 
 

@@ -1,6 +1,6 @@
 """launch/train.py end to end on CPU: the loss curve of an SP run equals the matching non-SP run
 (same seed, same global batch) within 1e-4 relative in fp32, through torchrun and the deepspeed
-launcher, for sp=2, sp=4 with a length not divisible by 4, and dp2 x sp2."""
+launcher, for sp=2, sp=4 with a length not divisible by 4, dp2 x sp2, and hybrid SP (Ulysses x ring)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from tests.helpers import ROOT, launcher_command, run_ok, subprocess_env
+from ulysses_sp.train.presets import build_config
 
 TRAIN = os.path.join(ROOT, "launch", "train.py")
 pytestmark = pytest.mark.slow
@@ -70,6 +71,16 @@ def test_sp4_uneven_length_packed_matches_single_process(tmp_path):
     args = [*COMMON, "--seq-len", "30", "--batch-size", "1", "--pack", "--grad-accum", "2"]  # 30 % 4 != 0
     ref = train(tmp_path, "ref", 1, "--sp-size", "1", *args)
     assert_same_curve(train(tmp_path, "sp4", 4, "--sp-size", "4", *args), ref)
+
+
+def test_hybrid_sp4_ring2_fewer_heads_than_sp_matches_single_process(tmp_path):
+    """sp 4 on a model with 2 heads (fewer than sp): --ring-size auto picks 2 Ulysses x 2 ring ranks;
+    30 tokens are padded to 32."""
+    config = tmp_path / "qwen3_2h.json"
+    build_config("tiny-qwen3", num_attention_heads=2).to_json_file(config)
+    args = [*COMMON, "--model", str(config), "--seq-len", "30", "--batch-size", "1", "--pack", "--grad-accum", "2"]
+    ref = train(tmp_path, "ref", 1, "--sp-size", "1", *args, launcher="python")
+    assert_same_curve(train(tmp_path, "ring", 4, "--sp-size", "4", "--ring-size", "auto", *args), ref)
 
 
 def test_dp2_sp2_matches_dp2(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG
+from ulysses_sp.core.sharding import shard_batch
 from ulysses_sp.data.collate import collate_padded
 from ulysses_sp.data.identical import batch_checksum
 from ulysses_sp.data.loader import SPDataLoader
@@ -206,3 +207,18 @@ def test_loader_keeps_last_partial_batch_and_runs_workers():
     assert len(loader) == 3 and [b["idx"].tolist() for b in batches] == [[0, 1, 2], [3, 4, 5], [6]]
     assert batches[0]["input_ids"].tolist() == [[0, 0, 0, 0], [1, 1, 1, 0], [2, 2, 2, 2]]
     assert batches[0]["shift_labels"].tolist() == [[0, -100, -100, -100], [1, 1, -100, -100], [2, 2, 2, -100]]
+
+
+def test_loader_shards_follow_the_ring_layout():
+    """With a ring (hybrid SP) the loader's shards are shard_batch's of the ring's load-balanced
+    layout, not contiguous slices (a silent mismatch with attention otherwise)."""
+    data = [{"input_ids": list(range(i, i + 13))} for i in range(4)]
+    for rank in range(4):
+        topo = SimpleNamespace(dp_size=1, dp_rank=0, sp_size=4, sp_rank=rank, ring_size=2)
+        local = next(iter(SPDataLoader(data, topo, batch_size=2, shuffle=False, check_identical=False)))
+        full = collate_padded(data[:2])
+        want = shard_batch(full, topo)
+        for key in ("input_ids", "position_ids", "shift_labels"):
+            assert torch.equal(local[key], want[key]), key
+        if rank == 1:  # holds chunk 3 of 4 (tokens 12-15), not the contiguous 4-7
+            assert not torch.equal(local["input_ids"], shard_batch(full, _topo(sp_size=4, sp_rank=1))["input_ids"])

@@ -14,12 +14,15 @@ import transformers
 from tests.helpers import subprocess_env
 from ulysses_sp.core.backends.flash import check_installed
 from ulysses_sp.integrations.accelerate_env import launched_deepspeed_config_file
+from ulysses_sp.train.config import TrainConfig
 from ulysses_sp.train.plan import (
     TORCH_DTYPES,
     check_accelerate_launch,
     check_device_dtype,
+    check_ring,
     check_seq_len,
     read_training_documents,
+    resolve_ring_size,
 )
 from ulysses_sp.train.presets import build_config, model_source
 
@@ -154,3 +157,25 @@ def test_torch_dtype_names_and_the_flash_check():
     if importlib.util.find_spec("flash_attn") is None:
         with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2' needs the flash-attn package"):
             check_installed("flash_attention_2")
+
+
+def test_ring_size_auto_and_checks(monkeypatch):
+    """--ring-size auto: the smallest ring giving every Ulysses rank a head and keeping Ulysses inside
+    a node; explicit sizes checked against the SP size, the heads and the kernel before any process group."""
+    heads8 = build_config("tiny-llama-gqa")  # 8 query heads
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_ring_size("auto", 4, heads8) == 1
+    assert resolve_ring_size("auto", 32, heads8) == 4  # 8 Ulysses ranks of one head each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks per node: Ulysses over at most 4
+    assert resolve_ring_size("auto", 32, heads8) == 8
+    assert resolve_ring_size("auto", 2, heads8) == 1
+    assert resolve_ring_size("3", 6, heads8) == 3
+    check_ring(2, 4, heads8, "sdpa")
+    with pytest.raises(ValueError, match="--ring-size 3 does not divide the SP size 4"):
+        check_ring(3, 4, heads8, "sdpa")
+    with pytest.raises(ValueError, match="leaves 16 Ulysses ranks for 8 attention heads; use --ring-size 4"):
+        check_ring(2, 32, heads8, "sdpa")
+    with pytest.raises(ValueError, match="not 'flash_attention_2'"):
+        check_ring(2, 4, heads8, "flash_attention_2")
+    with pytest.raises(ValueError, match="--ring-size must be an integer >= 1 or auto, got '0'"):
+        TrainConfig(ring_size="0")

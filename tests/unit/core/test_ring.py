@@ -1,0 +1,156 @@
+"""Ring attention's pure parts: the load-balanced layout (round trip, labels, positions through
+shard_batch) and the block kernel with the lse merge against brute-force attention, on one process
+(every ring rank simulated): outputs and q/k/v gradients, for causal, packed, padded, windowed, GQA."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ulysses_sp.core import layout, masks, ring
+from ulysses_sp.core.backends import block
+from ulysses_sp.core.per_token import shard_tokens
+from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
+from ulysses_sp.core.sharding import make_shift_labels, shard_batch
+
+
+@pytest.mark.parametrize("sp,r", [(2, 2), (4, 2), (4, 4), (6, 3), (4, 1)])
+def test_layout_round_trip_and_balance(sp, r):
+    S = layout.padded_length(37, sp, r)
+    assert S % layout.pad_multiple(sp, r) == 0 and S - 37 < layout.pad_multiple(sp, r)
+    order = layout.layout_order(S, r)
+    assert sorted(order.tolist()) == list(range(S))
+    parts = [layout.local_index(S, sp, r, p) for p in range(sp)]
+    assert torch.equal(torch.cat(parts), order)
+    x = torch.arange(S).view(1, S) * 10
+    shards = [layout.take_local(x, 1, sp, r, p) for p in range(sp)]
+    assert torch.equal(layout.to_sequence_order(torch.cat(shards, 1), 1, r), x)  # gather -> sequence order
+    # ring rank i holds chunks i and 2r-1-i: every ring rank sees the same number of causal pairs
+    u, c = sp // r, S // (2 * r)
+    work = []
+    for i in range(r):
+        mine = torch.cat(parts[i * u : (i + 1) * u])
+        lo, hi = layout.ring_chunks(i, r)
+        assert torch.equal(mine, torch.cat([torch.arange(lo * c, lo * c + c), torch.arange(hi * c, hi * c + c)]))
+        work.append(int((mine + 1).sum()))
+    assert len(set(work)) == 1
+
+
+def test_shard_batch_follows_the_layout_labels_shifted_before():
+    B, S, sp, r = 2, 13, 4, 2  # S' = 16: 3 padding tokens
+    ids = torch.arange(1, B * S + 1).view(B, S)
+    batch = {"input_ids": ids, "labels": ids.clone(), "seq_lens": [[5, 8], [13]]}
+    shards = [shard_batch(batch, SimpleNamespace(sp_size=sp, sp_rank=p, ring_size=r)) for p in range(sp)]
+    S2 = 16
+    cat = lambda key: layout.to_sequence_order(torch.cat([s[key] for s in shards], 1), 1, r)  # noqa: E731
+    plain = [shard_batch(batch, SimpleNamespace(sp_size=sp, sp_rank=p)) for p in range(sp)]  # no ring: S' = 16 too
+    for key in ("input_ids", "position_ids", "shift_labels"):
+        assert torch.equal(cat(key), torch.cat([s[key] for s in plain], 1)), key
+    starts = torch.zeros(B, S, dtype=torch.bool)
+    starts[0, 5] = True
+    assert torch.equal(cat("shift_labels")[:, :S], make_shift_labels(ids, starts))  # no label crosses a document
+    info = shards[0][SEQ_INFO_KWARG]
+    assert info.seq_len == S2 and torch.equal(info.doc_ids, plain[0][SEQ_INFO_KWARG].doc_ids)  # sequence order
+    for p, sh in enumerate(shards):
+        assert torch.equal(sh["position_ids"][1], layout.local_index(S2, sp, r, p))  # global positions
+
+
+def test_shard_tokens_cuts_like_shard_batch():
+    """RL's per-token tensors (advantages, masks) are cut in the ring's layout, as the tokens are."""
+    ids = torch.arange(1, 2 * 13 + 1).view(2, 13)
+    for p in range(4):
+        topo = SimpleNamespace(sp_size=4, sp_rank=p, ring_size=2)
+        assert torch.equal(shard_tokens(ids, topo), shard_batch({"input_ids": ids}, topo)["input_ids"])
+
+
+def _brute(q, k, v, info, causal, window, scale):
+    g = q.shape[1] // k.shape[1]
+    s = q @ k.repeat_interleave(g, 1).transpose(2, 3) * scale  # [B, nq, S, S]
+    s = s.masked_fill(~masks.dense_mask(info, causal, window, q.device), float("-inf"))
+    return torch.softmax(s, -1) @ v.repeat_interleave(g, 1)
+
+
+def _simulated_ring(q, k, v, info, causal, window, scale, r):
+    """Every ring rank's forward and backward, blocks exchanged by indexing instead of P2P."""
+    S = q.shape[2]
+    c = S // (2 * r)
+    order = layout.layout_order(S, r)
+    own = [order[i * 2 * c : (i + 1) * 2 * c] for i in range(r)]  # ring rank i's positions
+    outs, lses = [], []
+    for i in range(r):
+        out = torch.zeros(*q.shape[:2], 2 * c, v.shape[-1])
+        lse = torch.full((*q.shape[:2], 2 * c), float("-inf"))
+        for j in range(r):
+            kj, vj = k[:, :, own[j]], v[:, :, own[j]]
+            for qs, ks, mask in ring._pairs(info, causal, window, i, j, r, c, q.device):
+                o, m = block.forward(q[:, :, own[i]][:, :, qs], kj[:, :, ks], vj[:, :, ks], mask, scale)
+                block.merge(out[:, :, qs], lse[:, :, qs], o, m)
+        outs.append(out)
+        lses.append(lse)
+    full = torch.zeros(*q.shape[:3], v.shape[-1])
+    for i in range(r):
+        full[:, :, own[i]] = outs[i]
+    do = torch.randn_like(full, generator=torch.Generator().manual_seed(3))
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for i in range(r):
+        qi, doi = q[:, :, own[i]], do[:, :, own[i]]
+        delta = (doi * outs[i]).sum(-1)
+        for j in range(r):
+            kj, vj = k[:, :, own[j]], v[:, :, own[j]]
+            for qs, ks, mask in ring._pairs(info, causal, window, i, j, r, c, q.device):
+                pair = (qi[:, :, qs], kj[:, :, ks], vj[:, :, ks], mask, scale)
+                gq, gk, gv = block.backward(*pair, doi[:, :, qs], outs[i][:, :, qs], lses[i][:, :, qs], delta[:, :, qs])
+                dq[:, :, own[i][qs]] += gq
+                dk[:, :, own[j][ks]] += gk
+                dv[:, :, own[j][ks]] += gv
+    return full, do, (dq, dk, dv)
+
+
+@pytest.mark.parametrize(
+    "layout_kind,causal,window,r",
+    [
+        ("plain", True, None, 2),
+        ("plain", True, None, 4),
+        ("packed", True, None, 2),
+        ("padded", True, None, 3),
+        ("plain", True, 3, 2),  # window shorter than a chunk (c = 6)
+        ("packed", True, 9, 2),  # longer than a chunk
+        ("plain", False, None, 2),
+        ("padded", False, 5, 2),
+    ],
+)
+def test_ring_blocks_merge_to_brute_force(layout_kind, causal, window, r):
+    B, nq, nk, H, S = 2, 4, 2, 8, 24
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, n, S, H, generator=g, dtype=torch.float64).float() for n in (nq, nk, nk))
+    if layout_kind == "plain":
+        info = SequenceInfo(S)
+    elif layout_kind == "packed":
+        pos = torch.tensor([list(range(7)) + list(range(11)) + list(range(6)), list(range(S))])
+        info = build_sequence_info(pos)
+    else:
+        mask = torch.ones(B, S, dtype=torch.int64)
+        mask[0, :4] = 0
+        mask[1, 10:13] = 0
+        info = build_sequence_info(torch.arange(S).expand(B, S), mask)
+    got, do, grads = _simulated_ring(q, k, v, info, causal, window, 0.3, r)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    want = _brute(qq, kk, vv, info, causal, window, 0.3)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+    want.backward(do)
+    for name, a, b in zip("qkv", grads, (qq, kk, vv)):
+        torch.testing.assert_close(a, b.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_pairs_skip_by_position_only():
+    info = SequenceInfo(16)  # r = 2, c = 4: ring rank 0 holds chunks 0, 3; rank 1 chunks 1, 2
+    same = ring._pairs(info, True, None, 0, 0, 2, 4, "cpu")
+    assert len(same) == 3  # (0,0) diagonal, (3,0) full, (3,3) diagonal; (0,3) is in the future
+    assert [m is None for _, _, m in same] == [False, True, False]
+    assert len(ring._pairs(info, True, None, 0, 1, 2, 4, "cpu")) == 2  # chunk 3 reads chunks 1 and 2
+    assert len(ring._pairs(info, True, 2, 0, 1, 2, 4, "cpu")) == 1  # window 2: only (3, 2) is near enough
+    docs = build_sequence_info(torch.cat([torch.arange(6), torch.arange(10)]).view(1, 16))  # 6 + 10 tokens
+    assert len(ring._pairs(docs, True, None, 0, 1, 2, 4, "cpu")) == 2  # (3, 1) and (3, 2): same document
+    assert len(ring._pairs(docs, True, None, 0, 0, 2, 4, "cpu")) == 2  # (3, 0) reads nothing: chunk 0 is doc 0
