@@ -21,12 +21,14 @@ import copy
 import inspect
 import itertools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import transformers
 from packaging.version import Version
 
+from . import mixers
 from .attention import UlyssesAttention
 from .backends.flash import check_installed
 from .heads import plan_heads
@@ -47,6 +49,7 @@ class _State:
     hook: torch.utils.hooks.RemovableHandle
     forward_params: tuple[str, ...]
     unregister: weakref.finalize  # drops the name from transformers' registry: on remove, or with the model
+    restore_mixers: Callable[[], None]  # the model's linear-attention / SSM / conv mixers back to their own forward
 
 
 def _check_transformers() -> None:
@@ -100,12 +103,13 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
             "through the mask it builds per shard, which is wrong for a sharded sequence, so ulysses_sp "
             "refuses it; train this model without sequence parallelism"
         )
-    unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
-    if unsupported:
+    mixer_layers = [t for t in layer_types if t not in SUPPORTED_LAYER_TYPES]
+    found = mixers.find(model)
+    if mixer_layers and len(mixer_layers) != len(found):
         raise ValueError(
-            f"{type(model).__name__} has layers of type {unsupported}; ulysses_sp shards the sequence "
-            f"across ranks and supports only {list(SUPPORTED_LAYER_TYPES)} layers (recurrent/linear-attention "
-            "layers need the whole sequence in order)"
+            f"{type(model).__name__} has {len(mixer_layers)} layers of type {sorted(set(mixer_layers))}, of which "
+            f"ulysses_sp can run {len(found)} under sequence parallelism: it supports {list(SUPPORTED_LAYER_TYPES)} "
+            "layers and the linear-attention / SSM / convolution mixers listed in docs/hybrid-models.md"
         )
     heads = getattr(config, "num_attention_heads", None)
     if heads is None:
@@ -168,6 +172,7 @@ def apply(model: torch.nn.Module, topology: SPTopology, attn_implementation: str
     if impl.startswith("ulysses_sp"):
         raise ValueError("the model's attention is already a ulysses_sp wrapper (applied to a shared config?)")
     _validate(inner, text_config, topology, impl)
+    restore_mixers = mixers.patch(inner, topology)  # raises before any change when a mixer cannot be split
     attention = UlyssesAttention(topology, impl)
     name = f"ulysses_sp_{next(_names)}"
     _attention_interface().register(name, attention)
@@ -178,7 +183,7 @@ def apply(model: torch.nn.Module, topology: SPTopology, attn_implementation: str
     # transformers' registry is process-global: without this a model freed unremoved would leave its
     # attention, and through it the topology's process groups, alive until interpreter exit
     unregister = weakref.finalize(inner, _unregister, name)
-    inner._ulysses_sp = _State(topology, attention, refs, hook, params, unregister)
+    inner._ulysses_sp = _State(topology, attention, refs, hook, params, unregister, restore_mixers)
     return model
 
 
@@ -188,7 +193,7 @@ def _unregister(name: str) -> None:
 
 def remove(model: torch.nn.Module):
     """Undo :func:`apply` (on ``model`` or the PEFT wrapper around it): original configs (and
-    attention), no hook, name unregistered."""
+    attention), the mixers' own forwards, no hook, name unregistered."""
     inner = unwrap(model)
     state: _State | None = getattr(inner, "_ulysses_sp", None)
     if state is None:
@@ -197,6 +202,7 @@ def remove(model: torch.nn.Module):
     for module, cfg in state.config_refs:
         module.config = cfg
     state.unregister()
+    state.restore_mixers()
     del inner._ulysses_sp
     return model
 

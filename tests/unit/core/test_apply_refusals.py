@@ -24,8 +24,8 @@ def test_models_ulysses_sp_refuses():
     mamba = small_model("MambaConfig", state_size=4)
     with pytest.raises(
         ValueError,
-        match=r"MambaForCausalLM has layers of type \['linear_attention'\]; .*supports only "
-        r"\['full_attention', 'sliding_attention'\]",
+        match=r"MambaForCausalLM has 1 layers of type \['linear_attention'\], of which ulysses_sp can run 0 .*"
+        r"supports \['full_attention', 'sliding_attention'\] layers and the linear-attention",
     ):
         ulysses_sp.apply(mamba, TOPO2)
     hybrid = small_model("Lfm2Config", num_hidden_layers=2, layer_types=["conv", "full_attention"])

@@ -1,0 +1,103 @@
+"""Gated DeltaNet (Qwen3-Next, Qwen3.5, Qwen3.5-MoE) under Ulysses SP.
+
+Shape legend: B batch, S full sequence, s = S/P local tokens, Nk/Nv key/value heads of the layer
+(Nv a multiple of Nk), nk/nv those of this rank, Hk/Hv head dims, D hidden size.
+
+    projections on [B, s, D] (every head) -> q, k [B, s, Nk, Hk], v, z [B, s, Nv, Hv], b, a [B, s, Nv]
+    one all-to-all (q|k|v|b|a)            -> [B, S, nk|nv, ...]: value heads split like query heads
+                                             of GQA, key heads go to the ranks whose value heads read them
+    conv1d over S (weights of my channels), gated delta rule over S per head (reset at documents)
+    all-to-all back                        -> o [B, s, Nv, Hv]; gated RMSNorm with z; out_proj
+
+transformers' forward runs its reshapes on the shard's length, so it cannot be wrapped; this forward
+calls the module's own projections, norm, conv weights and the kernels transformers picked (FLA /
+causal-conv1d on GPU when installed, the torch versions otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..sequence_info import SEQ_INFO_KWARG
+from .common import (
+    MixerContext,
+    causal_conv,
+    documents,
+    local_padding,
+    model_function,
+    per_document,
+    plan,
+    to_heads,
+    to_tokens,
+)
+
+CLASSES = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet")
+LAYER_TYPE = "linear_attention"
+
+
+def make_context(module: torch.nn.Module, topology) -> MixerContext:
+    nv, nk = module.num_v_heads, module.num_k_heads
+    what = f"linear_num_value_heads={nv}, linear_num_key_heads={nk}"
+    return MixerContext(topology, plan(nv, nk, topology.sp_size, what))
+
+
+def _project(module, h: torch.Tensor):
+    """Local projections with every head: q, k [B, s, Nk, Hk], v, z [B, s, Nv, Hv], b, a [B, s, Nv]."""
+    B, s, _ = h.shape
+    if hasattr(module, "in_proj_qkvz"):  # Qwen3-Next: heads grouped per key head in one projection
+        return module.fix_query_key_value_ordering(module.in_proj_qkvz(h), module.in_proj_ba(h))
+    qkv = module.in_proj_qkv(h)  # [B, s, 2*Nk*Hk + Nv*Hv]
+    q, k, v = qkv.split([module.key_dim, module.key_dim, module.value_dim], dim=-1)
+    z = module.in_proj_z(h).view(B, s, -1, module.head_v_dim)  # [B, s, Nv, Hv]
+    q, k = (t.view(B, s, -1, module.head_k_dim) for t in (q, k))  # [B, s, Nk, Hk]
+    return q, k, v.view(B, s, -1, module.head_v_dim), z, module.in_proj_b(h), module.in_proj_a(h)
+
+
+def _conv_weight(module, ctx: MixerContext) -> torch.Tensor:
+    """The depthwise conv's rows of this rank's channels (q and k of my key heads, v of my value
+    heads, in that order): [C, K]."""
+    rank = ctx.topology.sp_rank
+    hk, hv, kd = module.head_k_dim, module.head_v_dim, module.key_dim
+    key_ch = [j * hk + i for j in ctx.plan.kv_heads[rank] for i in range(hk)]
+    val_ch = [2 * kd + j * hv + i for j in ctx.plan.q_heads[rank] for i in range(hv)]
+    index = torch.tensor(key_ch + [kd + c for c in key_ch] + val_ch, device=module.conv1d.weight.device)
+    return module.conv1d.weight.squeeze(1).index_select(0, index)  # [C, K]
+
+
+def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
+    """The layer on the local shard: [B, s, D] -> [B, s, D]."""
+    if kwargs.get("cache") is not None or kwargs.get("cache_params") is not None:
+        raise ValueError("ulysses_sp does not run linear-attention layers with a cache (generation); use_cache=False")
+    info = kwargs.get(SEQ_INFO_KWARG)
+    keep = local_padding(info, ctx.topology)
+    if keep is not None:
+        hidden_states = hidden_states * keep[:, :, None].to(hidden_states.dtype)
+    q, k, v, z, b, a = _project(module, hidden_states)
+    B, s, Nk, Hk = q.shape
+    q, k, v, b, a = to_heads(ctx, [q, k, v, b.unsqueeze(-1), a.unsqueeze(-1)], [True, True, False, False, False])
+    nk, nv = q.shape[2], v.shape[2]
+    spans = documents(info)
+    conv_fn = model_function(module, "causal_conv1d_fn")
+    x = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)  # [B, S, C]
+    weight = _conv_weight(module, ctx)
+    x = per_document(lambda t: causal_conv(t, weight, None, module.activation, conv_fn), spans, x)  # [B, S, C]
+    q, k, v = x.split([nk * Hk, nk * Hk, nv * module.head_v_dim], dim=-1)
+    q, k = (t.unflatten(-1, (nk, Hk)) for t in (q, k))  # [B, S, nk, Hk]
+    v = v.unflatten(-1, (nv, module.head_v_dim))  # [B, S, nv, Hv]
+    heads = ctx.heads
+    beta = b.squeeze(-1).sigmoid()  # [B, S, nv]
+    # the decay as the module computes it, on my value heads' parameters (fp32: A_log.exp() overflows fp16)
+    g = -module.A_log[heads].float().exp() * F.softplus(a.squeeze(-1).float() + module.dt_bias[heads])
+    rule = model_function(module, "chunk_gated_delta_rule", "torch_chunk_gated_delta_rule")
+
+    def scan(q, k, v, g, beta):
+        out, _ = rule(
+            q, k, v, g=g, beta=beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=True
+        )
+        return out  # [B, len, nv, Hv]
+
+    out = per_document(scan, spans, q, k, v, g, beta)  # [B, S, nv, Hv]
+    out = to_tokens(ctx, out)  # [B, s, Nv, Hv]
+    out = module.norm(out.reshape(-1, module.head_v_dim), z.reshape(-1, module.head_v_dim))  # [B*s*Nv, Hv]
+    return module.out_proj(out.view(B, s, -1))  # [B, s, D]
