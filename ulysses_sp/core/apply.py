@@ -38,6 +38,8 @@ from .wrappers import check_adapters, unwrap
 
 MIN_TRANSFORMERS = Version("5.0")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+#: layer types that do not mix the sequence (Nemotron-H's feed-forward-only layers)
+TOKENWISE_LAYER_TYPES = ("mlp", "moe")
 _names = itertools.count()
 
 
@@ -103,7 +105,7 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
             "through the mask it builds per shard, which is wrong for a sharded sequence, so ulysses_sp "
             "refuses it; train this model without sequence parallelism"
         )
-    mixer_layers = [t for t in layer_types if t not in SUPPORTED_LAYER_TYPES]
+    mixer_layers = [t for t in layer_types if t not in SUPPORTED_LAYER_TYPES + TOKENWISE_LAYER_TYPES]
     found = mixers.find(model)
     if mixer_layers and len(mixer_layers) != len(found):
         raise ValueError(

@@ -15,7 +15,7 @@ import transformers
 import ulysses_sp
 from tests.distributed import harness
 from tests.helpers import assert_grads_close, clone, tokens, tolerances
-from ulysses_sp.core import comm
+from ulysses_sp.core import comm, mixers
 
 _ATTN = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 _GDN = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
@@ -31,6 +31,16 @@ FAMILIES = {
     "qwen3_5_moe": (
         "Qwen3_5MoeTextConfig",
         dict(**_ATTN, **_GDN, **_MOE, layer_types=["full_attention", "linear_attention"]),
+    ),
+    "lfm2": (
+        "Lfm2Config",
+        dict(
+            **_ATTN,
+            conv_L_cache=3,
+            conv_bias=True,
+            block_auto_adjust_ff_dim=False,
+            layer_types=["conv", "full_attention"],
+        ),
     ),
 }
 
@@ -87,8 +97,10 @@ def _check(ctx, topo, family: str, docs=None, batch: int = 2, seq: int = 24):
         if p.grad is not None:
             p.grad = comm.all_reduce(p.grad, topo.sp_group)
     assert_grads_close(model, ref, **tol)
+    patched = [m for m, _ in mixers.find(model)]
+    assert patched and all("forward" in vars(m) for m in patched)
     ulysses_sp.remove(model)
-    assert "forward" not in vars(next(m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet")))
+    assert not any("forward" in vars(m) for m in patched), "remove restores the mixers' own forward"
 
 
 def _body(ctx, sp_size, families):

@@ -20,9 +20,9 @@ from collections.abc import Callable
 import torch
 
 from ..topology import SPTopology
-from . import gated_delta
+from . import gated_delta, short_conv
 
-KINDS = (gated_delta,)
+KINDS = (gated_delta, short_conv)
 
 
 def _kind(module: torch.nn.Module):
