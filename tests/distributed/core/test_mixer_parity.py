@@ -42,6 +42,65 @@ FAMILIES = {
             layer_types=["conv", "full_attention"],
         ),
     ),
+    # Mamba2 mixers: 4 SSM heads of width 8 in 2 groups of the B/C projections (state 8), chunks of 8
+    "nemotron_h": (
+        "NemotronHConfig",
+        dict(
+            **_ATTN,
+            mamba_num_heads=4,
+            mamba_head_dim=8,
+            n_groups=2,
+            ssm_state_size=8,
+            chunk_size=8,
+            use_conv_bias=True,
+            layers_block_type=["mamba", "attention", "mlp"],
+        ),
+    ),
+    "falcon_h1": (
+        "FalconH1Config",
+        dict(
+            **_ATTN,
+            num_hidden_layers=2,
+            mamba_n_heads=4,
+            mamba_d_head=8,
+            mamba_n_groups=2,
+            mamba_d_state=8,
+            mamba_d_ssm=32,
+            mamba_chunk_size=8,
+            mamba_rms_norm=True,
+            mamba_norm_before_gate=False,
+        ),
+    ),
+    "bamba": (
+        "BambaConfig",
+        dict(
+            **_ATTN,
+            num_hidden_layers=2,
+            attn_layer_indices=[1],
+            mamba_n_heads=4,
+            mamba_d_head=8,
+            mamba_n_groups=2,
+            mamba_d_state=8,
+            mamba_chunk_size=8,
+            mamba_expand=1,
+        ),
+    ),
+    "granitemoehybrid": (
+        "GraniteMoeHybridConfig",
+        dict(
+            **_ATTN,
+            layer_types=["mamba", "attention"],
+            mamba_n_heads=4,
+            mamba_d_head=8,
+            mamba_n_groups=2,
+            mamba_d_state=8,
+            mamba_chunk_size=8,
+            mamba_expand=1,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            shared_intermediate_size=32,
+        ),
+    ),
 }
 
 #: documents per row of the packed batch (S = 24)
@@ -51,7 +110,8 @@ DOCS = [[5, 11, 8], [24]]
 def _model(family: str, dtype, **overrides):
     name, shape = FAMILIES[family]
     torch.manual_seed(0)
-    base = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=len(shape["layer_types"]))
+    layers = shape.get("layer_types") or shape.get("layers_block_type") or ()
+    base = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=len(layers))
     config = getattr(transformers, name)(**{**base, **shape, **overrides})
     config._attn_implementation = "sdpa"
     return transformers.AutoModelForCausalLM.from_config(config).to(dtype).train()

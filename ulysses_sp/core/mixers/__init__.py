@@ -3,7 +3,6 @@ under Ulysses SP: one module per mixer kind, each with
 
 - ``CLASSES``: the transformers module classes it runs (matched by name, so a model's own copy of a
   mixer is never confused with another family's);
-- ``LAYER_TYPE``: the ``config.layer_types`` entry of those layers;
 - ``make_context(module, topology)``: the head plan, refusing shapes SP cannot split (before any
   collective);
 - ``forward(module, ctx, hidden_states, ...)``: the layer on the local shard.
@@ -20,19 +19,14 @@ from collections.abc import Callable
 import torch
 
 from ..topology import SPTopology
-from . import gated_delta, short_conv
+from . import gated_delta, mamba2, short_conv
 
-KINDS = (gated_delta, short_conv)
+KINDS = (gated_delta, short_conv, mamba2)
 
 
 def _kind(module: torch.nn.Module):
     name = type(module).__name__
     return next((kind for kind in KINDS if name in kind.CLASSES), None)
-
-
-def layer_types() -> tuple[str, ...]:
-    """The ``config.layer_types`` entries a mixer here can run."""
-    return tuple(sorted({kind.LAYER_TYPE for kind in KINDS}))
 
 
 def find(model: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:

@@ -33,7 +33,6 @@ from .common import (
 )
 
 CLASSES = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet")
-LAYER_TYPE = "linear_attention"
 
 
 def make_context(module: torch.nn.Module, topology) -> MixerContext:

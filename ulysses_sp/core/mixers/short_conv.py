@@ -29,7 +29,6 @@ from .common import (
 )
 
 CLASSES = ("Lfm2ShortConv", "Lfm2MoeShortConv")
-LAYER_TYPE = "conv"
 
 
 def make_context(module: torch.nn.Module, topology) -> MixerContext:
