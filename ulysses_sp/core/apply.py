@@ -21,7 +21,6 @@ import copy
 import inspect
 import itertools
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ from .attention import UlyssesAttention
 from .backends.flash import check_installed
 from .heads import plan_heads
 from .model_inputs import complete_kwargs
+from .sequence_info import SEQ_INFO_KWARG
 from .topology import SPTopology
 from .wrappers import check_adapters, unwrap
 
@@ -51,7 +51,7 @@ class _State:
     hook: torch.utils.hooks.RemovableHandle
     forward_params: tuple[str, ...]
     unregister: weakref.finalize  # drops the name from transformers' registry: on remove, or with the model
-    restore_mixers: Callable[[], None]  # the model's linear-attention / SSM / conv mixers back to their own forward
+    mixers: mixers.Patched  # the model's linear-attention / SSM / conv mixers under SP
 
 
 def _check_transformers() -> None:
@@ -174,7 +174,7 @@ def apply(model: torch.nn.Module, topology: SPTopology, attn_implementation: str
     if impl.startswith("ulysses_sp"):
         raise ValueError("the model's attention is already a ulysses_sp wrapper (applied to a shared config?)")
     _validate(inner, text_config, topology, impl)
-    restore_mixers = mixers.patch(inner, topology)  # raises before any change when a mixer cannot be split
+    patched = mixers.patch(inner, topology)  # raises before any change when a mixer cannot be split
     attention = UlyssesAttention(topology, impl)
     name = f"ulysses_sp_{next(_names)}"
     _attention_interface().register(name, attention)
@@ -185,7 +185,7 @@ def apply(model: torch.nn.Module, topology: SPTopology, attn_implementation: str
     # transformers' registry is process-global: without this a model freed unremoved would leave its
     # attention, and through it the topology's process groups, alive until interpreter exit
     unregister = weakref.finalize(inner, _unregister, name)
-    inner._ulysses_sp = _State(topology, attention, refs, hook, params, unregister, restore_mixers)
+    inner._ulysses_sp = _State(topology, attention, refs, hook, params, unregister, patched)
     return model
 
 
@@ -204,7 +204,7 @@ def remove(model: torch.nn.Module):
     for module, cfg in state.config_refs:
         module.config = cfg
     state.unregister()
-    state.restore_mixers()
+    state.mixers.restore()
     del inner._ulysses_sp
     return model
 
@@ -213,6 +213,8 @@ def _make_pre_hook(model):
     def pre_hook(module, args, kwargs):
         state: _State = model._ulysses_sp
         kwargs = {**dict(zip(state.forward_params, args)), **kwargs}
-        return (), complete_kwargs(kwargs, state.topology)
+        kwargs = complete_kwargs(kwargs, state.topology)
+        state.mixers.info = kwargs[SEQ_INFO_KWARG]  # for mixers whose layer drops the keyword (Jamba)
+        return (), kwargs
 
     return pre_hook

@@ -101,6 +101,24 @@ FAMILIES = {
             shared_intermediate_size=32,
         ),
     ),
+    # Mamba1 (selective scan) with 64 inner channels, attention on the second layer, experts on the first
+    "jamba": (
+        "JambaConfig",
+        dict(
+            **_ATTN,
+            num_hidden_layers=2,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=0,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mamba_d_state=8,
+            mamba_dt_rank=4,
+            mamba_expand=2,
+            use_mamba_kernels=False,
+        ),
+    ),
 }
 
 #: documents per row of the packed batch (S = 24)

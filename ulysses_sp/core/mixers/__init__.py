@@ -9,19 +9,23 @@ under Ulysses SP: one module per mixer kind, each with
 
 :func:`patch` sets that forward on the mixer instances of one model (an instance attribute: other
 models of the same class are untouched) and returns what undoes it.
+
+The step's document layout reaches a mixer as the SequenceInfo keyword of the model call when its
+decoder layer passes keywords down, else through :class:`Patched` (see :func:`common.sequence_info`):
+a mixer that ran without it would carry its state across packed documents, silently.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 
+from ..sequence_info import SequenceInfo
 from ..topology import SPTopology
-from . import gated_delta, mamba2, short_conv
+from . import gated_delta, mamba1, mamba2, short_conv
 
-KINDS = (gated_delta, short_conv, mamba2)
+KINDS = (gated_delta, short_conv, mamba2, mamba1)
 
 
 def _kind(module: torch.nn.Module):
@@ -34,15 +38,26 @@ def find(model: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
     return [(m, kind) for m in model.modules() if (kind := _kind(m)) is not None]
 
 
-def patch(model: torch.nn.Module, topology: SPTopology) -> Callable[[], None]:
-    """Run every mixer of ``model`` under SP; returns the function that restores them. Every mixer's
-    head plan is made first, so a shape SP cannot split raises before anything changes."""
-    found = [(m, kind, kind.make_context(m, topology)) for m, kind in find(model)]
-    for module, kind, ctx in found:
-        module.forward = functools.partial(kind.forward, module, ctx)
+class Patched:
+    """The mixers of one model under SP: ``info`` is the step's SequenceInfo, set by apply's pre-hook on
+    every model call, read by a mixer whose decoder layer does not pass the call's keyword arguments
+    down (Jamba); ``restore()`` puts every mixer's own forward back."""
 
-    def restore() -> None:
-        for module, _, _ in found:
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.modules = modules
+        self.info: SequenceInfo | None = None
+
+    def restore(self) -> None:
+        for module in self.modules:
             del module.forward  # the class's forward again
 
-    return restore
+
+def patch(model: torch.nn.Module, topology: SPTopology) -> Patched:
+    """Run every mixer of ``model`` under SP. Every mixer's head plan is made first, so a shape SP cannot
+    split raises before anything changes."""
+    found = [(m, kind, kind.make_context(m, topology)) for m, kind in find(model)]
+    patched = Patched([m for m, _, _ in found])
+    for module, kind, ctx in found:
+        ctx.step = patched
+        module.forward = functools.partial(kind.forward, module, ctx)
+    return patched

@@ -21,7 +21,7 @@ from transformers.activations import ACT2FN
 
 from ..all_to_all import heads_to_seq, seq_to_heads
 from ..heads import HeadPlan, plan_heads
-from ..sequence_info import SequenceInfo
+from ..sequence_info import SEQ_INFO_KWARG, SequenceInfo
 from ..topology import SPTopology
 
 
@@ -32,6 +32,7 @@ class MixerContext:
 
     topology: SPTopology
     plan: HeadPlan
+    step: object = None  # the model's Patched: the step's SequenceInfo when a layer drops the keyword
 
     @property
     def heads(self) -> slice:
@@ -66,6 +67,13 @@ def to_tokens(ctx: MixerContext, x: torch.Tensor) -> torch.Tensor:
     if topo.sp_size == 1:
         return x
     return heads_to_seq(x, ctx.plan.q_heads, topo.sp_group, topo.sp_rank).contiguous()  # [B, s, N, H]
+
+
+def sequence_info(ctx: MixerContext, kwargs: dict) -> SequenceInfo | None:
+    """The step's SequenceInfo: the call's keyword when the decoder layer passes it down, else the one
+    apply's pre-hook recorded for this model call (the same object)."""
+    info = kwargs.get(SEQ_INFO_KWARG)
+    return info if info is not None else ctx.step.info
 
 
 def local_padding(info: SequenceInfo | None, topology: SPTopology) -> torch.Tensor | None:

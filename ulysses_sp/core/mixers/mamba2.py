@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..sequence_info import SEQ_INFO_KWARG
 from .common import (
     MixerContext,
     causal_conv,
@@ -31,6 +30,7 @@ from .common import (
     model_function,
     per_document,
     plan,
+    sequence_info,
     to_heads,
     to_tokens,
 )
@@ -74,7 +74,7 @@ def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_ma
     """The mixer on the local shard: [B, s, D] -> [B, s, D]."""
     if kwargs.get("cache") is not None or kwargs.get("cache_params") is not None:
         raise ValueError("ulysses_sp does not run Mamba layers with a cache (generation); use_cache=False")
-    info = kwargs.get(SEQ_INFO_KWARG)
+    info = sequence_info(ctx, kwargs)
     topo = ctx.topology
     keep = local_padding(info, topo)
     dtype = hidden_states.dtype

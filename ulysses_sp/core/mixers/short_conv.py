@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from ..sequence_info import SEQ_INFO_KWARG
 from .common import (
     MixerContext,
     causal_conv,
@@ -24,6 +23,7 @@ from .common import (
     model_function,
     per_document,
     plan,
+    sequence_info,
     to_heads,
     to_tokens,
 )
@@ -40,7 +40,7 @@ def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_ma
     """The layer on the local shard: [B, s, D] -> [B, s, D]."""
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         raise ValueError("ulysses_sp does not run convolution layers with a cache (generation); use_cache=False")
-    info = kwargs.get(SEQ_INFO_KWARG)
+    info = sequence_info(ctx, kwargs)
     keep = local_padding(info, ctx.topology)
     if keep is not None:
         hidden_states = hidden_states * keep[:, :, None].to(hidden_states.dtype)
