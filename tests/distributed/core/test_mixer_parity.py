@@ -119,6 +119,28 @@ FAMILIES = {
             use_mamba_kernels=False,
         ),
     ),
+    # KDA (per-channel decay) with MLA attention
+    "kimi_linear": (
+        "KimiLinearConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+            linear_num_heads=4,
+            linear_head_dim=8,
+            num_experts=4,
+            num_experts_per_token=2,
+            moe_intermediate_size=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            layer_types=["linear_attention", "full_attention"],
+        ),
+    ),
 }
 
 #: documents per row of the packed batch (S = 24)

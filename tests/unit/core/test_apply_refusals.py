@@ -28,10 +28,10 @@ def test_models_ulysses_sp_refuses():
         r"supports \['full_attention', 'sliding_attention'\] layers and the linear-attention",
     ):
         ulysses_sp.apply(mamba, TOPO2)
-    hybrid = small_model("KimiLinearConfig", num_hidden_layers=2, pad_token_id=0)
-    with pytest.raises(
-        ValueError, match=r"KimiLinearForCausalLM has 2 layers of type \['linear_attention'\], of which"
-    ):
+    hybrid = small_model(
+        "MiniMaxConfig", num_hidden_layers=2, head_dim=8, layer_types=["linear_attention", "full_attention"]
+    )
+    with pytest.raises(ValueError, match=r"MiniMaxForCausalLM has 1 layers of type \['linear_attention'\], of which"):
         ulysses_sp.apply(hybrid, TOPO2)
     bloom = small_model("BloomConfig", n_layer=1, n_head=4)
     with pytest.raises(
