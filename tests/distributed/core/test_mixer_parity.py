@@ -203,18 +203,31 @@ def _check(ctx, topo, family: str, docs=None, batch: int = 2, seq: int = 24):
     assert not any("forward" in vars(m) for m in patched), "remove restores the mixers' own forward"
 
 
-def _body(ctx, sp_size, families):
-    topo = ulysses_sp.init_sp(sp_size)
-    for family in families:
-        _check(ctx, topo, family)
-        _check(ctx, topo, family, docs=DOCS)
-    if sp_size == 4:  # two value heads cannot be split over four ranks: refused before any collective
-        model = _model("qwen3_5", ctx.dtype, linear_num_key_heads=2, linear_num_value_heads=2)
-        with pytest.raises(ValueError, match=r"sp_size=4 exceeds the 2 heads .*linear_num_value_heads=2"):
-            ulysses_sp.apply(model, topo)
-        assert not ulysses_sp.is_applied(model)
+#: one family per mixer code path; the families sharing one (same mixer class shape) run at sp2 only
+CORE_FAMILIES = ["qwen3_next", "qwen3_5", "lfm2", "nemotron_h", "falcon_h1", "jamba", "kimi_linear"]
 
 
-@pytest.mark.parametrize("world,sp", [(2, 2), (4, 4), (4, 2)], ids=["sp2", "sp4", "dp2xsp2"])
-def test_hybrid_parity(world, sp):
-    harness.run(_body, world, sp, list(FAMILIES))
+def _body(ctx, layouts, families):
+    """``layouts``: (sp size, run the plain batch, run the packed batch) in one spawn of ranks."""
+    for sp_size, plain, packed in layouts:
+        topo = ulysses_sp.init_sp(sp_size)
+        for family in families:
+            if plain:
+                _check(ctx, topo, family)
+            if packed:
+                _check(ctx, topo, family, docs=DOCS)
+        if sp_size == 4:  # two value heads cannot be split over four ranks: refused before any collective
+            model = _model("qwen3_5", ctx.dtype, linear_num_key_heads=2, linear_num_value_heads=2)
+            with pytest.raises(ValueError, match=r"sp_size=4 exceeds the 2 heads .*linear_num_value_heads=2"):
+                ulysses_sp.apply(model, topo)
+            assert not ulysses_sp.is_applied(model)
+
+
+#: world size -> (layouts, families): sp2 both batches of every family; sp4 the packed batch (its second
+#: row is one plain sequence; documents cross the shards' borders) and the refusal, dp2 x sp2 the plain one
+LAYOUTS = {2: ([(2, True, True)], list(FAMILIES)), 4: ([(4, False, True), (2, True, False)], CORE_FAMILIES)}
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["sp2", "sp4+dp2xsp2"])
+def test_hybrid_parity(world):
+    harness.run(_body, world, *LAYOUTS[world])
