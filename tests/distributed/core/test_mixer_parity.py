@@ -101,6 +101,24 @@ FAMILIES = {
             shared_intermediate_size=32,
         ),
     ),
+    # a shared attention block beside the Mamba2 mixer of its "hybrid" layer
+    "zamba2": (
+        "Zamba2Config",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            layers_block_type=["mamba", "hybrid"],
+            mamba_d_state=8,
+            mamba_expand=1,
+            n_mamba_heads=4,
+            mamba_ngroups=2,
+            chunk_size=8,
+            num_mem_blocks=1,
+            use_shared_attention_adapter=False,
+            adapter_rank=4,
+            pad_token_id=0,
+        ),
+    ),
     # Mamba1 (selective scan) with 64 inner channels, attention on the second layer, experts on the first
     "jamba": (
         "JambaConfig",
@@ -231,3 +249,34 @@ LAYOUTS = {2: ([(2, True, True)], list(FAMILIES)), 4: ([(4, False, True), (2, Tr
 @pytest.mark.parametrize("world", [2, 4], ids=["sp2", "sp4+dp2xsp2"])
 def test_hybrid_parity(world):
     harness.run(_body, world, *LAYOUTS[world])
+
+
+def _body_gpu(ctx, families):
+    """sp=1 on one GPU, against the plain model: the kernels transformers picks there (FLA, causal-conv1d,
+    mamba-ssm when installed, else the torch versions on CUDA). A family this transformers cannot run
+    under SP is refused with a ValueError, reported and not failed; a mismatch fails."""
+    topo = ulysses_sp.init_sp(1)
+    failed = []
+    for family in families:
+        for docs in (None, DOCS):
+            what = f"{family} {'packed' if docs else 'plain'} {ctx.dtype}"
+            try:
+                _check(ctx, topo, family, docs=docs)
+                print(f"PARITY  {what}", flush=True)
+            except ValueError as e:
+                print(f"REFUSED {what}: {e}", flush=True)
+            except AssertionError as e:
+                print(f"FAILED  {what}: {e}", flush=True)
+                failed.append(what)
+    assert not failed, f"mismatches: {failed}"
+
+
+@pytest.mark.gpu
+def test_hybrid_sp1_gpu():
+    if not harness.on_gpu():
+        pytest.skip("GPU-only: run with ULYSSES_SP_TEST_BACKEND=nccl on a CUDA machine")
+    present = [f for f, (name, _) in FAMILIES.items() if hasattr(transformers, name)]
+    missing = sorted(set(FAMILIES) - set(present))
+    if missing:
+        print(f"not in transformers {transformers.__version__}: {missing}")
+    harness.run(_body_gpu, 1, present)
