@@ -14,12 +14,14 @@ import transformers
 
 import ulysses_sp
 from tests.distributed import harness
-from tests.helpers import assert_grads_close, clone, tokens, tolerances
+from tests.helpers import assert_grads_close, clone, small_model, tokens, tolerances
 from ulysses_sp.core import comm, mixers
 
 _ATTN = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 _GDN = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
 _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+#: Mamba2 mixers: 4 SSM heads of width 8 in 2 groups of the B/C projections (state 8), chunks of 8
+_M2 = dict(mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8)
 
 #: family -> (config class, tiny shape): two or more layers mixing both kinds, vocab 256
 FAMILIES = {
@@ -42,7 +44,6 @@ FAMILIES = {
             layer_types=["conv", "full_attention"],
         ),
     ),
-    # Mamba2 mixers: 4 SSM heads of width 8 in 2 groups of the B/C projections (state 8), chunks of 8
     "nemotron_h": (
         "NemotronHConfig",
         dict(
@@ -61,12 +62,8 @@ FAMILIES = {
         dict(
             **_ATTN,
             num_hidden_layers=2,
-            mamba_n_heads=4,
-            mamba_d_head=8,
-            mamba_n_groups=2,
-            mamba_d_state=8,
+            **_M2,
             mamba_d_ssm=32,
-            mamba_chunk_size=8,
             mamba_rms_norm=True,
             mamba_norm_before_gate=False,
         ),
@@ -77,11 +74,7 @@ FAMILIES = {
             **_ATTN,
             num_hidden_layers=2,
             attn_layer_indices=[1],
-            mamba_n_heads=4,
-            mamba_d_head=8,
-            mamba_n_groups=2,
-            mamba_d_state=8,
-            mamba_chunk_size=8,
+            **_M2,
             mamba_expand=1,
         ),
     ),
@@ -90,11 +83,7 @@ FAMILIES = {
         dict(
             **_ATTN,
             layer_types=["mamba", "attention"],
-            mamba_n_heads=4,
-            mamba_d_head=8,
-            mamba_n_groups=2,
-            mamba_d_state=8,
-            mamba_chunk_size=8,
+            **_M2,
             mamba_expand=1,
             num_local_experts=4,
             num_experts_per_tok=2,
@@ -167,12 +156,9 @@ DOCS = [[5, 11, 8], [24]]
 
 def _model(family: str, dtype, **overrides):
     name, shape = FAMILIES[family]
-    torch.manual_seed(0)
-    layers = shape.get("layer_types") or shape.get("layers_block_type") or ()
-    base = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=len(layers))
-    config = getattr(transformers, name)(**{**base, **shape, **overrides})
-    config._attn_implementation = "sdpa"
-    return transformers.AutoModelForCausalLM.from_config(config).to(dtype).train()
+    layers = shape.get("layer_types") or shape.get("layers_block_type")
+    overrides = {"num_hidden_layers": len(layers), **shape, **overrides} if layers else {**shape, **overrides}
+    return small_model(name, attn="sdpa", vocab_size=256, **overrides).to(dtype).train()
 
 
 def _reference(ref, ids, docs):

@@ -69,20 +69,25 @@ def to_tokens(ctx: MixerContext, x: torch.Tensor) -> torch.Tensor:
     return heads_to_seq(x, ctx.plan.q_heads, topo.sp_group, topo.sp_rank).contiguous()  # [B, s, N, H]
 
 
-def sequence_info(ctx: MixerContext, kwargs: dict) -> SequenceInfo | None:
-    """The step's SequenceInfo: the call's keyword when the decoder layer passes it down, else the one
+def begin(ctx: MixerContext, hidden_states: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, SequenceInfo | None]:
+    """What every mixer forward does first: refuse a cache, find the step's SequenceInfo, and zero the
+    shard's padding tokens as transformers does before a recurrent mixer (apply_mask_to_padding_states).
+
+    The SequenceInfo is the call's keyword when the decoder layer passes keywords down, else the one
     apply's pre-hook recorded for this model call (the same object)."""
+    if any(kwargs.get(k) is not None for k in ("cache", "cache_params", "past_key_values")):
+        raise ValueError(
+            "ulysses_sp runs sequence mixers over a sharded sequence for training and scoring; a cache "
+            "(generation) is not supported: pass use_cache=False"
+        )
     info = kwargs.get(SEQ_INFO_KWARG)
-    return info if info is not None else ctx.step.info
-
-
-def local_padding(info: SequenceInfo | None, topology: SPTopology) -> torch.Tensor | None:
-    """[B, s] keep-mask of this rank's tokens (None: no padding), as transformers zeroes padding tokens
-    before a recurrent mixer (apply_mask_to_padding_states)."""
-    if info is None or info.key_valid is None:
-        return None
-    s = info.seq_len // topology.sp_size
-    return info.key_valid[:, topology.sp_rank * s : (topology.sp_rank + 1) * s]  # [B, s]
+    info = info if info is not None else ctx.step.info
+    if info is not None and info.key_valid is not None:
+        topo = ctx.topology
+        s = info.seq_len // topo.sp_size
+        keep = info.key_valid[:, topo.sp_rank * s : (topo.sp_rank + 1) * s]  # [B, s]
+        hidden_states = hidden_states * keep[:, :, None].to(hidden_states.dtype)
+    return hidden_states, info
 
 
 def documents(info: SequenceInfo | None) -> list[list[tuple[int, int]]] | None:
@@ -90,6 +95,7 @@ def documents(info: SequenceInfo | None) -> list[list[tuple[int, int]]] | None:
     row is one sequence. One host sync per step (cached on the step's SequenceInfo)."""
     if info is None or info.doc_ids is None:
         return None
+
     spans = info.cache.get("mixer_documents")
     if spans is None:
         ids = info.doc_ids  # [B, S]
@@ -117,22 +123,38 @@ def per_document(fn: Callable, spans, *tensors: torch.Tensor) -> torch.Tensor:
 
 
 def causal_conv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None, kernel=None
+    module: torch.nn.Module,
+    conv: torch.nn.Conv1d,
+    rows: torch.Tensor | slice,
+    x: torch.Tensor,
+    spans,
+    activation: str | None,
 ) -> torch.Tensor:
-    """Depthwise causal conv1d over the full sequence: x [B, S, C], weight [C, K] -> [B, S, C].
+    """The depthwise causal ``conv`` of ``module`` on this rank's channels over the full sequence, each
+    packed document on its own: x [B, S, C] holds the channels ``rows`` of the conv (indices or a slice)
+    -> [B, S, C].
 
-    ``kernel``: the model's ``causal_conv1d_fn`` (causal-conv1d's CUDA kernel or transformers' torch
-    version, both [B, C, S] with ``activation``); None: the same computation with F.conv1d.
+    The kernel is the model's ``causal_conv1d_fn`` (causal-conv1d's CUDA kernel or transformers' torch
+    version, both [B, C, S]), else the same computation with F.conv1d (older transformers without one).
     """
-    xt = x.transpose(1, 2)  # [B, C, S]
-    if kernel is not None:
-        return kernel(xt, weight, bias, activation=activation).transpose(1, 2)  # [B, S, C]
-    S = x.shape[1]
-    out = F.conv1d(xt.to(weight.dtype), weight.unsqueeze(1), bias, padding=weight.shape[1] - 1, groups=weight.shape[0])
-    out = out[..., :S]  # [B, C, S]: the causal part
-    if activation is not None:
-        out = ACT2FN[activation](out)
-    return out.to(x.dtype).transpose(1, 2)  # [B, S, C]
+    pick = (lambda t: t[rows]) if isinstance(rows, slice) else (lambda t: t.index_select(0, rows))
+    weight = pick(conv.weight.squeeze(1))  # [C, K]
+    bias = None if conv.bias is None else pick(conv.bias)  # [C]
+    kernel = model_function(module, "causal_conv1d_fn")
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        xt = t.transpose(1, 2)  # [B, C, len]
+        if kernel is not None:
+            return kernel(xt, weight, bias, activation=activation).transpose(1, 2)  # [B, len, C]
+        out = F.conv1d(
+            xt.to(weight.dtype), weight.unsqueeze(1), bias, padding=weight.shape[1] - 1, groups=weight.shape[0]
+        )
+        out = out[..., : t.shape[1]]  # [B, C, len]: the causal part
+        if activation is not None:
+            out = ACT2FN[activation](out)
+        return out.to(t.dtype).transpose(1, 2)  # [B, len, C]
+
+    return per_document(run, spans, x)
 
 
 def model_function(module: torch.nn.Module, name: str, fallback: str | None = None):
@@ -148,3 +170,15 @@ def model_function(module: torch.nn.Module, name: str, fallback: str | None = No
         if callable(fn):
             return fn
     return None
+
+
+def require(module: torch.nn.Module, kernel, what: str, packages: str) -> None:
+    """ValueError when the model has no ``what`` kernel that runs outside its layer's forward."""
+    if kernel is None:
+        import transformers
+
+        raise ValueError(
+            f"{type(module).__name__}: this transformers ({transformers.__version__}) has no {what} outside the "
+            f"layer's forward and {packages} is not installed; ulysses_sp needs one to run it over the full "
+            f"sequence: pip install {packages}, or upgrade transformers"
+        )

@@ -19,18 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import (
-    MixerContext,
-    causal_conv,
-    documents,
-    local_padding,
-    model_function,
-    per_document,
-    plan,
-    sequence_info,
-    to_heads,
-    to_tokens,
-)
+from . import common
+from .common import MixerContext
 
 CLASSES = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet")
 
@@ -38,7 +28,7 @@ CLASSES = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDel
 def make_context(module: torch.nn.Module, topology) -> MixerContext:
     nv, nk = module.num_v_heads, module.num_k_heads
     what = f"linear_num_value_heads={nv}, linear_num_key_heads={nk}"
-    return MixerContext(topology, plan(nv, nk, topology.sp_size, what))
+    return MixerContext(topology, common.plan(nv, nk, topology.sp_size, what))
 
 
 def _project(module, h: torch.Tensor):
@@ -53,42 +43,33 @@ def _project(module, h: torch.Tensor):
     return q, k, v.view(B, s, -1, module.head_v_dim), z, module.in_proj_b(h), module.in_proj_a(h)
 
 
-def _conv_weight(module, ctx: MixerContext) -> torch.Tensor:
-    """The depthwise conv's rows of this rank's channels (q and k of my key heads, v of my value
-    heads, in that order): [C, K]."""
+def _conv_rows(module, ctx: MixerContext) -> torch.Tensor:
+    """The depthwise conv's rows of this rank's channels: q and k of my key heads, v of my value heads."""
     rank = ctx.topology.sp_rank
     hk, hv, kd = module.head_k_dim, module.head_v_dim, module.key_dim
     key_ch = [j * hk + i for j in ctx.plan.kv_heads[rank] for i in range(hk)]
     val_ch = [2 * kd + j * hv + i for j in ctx.plan.q_heads[rank] for i in range(hv)]
-    index = torch.tensor(key_ch + [kd + c for c in key_ch] + val_ch, device=module.conv1d.weight.device)
-    return module.conv1d.weight.squeeze(1).index_select(0, index)  # [C, K]
+    return torch.tensor(key_ch + [kd + c for c in key_ch] + val_ch, device=module.conv1d.weight.device)
 
 
 def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
     """The layer on the local shard: [B, s, D] -> [B, s, D]."""
-    if kwargs.get("cache") is not None or kwargs.get("cache_params") is not None:
-        raise ValueError("ulysses_sp does not run linear-attention layers with a cache (generation); use_cache=False")
-    info = sequence_info(ctx, kwargs)
-    keep = local_padding(info, ctx.topology)
-    if keep is not None:
-        hidden_states = hidden_states * keep[:, :, None].to(hidden_states.dtype)
+    hidden_states, info = common.begin(ctx, hidden_states, kwargs)
     q, k, v, z, b, a = _project(module, hidden_states)
     B, s, Nk, Hk = q.shape
-    q, k, v, b, a = to_heads(ctx, [q, k, v, b.unsqueeze(-1), a.unsqueeze(-1)], [True, True, False, False, False])
-    nk, nv = q.shape[2], v.shape[2]
-    spans = documents(info)
-    conv_fn = model_function(module, "causal_conv1d_fn")
+    q, k, v, b, a = common.to_heads(ctx, [q, k, v, b.unsqueeze(-1), a.unsqueeze(-1)], [True, True, False, False, False])
+    nk, nv, Hv = q.shape[2], v.shape[2], module.head_v_dim
+    spans = common.documents(info)
     x = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)  # [B, S, C]
-    weight = _conv_weight(module, ctx)
-    x = per_document(lambda t: causal_conv(t, weight, None, module.activation, conv_fn), spans, x)  # [B, S, C]
-    q, k, v = x.split([nk * Hk, nk * Hk, nv * module.head_v_dim], dim=-1)
+    x = common.causal_conv(module, module.conv1d, _conv_rows(module, ctx), x, spans, module.activation)
+    q, k, v = x.split([nk * Hk, nk * Hk, nv * Hv], dim=-1)
     q, k = (t.unflatten(-1, (nk, Hk)) for t in (q, k))  # [B, S, nk, Hk]
-    v = v.unflatten(-1, (nv, module.head_v_dim))  # [B, S, nv, Hv]
+    v = v.unflatten(-1, (nv, Hv))  # [B, S, nv, Hv]
     heads = ctx.heads
     beta = b.squeeze(-1).sigmoid()  # [B, S, nv]
     # the decay as the module computes it, on my value heads' parameters (fp32: A_log.exp() overflows fp16)
     g = -module.A_log[heads].float().exp() * F.softplus(a.squeeze(-1).float() + module.dt_bias[heads])
-    rule = model_function(module, "chunk_gated_delta_rule", "torch_chunk_gated_delta_rule")
+    rule = common.model_function(module, "chunk_gated_delta_rule", "torch_chunk_gated_delta_rule")
 
     def scan(q, k, v, g, beta):
         out, _ = rule(
@@ -96,7 +77,6 @@ def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_ma
         )
         return out  # [B, len, nv, Hv]
 
-    out = per_document(scan, spans, q, k, v, g, beta)  # [B, S, nv, Hv]
-    out = to_tokens(ctx, out)  # [B, s, Nv, Hv]
-    out = module.norm(out.reshape(-1, module.head_v_dim), z.reshape(-1, module.head_v_dim))  # [B*s*Nv, Hv]
+    out = common.to_tokens(ctx, common.per_document(scan, spans, q, k, v, g, beta))  # [B, s, Nv, Hv]
+    out = module.norm(out.reshape(-1, Hv), z.reshape(-1, Hv))  # [B*s*Nv, Hv]
     return module.out_proj(out.view(B, s, -1))  # [B, s, D]

@@ -18,36 +18,20 @@ from __future__ import annotations
 
 import torch
 
-from .common import (
-    MixerContext,
-    causal_conv,
-    documents,
-    local_padding,
-    model_function,
-    per_document,
-    plan,
-    sequence_info,
-    to_heads,
-    to_tokens,
-)
+from . import common
+from .common import MixerContext
 
 CLASSES = ("KimiLinearDeltaAttention",)
 
 
 def _kernel(module):
-    return model_function(module, "chunk_kimi_delta_attention", "chunk_kda")
+    return common.model_function(module, "chunk_kimi_delta_attention", "chunk_kda")
 
 
 def make_context(module: torch.nn.Module, topology) -> MixerContext:
-    if _kernel(module) is None:
-        import transformers
-
-        raise ValueError(
-            f"{type(module).__name__}: this transformers ({transformers.__version__}) has no chunked KDA outside the "
-            "layer's forward and flash-linear-attention is not installed; upgrade transformers or install fla"
-        )
+    common.require(module, _kernel(module), "chunked KDA", "flash-linear-attention")
     n = module.num_heads
-    return MixerContext(topology, plan(n, n, topology.sp_size, f"linear_num_heads={n}"))
+    return MixerContext(topology, common.plan(n, n, topology.sp_size, f"linear_num_heads={n}"))
 
 
 def _decay(gate: torch.nn.Module, f: torch.Tensor, heads: slice) -> torch.Tensor:
@@ -61,30 +45,19 @@ def _decay(gate: torch.nn.Module, f: torch.Tensor, heads: slice) -> torch.Tensor
 
 def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
     """The layer on the local shard: [B, s, D] -> [B, s, D]."""
-    if kwargs.get("cache") is not None or kwargs.get("cache_params") is not None:
-        raise ValueError("ulysses_sp does not run linear-attention layers with a cache (generation); use_cache=False")
-    info = sequence_info(ctx, kwargs)
-    keep = local_padding(info, ctx.topology)
-    if keep is not None:
-        hidden_states = hidden_states * keep[:, :, None].to(hidden_states.dtype)
+    hidden_states, info = common.begin(ctx, hidden_states, kwargs)
     B, s, _ = hidden_states.shape
     N, H = module.num_heads, module.head_dim
     fg = module.forget_gate
-    heads_of = lambda t: t.view(B, s, N, H)  # noqa: E731
-    q, k, v, f = (
-        heads_of(p(hidden_states))
-        for p in (module.q_proj, module.k_proj, module.v_proj, lambda h: fg.f_b_proj(fg.f_a_proj(h)))
-    )
-    q, k, v, f, b = to_heads(ctx, [q, k, v, f, module.b_proj(hidden_states).unsqueeze(-1)], [False] * 5)
-    n = q.shape[2]
-    mine = ctx.heads
+    projections = (module.q_proj, module.k_proj, module.v_proj, lambda h: fg.f_b_proj(fg.f_a_proj(h)))
+    q, k, v, f = (p(hidden_states).view(B, s, N, H) for p in projections)  # [B, s, N, H]
+    q, k, v, f, b = common.to_heads(ctx, [q, k, v, f, module.b_proj(hidden_states).unsqueeze(-1)], [False] * 5)
+    n, mine = q.shape[2], ctx.heads
     rows = torch.arange(mine.start * H, mine.stop * H, device=q.device)
-    rows = torch.cat([rows, rows + module.qkv_dim, rows + 2 * module.qkv_dim])
-    weight = module.conv1d.weight.squeeze(1).index_select(0, rows)  # [3*n*H, K]
-    conv_fn = model_function(module, "causal_conv1d_fn")
-    spans = documents(info)
+    rows = torch.cat([rows, rows + module.qkv_dim, rows + 2 * module.qkv_dim])  # q, k, v channels of my heads
+    spans = common.documents(info)
     x = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)  # [B, S, 3*n*H]
-    x = per_document(lambda t: causal_conv(t, weight, None, module.activation, conv_fn), spans, x)
+    x = common.causal_conv(module, module.conv1d, rows, x, spans, module.activation)
     q, k, v = (t.unflatten(-1, (n, H)) for t in x.chunk(3, dim=-1))  # [B, S, n, H]
     g, beta = _decay(fg, f, mine), b.squeeze(-1).sigmoid()
     kernel = _kernel(module)
@@ -95,6 +68,6 @@ def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_ma
         )
         return out  # [B, len, n, H]
 
-    out = to_tokens(ctx, per_document(scan, spans, q, k, v, g, beta))  # [B, s, N, H]
-    gate = heads_of(module.g_b_proj(module.g_a_proj(hidden_states)))  # [B, s, N, H]
+    out = common.to_tokens(ctx, common.per_document(scan, spans, q, k, v, g, beta))  # [B, s, N, H]
+    gate = module.g_b_proj(module.g_a_proj(hidden_states)).view(B, s, N, H)
     return module.o_proj(module.o_norm(out, gate).reshape(B, s, -1))  # [B, s, D]

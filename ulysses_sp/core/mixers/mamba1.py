@@ -21,59 +21,32 @@ import torch
 import torch.nn.functional as F
 
 from .. import comm
-from .common import (
-    MixerContext,
-    causal_conv,
-    documents,
-    local_padding,
-    model_function,
-    per_document,
-    plan,
-    sequence_info,
-    to_heads,
-    to_tokens,
-)
+from . import common
+from .common import MixerContext
 
 CLASSES = ("JambaMambaMixer",)
 
 
 def _scan_kernel(module):
-    return model_function(module, "mamba_selective_scan", "selective_scan_fn")
+    return common.model_function(module, "mamba_selective_scan", "selective_scan_fn")
 
 
 def make_context(module: torch.nn.Module, topology) -> MixerContext:
-    if _scan_kernel(module) is None:
-        import transformers
-
-        raise ValueError(
-            f"{type(module).__name__}: this transformers ({transformers.__version__}) has no selective scan outside "
-            "the layer's forward and mamba-ssm is not installed; ulysses_sp needs one to run the scan over the full "
-            "sequence: pip install mamba-ssm, or upgrade transformers"
-        )
+    common.require(module, _scan_kernel(module), "selective scan", "mamba-ssm")
     inner = module.intermediate_size
-    return MixerContext(topology, plan(inner, inner, topology.sp_size, f"{inner} inner channels"))
+    return MixerContext(topology, common.plan(inner, inner, topology.sp_size, f"{inner} inner channels"))
 
 
 def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
     """The mixer on the local shard: [B, s, D] -> [B, s, D]."""
-    if kwargs.get("cache") is not None or kwargs.get("cache_params") is not None:
-        raise ValueError("ulysses_sp does not run Mamba layers with a cache (generation); use_cache=False")
-    info = sequence_info(ctx, kwargs)
-    topo = ctx.topology
     dtype = hidden_states.dtype
-    keep = local_padding(info, topo)
-    if keep is not None:
-        hidden_states = hidden_states * keep[:, :, None].to(dtype)
+    hidden_states, info = common.begin(ctx, hidden_states, kwargs)
+    topo = ctx.topology
     x, gate = module.in_proj(hidden_states).chunk(2, dim=-1)  # [B, s, I] each
-    x, gate = to_heads(ctx, [x.unsqueeze(-1), gate.unsqueeze(-1)], [False, False])  # [B, S, i, 1]
-    x, gate = x.squeeze(-1), gate.squeeze(-1)  # [B, S, i]
-    mine = ctx.heads
-    conv = module.conv1d
-    weight = conv.weight.squeeze(1)[mine]  # [i, K]
-    bias = None if conv.bias is None else conv.bias[mine]
-    conv_fn = model_function(module, "causal_conv1d_fn")
-    spans = documents(info)
-    x = per_document(lambda t: causal_conv(t, weight, bias, module.activation, conv_fn), spans, x)  # [B, S, i]
+    x, gate = (t.squeeze(-1) for t in common.to_heads(ctx, [x.unsqueeze(-1), gate.unsqueeze(-1)], [False, False]))
+    mine = ctx.heads  # x, gate: [B, S, i]
+    spans = common.documents(info)
+    x = common.causal_conv(module, module.conv1d, mine, x, spans, module.activation)  # [B, S, i]
     if info is not None and info.key_valid is not None:  # transformers zeroes padding after the conv too
         x = x * info.key_valid[:, :, None].to(x.dtype)
     dbc = F.linear(x, module.x_proj.weight[:, mine])  # [B, S, R+2N]: my channels' share
@@ -88,20 +61,11 @@ def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_ma
     flags = {k: getattr(module, k) for k in ("use_mambapy", "use_associative_scan") if hasattr(module, k)}
 
     def scan(x, dt, b, c, gate):
-        out = kernel(
-            x.transpose(1, 2),  # [B, i, len]
-            dt.transpose(1, 2),
-            A,
-            b.transpose(1, 2),  # [B, N, len]
-            c.transpose(1, 2),
-            D=module.D[mine].float(),
-            z=gate.transpose(1, 2),
-            delta_bias=dt_bias,
-            delta_softplus=True,
-            **flags,
-        )
+        channels_first = (t.transpose(1, 2) for t in (x, dt, b, c, gate))  # [B, i|N, len]
+        x, dt, b, c, gate = channels_first
+        out = kernel(x, dt, A, b, c, D=module.D[mine].float(), z=gate, delta_bias=dt_bias, delta_softplus=True, **flags)
         return out.transpose(1, 2)  # [B, len, i], gated, D skip included
 
-    y = per_document(scan, spans, x, dt, b, c, gate)  # [B, S, i]
-    y = to_tokens(ctx, y.unsqueeze(-1)).squeeze(-1)  # [B, s, I]
+    y = common.per_document(scan, spans, x, dt, b, c, gate)  # [B, S, i]
+    y = common.to_tokens(ctx, y.unsqueeze(-1)).squeeze(-1)  # [B, s, I]
     return module.out_proj(y.to(dtype))  # [B, s, D]

@@ -22,90 +22,57 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import (
-    MixerContext,
-    causal_conv,
-    documents,
-    local_padding,
-    model_function,
-    per_document,
-    plan,
-    sequence_info,
-    to_heads,
-    to_tokens,
-)
+from . import common
+from .common import MixerContext
 
 CLASSES = ("NemotronHMamba2Mixer", "FalconH1Mixer", "BambaMixer", "GraniteMoeHybridMambaLayer", "Zamba2MambaMixer")
 
 
 def _scan_kernel(module):
-    return model_function(module, "mamba2_chunk_scan", "mamba_chunk_scan_combined")
+    return common.model_function(module, "mamba2_chunk_scan", "mamba_chunk_scan_combined")
 
 
 def make_context(module: torch.nn.Module, topology) -> MixerContext:
-    if _scan_kernel(module) is None:
-        import transformers
-
-        raise ValueError(
-            f"{type(module).__name__}: this transformers ({transformers.__version__}) has no torch version of the "
-            "Mamba2 chunked scan outside the layer's forward, and mamba-ssm is not installed; ulysses_sp needs one "
-            "of them to run the scan over the full sequence: pip install mamba-ssm, or upgrade transformers"
-        )
+    common.require(module, _scan_kernel(module), "torch Mamba2 chunked scan", "mamba-ssm")
     nh, ng = module.num_heads, module.n_groups
     what = f"{nh} SSM heads in {ng} groups (mamba heads / n_groups)"
-    return MixerContext(topology, plan(nh, ng, topology.sp_size, what))
+    return MixerContext(topology, common.plan(nh, ng, topology.sp_size, what))
 
 
 def _conv_rows(module, ctx: MixerContext) -> torch.Tensor:
     """Rows of the depthwise conv for this rank's channels: x of my heads, then B and C of my groups."""
     rank = ctx.topology.sp_rank
-    hd, n, inter, gn = (
-        module.head_dim,
-        module.ssm_state_size,
-        module.intermediate_size,
-        module.n_groups * module.ssm_state_size,
-    )
+    hd, n, inter = module.head_dim, module.ssm_state_size, module.intermediate_size
     x_ch = [h * hd + i for h in ctx.plan.q_heads[rank] for i in range(hd)]
     b_ch = [inter + g * n + i for g in ctx.plan.kv_heads[rank] for i in range(n)]
-    return torch.tensor(x_ch + b_ch + [c + gn for c in b_ch], device=module.conv1d.weight.device)
+    c_ch = [ch + module.n_groups * n for ch in b_ch]
+    return torch.tensor(x_ch + b_ch + c_ch, device=module.conv1d.weight.device)
 
 
 def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
     """The mixer on the local shard: [B, s, D] -> [B, s, D]."""
-    if kwargs.get("cache") is not None or kwargs.get("cache_params") is not None:
-        raise ValueError("ulysses_sp does not run Mamba layers with a cache (generation); use_cache=False")
-    info = sequence_info(ctx, kwargs)
-    topo = ctx.topology
-    keep = local_padding(info, topo)
     dtype = hidden_states.dtype
-    if keep is not None:
-        hidden_states = hidden_states * keep[:, :, None].to(dtype)
+    hidden_states, info = common.begin(ctx, hidden_states, kwargs)
     if hasattr(module, "ssm_in_multiplier"):  # Falcon-H1's muP scalings around the projection
         hidden_states = hidden_states * module.ssm_in_multiplier
     proj = module.in_proj(hidden_states)  # [B, s, I + conv_dim + Nh]
     if hasattr(module, "mup_vector"):
         proj = proj * module.mup_vector
-    inter, gn, Nh, Hd = (
-        module.intermediate_size,
-        module.n_groups * module.ssm_state_size,
-        module.num_heads,
-        module.head_dim,
-    )
+    inter, Nh, Hd, N = module.intermediate_size, module.num_heads, module.head_dim, module.ssm_state_size
+    gn = module.n_groups * N
     gate, x, b, c, dt = proj.split([inter, inter, gn, gn, Nh], dim=-1)
     Bsz, s, _ = x.shape
-    grouped = [t.unflatten(-1, (module.n_groups, module.ssm_state_size)) for t in (b, c)]  # [B, s, G, N]
-    x, b, c, dt = to_heads(ctx, [x.unflatten(-1, (Nh, Hd)), *grouped, dt.unsqueeze(-1)], [False, True, True, False])
+    grouped = [t.unflatten(-1, (module.n_groups, N)) for t in (b, c)]  # [B, s, G, N]
+    x, b, c, dt = common.to_heads(
+        ctx, [x.unflatten(-1, (Nh, Hd)), *grouped, dt.unsqueeze(-1)], [False, True, True, False]
+    )
     nh, g = x.shape[2], b.shape[2]
-    spans = documents(info)
-    rows = _conv_rows(module, ctx)
-    weight = module.conv1d.weight.squeeze(1).index_select(0, rows)  # [C, K]
-    bias = None if module.conv1d.bias is None else module.conv1d.bias.index_select(0, rows)
-    conv_fn = model_function(module, "causal_conv1d_fn")
+    spans = common.documents(info)
     xbc = torch.cat([x.flatten(2), b.flatten(2), c.flatten(2)], dim=-1)  # [B, S, C]
-    xbc = per_document(lambda t: causal_conv(t, weight, bias, module.activation, conv_fn), spans, xbc)
+    xbc = common.causal_conv(module, module.conv1d, _conv_rows(module, ctx), xbc, spans, module.activation)
     if info is not None and info.key_valid is not None:  # transformers zeroes padding after the conv too
         xbc = xbc * info.key_valid[:, :, None].to(xbc.dtype)
-    x, b, c = xbc.split([nh * Hd, g * module.ssm_state_size, g * module.ssm_state_size], dim=-1)
+    x, b, c = xbc.split([nh * Hd, g * N, g * N], dim=-1)
     heads = ctx.heads
     A = -torch.exp(module.A_log[heads].float())  # [nh]
     kernel = _scan_kernel(module)
@@ -124,15 +91,10 @@ def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_ma
             dt_limit=module.time_step_limit,
         )  # [B, len, nh, Hd], D skip included
 
-    y = per_document(
-        scan,
-        spans,
-        x.unflatten(-1, (nh, Hd)),
-        dt.squeeze(-1),
-        b.unflatten(-1, (g, module.ssm_state_size)),
-        c.unflatten(-1, (g, module.ssm_state_size)),
+    y = common.per_document(
+        scan, spans, x.unflatten(-1, (nh, Hd)), dt.squeeze(-1), b.unflatten(-1, (g, N)), c.unflatten(-1, (g, N))
     )  # [B, S, nh, Hd]
-    y = to_tokens(ctx, y).view(Bsz, s, inter)  # [B, s, I]
+    y = common.to_tokens(ctx, y).view(Bsz, s, inter)  # [B, s, I]
     if getattr(module, "mamba_rms_norm", True):
         y = module.norm(y, gate)
     else:  # Falcon-H1 without the mixer norm: a plain SiLU gate
