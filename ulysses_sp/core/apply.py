@@ -9,7 +9,9 @@ sized for the shard); the masks are ours, built from the step's SequenceInfo. ``
 original configs back and unregisters the name; a model freed without ``remove`` unregisters it too.
 
 A forward pre-hook on the model's backbone completes each call with what the shard alone does not
-carry (model_inputs.py).
+carry (model_inputs.py). A second one on the model itself keeps the position ids and SequenceInfo of
+the call for heads that do not pass them on to their backbone (Mamba's): without them the backbone
+would see one plain sequence and a recurrent layer would run across packed documents.
 
 A PEFT model (``peft.get_peft_model``) is seen through: SP goes on the transformers model inside it,
 which also holds this module's state, so the wrapper and the inner model answer alike (wrappers.py).
@@ -21,7 +23,7 @@ import copy
 import inspect
 import itertools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers
@@ -49,9 +51,11 @@ class _State:
     attention: UlyssesAttention
     config_refs: list  # (module, original config object) for every module whose config we swapped
     hook: torch.utils.hooks.RemovableHandle
+    outer_hook: torch.utils.hooks.RemovableHandle | None
     forward_params: tuple[str, ...]
     unregister: weakref.finalize  # drops the name from transformers' registry: on remove, or with the model
     mixers: mixers.Patched  # the model's linear-attention / SSM / conv mixers under SP
+    call: dict = field(default_factory=dict)  # position ids / SequenceInfo of the model call, for the backbone
 
 
 def _check_transformers() -> None:
@@ -114,6 +118,8 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
             "layers and the linear-attention / SSM / convolution mixers listed in docs/hybrid-models.md"
         )
     heads = getattr(config, "num_attention_heads", None)
+    if heads is None and mixer_layers and not any(t in SUPPORTED_LAYER_TYPES for t in layer_types):
+        return  # no attention at all (Mamba, Mamba2): every layer is a mixer, nothing to plan here
     if heads is None:
         raise ValueError(f"{type(config).__name__} has no num_attention_heads; cannot plan the head split")
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -182,10 +188,13 @@ def apply(model: torch.nn.Module, topology: SPTopology, attn_implementation: str
     backbone = inner.base_model
     params = tuple(inspect.signature(backbone.forward).parameters)
     hook = backbone.register_forward_pre_hook(_make_pre_hook(inner), with_kwargs=True)
+    outer_hook = (
+        None if backbone is inner else inner.register_forward_pre_hook(_make_outer_hook(inner), with_kwargs=True)
+    )
     # transformers' registry is process-global: without this a model freed unremoved would leave its
     # attention, and through it the topology's process groups, alive until interpreter exit
     unregister = weakref.finalize(inner, _unregister, name)
-    inner._ulysses_sp = _State(topology, attention, refs, hook, params, unregister, patched)
+    inner._ulysses_sp = _State(topology, attention, refs, hook, outer_hook, params, unregister, patched)
     return model
 
 
@@ -201,6 +210,8 @@ def remove(model: torch.nn.Module):
     if state is None:
         raise ValueError("ulysses_sp is not applied to this model")
     state.hook.remove()
+    if state.outer_hook is not None:
+        state.outer_hook.remove()
     for module, cfg in state.config_refs:
         module.config = cfg
     state.unregister()
@@ -213,8 +224,19 @@ def _make_pre_hook(model):
     def pre_hook(module, args, kwargs):
         state: _State = model._ulysses_sp
         kwargs = {**dict(zip(state.forward_params, args)), **kwargs}
+        for key, value in state.call.items():  # what the model's head did not pass on
+            if kwargs.get(key) is None:
+                kwargs[key] = value
+        state.call = {}
         kwargs = complete_kwargs(kwargs, state.topology)
         state.mixers.info = kwargs[SEQ_INFO_KWARG]  # for mixers whose layer drops the keyword (Jamba)
         return (), kwargs
 
     return pre_hook
+
+
+def _make_outer_hook(model):
+    def outer_hook(module, args, kwargs):
+        model._ulysses_sp.call = {k: kwargs[k] for k in ("position_ids", SEQ_INFO_KWARG) if kwargs.get(k) is not None}
+
+    return outer_hook

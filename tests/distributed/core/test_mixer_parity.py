@@ -90,6 +90,25 @@ FAMILIES = {
             shared_intermediate_size=32,
         ),
     ),
+    # attention-free models: every layer a mixer
+    "mamba2": (
+        "Mamba2Config",
+        dict(
+            num_attention_heads=None,
+            num_key_value_heads=None,
+            num_hidden_layers=2,
+            num_heads=4,
+            head_dim=8,
+            n_groups=2,
+            state_size=8,
+            chunk_size=8,
+            expand=1,
+        ),
+    ),
+    "mamba": (
+        "MambaConfig",
+        dict(num_attention_heads=None, num_key_value_heads=None, num_hidden_layers=2, state_size=8, time_step_rank=4),
+    ),
     # a shared attention block beside the Mamba2 mixer of its "hybrid" layer
     "zamba2": (
         "Zamba2Config",
@@ -158,7 +177,8 @@ def _model(family: str, dtype, **overrides):
     name, shape = FAMILIES[family]
     layers = shape.get("layer_types") or shape.get("layers_block_type")
     overrides = {"num_hidden_layers": len(layers), **shape, **overrides} if layers else {**shape, **overrides}
-    return small_model(name, attn="sdpa", vocab_size=256, **overrides).to(dtype).train()
+    attn = None if shape.get("num_attention_heads", 0) is None else "sdpa"  # attention-free: the model's default
+    return small_model(name, attn=attn, vocab_size=256, **overrides).to(dtype).train()
 
 
 def _reference(ref, ids, docs):

@@ -21,10 +21,10 @@ def _model(config):
 
 
 def test_models_ulysses_sp_refuses():
-    mamba = small_model("MambaConfig", state_size=4)
+    mamba = small_model("FalconMambaConfig", state_size=4, num_attention_heads=None, num_key_value_heads=None)
     with pytest.raises(
         ValueError,
-        match=r"MambaForCausalLM has 1 layers of type \['linear_attention'\], of which ulysses_sp can run 0 .*"
+        match=r"FalconMambaForCausalLM has 1 layers of type \['linear_attention'\], of which ulysses_sp can run 0 .*"
         r"supports \['full_attention', 'sliding_attention'\] layers and the linear-attention",
     ):
         ulysses_sp.apply(mamba, TOPO2)

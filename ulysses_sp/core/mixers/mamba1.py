@@ -1,4 +1,4 @@
-"""Jamba's Mamba (selective scan, Mamba1) mixer under Ulysses SP.
+"""The Mamba (selective scan, Mamba1) mixer of Jamba and Mamba under Ulysses SP.
 
 Shape legend: B batch, S full sequence, s = S/P local tokens, D hidden size, I inner channels
 (i of them on this rank), N state size, R rank of the time step.
@@ -8,7 +8,7 @@ Shape legend: B batch, S full sequence, s = S/P local tokens, D hidden size, I i
     depthwise conv over S (my channels' rows), per document
     x_proj is a sum over channels: each rank projects its i channels, one all-reduce over the SP
     group completes dt|B|C [B, S, R+2N] on every rank (its backward sums the ranks' gradients)
-    dt/B/C norms; dt_proj rows of my channels; selective scan over S per channel, per document
+    dt/B/C norms (Jamba); dt_proj rows of my channels; selective scan over S per channel, per document
     all-to-all back               -> [B, s, I]; out_proj
 
 The selective scan is per channel (A, D, dt rows are per channel), so channels split like heads;
@@ -24,7 +24,7 @@ from .. import comm
 from . import common
 from .common import MixerContext
 
-CLASSES = ("JambaMambaMixer",)
+CLASSES = ("JambaMambaMixer", "MambaMixer")
 
 
 def _scan_kernel(module):
@@ -53,8 +53,9 @@ def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_ma
     if topo.sp_size > 1:
         dbc = comm.all_reduce_autograd_sum(dbc, topo.sp_group)  # [B, S, R+2N]: all channels
     dt, b, c = dbc.split([module.time_step_rank, module.ssm_state_size, module.ssm_state_size], dim=-1)
-    dt = F.linear(module.dt_layernorm(dt), module.dt_proj.weight[mine])  # [B, S, i], bias added in the scan
-    b, c = module.b_layernorm(b), module.c_layernorm(c)  # [B, S, N]
+    if hasattr(module, "dt_layernorm"):  # Jamba normalises dt, B and C; Mamba does not
+        dt, b, c = module.dt_layernorm(dt), module.b_layernorm(b), module.c_layernorm(c)
+    dt = F.linear(dt, module.dt_proj.weight[mine])  # [B, S, i], bias added in the scan
     A = -torch.exp(module.A_log[mine].float())  # [i, N]
     dt_bias = None if module.dt_proj.bias is None else module.dt_proj.bias[mine].float()
     kernel = _scan_kernel(module)

@@ -1,4 +1,4 @@
-"""The Mamba2 mixer (SSD scan) of Nemotron-H, Falcon-H1, Bamba, Granite-MoE-hybrid and Zamba2 under
+"""The Mamba2 mixer (SSD scan) of Mamba2, Nemotron-H, Falcon-H1, Bamba, Granite-MoE-hybrid and Zamba2 under
 Ulysses SP.
 
 Shape legend: B batch, S full sequence, s = S/P local tokens, D hidden size, Nh SSM heads of width
@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from . import common
 from .common import MixerContext
 
-CLASSES = ("NemotronHMamba2Mixer", "FalconH1Mixer", "BambaMixer", "GraniteMoeHybridMambaLayer", "Zamba2MambaMixer")
+CLASSES = (
+    "Mamba2Mixer",
+    "NemotronHMamba2Mixer",
+    "FalconH1Mixer",
+    "BambaMixer",
+    "GraniteMoeHybridMambaLayer",
+    "Zamba2MambaMixer",
+)
 
 
 def _scan_kernel(module):
