@@ -34,6 +34,10 @@ FAMILIES = {
         "Qwen3_5MoeTextConfig",
         dict(**_ATTN, **_GDN, **_MOE, layer_types=["full_attention", "linear_attention"]),
     ),
+    "olmo_hybrid": (
+        "OlmoHybridConfig",
+        dict(**_ATTN, **_GDN, pad_token_id=0, eos_token_id=1, layer_types=["linear_attention", "full_attention"]),
+    ),
     "lfm2": (
         "Lfm2Config",
         dict(

@@ -1,4 +1,4 @@
-"""Gated DeltaNet (Qwen3-Next, Qwen3.5, Qwen3.5-MoE) under Ulysses SP.
+"""Gated DeltaNet (Qwen3-Next, Qwen3.5, Qwen3.5-MoE, OLMo-hybrid) under Ulysses SP.
 
 Shape legend: B batch, S full sequence, s = S/P local tokens, Nk/Nv key/value heads of the layer
 (Nv a multiple of Nk), nk/nv those of this rank, Hk/Hv head dims, D hidden size.
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import common
 from .common import MixerContext
 
-CLASSES = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet")
+CLASSES = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet", "OlmoHybridGatedDeltaNet")
 
 
 def make_context(module: torch.nn.Module, topology) -> MixerContext:
@@ -36,11 +36,15 @@ def _project(module, h: torch.Tensor):
     B, s, _ = h.shape
     if hasattr(module, "in_proj_qkvz"):  # Qwen3-Next: heads grouped per key head in one projection
         return module.fix_query_key_value_ordering(module.in_proj_qkvz(h), module.in_proj_ba(h))
-    qkv = module.in_proj_qkv(h)  # [B, s, 2*Nk*Hk + Nv*Hv]
-    q, k, v = qkv.split([module.key_dim, module.key_dim, module.value_dim], dim=-1)
-    z = module.in_proj_z(h).view(B, s, -1, module.head_v_dim)  # [B, s, Nv, Hv]
+    if hasattr(module, "q_proj"):  # OLMo-hybrid: one projection each
+        q, k, v, z = (p(h) for p in (module.q_proj, module.k_proj, module.v_proj, module.g_proj))
+        b, a = module.b_proj(h), module.a_proj(h)
+    else:  # Qwen3.5: q|k|v in one projection
+        q, k, v = module.in_proj_qkv(h).split([module.key_dim, module.key_dim, module.value_dim], dim=-1)
+        z, b, a = module.in_proj_z(h), module.in_proj_b(h), module.in_proj_a(h)
     q, k = (t.view(B, s, -1, module.head_k_dim) for t in (q, k))  # [B, s, Nk, Hk]
-    return q, k, v.view(B, s, -1, module.head_v_dim), z, module.in_proj_b(h), module.in_proj_a(h)
+    v, z = (t.view(B, s, -1, module.head_v_dim) for t in (v, z))  # [B, s, Nv, Hv]
+    return q, k, v, z, b, a
 
 
 def _conv_rows(module, ctx: MixerContext) -> torch.Tensor:
@@ -63,10 +67,14 @@ def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_ma
     x = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)  # [B, S, C]
     x = common.causal_conv(module, module.conv1d, _conv_rows(module, ctx), x, spans, module.activation)
     q, k, v = x.split([nk * Hk, nk * Hk, nv * Hv], dim=-1)
-    q, k = (t.unflatten(-1, (nk, Hk)) for t in (q, k))  # [B, S, nk, Hk]
+    # each key head serves nv/nk consecutive value heads; repeated here as the kernels do inside (older
+    # transformers repeated before calling them, and not every kernel version accepts nk < nv)
+    q, k = (t.unflatten(-1, (nk, Hk)).repeat_interleave(nv // nk, dim=2) for t in (q, k))  # [B, S, nv, Hk]
     v = v.unflatten(-1, (nv, Hv))  # [B, S, nv, Hv]
     heads = ctx.heads
     beta = b.squeeze(-1).sigmoid()  # [B, S, nv]
+    if getattr(module, "allow_neg_eigval", False):  # OLMo-hybrid: beta in [0, 2]
+        beta = beta * 2.0
     # the decay as the module computes it, on my value heads' parameters (fp32: A_log.exp() overflows fp16)
     g = -module.A_log[heads].float().exp() * F.softplus(a.squeeze(-1).float() + module.dt_bias[heads])
     rule = common.model_function(module, "chunk_gated_delta_rule", "torch_chunk_gated_delta_rule")
@@ -78,5 +86,6 @@ def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_ma
         return out  # [B, len, nv, Hv]
 
     out = common.to_tokens(ctx, common.per_document(scan, spans, q, k, v, g, beta))  # [B, s, Nv, Hv]
-    out = module.norm(out.reshape(-1, Hv), z.reshape(-1, Hv))  # [B*s*Nv, Hv]
-    return module.out_proj(out.view(B, s, -1))  # [B, s, D]
+    norm, proj = (module.norm, module.out_proj) if hasattr(module, "out_proj") else (module.o_norm, module.o_proj)
+    out = norm(out.reshape(-1, Hv), z.reshape(-1, Hv))  # [B*s*Nv, Hv]
+    return proj(out.view(B, s, -1))  # [B, s, D]
