@@ -231,8 +231,8 @@ def _check(ctx, topo, family: str, docs=None, batch: int = 2, seq: int = 24):
     assert not any("forward" in vars(m) for m in patched), "remove restores the mixers' own forward"
 
 
-#: one family per mixer code path; the families sharing one (same mixer class shape) run at sp2 only
-CORE_FAMILIES = ["qwen3_next", "qwen3_5", "lfm2", "nemotron_h", "falcon_h1", "jamba", "kimi_linear"]
+#: one family per mixer kind at sp4 and dp2 x sp2; every family runs at sp2
+CORE_FAMILIES = ["qwen3_next", "lfm2", "nemotron_h", "jamba", "kimi_linear"]
 
 
 def _body(ctx, layouts, families):
@@ -264,7 +264,8 @@ def test_hybrid_parity(world):
 def _body_gpu(ctx, families):
     """sp=1 on one GPU, against the plain model: the kernels transformers picks there (FLA, causal-conv1d,
     mamba-ssm when installed, else the torch versions on CUDA). A family this transformers cannot run
-    under SP is refused with a ValueError, reported and not failed; a mismatch fails."""
+    under SP is refused with a ValueError, reported and not failed; a mismatch or any other error fails,
+    after every family has run."""
     topo = ulysses_sp.init_sp(1)
     failed = []
     for family in families:
@@ -275,8 +276,8 @@ def _body_gpu(ctx, families):
                 print(f"PARITY  {what}", flush=True)
             except ValueError as e:
                 print(f"REFUSED {what}: {e}", flush=True)
-            except AssertionError as e:
-                print(f"FAILED  {what}: {e}", flush=True)
+            except Exception as e:  # a mismatch, or a module this transformers shapes differently: go on
+                print(f"FAILED  {what}: {type(e).__name__}: {e}", flush=True)
                 failed.append(what)
     assert not failed, f"mismatches: {failed}"
 
