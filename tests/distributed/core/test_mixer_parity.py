@@ -185,10 +185,10 @@ def _model(family: str, dtype, **overrides):
     return small_model(name, attn=attn, vocab_size=256, **overrides).to(dtype).train()
 
 
-def _reference(ref, ids, docs):
+def _reference(ref, ids, docs, **extra):
     """Full logits [B, S, V]: the whole rows, or each document of each row on its own."""
     if docs is None:
-        return ref(input_ids=ids).logits
+        return ref(input_ids=ids, **extra).logits
     rows = []
     for b, lengths in enumerate(docs):
         cuts = torch.tensor([0, *lengths]).cumsum(0).tolist()
@@ -202,24 +202,34 @@ def _positions(docs, batch: int, seq: int) -> torch.Tensor:
     return torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in docs])  # [B, S]
 
 
-def _check(ctx, topo, family: str, docs=None, batch: int = 2, seq: int = 24):
+def _check(ctx, topo, family: str, docs=None, pad: int = 0, batch: int = 2, seq: int = 24):
+    """``docs``: a packed batch (documents per row); ``pad``: the first row left-padded by ``pad`` tokens
+    (a 2-D mask; only the valid tokens' logits are compared and weighted)."""
     dtype = ctx.dtype
     model = _model(family, dtype).to(ctx.device)
     ref = clone(model)
     ids = tokens(batch, seq, seed=100 + topo.dp_rank, device=ctx.device)
+    mask = torch.ones(batch, seq, dtype=torch.long, device=ctx.device)
+    mask[0, :pad] = 0
     gen = torch.Generator().manual_seed(7 + topo.dp_rank)
     weights = torch.randn(batch, seq, model.config.vocab_size, generator=gen).to(ctx.device, dtype)
-    ref_logits = _reference(ref, ids, docs)
+    weights = weights * mask[:, :, None]
+    extra = {"attention_mask": mask} if pad else {}
+    ref_logits = _reference(ref, ids, docs, **extra)
     (ref_logits.float() * weights).sum().backward()
 
     ulysses_sp.apply(model, topo)
     s = seq // topo.sp_size
     sl = slice(topo.sp_rank * s, (topo.sp_rank + 1) * s)
     pos = _positions(docs, batch, seq).to(ctx.device)[:, sl]
-    logits = model(input_ids=ids[:, sl], position_ids=pos).logits
+    extra = {"attention_mask": mask[:, sl]} if pad else {}
+    logits = model(input_ids=ids[:, sl], position_ids=pos, **extra).logits
     tol = tolerances(dtype)
-    what = f"{family}{' packed' if docs else ''} sp{topo.sp_size}"
-    torch.testing.assert_close(logits, ref_logits[:, sl].detach(), **tol, msg=lambda m: f"{what} logits: {m}")
+    what = f"{family}{' packed' if docs else ''}{' padded' if pad else ''} sp{topo.sp_size}"
+    valid = mask[:, sl].bool()
+    torch.testing.assert_close(
+        logits[valid], ref_logits[:, sl][valid].detach(), **tol, msg=lambda m: f"{what} logits: {m}"
+    )
     (logits.float() * weights[:, sl]).sum().backward()
     for p in model.parameters():
         if p.grad is not None:
@@ -235,15 +245,17 @@ def _check(ctx, topo, family: str, docs=None, batch: int = 2, seq: int = 24):
 CORE_FAMILIES = ["qwen3_next", "lfm2", "nemotron_h", "jamba", "kimi_linear"]
 
 
+#: batches of the parity check: one sequence per row, packed documents, a left-padded row
+BATCHES = {"plain": {}, "packed": {"docs": DOCS}, "padded": {"pad": 3}}
+
+
 def _body(ctx, layouts, families):
-    """``layouts``: (sp size, run the plain batch, run the packed batch) in one spawn of ranks."""
-    for sp_size, plain, packed in layouts:
+    """``layouts``: (sp size, names of the BATCHES to check) in one spawn of ranks."""
+    for sp_size, batches in layouts:
         topo = ulysses_sp.init_sp(sp_size)
         for family in families:
-            if plain:
-                _check(ctx, topo, family)
-            if packed:
-                _check(ctx, topo, family, docs=DOCS)
+            for batch in batches:
+                _check(ctx, topo, family, **BATCHES[batch])
         if sp_size == 4:  # two value heads cannot be split over four ranks: refused before any collective
             model = _model("qwen3_5", ctx.dtype, linear_num_key_heads=2, linear_num_value_heads=2)
             with pytest.raises(ValueError, match=r"sp_size=4 exceeds the 2 heads .*linear_num_value_heads=2"):
@@ -251,9 +263,13 @@ def _body(ctx, layouts, families):
             assert not ulysses_sp.is_applied(model)
 
 
-#: world size -> (layouts, families): sp2 both batches of every family; sp4 the packed batch (its second
-#: row is one plain sequence; documents cross the shards' borders) and the refusal, dp2 x sp2 the plain one
-LAYOUTS = {2: ([(2, True, True)], list(FAMILIES)), 4: ([(4, False, True), (2, True, False)], CORE_FAMILIES)}
+#: world size -> (layouts, families): sp2 the plain and packed batches of every family; sp4 the packed
+#: batch (its second row is one plain sequence; documents cross the shards' borders) and the refusal,
+#: dp2 x sp2 the plain and the padded batch, on one family per mixer kind
+LAYOUTS = {
+    2: ([(2, ("plain", "packed"))], list(FAMILIES)),
+    4: ([(4, ("packed",)), (2, ("plain", "padded"))], CORE_FAMILIES),
+}
 
 
 @pytest.mark.parametrize("world", [2, 4], ids=["sp2", "sp4+dp2xsp2"])
@@ -269,10 +285,10 @@ def _body_gpu(ctx, families):
     topo = ulysses_sp.init_sp(1)
     failed = []
     for family in families:
-        for docs in (None, DOCS):
-            what = f"{family} {'packed' if docs else 'plain'} {ctx.dtype}"
+        for batch, options in BATCHES.items():
+            what = f"{family} {batch} {ctx.dtype}"
             try:
-                _check(ctx, topo, family, docs=docs)
+                _check(ctx, topo, family, **options)
                 print(f"PARITY  {what}", flush=True)
             except ValueError as e:
                 print(f"REFUSED {what}: {e}", flush=True)
