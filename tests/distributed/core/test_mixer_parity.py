@@ -94,6 +94,22 @@ FAMILIES = {
             shared_intermediate_size=32,
         ),
     ),
+    # lightning attention (block-wise decayed linear attention, blocks of 8 < documents) with MoE
+    "minimax": (
+        "MiniMaxConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            block_size=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["linear_attention", "full_attention"],
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+        ),
+    ),
     # attention-free models: every layer a mixer
     "mamba2": (
         "Mamba2Config",
@@ -242,7 +258,7 @@ def _check(ctx, topo, family: str, docs=None, pad: int = 0, batch: int = 2, seq:
 
 
 #: one family per mixer kind at sp4 and dp2 x sp2; every family runs at sp2
-CORE_FAMILIES = ["qwen3_next", "lfm2", "nemotron_h", "jamba", "kimi_linear"]
+CORE_FAMILIES = ["qwen3_next", "lfm2", "nemotron_h", "jamba", "kimi_linear", "minimax"]
 
 
 #: batches of the parity check: one sequence per row, packed documents, a left-padded row

@@ -28,11 +28,6 @@ def test_models_ulysses_sp_refuses():
         r"supports \['full_attention', 'sliding_attention'\] layers and the linear-attention",
     ):
         ulysses_sp.apply(mamba, TOPO2)
-    hybrid = small_model(
-        "MiniMaxConfig", num_hidden_layers=2, head_dim=8, layer_types=["linear_attention", "full_attention"]
-    )
-    with pytest.raises(ValueError, match=r"MiniMaxForCausalLM has 1 layers of type \['linear_attention'\], of which"):
-        ulysses_sp.apply(hybrid, TOPO2)
     bloom = small_model("BloomConfig", n_layer=1, n_head=4)
     with pytest.raises(
         ValueError,
@@ -58,7 +53,7 @@ def test_models_ulysses_sp_refuses():
         r"use one of \['sdpa'",
     ):
         UlyssesAttention(TOPO2, "paged_attention")
-    for model in (mamba, hybrid, bloom, falcon, doge, uneven_kv, few_heads):
+    for model in (mamba, bloom, falcon, doge, uneven_kv, few_heads):
         assert not ulysses_sp.is_applied(model)
 
 

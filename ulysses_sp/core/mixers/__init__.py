@@ -23,9 +23,9 @@ import torch
 
 from ..sequence_info import SequenceInfo
 from ..topology import SPTopology
-from . import gated_delta, kimi_delta, mamba1, mamba2, short_conv
+from . import gated_delta, kimi_delta, lightning, mamba1, mamba2, short_conv
 
-KINDS = (gated_delta, kimi_delta, short_conv, mamba2, mamba1)
+KINDS = (gated_delta, kimi_delta, lightning, short_conv, mamba2, mamba1)
 
 
 def _kind(module: torch.nn.Module):
