@@ -129,6 +129,10 @@ FAMILIES = {
         "MambaConfig",
         dict(num_attention_heads=None, num_key_value_heads=None, num_hidden_layers=2, state_size=8, time_step_rank=4),
     ),
+    "falcon_mamba": (
+        "FalconMambaConfig",
+        dict(num_attention_heads=None, num_key_value_heads=None, num_hidden_layers=2, state_size=8, time_step_rank=4),
+    ),
     # a shared attention block beside the Mamba2 mixer of its "hybrid" layer
     "zamba2": (
         "Zamba2Config",

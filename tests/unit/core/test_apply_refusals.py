@@ -21,13 +21,13 @@ def _model(config):
 
 
 def test_models_ulysses_sp_refuses():
-    mamba = small_model("FalconMambaConfig", state_size=4, num_attention_heads=None, num_key_value_heads=None)
+    lfm3 = small_model("Lfm3Config", num_hidden_layers=2, layer_types=["conv", "full_attention"], pad_token_id=0)
     with pytest.raises(
         ValueError,
-        match=r"FalconMambaForCausalLM has 1 layers of type \['linear_attention'\], of which ulysses_sp can run 0 .*"
+        match=r"Lfm3ForCausalLM has 1 layers of type \['conv'\], of which ulysses_sp can run 0 .*"
         r"supports \['full_attention', 'sliding_attention'\] layers and the linear-attention",
     ):
-        ulysses_sp.apply(mamba, TOPO2)
+        ulysses_sp.apply(lfm3, TOPO2)
     bloom = small_model("BloomConfig", n_layer=1, n_head=4)
     with pytest.raises(
         ValueError,
@@ -53,7 +53,7 @@ def test_models_ulysses_sp_refuses():
         r"use one of \['sdpa'",
     ):
         UlyssesAttention(TOPO2, "paged_attention")
-    for model in (mamba, bloom, falcon, doge, uneven_kv, few_heads):
+    for model in (lfm3, bloom, falcon, doge, uneven_kv, few_heads):
         assert not ulysses_sp.is_applied(model)
 
 

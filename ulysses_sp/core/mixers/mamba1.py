@@ -1,4 +1,4 @@
-"""The Mamba (selective scan, Mamba1) mixer of Jamba and Mamba under Ulysses SP.
+"""The Mamba (selective scan, Mamba1) mixer of Jamba, Mamba and Falcon-Mamba under Ulysses SP.
 
 Shape legend: B batch, S full sequence, s = S/P local tokens, D hidden size, I inner channels
 (i of them on this rank), N state size, R rank of the time step.
@@ -24,7 +24,7 @@ from .. import comm
 from . import common
 from .common import MixerContext
 
-CLASSES = ("JambaMambaMixer", "MambaMixer")
+CLASSES = ("JambaMambaMixer", "MambaMixer", "FalconMambaMixer")
 
 
 def _scan_kernel(module):
@@ -53,7 +53,7 @@ def forward(module, ctx: MixerContext, hidden_states: torch.Tensor, attention_ma
     if topo.sp_size > 1:
         dbc = comm.all_reduce_autograd_sum(dbc, topo.sp_group)  # [B, S, R+2N]: all channels
     dt, b, c = dbc.split([module.time_step_rank, module.ssm_state_size, module.ssm_state_size], dim=-1)
-    if hasattr(module, "dt_layernorm"):  # Jamba normalises dt, B and C; Mamba does not
+    if hasattr(module, "dt_layernorm"):  # Jamba and Falcon-Mamba normalise dt, B and C; Mamba does not
         dt, b, c = module.dt_layernorm(dt), module.b_layernorm(b), module.c_layernorm(c)
     dt = F.linear(dt, module.dt_proj.weight[mine])  # [B, S, i], bias added in the scan
     A = -torch.exp(module.A_log[mine].float())  # [i, N]
