@@ -27,7 +27,10 @@ _M2 = dict(mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8, m
 FAMILIES = {
     "qwen3_next": (
         "Qwen3NextConfig",
-        dict(**_ATTN, **_GDN, **_MOE, layer_types=["linear_attention", "full_attention"]),
+        # 6 value heads: 2, 2, 1, 1 per rank at sp4 (uneven), each with the key head it reads
+        dict(
+            **_ATTN, **{**_GDN, "linear_num_value_heads": 6}, **_MOE, layer_types=["linear_attention", "full_attention"]
+        ),
     ),
     "qwen3_5": ("Qwen3_5TextConfig", dict(**_ATTN, **_GDN, layer_types=["linear_attention", "full_attention"])),
     "qwen3_5_moe": (
@@ -52,7 +55,7 @@ FAMILIES = {
         "NemotronHConfig",
         dict(
             **_ATTN,
-            mamba_num_heads=4,
+            mamba_num_heads=6,  # uneven at sp4
             mamba_head_dim=8,
             n_groups=2,
             ssm_state_size=8,
