@@ -51,6 +51,17 @@ FAMILIES = {
             layer_types=["conv", "full_attention"],
         ),
     ),
+    "lfm2_moe": (
+        "Lfm2MoeConfig",
+        dict(
+            **_ATTN,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            num_dense_layers=1,
+            layer_types=["conv", "full_attention"],
+        ),
+    ),
     "nemotron_h": (
         "NemotronHConfig",
         dict(
