@@ -63,3 +63,23 @@ def test_a_mask_the_size_of_the_shard_is_named_as_such():
         ValueError, match=r"attention got a \[4, 4\] mask, the size of the local shard \(8 tokens over 2"
     ):
         UlyssesAttention._full_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), 8, 4, 2, slice(0, 1))
+
+
+def test_a_mixer_module_shaped_otherwise_is_refused():
+    """A transformers whose mixer lacks what our forward reads (here: A_log removed) is refused by name,
+    before anything is changed."""
+    model = small_model(
+        "Qwen3_5TextConfig",
+        num_hidden_layers=2,
+        head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        layer_types=["linear_attention", "full_attention"],
+    )
+    mixer = model.model.layers[0].linear_attn
+    del mixer.A_log
+    with pytest.raises(ValueError, match=r"Qwen3_5GatedDeltaNet of this transformers \(.*\) has no \['A_log'\]"):
+        ulysses_sp.apply(model, TOPO2)
+    assert not ulysses_sp.is_applied(model) and "forward" not in vars(mixer)

@@ -3,6 +3,8 @@ under Ulysses SP: one module per mixer kind, each with
 
 - ``CLASSES``: the transformers module classes it runs (matched by name, so a model's own copy of a
   mixer is never confused with another family's);
+- ``READS``: the module attributes its forward reads (a transformers version that renamed one is
+  refused by :func:`patch`, before anything changes);
 - ``make_context(module, topology)``: the head plan, refusing shapes SP cannot split (before any
   collective);
 - ``forward(module, ctx, hidden_states, ...)``: the layer on the local shard.
@@ -11,7 +13,7 @@ under Ulysses SP: one module per mixer kind, each with
 models of the same class are untouched) and returns what undoes it.
 
 The step's document layout reaches a mixer as the SequenceInfo keyword of the model call when its
-decoder layer passes keywords down, else through :class:`Patched` (see :func:`common.sequence_info`):
+decoder layer passes keywords down, else through :class:`Patched` (see :func:`common.begin`):
 a mixer that ran without it would carry its state across packed documents, silently.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import transformers
 
 from ..sequence_info import SequenceInfo
 from ..topology import SPTopology
@@ -55,6 +58,14 @@ class Patched:
 def patch(model: torch.nn.Module, topology: SPTopology) -> Patched:
     """Run every mixer of ``model`` under SP. Every mixer's head plan is made first, so a shape SP cannot
     split raises before anything changes."""
+    for module, kind in find(model):
+        missing = [name for name in kind.READS if not hasattr(module, name)]
+        if missing:
+            raise ValueError(
+                f"{type(module).__name__} of this transformers ({transformers.__version__}) has no {missing}, which "
+                f"ulysses_sp's forward for it reads ({kind.__name__}); use a transformers version it supports "
+                "(docs/hybrid-models.md) or train without sequence parallelism"
+            )
     found = [(m, kind, kind.make_context(m, topology)) for m, kind in find(model)]
     patched = Patched([m for m, _, _ in found])
     for module, kind, ctx in found:

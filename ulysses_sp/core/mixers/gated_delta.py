@@ -23,6 +23,19 @@ from . import common
 from .common import MixerContext
 
 CLASSES = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet", "OlmoHybridGatedDeltaNet")
+#: what the forward below reads of the module (checked by patch: a transformers that renamed it is refused)
+READS = (
+    "num_v_heads",
+    "num_k_heads",
+    "head_k_dim",
+    "head_v_dim",
+    "key_dim",
+    "value_dim",
+    "conv1d",
+    "activation",
+    "A_log",
+    "dt_bias",
+)
 
 
 def make_context(module: torch.nn.Module, topology) -> MixerContext:

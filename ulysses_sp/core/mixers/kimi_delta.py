@@ -22,6 +22,23 @@ from . import common
 from .common import MixerContext
 
 CLASSES = ("KimiLinearDeltaAttention",)
+#: what the forward below reads of the module (checked by patch: a transformers that renamed it is refused)
+READS = (
+    "num_heads",
+    "head_dim",
+    "qkv_dim",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "b_proj",
+    "forget_gate",
+    "g_a_proj",
+    "g_b_proj",
+    "o_norm",
+    "o_proj",
+    "conv1d",
+    "activation",
+)
 
 
 def _kernel(module):

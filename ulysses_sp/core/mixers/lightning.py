@@ -23,19 +23,24 @@ from .common import MixerContext
 CLASSES = ("MiniMaxLightningAttention",)
 
 
-#: what _scan reads of the module (its block loop's decay buffers)
-_READS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay", "block_size", "act_fn", "output_gate")
+#: what the forward below reads of the module (checked by patch: a transformers that renamed it is refused)
+READS = (
+    "num_attention_heads",
+    "head_dim",
+    "qkv_proj",
+    "act_fn",
+    "norm",
+    "output_gate",
+    "out_proj",
+    "block_size",
+    "slope_rate",
+    "query_decay",
+    "key_decay",
+    "diagonal_decay",
+)
 
 
 def make_context(module: torch.nn.Module, topology) -> MixerContext:
-    missing = [name for name in _READS if not hasattr(module, name)]
-    if missing:
-        import transformers
-
-        raise ValueError(
-            f"{type(module).__name__} of this transformers ({transformers.__version__}) has no {missing}: ulysses_sp's "
-            "lightning-attention forward restates the layer's block loop on those buffers and cannot run it"
-        )
     n = module.num_attention_heads
     return MixerContext(topology, common.plan(n, n, topology.sp_size, f"num_attention_heads={n} (lightning)"))
 

@@ -25,6 +25,20 @@ from . import common
 from .common import MixerContext
 
 CLASSES = ("JambaMambaMixer", "MambaMixer", "FalconMambaMixer")
+#: what the forward below reads of the module (checked by patch: a transformers that renamed it is refused)
+READS = (
+    "intermediate_size",
+    "time_step_rank",
+    "ssm_state_size",
+    "in_proj",
+    "conv1d",
+    "activation",
+    "x_proj",
+    "dt_proj",
+    "A_log",
+    "D",
+    "out_proj",
+)
 
 
 def _scan_kernel(module):

@@ -33,6 +33,24 @@ CLASSES = (
     "GraniteMoeHybridMambaLayer",
     "Zamba2MambaMixer",
 )
+#: what the forward below reads of the module (checked by patch: a transformers that renamed it is refused)
+READS = (
+    "num_heads",
+    "head_dim",
+    "n_groups",
+    "ssm_state_size",
+    "intermediate_size",
+    "chunk_size",
+    "time_step_limit",
+    "in_proj",
+    "conv1d",
+    "activation",
+    "A_log",
+    "D",
+    "dt_bias",
+    "norm",
+    "out_proj",
+)
 
 
 def _scan_kernel(module):

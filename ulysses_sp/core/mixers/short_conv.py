@@ -19,6 +19,8 @@ from . import common
 from .common import MixerContext
 
 CLASSES = ("Lfm2ShortConv", "Lfm2MoeShortConv")
+#: what the forward below reads of the module (checked by patch: a transformers that renamed it is refused)
+READS = ("in_proj", "conv", "out_proj")
 
 
 def make_context(module: torch.nn.Module, topology) -> MixerContext:
