@@ -275,6 +275,32 @@ def _check(ctx, topo, family: str, docs=None, pad: int = 0, batch: int = 2, seq:
     assert not any("forward" in vars(m) for m in patched), "remove restores the mixers' own forward"
 
 
+def _check_shard_batch(ctx, topo, family: str, seq: int = 23):
+    """The data path: a packed row given as ``cu_seqlens`` to ``shard_batch``, which pads 23 tokens to a
+    multiple of P; logits of the valid tokens and every gradient against per-document runs."""
+    model = _model(family, ctx.dtype).to(ctx.device)
+    ref = clone(model)
+    ids = tokens(1, seq, seed=5, device=ctx.device)
+    weights = torch.randn(1, seq, model.config.vocab_size, generator=torch.Generator().manual_seed(3))
+    weights = weights.to(ctx.device, ctx.dtype)
+    ref_logits = _reference(ref, ids, [[7, 9, 7]])
+    (ref_logits.float() * weights).sum().backward()
+    ulysses_sp.apply(model, topo)
+    cu = torch.tensor([0, 7, 16, seq], dtype=torch.int32, device=ctx.device)
+    local = ulysses_sp.shard_batch({"input_ids": ids, "cu_seqlens": cu}, topo)
+    logits = model(input_ids=local["input_ids"], ulysses_sp_info=local["ulysses_sp_info"]).logits  # [1, s, V]
+    lo = topo.sp_rank * logits.shape[1]
+    n = max(0, min(seq - lo, logits.shape[1]))  # valid tokens of this shard (the last one holds the padding)
+    tol = tolerances(ctx.dtype)
+    torch.testing.assert_close(logits[:, :n], ref_logits[:, lo : lo + n].detach(), **tol)
+    (logits[:, :n].float() * weights[:, lo : lo + n]).sum().backward()
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad = comm.all_reduce(p.grad, topo.sp_group)
+    assert_grads_close(model, ref, **tol)
+    ulysses_sp.remove(model)
+
+
 #: one family per mixer kind at sp4 and dp2 x sp2; every family runs at sp2
 CORE_FAMILIES = ["qwen3_next", "lfm2", "nemotron_h", "jamba", "kimi_linear", "minimax"]
 
@@ -290,6 +316,9 @@ def _body(ctx, layouts, families):
         for family in families:
             for batch in batches:
                 _check(ctx, topo, family, **BATCHES[batch])
+        if sp_size == 2 and "packed" in batches:
+            for family in CORE_FAMILIES:
+                _check_shard_batch(ctx, topo, family)
         if sp_size == 4:  # two value heads cannot be split over four ranks: refused before any collective
             model = _model("qwen3_5", ctx.dtype, linear_num_key_heads=2, linear_num_value_heads=2)
             with pytest.raises(ValueError, match=r"sp_size=4 exceeds the 2 heads .*linear_num_value_heads=2"):
@@ -297,7 +326,8 @@ def _body(ctx, layouts, families):
             assert not ulysses_sp.is_applied(model)
 
 
-#: world size -> (layouts, families): sp2 the plain and packed batches of every family; sp4 the packed
+#: world size -> (layouts, families): sp2 the plain and packed batches of every family (and the packed
+#: batch through shard_batch's cu_seqlens on one family per mixer kind); sp4 the packed
 #: batch (its second row is one plain sequence; documents cross the shards' borders) and the refusal,
 #: dp2 x sp2 the plain and the padded batch, on one family per mixer kind
 LAYOUTS = {
