@@ -9,7 +9,9 @@ sized for the shard); the masks are ours, built from the step's SequenceInfo. ``
 original configs back and unregisters the name; a model freed without ``remove`` unregisters it too.
 
 A forward pre-hook on the model's backbone completes each call with what the shard alone does not
-carry (model_inputs.py).
+carry (model_inputs.py). A second one on the model itself keeps the position ids and SequenceInfo of
+the call for heads that do not pass them on to their backbone (Mamba's): without them the backbone
+would see one plain sequence and a recurrent layer would run across packed documents.
 
 A PEFT model (``peft.get_peft_model``) is seen through: SP goes on the transformers model inside it,
 which also holds this module's state, so the wrapper and the inner model answer alike (wrappers.py).
@@ -21,12 +23,13 @@ import copy
 import inspect
 import itertools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers
 from packaging.version import Version
 
+from . import mixers
 from .attention import UlyssesAttention
 from .backends.flash import check_installed
 from .checks import check_int
@@ -34,11 +37,14 @@ from .heads import plan_heads, smallest_ring
 from .layout import ring_size_of
 from .model_inputs import complete_kwargs
 from .ring import RING_BACKENDS
+from .sequence_info import SEQ_INFO_KWARG
 from .topology import SPTopology, ulysses_of
 from .wrappers import check_adapters, unwrap
 
 MIN_TRANSFORMERS = Version("5.0")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+#: layer types that do not mix the sequence (Nemotron-H's feed-forward-only layers)
+TOKENWISE_LAYER_TYPES = ("mlp", "moe")
 _names = itertools.count()
 
 
@@ -48,8 +54,11 @@ class _State:
     attention: UlyssesAttention
     config_refs: list  # (module, original config object) for every module whose config we swapped
     hook: torch.utils.hooks.RemovableHandle
+    outer_hook: torch.utils.hooks.RemovableHandle | None
     forward_params: tuple[str, ...]
     unregister: weakref.finalize  # drops the name from transformers' registry: on remove, or with the model
+    mixers: mixers.Patched  # the model's linear-attention / SSM / conv mixers under SP
+    call: dict = field(default_factory=dict)  # position ids / SequenceInfo of the model call, for the backbone
 
 
 def _check_transformers() -> None:
@@ -127,14 +136,23 @@ def _validate(model, config, topology: SPTopology, impl: str, head_chunks: int =
             "through the mask it builds per shard, which is wrong for a sharded sequence, so ulysses_sp "
             "refuses it; train this model without sequence parallelism"
         )
-    unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
-    if unsupported:
+    mixer_layers = [t for t in layer_types if t not in SUPPORTED_LAYER_TYPES + TOKENWISE_LAYER_TYPES]
+    found = mixers.find(model)
+    if mixer_layers and len(mixer_layers) != len(found):
         raise ValueError(
-            f"{type(model).__name__} has layers of type {unsupported}; ulysses_sp shards the sequence "
-            f"across ranks and supports only {list(SUPPORTED_LAYER_TYPES)} layers (recurrent/linear-attention "
-            "layers need the whole sequence in order)"
+            f"{type(model).__name__} has {len(mixer_layers)} layers of type {sorted(set(mixer_layers))}, of which "
+            f"ulysses_sp can run {len(found)} under sequence parallelism: it supports {list(SUPPORTED_LAYER_TYPES)} "
+            "layers and the linear-attention / SSM / convolution mixers listed in docs/hybrid-models.md"
+        )
+    if found and ring_size_of(topology) > 1:
+        raise ValueError(
+            f"{type(model).__name__} has {len(found)} linear-attention / SSM / convolution layers, which ulysses_sp "
+            f"runs over the Ulysses all-to-all only, not on a ring (ring_size={topology.ring_size}: the ring's "
+            "load-balanced layout has no state passing for them); use ring_size=1"
         )
     heads = getattr(config, "num_attention_heads", None)
+    if heads is None and mixer_layers and not any(t in SUPPORTED_LAYER_TYPES for t in layer_types):
+        return  # no attention at all (Mamba, Mamba2): every layer is a mixer, nothing to plan here
     if heads is None:
         raise ValueError(f"{type(config).__name__} has no num_attention_heads; cannot plan the head split")
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -234,6 +252,7 @@ def apply(
     if impl.startswith("ulysses_sp"):
         raise ValueError("the model's attention is already a ulysses_sp wrapper (applied to a shared config?)")
     _validate(inner, text_config, topology, impl, head_chunks)
+    patched = mixers.patch(inner, topology)  # raises before any change when a mixer cannot be split
     attention = UlyssesAttention(topology, impl, head_chunks)
     name = f"ulysses_sp_{next(_names)}"
     _attention_interface().register(name, attention)
@@ -241,10 +260,13 @@ def apply(
     backbone = inner.base_model
     params = tuple(inspect.signature(backbone.forward).parameters)
     hook = backbone.register_forward_pre_hook(_make_pre_hook(inner), with_kwargs=True)
+    outer_hook = (
+        None if backbone is inner else inner.register_forward_pre_hook(_make_outer_hook(inner), with_kwargs=True)
+    )
     # transformers' registry is process-global: without this a model freed unremoved would leave its
     # attention, and through it the topology's process groups, alive until interpreter exit
     unregister = weakref.finalize(inner, _unregister, name)
-    inner._ulysses_sp = _State(topology, attention, refs, hook, params, unregister)
+    inner._ulysses_sp = _State(topology, attention, refs, hook, outer_hook, params, unregister, patched)
     return model
 
 
@@ -254,15 +276,18 @@ def _unregister(name: str) -> None:
 
 def remove(model: torch.nn.Module):
     """Undo :func:`apply` (on ``model`` or the PEFT wrapper around it): original configs (and
-    attention), no hook, name unregistered."""
+    attention), the mixers' own forwards, no hook, name unregistered."""
     inner = unwrap(model)
     state: _State | None = getattr(inner, "_ulysses_sp", None)
     if state is None:
         raise ValueError("ulysses_sp is not applied to this model")
     state.hook.remove()
+    if state.outer_hook is not None:
+        state.outer_hook.remove()
     for module, cfg in state.config_refs:
         module.config = cfg
     state.unregister()
+    state.mixers.restore()
     del inner._ulysses_sp
     return model
 
@@ -271,6 +296,19 @@ def _make_pre_hook(model):
     def pre_hook(module, args, kwargs):
         state: _State = model._ulysses_sp
         kwargs = {**dict(zip(state.forward_params, args)), **kwargs}
-        return (), complete_kwargs(kwargs, state.topology)
+        for key, value in state.call.items():  # what the model's head did not pass on
+            if kwargs.get(key) is None:
+                kwargs[key] = value
+        state.call = {}
+        kwargs = complete_kwargs(kwargs, state.topology)
+        state.mixers.info = kwargs[SEQ_INFO_KWARG]  # for mixers whose layer drops the keyword (Jamba)
+        return (), kwargs
 
     return pre_hook
+
+
+def _make_outer_hook(model):
+    def outer_hook(module, args, kwargs):
+        model._ulysses_sp.call = {k: kwargs[k] for k in ("position_ids", SEQ_INFO_KWARG) if kwargs.get(k) is not None}
+
+    return outer_hook

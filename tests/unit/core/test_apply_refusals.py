@@ -21,16 +21,13 @@ def _model(config):
 
 
 def test_models_ulysses_sp_refuses():
-    mamba = small_model("MambaConfig", state_size=4)
+    lfm3 = small_model("Lfm3Config", num_hidden_layers=2, layer_types=["conv", "full_attention"], pad_token_id=0)
     with pytest.raises(
         ValueError,
-        match=r"MambaForCausalLM has layers of type \['linear_attention'\]; .*supports only "
-        r"\['full_attention', 'sliding_attention'\]",
+        match=r"Lfm3ForCausalLM has 1 layers of type \['conv'\], of which ulysses_sp can run 0 .*"
+        r"supports \['full_attention', 'sliding_attention'\] layers and the linear-attention",
     ):
-        ulysses_sp.apply(mamba, TOPO2)
-    hybrid = small_model("Lfm2Config", num_hidden_layers=2, layer_types=["conv", "full_attention"])
-    with pytest.raises(ValueError, match=r"Lfm2ForCausalLM has layers of type \['conv'\]"):
-        ulysses_sp.apply(hybrid, TOPO2)
+        ulysses_sp.apply(lfm3, TOPO2)
     bloom = small_model("BloomConfig", n_layer=1, n_head=4)
     with pytest.raises(
         ValueError,
@@ -56,7 +53,7 @@ def test_models_ulysses_sp_refuses():
         r"use one of \['sdpa'",
     ):
         UlyssesAttention(TOPO2, "paged_attention")
-    for model in (mamba, hybrid, bloom, falcon, doge, uneven_kv, few_heads):
+    for model in (lfm3, bloom, falcon, doge, uneven_kv, few_heads):
         assert not ulysses_sp.is_applied(model)
 
 
@@ -66,3 +63,23 @@ def test_a_mask_the_size_of_the_shard_is_named_as_such():
         ValueError, match=r"attention got a \[4, 4\] mask, the size of the local shard \(8 tokens over 2"
     ):
         UlyssesAttention._full_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), 8, 4, 2, slice(0, 1))
+
+
+def test_a_mixer_module_shaped_otherwise_is_refused():
+    """A transformers whose mixer lacks what our forward reads (here: A_log removed) is refused by name,
+    before anything is changed."""
+    model = small_model(
+        "Qwen3_5TextConfig",
+        num_hidden_layers=2,
+        head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        layer_types=["linear_attention", "full_attention"],
+    )
+    mixer = model.model.layers[0].linear_attn
+    del mixer.A_log
+    with pytest.raises(ValueError, match=r"Qwen3_5GatedDeltaNet of this transformers \(.*\) has no \['A_log'\]"):
+        ulysses_sp.apply(model, TOPO2)
+    assert not ulysses_sp.is_applied(model) and "forward" not in vars(mixer)
