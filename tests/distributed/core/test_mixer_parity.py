@@ -324,6 +324,12 @@ def _body(ctx, layouts, families):
             with pytest.raises(ValueError, match=r"sp_size=4 exceeds the 2 heads .*linear_num_value_heads=2"):
                 ulysses_sp.apply(model, topo)
             assert not ulysses_sp.is_applied(model)
+            # mixers run over the Ulysses all-to-all only: a ring (its zigzag layout) is refused
+            hybrid = ulysses_sp.init_sp(4, ring_size=2)
+            model = _model("qwen3_next", ctx.dtype)
+            with pytest.raises(ValueError, match=r"not on a ring \(ring_size=2"):
+                ulysses_sp.apply(model, hybrid)
+            assert not ulysses_sp.is_applied(model)
 
 
 #: world size -> (layouts, families): sp2 the plain and packed batches of every family (and the packed
