@@ -107,6 +107,7 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
             f"across ranks and supports only {list(SUPPORTED_LAYER_TYPES)} layers (recurrent/linear-attention "
             "layers need the whole sequence in order)"
         )
+    _validate_positions(model)
     heads = getattr(config, "num_attention_heads", None)
     if heads is None:
         raise ValueError(f"{type(config).__name__} has no num_attention_heads; cannot plan the head split")
@@ -119,6 +120,23 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
         )
     plan_heads(heads, kv, topology.sp_size)  # raises on sp > heads
     check_installed(impl)
+
+
+def _validate_positions(model) -> None:
+    """Refuse models whose positions do not follow the global position ids SP hands them."""
+    backbone = model.base_model
+    if "position_ids" not in inspect.signature(backbone.forward).parameters:
+        raise ValueError(
+            f"{type(model).__name__}'s backbone ({type(backbone).__name__}) takes no position_ids: it numbers "
+            "positions from the start of each call, which under sequence parallelism is the start of the shard, "
+            "so ulysses_sp refuses it (e.g. BART-style decoders with learned positions); train it without SP"
+        )
+    if any(hasattr(m, "create_position_ids_from_input_ids") for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} derives its position ids from the token ids (offset past padding_idx, "
+            "skipping padding tokens, e.g. RoBERTa), which a shard cannot do for the full sequence and "
+            "ulysses_sp's global position ids do not reproduce, so ulysses_sp refuses it; train it without SP"
+        )
 
 
 def _swap_configs(model, text_config, name: str) -> list:

@@ -46,32 +46,58 @@ def _model(preset: str, backend: str, dtype: torch.dtype, **overrides):
 
 
 def _check_parity(ctx, topo, preset, backend, batch=2, seq=24, **overrides):
+    check_model_parity(ctx, topo, _model(preset, backend, ctx.dtype, **overrides), f"{preset}/{backend}", batch, seq)
+
+
+def check_model_parity(ctx, topo, model, label: str, batch: int = 2, seq: int = 24):
+    """Apply SP to ``model``; its local logits and every gradient (summed over the SP group) equal a
+    non-SP copy's on the same batch. SP is removed again afterwards."""
     dtype = ctx.dtype
-    model = _model(preset, backend, dtype, **overrides).to(ctx.device)
+    model = model.to(ctx.device)
     ref = clone(model)
     # each DP group gets its own batch; ranks of one SP group share it
     ids = tokens(batch, seq, seed=100 + topo.dp_rank, device=ctx.device)
     weights = torch.randn(
         batch, seq, model.config.vocab_size, generator=torch.Generator().manual_seed(7 + topo.dp_rank)
     ).to(ctx.device, dtype)
-    ref_logits = ref(input_ids=ids).logits
-    (ref_logits.float() * weights).sum().backward()
-
     ulysses_sp.apply(model, topo)
-    s = seq // topo.sp_size
-    sl = slice(topo.sp_rank * s, (topo.sp_rank + 1) * s)
-    pos = torch.arange(seq, device=ctx.device)[sl].unsqueeze(0).expand(batch, -1)
-    logits = model(input_ids=ids[:, sl], position_ids=pos).logits
-    tol = tolerances(dtype)
-    torch.testing.assert_close(
-        logits, ref_logits[:, sl].detach(), **tol, msg=lambda m: f"{preset}/{backend} logits: {m}"
-    )
-    (logits.float() * weights[:, sl]).sum().backward()
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad = comm.all_reduce(p.grad, topo.sp_group)
-    assert_grads_close(model, ref, **tol)
-    ulysses_sp.remove(model)
+    try:
+        ref_logits = ref(input_ids=ids).logits
+        (ref_logits.float() * weights).sum().backward()
+        s = seq // topo.sp_size
+        sl = slice(topo.sp_rank * s, (topo.sp_rank + 1) * s)
+        pos = torch.arange(seq, device=ctx.device)[sl].unsqueeze(0).expand(batch, -1)
+        logits = model(input_ids=ids[:, sl], position_ids=pos).logits
+        tol = tolerances(dtype)
+        _assert_on_every_rank(
+            topo,
+            lambda: torch.testing.assert_close(
+                logits, ref_logits[:, sl].detach(), **tol, msg=lambda m: f"{label} logits: {m}"
+            ),
+            ctx.device,
+        )
+        (logits.float() * weights[:, sl]).sum().backward()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad = comm.all_reduce(p.grad, topo.sp_group)
+        assert_grads_close(model, ref, **tol)
+    finally:
+        ulysses_sp.remove(model)
+
+
+def _assert_on_every_rank(topo, check, device) -> None:
+    """Run ``check`` (it raises AssertionError) and fail on every rank of the SP group when it fails on
+    any: a rank that failed alone would leave the others waiting in the next collective."""
+    try:
+        check()
+        error = None
+    except AssertionError as e:
+        error = e
+    failed = comm.all_reduce(torch.tensor([float(error is not None)], device=device), topo.sp_group)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise AssertionError("the check failed on another rank of the SP group")
 
 
 def _body_parity(ctx, sp_size, cases):
