@@ -35,7 +35,7 @@ from .topology import SPTopology
 from .wrappers import check_adapters, unwrap
 
 MIN_TRANSFORMERS = Version("5.0")
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 _names = itertools.count()
 
 
@@ -93,12 +93,17 @@ def _validate(model, config, topology: SPTopology, impl: str) -> None:
             "so ulysses_sp cannot wrap it; use a model whose attention calls ALL_ATTENTION_FUNCTIONS"
         )
     layer_types = getattr(config, "layer_types", None) or []
-    if getattr(config, "attention_chunk_size", None) or "chunked_attention" in layer_types:
+    if getattr(config, "attention_chunk_size", None) and not layer_types:
         raise ValueError(
-            f"{type(model).__name__} uses chunked attention (attention_chunk_size="
-            f"{getattr(config, 'attention_chunk_size', None)}, e.g. Llama 4): transformers expresses it only "
-            "through the mask it builds per shard, which is wrong for a sharded sequence, so ulysses_sp "
-            "refuses it; train this model without sequence parallelism"
+            f"{type(model).__name__} sets attention_chunk_size={config.attention_chunk_size} but no layer_types, "
+            "so ulysses_sp cannot tell which layers attend in chunks (Llama 4 marks them 'chunked_attention'); "
+            "upgrade transformers or train this model without sequence parallelism"
+        )
+    if "chunked_attention" in layer_types and impl.startswith("flash_attention"):
+        raise ValueError(
+            f"{type(model).__name__} has chunked-attention layers (attention_chunk_size="
+            f"{config.attention_chunk_size}), which ulysses_sp computes on sdpa, flex_attention and eager, "
+            f"not on {impl}; pass attn_implementation='sdpa' or 'flex_attention'"
         )
     unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
     if unsupported:

@@ -19,6 +19,18 @@ FAMILIES = {
     "JetMoeConfig": dict(
         num_key_value_heads=2, kv_channels=8, intermediate_size=32, num_local_experts=2, num_experts_per_tok=2
     ),
+    # Llama 4: a chunked layer (chunks of 8 < 24 tokens, crossing the shards) and a NoPE full layer whose
+    # queries are scaled by their index in the call (attn_temperature_tuning; floor_scale 4 makes it vary)
+    "Llama4TextConfig": dict(
+        num_hidden_layers=2,
+        head_dim=8,
+        intermediate_size_mlp=64,
+        num_local_experts=2,
+        attention_chunk_size=8,
+        no_rope_layers=[1, 0],
+        layer_types=["chunked_attention", "full_attention"],
+        floor_scale=4,
+    ),
     # gated attention output viewed as [B, s, N*H]
     "AfmoeConfig": dict(
         num_hidden_layers=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16
@@ -36,6 +48,8 @@ CASES = [  # (preset, backend)
     ("tiny-gpt-oss", "eager"),  # attention sinks sliced per rank; sliding layer shorter than the sequence
     ("JetMoeConfig", "sdpa"),  # 4 heads: one per rank at sp4, where the output must still be contiguous
     ("AfmoeConfig", "sdpa"),
+    ("Llama4TextConfig", "sdpa"),  # chunked attention; NoPE query temperature at global indices
+    ("Llama4TextConfig", "eager"),
 ]
 
 
