@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +26,7 @@ def test_models_ulysses_sp_refuses():
     with pytest.raises(
         ValueError,
         match=r"MambaForCausalLM has layers of type \['linear_attention'\]; .*supports only "
-        r"\['full_attention', 'sliding_attention'\]",
+        r"\['full_attention', 'sliding_attention', 'chunked_attention'\]",
     ):
         ulysses_sp.apply(mamba, TOPO2)
     hybrid = small_model("Lfm2Config", num_hidden_layers=2, layer_types=["conv", "full_attention"])
@@ -66,3 +67,14 @@ def test_a_mask_the_size_of_the_shard_is_named_as_such():
         ValueError, match=r"attention got a \[4, 4\] mask, the size of the local shard \(8 tokens over 2"
     ):
         UlyssesAttention._full_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), 8, 4, 2, slice(0, 1))
+
+
+def test_transformers_outside_the_tested_range(monkeypatch):
+    """Older than the tested range: refused; newer: a warning (docs/testing.md, setup.cfg)."""
+    apply_module = importlib.import_module("ulysses_sp.core.apply")  # the module, not the function
+    monkeypatch.setattr(apply_module, "transformers", SimpleNamespace(__version__="5.16.2"))
+    with pytest.raises(RuntimeError, match=r"needs transformers >= 5.17, .* 'transformers>=5.17,<5.26'"):
+        apply_module._check_transformers()
+    monkeypatch.setattr(apply_module, "transformers", SimpleNamespace(__version__="5.26.0"))
+    with pytest.warns(UserWarning, match=r"tested with transformers >= 5.17, < 5.26; found 5.26.0"):
+        apply_module._check_transformers()
