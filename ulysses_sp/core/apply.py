@@ -28,6 +28,7 @@ import torch
 import transformers
 from packaging.version import Version
 
+from . import vlm
 from .attention import UlyssesAttention
 from .backends.flash import check_installed
 from .heads import plan_heads
@@ -195,23 +196,23 @@ def apply(model: torch.nn.Module, topology: SPTopology, attn_implementation: str
         raise ValueError("ulysses_sp is already applied to this model; call ulysses_sp.remove(model) first")
     config = inner.config
     text_config = config.get_text_config(decoder=True)
-    if text_config is not config:
-        raise ValueError(
-            f"{type(inner).__name__} is a composite (e.g. multimodal) model; ulysses_sp supports "
-            "decoder-only language models for now"
-        )
+    composite = text_config is not config
+    if composite:
+        vlm.check_supported(inner)
     original = config._attn_implementation or "sdpa"
     impl = attn_implementation or original
     if impl.startswith("ulysses_sp"):
         raise ValueError("the model's attention is already a ulysses_sp wrapper (applied to a shared config?)")
-    _validate(inner, text_config, topology, impl)
+    _validate(vlm.language_model(inner) if composite else inner, text_config, topology, impl)
     attention = UlyssesAttention(topology, impl)
     name = f"ulysses_sp_{next(_names)}"
     _attention_interface().register(name, attention)
     refs = _swap_configs(inner, text_config, name)
-    backbone = inner.base_model
+    # the hook completes the backbone's call; in a VLM it shards the language model's full-sequence inputs
+    backbone = vlm.language_model(inner) if composite else inner.base_model
     params = tuple(inspect.signature(backbone.forward).parameters)
-    hook = backbone.register_forward_pre_hook(_make_pre_hook(inner), with_kwargs=True)
+    complete = vlm.shard_language_inputs if composite else complete_kwargs
+    hook = backbone.register_forward_pre_hook(_make_pre_hook(inner, complete), with_kwargs=True)
     # transformers' registry is process-global: without this a model freed unremoved would leave its
     # attention, and through it the topology's process groups, alive until interpreter exit
     unregister = weakref.finalize(inner, _unregister, name)
@@ -238,10 +239,10 @@ def remove(model: torch.nn.Module):
     return model
 
 
-def _make_pre_hook(model):
+def _make_pre_hook(model, complete):
     def pre_hook(module, args, kwargs):
         state: _State = model._ulysses_sp
         kwargs = {**dict(zip(state.forward_params, args)), **kwargs}
-        return (), complete_kwargs(kwargs, state.topology)
+        return (), complete(kwargs, state.topology)
 
     return pre_hook

@@ -64,9 +64,10 @@ def _check_parity(ctx, topo, preset, backend, batch=2, seq=24, **overrides):
     check_model_parity(ctx, topo, _model(preset, backend, ctx.dtype, **overrides), f"{preset}/{backend}", batch, seq)
 
 
-def check_model_parity(ctx, topo, model, label: str, batch: int = 2, seq: int = 24):
+def check_model_parity(ctx, topo, model, label: str, batch: int = 2, seq: int = 24, full_inputs=None):
     """Apply SP to ``model``; its local logits and every gradient (summed over the SP group) equal a
-    non-SP copy's on the same batch (flex_attention on CPU: logits only, torch has no CPU flex
+    non-SP copy's on the same batch (``full_inputs``: a VLM's whole sample, which SP ranks are also
+    called with) (flex_attention on CPU: logits only, torch has no CPU flex
     backward, against the copy on sdpa). SP is removed again afterwards."""
     dtype = ctx.dtype
     model = model.to(ctx.device)
@@ -74,21 +75,21 @@ def check_model_parity(ctx, topo, model, label: str, batch: int = 2, seq: int = 
     # each DP group gets its own batch; ranks of one SP group share it
     ids = tokens(batch, seq, seed=100 + topo.dp_rank, device=ctx.device)
     weights = torch.randn(
-        batch, seq, model.config.vocab_size, generator=torch.Generator().manual_seed(7 + topo.dp_rank)
+        batch, seq, model.config.get_text_config().vocab_size, generator=torch.Generator().manual_seed(7 + topo.dp_rank)
     ).to(ctx.device, dtype)
     ulysses_sp.apply(model, topo)
     try:
         forward_only = ref.config._attn_implementation == "flex_attention" and ctx.device.type == "cpu"
         if forward_only:  # transformers' own flex mask compiles with Inductor, which CPU CI cannot build
             ref.set_attn_implementation("sdpa")
-        ref_logits = ref(input_ids=ids).logits
+        ref_logits = ref(**(full_inputs or {"input_ids": ids})).logits
         if not forward_only:
             (ref_logits.float() * weights).sum().backward()
         s = seq // topo.sp_size
         sl = slice(topo.sp_rank * s, (topo.sp_rank + 1) * s)
         pos = torch.arange(seq, device=ctx.device)[sl].unsqueeze(0).expand(batch, -1)
         with torch.set_grad_enabled(not forward_only):
-            logits = model(input_ids=ids[:, sl], position_ids=pos).logits
+            logits = model(**(full_inputs or {"input_ids": ids[:, sl], "position_ids": pos})).logits
         tol = tolerances(dtype)
         _assert_on_every_rank(
             topo,
