@@ -150,6 +150,16 @@ def test_parity_world8_layouts():
 
 
 @pytest.mark.gpu
+def test_chunked_attention_gpu():
+    """Llama 4's chunked attention with gradients on flex_attention's CUDA kernel (CPU flex has no
+    backward), and on sdpa and eager: sp2 on a 2-GPU host, else sp1 (no exchange, same kernels and masks)."""
+    if not harness.on_gpu():
+        pytest.skip("GPU-only: run with ULYSSES_SP_TEST_BACKEND=nccl on a CUDA machine")
+    world = min(2, torch.cuda.device_count())
+    harness.run(_body_parity, world, world, [("Llama4TextConfig", b) for b in ("flex_attention", "sdpa", "eager")])
+
+
+@pytest.mark.gpu
 def test_sinks_flex_gpu():
     """GPT-OSS's attention sinks on flex_attention (renormalised with flex's log-sum-exp; flex has no
     backward on CPU): logits and every gradient, the sinks' included, at sp=2."""

@@ -11,6 +11,7 @@ import transformers
 import ulysses_sp
 from tests.distributed import harness
 from tests.distributed.core.test_attention_parity import check_model_parity
+from tests.helpers import tolerances
 from ulysses_sp.core import comm
 
 #: token ids of the tiny vocabulary: image placeholder, vision start / end
@@ -59,7 +60,7 @@ def image_batch(batch: int, seed: int, device) -> dict:
 def _body_vlm(ctx, sp, models):
     topo = ulysses_sp.init_sp(sp)
     for config_name, model_name in models:
-        model = tiny_vlm(config_name, model_name)
+        model = tiny_vlm(config_name, model_name).to(ctx.dtype)
         inputs = image_batch(2, 100 + topo.dp_rank, ctx.device)
         check_model_parity(ctx, topo, model, model_name, seq=SEQ, full_inputs=inputs)
         _check_text_loss(topo, model, inputs)
@@ -78,7 +79,7 @@ def _check_text_loss(topo, model, inputs):
         local = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), shift.flatten(), reduction="sum")
         count = (labels[:, 1:] != -100).sum()
         loss = comm.all_reduce_autograd_sum(local, topo.sp_group) / count
-        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, ref.float(), **tolerances(next(model.parameters()).dtype))
     finally:
         ulysses_sp.remove(model)
 
@@ -86,3 +87,12 @@ def _check_text_loss(topo, model, inputs):
 @pytest.mark.parametrize("world,sp", [(2, 2)], ids=["sp2"])
 def test_vlm_parity(world, sp):
     harness.run(_body_vlm, world, sp, MODELS)
+
+
+@pytest.mark.gpu
+def test_vlm_parity_gpu():
+    """The same on CUDA (this transformers' vision attention kernels): sp2 on a 2-GPU host, else sp1."""
+    if not harness.on_gpu():
+        pytest.skip("GPU-only: run with ULYSSES_SP_TEST_BACKEND=nccl on a CUDA machine")
+    world = min(2, torch.cuda.device_count())
+    harness.run(_body_vlm, world, world, MODELS)
