@@ -9,7 +9,8 @@ sized for the shard); the masks are ours, built from the step's SequenceInfo. ``
 original configs back and unregisters the name; a model freed without ``remove`` unregisters it too.
 
 A forward pre-hook on the model's backbone completes each call with what the shard alone does not
-carry (model_inputs.py).
+carry (model_inputs.py); in a vision-language model, on its language model, it shards the full
+sequence the model built from the whole sample (vlm.py).
 
 A PEFT model (``peft.get_peft_model``) is seen through: SP goes on the transformers model inside it,
 which also holds this module's state, so the wrapper and the inner model answer alike (wrappers.py).
@@ -179,7 +180,8 @@ def apply(model: torch.nn.Module, topology: SPTopology, attn_implementation: str
     """Wrap the attention of ``model`` (only) with Ulysses SP over ``topology``; returns ``model``.
 
     ``model``: a transformers causal LM, or a PEFT model wrapping one (LoRA adapters; SP goes on the
-    model inside, see wrappers.py). ``attn_implementation`` picks the core kernel run over the full
+    model inside, see wrappers.py), or a Qwen2.5-VL / Qwen3-VL model (called with the full sample on
+    every rank, vlm.py). ``attn_implementation`` picks the core kernel run over the full
     sequence (default: the model's own, e.g. "sdpa"). Afterwards call the model with the local shard:
     ``model(input_ids=[B, S/P], position_ids=[B, S/P] global positions)``, ideally the output of
     :func:`ulysses_sp.shard_batch`; outputs are the local shard's.

@@ -78,3 +78,17 @@ def test_transformers_outside_the_tested_range(monkeypatch):
     monkeypatch.setattr(apply_module, "transformers", SimpleNamespace(__version__="5.26.0"))
     with pytest.warns(UserWarning, match=r"tested with transformers >= 5.17, < 5.26; found 5.26.0"):
         apply_module._check_transformers()
+
+
+def test_models_whose_positions_ignore_the_global_ids_are_refused():
+    """Found by the family sweep as silent mismatches: BART-style decoders number positions from the
+    start of the call (their backbone takes no position_ids); RoBERTa-style embeddings derive position
+    ids from the token ids, offset past padding_idx."""
+    from tests import families
+
+    bart, roberta = families.tiny_model("bart"), families.tiny_model("roberta")
+    with pytest.raises(ValueError, match=r"BartForCausalLM's backbone \(BartDecoderWrapper\) takes no position_ids"):
+        ulysses_sp.apply(bart, TOPO2)
+    with pytest.raises(ValueError, match=r"RobertaForCausalLM derives its position ids from the token ids"):
+        ulysses_sp.apply(roberta, TOPO2)
+    assert not ulysses_sp.is_applied(bart) and not ulysses_sp.is_applied(roberta)
