@@ -101,9 +101,10 @@ def check_model_parity(ctx, topo, model, label: str, batch: int = 2, seq: int = 
         if forward_only:
             return
         (logits.float() * weights[:, sl]).sum().backward()
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad = comm.all_reduce(p.grad, topo.sp_group)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        summed = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), topo.sp_group)  # one collective
+        for g, total in zip(grads, summed.split([g.numel() for g in grads])):
+            g.copy_(total.view_as(g))
         assert_grads_close(model, ref, **tol)
     finally:
         ulysses_sp.remove(model)
