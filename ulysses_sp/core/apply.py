@@ -9,9 +9,11 @@ sized for the shard); the masks are ours, built from the step's SequenceInfo. ``
 original configs back and unregisters the name; a model freed without ``remove`` unregisters it too.
 
 A forward pre-hook on the model's backbone completes each call with what the shard alone does not
-carry (model_inputs.py). A second one on the model itself keeps the position ids and SequenceInfo of
-the call for heads that do not pass them on to their backbone (Mamba's): without them the backbone
-would see one plain sequence and a recurrent layer would run across packed documents.
+carry (model_inputs.py); in a vision-language model, on its language model, it shards the full
+sequence the model built from the whole sample (vlm.py). A second one on the model itself keeps the
+position ids and SequenceInfo of the call for heads that do not pass them on to their backbone
+(Mamba's): without them the backbone would see one plain sequence and a recurrent layer would run
+across packed documents.
 
 A PEFT model (``peft.get_peft_model``) is seen through: SP goes on the transformers model inside it,
 which also holds this module's state, so the wrapper and the inner model answer alike (wrappers.py).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -29,7 +32,7 @@ import torch
 import transformers
 from packaging.version import Version
 
-from . import mixers
+from . import mixers, vlm
 from .attention import UlyssesAttention
 from .backends.flash import check_installed
 from .checks import check_int
@@ -41,8 +44,12 @@ from .sequence_info import SEQ_INFO_KWARG
 from .topology import SPTopology, ulysses_of
 from .wrappers import check_adapters, unwrap
 
-MIN_TRANSFORMERS = Version("5.0")
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+#: the transformers releases tested (docs/testing.md): the CPU suite on the newest, 5.25, the GPU runs on
+#: 5.17; setup.cfg pins the same range. A newer release may route a family's attention differently (5.25
+#: moved Falcon onto AttentionInterface), so it gets a warning until the suite has run on it.
+MIN_TRANSFORMERS = Version("5.17")
+UNTESTED_TRANSFORMERS = Version("5.26")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 #: layer types that do not mix the sequence (Nemotron-H's feed-forward-only layers)
 TOKENWISE_LAYER_TYPES = ("mlp", "moe")
 _names = itertools.count()
@@ -65,8 +72,17 @@ def _check_transformers() -> None:
     version = Version(transformers.__version__)
     if version < MIN_TRANSFORMERS:
         raise RuntimeError(
-            f"ulysses_sp needs transformers >= {MIN_TRANSFORMERS} (AttentionInterface and attention kwargs "
-            f"passthrough); found {transformers.__version__}. Upgrade with: pip install -U 'transformers>=5'"
+            f"ulysses_sp needs transformers >= {MIN_TRANSFORMERS}, the oldest release it is tested with; found "
+            f"{transformers.__version__}. Upgrade with: "
+            f"pip install -U 'transformers>={MIN_TRANSFORMERS},<{UNTESTED_TRANSFORMERS}'"
+        )
+    if version.release[:2] >= UNTESTED_TRANSFORMERS.release[:2]:
+        warnings.warn(
+            f"ulysses_sp is tested with transformers >= {MIN_TRANSFORMERS}, < {UNTESTED_TRANSFORMERS}; found "
+            f"{transformers.__version__}: a newer release may route a model's attention differently. Run the "
+            "family sweep (tests/distributed/core/test_family_sweep.py) on it, or install "
+            f"'transformers<{UNTESTED_TRANSFORMERS}'",
+            stacklevel=3,
         )
 
 
@@ -129,12 +145,17 @@ def _validate(model, config, topology: SPTopology, impl: str, head_chunks: int =
             "so ulysses_sp cannot wrap it; use a model whose attention calls ALL_ATTENTION_FUNCTIONS"
         )
     layer_types = getattr(config, "layer_types", None) or []
-    if getattr(config, "attention_chunk_size", None) or "chunked_attention" in layer_types:
+    if getattr(config, "attention_chunk_size", None) and not layer_types:
         raise ValueError(
-            f"{type(model).__name__} uses chunked attention (attention_chunk_size="
-            f"{getattr(config, 'attention_chunk_size', None)}, e.g. Llama 4): transformers expresses it only "
-            "through the mask it builds per shard, which is wrong for a sharded sequence, so ulysses_sp "
-            "refuses it; train this model without sequence parallelism"
+            f"{type(model).__name__} sets attention_chunk_size={config.attention_chunk_size} but no layer_types, "
+            "so ulysses_sp cannot tell which layers attend in chunks (Llama 4 marks them 'chunked_attention'); "
+            "upgrade transformers or train this model without sequence parallelism"
+        )
+    if "chunked_attention" in layer_types and impl.startswith("flash_attention"):
+        raise ValueError(
+            f"{type(model).__name__} has chunked-attention layers (attention_chunk_size="
+            f"{config.attention_chunk_size}), which ulysses_sp computes on sdpa, flex_attention and eager, "
+            f"not on {impl}; pass attn_implementation='sdpa' or 'flex_attention'"
         )
     mixer_layers = [t for t in layer_types if t not in SUPPORTED_LAYER_TYPES + TOKENWISE_LAYER_TYPES]
     found = mixers.find(model)
@@ -153,6 +174,7 @@ def _validate(model, config, topology: SPTopology, impl: str, head_chunks: int =
     heads = getattr(config, "num_attention_heads", None)
     if heads is None and mixer_layers and not any(t in SUPPORTED_LAYER_TYPES for t in layer_types):
         return  # no attention at all (Mamba, Mamba2): every layer is a mixer, nothing to plan here
+    _validate_positions(model)
     if heads is None:
         raise ValueError(f"{type(config).__name__} has no num_attention_heads; cannot plan the head split")
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -163,7 +185,7 @@ def _validate(model, config, topology: SPTopology, impl: str, head_chunks: int =
             "head to serve the same number of query heads (num_attention_heads % num_key_value_heads == 0)"
         )
     if ring_size_of(topology) > 1:
-        _validate_ring(topology, heads, impl)
+        _validate_ring(topology, heads, impl, config)
     ulysses = ulysses_of(topology)[0]
     plan_heads(heads, kv, ulysses)  # raises on more Ulysses ranks than heads
     check_int("head_chunks", head_chunks)
@@ -184,8 +206,15 @@ def _validate(model, config, topology: SPTopology, impl: str, head_chunks: int =
     check_installed(impl)
 
 
-def _validate_ring(topology: SPTopology, heads: int, impl: str) -> None:
+def _validate_ring(topology: SPTopology, heads: int, impl: str, config) -> None:
     u, r = topology.ulysses_size, topology.ring_size
+    if "chunked_attention" in (getattr(config, "layer_types", None) or []) or getattr(
+        config, "attn_temperature_tuning", False
+    ):
+        raise ValueError(
+            f"ring attention (ring_size={r}) does not compute Llama 4's chunked attention or its position-scaled "
+            "NoPE queries (both follow contiguous positions, the ring's layout is load-balanced); use ring_size=1"
+        )
     if impl not in RING_BACKENDS:
         raise ValueError(
             f"ring attention (ring_size={r}) runs on attn_implementation in {list(RING_BACKENDS)} (their block "
@@ -197,6 +226,23 @@ def _validate_ring(topology: SPTopology, heads: int, impl: str) -> None:
             f"sp_size={topology.sp_size} with ring_size={r} leaves {u} Ulysses ranks, more than "
             f"num_attention_heads={heads}: every Ulysses rank needs at least one query head. Use "
             f"ring_size={smallest_ring(topology.sp_size, heads)} (the smallest that fits)"
+        )
+
+
+def _validate_positions(model) -> None:
+    """Refuse models whose positions do not follow the global position ids SP hands them."""
+    backbone = model.base_model
+    if "position_ids" not in inspect.signature(backbone.forward).parameters:
+        raise ValueError(
+            f"{type(model).__name__}'s backbone ({type(backbone).__name__}) takes no position_ids: it numbers "
+            "positions from the start of each call, which under sequence parallelism is the start of the shard, "
+            "so ulysses_sp refuses it (e.g. BART-style decoders with learned positions); train it without SP"
+        )
+    if any(hasattr(m, "create_position_ids_from_input_ids") for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} derives its position ids from the token ids (offset past padding_idx, "
+            "skipping padding tokens, e.g. RoBERTa), which a shard cannot do for the full sequence and "
+            "ulysses_sp's global position ids do not reproduce, so ulysses_sp refuses it; train it without SP"
         )
 
 
@@ -222,9 +268,10 @@ def apply(
     """Wrap the attention of ``model`` (only) with Ulysses SP over ``topology``; returns ``model``.
 
     ``model``: a transformers causal LM, or a PEFT model wrapping one (LoRA adapters; SP goes on the
-    model inside, see wrappers.py). ``attn_implementation`` picks the core kernel run over the full
-    sequence (default: the model's own, e.g. "sdpa"). ``head_chunks`` > 1 runs each attention call's
-    heads in that many groups of whole kv heads, each recomputed in the backward, so the attention's
+    model inside, see wrappers.py), or a Qwen2.5-VL / Qwen3-VL model (called with the full sample on
+    every rank, vlm.py). ``attn_implementation`` picks the core kernel run over the full sequence
+    (default: the model's own, e.g. "sdpa"). ``head_chunks`` > 1 runs each attention call's heads in
+    that many groups of whole kv heads, each recomputed in the backward, so the attention's
     full-sequence working set is that of one group (attention.py; docs/memory.md). Afterwards call
     the model with the local shard:
     ``model(input_ids=[B, S/P], position_ids=[B, S/P] global positions)``, ideally the output of
@@ -242,26 +289,29 @@ def apply(
         raise ValueError("ulysses_sp is already applied to this model; call ulysses_sp.remove(model) first")
     config = inner.config
     text_config = config.get_text_config(decoder=True)
-    if text_config is not config:
-        raise ValueError(
-            f"{type(inner).__name__} is a composite (e.g. multimodal) model; ulysses_sp supports "
-            "decoder-only language models for now"
-        )
+    composite = text_config is not config
+    if composite:
+        vlm.check_supported(inner)
     original = config._attn_implementation or "sdpa"
     impl = attn_implementation or original
     if impl.startswith("ulysses_sp"):
         raise ValueError("the model's attention is already a ulysses_sp wrapper (applied to a shared config?)")
-    _validate(inner, text_config, topology, impl, head_chunks)
+    language = vlm.language_model(inner) if composite else inner
+    _validate(language, text_config, topology, impl, head_chunks)
     patched = mixers.patch(inner, topology)  # raises before any change when a mixer cannot be split
     attention = UlyssesAttention(topology, impl, head_chunks)
     name = f"ulysses_sp_{next(_names)}"
     _attention_interface().register(name, attention)
     refs = _swap_configs(inner, text_config, name)
-    backbone = inner.base_model
+    # the hook completes the backbone's call; in a VLM it shards the language model's full-sequence inputs
+    backbone = vlm.language_model(inner) if composite else inner.base_model
     params = tuple(inspect.signature(backbone.forward).parameters)
-    hook = backbone.register_forward_pre_hook(_make_pre_hook(inner), with_kwargs=True)
+    complete = vlm.shard_language_inputs if composite else complete_kwargs
+    hook = backbone.register_forward_pre_hook(_make_pre_hook(inner, complete), with_kwargs=True)
     outer_hook = (
-        None if backbone is inner else inner.register_forward_pre_hook(_make_outer_hook(inner), with_kwargs=True)
+        None
+        if backbone is inner or composite
+        else inner.register_forward_pre_hook(_make_outer_hook(inner), with_kwargs=True)
     )
     # transformers' registry is process-global: without this a model freed unremoved would leave its
     # attention, and through it the topology's process groups, alive until interpreter exit
@@ -292,7 +342,7 @@ def remove(model: torch.nn.Module):
     return model
 
 
-def _make_pre_hook(model):
+def _make_pre_hook(model, complete):
     def pre_hook(module, args, kwargs):
         state: _State = model._ulysses_sp
         kwargs = {**dict(zip(state.forward_params, args)), **kwargs}
@@ -300,8 +350,8 @@ def _make_pre_hook(model):
             if kwargs.get(key) is None:
                 kwargs[key] = value
         state.call = {}
-        kwargs = complete_kwargs(kwargs, state.topology)
-        state.mixers.info = kwargs[SEQ_INFO_KWARG]  # for mixers whose layer drops the keyword (Jamba)
+        kwargs = complete(kwargs, state.topology)
+        state.mixers.info = kwargs.get(SEQ_INFO_KWARG)  # for mixers whose layer drops the keyword (Jamba)
         return (), kwargs
 
     return pre_hook

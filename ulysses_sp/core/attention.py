@@ -83,11 +83,14 @@ class UlyssesAttention:
                 f"attention got {s} local tokens on each of {P} SP ranks ({s * P} in all) but the step's "
                 f"sequence info describes {info.seq_len} tokens; pass the output of ulysses_sp.shard_batch"
             )
+        # Llama 4's NoPE layers scale queries by their index; the shard is contiguous (no ring: apply refuses it)
+        query = _temperature_at_global_positions(module, query, self.topology.sp_rank * s)
         spec = dict(
             causal=is_causal if is_causal is not None else getattr(module, "is_causal", True),
             scale=scaling if scaling is not None else H**-0.5,
             dropout=dropout,
             window=sliding_window,
+            chunk=chunk_size(module),
             softcap=softcap,
             info=info,
         )
@@ -169,3 +172,28 @@ class UlyssesAttention:
                 )
             mask = mask[:, my_heads]  # [B, nq, S, S]
         return mask
+
+
+def chunk_size(module: torch.nn.Module) -> int | None:
+    """The chunk length of a chunked-attention layer (Llama 4: ``layer_types[i] == "chunked_attention"``),
+    else None. transformers expresses chunks only through the mask it builds, which we do not use."""
+    config = getattr(module, "config", None)
+    layer_types = getattr(config, "layer_types", None)
+    layer = getattr(module, "layer_idx", None)
+    if layer_types is None or layer is None or layer_types[layer] != "chunked_attention":
+        return None
+    return config.attention_chunk_size
+
+
+def _temperature_at_global_positions(module: torch.nn.Module, query: torch.Tensor, offset: int) -> torch.Tensor:
+    """Llama 4's NoPE layers scale queries by a function of each token's index in the call
+    (``attn_temperature_tuning``), computed from ``arange`` of the shard; rescale [B, N, s, H] queries
+    to the indices ``offset + i`` they have in the full sequence, as the non-SP model computes them."""
+    if offset == 0 or not getattr(module, "attn_temperature_tuning", False) or getattr(module, "use_rope", True):
+        return query
+    local = torch.arange(query.shape[2], device=query.device, dtype=torch.float32)  # [s]
+
+    def scale(index):
+        return torch.log1p(torch.floor((index + 1.0) / module.floor_scale)) * module.attn_scale + 1.0
+
+    return (query * (scale(local + offset) / scale(local)).view(1, 1, -1, 1)).to(query.dtype)

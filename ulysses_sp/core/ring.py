@@ -38,6 +38,7 @@ def check_supported(impl: str, spec: AttnSpec) -> None:
         (spec.custom_mask is not None, "a custom attention mask (masks come from the step's SequenceInfo)"),
         (spec.sinks is not None, "attention sinks (s_aux, e.g. GPT-OSS)"),
         (spec.softcap is not None, "logit softcapping"),
+        (spec.chunk is not None, "chunked attention (Llama 4)"),
         (spec.dropout > 0, f"attention dropout ({spec.dropout}); set attention_dropout=0"),
     ]
     for bad, what in refused:

@@ -54,6 +54,8 @@ _CONSUMED = (
     "max_length_q",
     "max_length_k",
 )
+#: a VLM's image/video inputs: whole on every rank (the vision tower runs on the full sample), never sliced
+_WHOLE = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
 
 
 def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: int = -100) -> dict:
@@ -70,9 +72,9 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
     [K, B, s]) with global positions, ``shift_labels`` [B, s] when labels were given, the
     :class:`SequenceInfo` of the padded full sequence under ``SEQ_INFO_KWARG``, every other tensor
     whose dim 1 is S sliced the same way, a custom mask padded to [.., S', S'] as ``attention_mask``,
-    and everything else unchanged. ``labels``, a 2-D attention mask and the packed layout are not
-    returned (the info carries them). Feed it to a model after
-    ``ulysses_sp.apply``: ``model(**{k: v for k, v in local.items() if k != "shift_labels"})``.
+    and everything else unchanged (a VLM's ``pixel_values`` / ``image_grid_thw`` are never sliced).
+    ``labels``, a 2-D attention mask and the packed layout are not returned (the info carries them).
+    Feed it to a model after ``ulysses_sp.apply``: ``model(**{k: v for k, v in local.items() if k != "shift_labels"})``.
     """
     P, rank = topology.sp_size, topology.sp_rank
     if not (isinstance(P, int) and P >= 1 and 0 <= rank < P):
@@ -111,7 +113,7 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
     for key, value in batch.items():
         if key in _CONSUMED or key in ("position_ids", "shift_labels"):
             continue
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == S:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == S and key not in _WHOLE:
             fill = pad_token_id if key == "input_ids" else 0
             value = take_local(_pad(value, 1, pad, fill), 1, P, ring, rank).clone()  # [B, s, ...]
         local[key] = value

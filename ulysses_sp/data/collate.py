@@ -8,15 +8,23 @@ from __future__ import annotations
 import torch
 from torch.utils.data import default_collate
 
+#: a VLM's image/video inputs: each sample's patches (and grid sizes) in a row each, concatenated along dim 0
+IMAGE_KEYS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
 
-def collate_padded(samples: list[dict], pad_token_id: int = 0, ignore_index: int = -100) -> dict:
-    """Right-pad B samples to the longest, S: -> ``input_ids`` [B, S], ``labels`` [B, S], ...
+
+def collate_padded(
+    samples: list[dict], pad_token_id: int = 0, ignore_index: int = -100, pad_to_multiple_of: int = 1
+) -> dict:
+    """Right-pad B samples to the longest, S (rounded up to ``pad_to_multiple_of``, e.g. sp_size for a
+    VLM, which is called with the full batch): -> ``input_ids`` [B, S], ``labels`` [B, S], ...
 
     ``labels`` default to the input ids; padding gets ``pad_token_id`` in input_ids,
     ``ignore_index`` in labels, continued ``position_ids`` and 0 in any other per-token field (a
     value as long as the sample's input_ids). No attention mask is made: under causal attention no
     real token reads a later padding token, and padding is never a target, so the batch keeps the
-    fastest (plain causal) kernel path. Other fields go through torch's ``default_collate``.
+    fastest (plain causal) kernel path. A VLM's ``pixel_values`` [patches, C*T*p*p] and
+    ``image_grid_thw`` [images, 3] are concatenated along dim 0, as its processor does for a batch.
+    Other fields go through torch's ``default_collate``.
     """
     if not samples:
         raise ValueError("collate_padded got an empty batch")
@@ -25,8 +33,12 @@ def collate_padded(samples: list[dict], pad_token_id: int = 0, ignore_index: int
     S = max(lengths)
     if S == 0:
         raise ValueError("every sample of the batch is empty")
+    S = -(-S // pad_to_multiple_of) * pad_to_multiple_of
     batch = {}
     for key in samples[0]:
+        if key in IMAGE_KEYS:
+            batch[key] = torch.cat([torch.as_tensor(x[key]) for x in samples])  # [sum of rows, ...]
+            continue
         values = ids if key == "input_ids" else [_per_token(x[key], n) for x, n in zip(samples, lengths)]
         if any(v is None for v in values):
             batch[key] = default_collate([x[key] for x in samples])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +26,7 @@ def test_models_ulysses_sp_refuses():
     with pytest.raises(
         ValueError,
         match=r"Lfm3ForCausalLM has 1 layers of type \['conv'\], of which ulysses_sp can run 0 .*"
-        r"supports \['full_attention', 'sliding_attention'\] layers and the linear-attention",
+        r"supports \['full_attention', 'sliding_attention', 'chunked_attention'\] layers and the linear-attention",
     ):
         ulysses_sp.apply(lfm3, TOPO2)
     bloom = small_model("BloomConfig", n_layer=1, n_head=4)
@@ -83,3 +84,28 @@ def test_a_mixer_module_shaped_otherwise_is_refused():
     with pytest.raises(ValueError, match=r"Qwen3_5GatedDeltaNet of this transformers \(.*\) has no \['A_log'\]"):
         ulysses_sp.apply(model, TOPO2)
     assert not ulysses_sp.is_applied(model) and "forward" not in vars(mixer)
+
+
+def test_transformers_outside_the_tested_range(monkeypatch):
+    """Older than the tested range: refused; newer: a warning (docs/testing.md, setup.cfg)."""
+    apply_module = importlib.import_module("ulysses_sp.core.apply")  # the module, not the function
+    monkeypatch.setattr(apply_module, "transformers", SimpleNamespace(__version__="5.16.2"))
+    with pytest.raises(RuntimeError, match=r"needs transformers >= 5.17, .* 'transformers>=5.17,<5.26'"):
+        apply_module._check_transformers()
+    monkeypatch.setattr(apply_module, "transformers", SimpleNamespace(__version__="5.26.0"))
+    with pytest.warns(UserWarning, match=r"tested with transformers >= 5.17, < 5.26; found 5.26.0"):
+        apply_module._check_transformers()
+
+
+def test_models_whose_positions_ignore_the_global_ids_are_refused():
+    """Found by the family sweep as silent mismatches: BART-style decoders number positions from the
+    start of the call (their backbone takes no position_ids); RoBERTa-style embeddings derive position
+    ids from the token ids, offset past padding_idx."""
+    from tests import families
+
+    bart, roberta = families.tiny_model("bart"), families.tiny_model("roberta")
+    with pytest.raises(ValueError, match=r"BartForCausalLM's backbone \(BartDecoderWrapper\) takes no position_ids"):
+        ulysses_sp.apply(bart, TOPO2)
+    with pytest.raises(ValueError, match=r"RobertaForCausalLM derives its position ids from the token ids"):
+        ulysses_sp.apply(roberta, TOPO2)
+    assert not ulysses_sp.is_applied(bart) and not ulysses_sp.is_applied(roberta)

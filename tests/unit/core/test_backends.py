@@ -34,9 +34,9 @@ def _reference(q, k, v, allowed):
     return (scores.softmax(-1) @ v).transpose(1, 2)  # [B, S, NQ, H]
 
 
-def _spec(info, window=None, custom=None):
+def _spec(info, window=None, custom=None, chunk=None):
     return backends.AttnSpec(
-        causal=True, scale=H**-0.5, dropout=0.0, window=window, softcap=None, info=info, custom_mask=custom
+        causal=True, scale=H**-0.5, dropout=0.0, window=window, softcap=None, info=info, custom_mask=custom, chunk=chunk
     )
 
 
@@ -238,7 +238,20 @@ def test_hook_folds_a_2d_mask_and_never_drops_a_layout():
         _call(cu_seq_lens_q=torch.tensor([0, S], dtype=torch.int32))
 
 
-def test_chunked_attention_is_refused():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_chunked_attention_matches_brute_force(backend):
+    """Chunks of 4 positions (Llama 4) on a plain batch and on packed + padded rows (chunks restart
+    with each document); the mask itself is checked by definition in test_sequence_info.py."""
+    packed, valid = _layout()
+    q, k, v = _qkv(3)
+    for info, rows in ((SequenceInfo(S), torch.ones(B, S, dtype=torch.bool)), (packed, valid)):
+        allowed = masks.dense_mask(info, True, None, "cpu", 4)
+        with torch.no_grad():
+            got = backends.run(backend, q, k, v, _spec(info, chunk=4))
+        torch.testing.assert_close(got[rows], _reference(q, k, v, allowed)[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_attention_is_refused_on_flash():
     model = small_model(
         "Llama4TextConfig",
         intermediate_size_mlp=64,
@@ -247,8 +260,11 @@ def test_chunked_attention_is_refused():
         attention_chunk_size=8,
         num_local_experts=2,
     )
-    with pytest.raises(ValueError, match=r"uses chunked attention \(attention_chunk_size=8, e.g. Llama 4\)"):
-        ulysses_sp.apply(model, SimpleNamespace(sp_size=2, sp_rank=0))
+    with pytest.raises(
+        ValueError, match=r"chunked-attention layers \(attention_chunk_size=8\).* not on flash_attention_2"
+    ):
+        ulysses_sp.apply(model, SimpleNamespace(sp_size=2, sp_rank=0), "flash_attention_2")
+    assert not ulysses_sp.is_applied(model)
 
 
 # --- attention sinks (s_aux, GPT-OSS) -----------------------------------------------------------

@@ -228,3 +228,17 @@ def test_sequence_shorter_than_sp_is_padded_not_refused():
     assert [sh["input_ids"].tolist() for sh in shards] == [[[7]], [[8]], [[0]], [[0]]]
     assert [sh["shift_labels"].tolist() for sh in shards] == [[[8]], [[-100]], [[-100]], [[-100]]]
     assert [sh["position_ids"].tolist() for sh in shards] == [[[0]], [[1]], [[2]], [[3]]]
+
+
+def test_image_inputs_are_carried_whole():
+    """A VLM's pixel_values / image_grid_thw go to every rank whole, even when a dim happens to equal S."""
+    S = 4
+    batch = {
+        "input_ids": torch.arange(2 * S).view(2, S),
+        "pixel_values": torch.randn(16, S),  # [patches, C*T*p*p]: dim 1 equals S here by chance
+        "image_grid_thw": torch.tensor([[1, 2, 2], [1, 2, 2]]),
+    }
+    local = shard_batch(batch, SimpleNamespace(sp_size=2, sp_rank=1))
+    assert torch.equal(local["pixel_values"], batch["pixel_values"])
+    assert torch.equal(local["image_grid_thw"], batch["image_grid_thw"])
+    assert local["input_ids"].tolist() == [[2, 3], [6, 7]]

@@ -222,3 +222,17 @@ def test_loader_shards_follow_the_ring_layout():
             assert torch.equal(local[key], want[key]), key
         if rank == 1:  # holds chunk 3 of 4 (tokens 12-15), not the contiguous 4-7
             assert not torch.equal(local["input_ids"], shard_batch(full, _topo(sp_size=4, sp_rank=1))["input_ids"])
+
+
+def test_collate_carries_images_and_pads_to_a_multiple():
+    """A VLM's samples: pixel rows and grid sizes concatenated (even when a sample has as many patch rows
+    as tokens), the sequence padded to a multiple of sp_size."""
+    samples = [
+        {"input_ids": [5, 6, 7, 8], "pixel_values": torch.ones(4, 12), "image_grid_thw": [[1, 2, 2]]},
+        {"input_ids": [9, 10, 11], "pixel_values": torch.zeros(8, 12), "image_grid_thw": [[1, 2, 4]]},
+    ]
+    batch = collate_padded(samples, pad_to_multiple_of=3)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 0, 0], [9, 10, 11, 0, 0, 0]]
+    assert batch["labels"][1].tolist() == [9, 10, 11, -100, -100, -100]
+    assert batch["pixel_values"].shape == (12, 12) and batch["pixel_values"][:4].eq(1).all()
+    assert batch["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]

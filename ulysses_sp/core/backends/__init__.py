@@ -29,6 +29,8 @@ def run(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Attn
     """[B, S, nq, H], [B, S, nk, H], [B, S, nk, Hv] -> [B, S, nq, Hv]."""
     if spec.window is not None and spec.window >= spec.info.seq_len:
         spec.window = None  # a window longer than the sequence is full attention
+    if spec.chunk is not None and spec.chunk >= spec.info.seq_len:
+        spec.chunk = None  # one chunk holds the whole sequence
     if spec.sinks is not None and impl not in SINK_BACKENDS:
         raise ValueError(
             f"this model has attention sinks (s_aux, e.g. GPT-OSS), which ulysses_sp applies on "

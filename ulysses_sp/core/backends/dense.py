@@ -36,7 +36,7 @@ def dense_mask(spec: AttnSpec, device) -> torch.Tensor:
             "backend without a sparse route); use flash_attention_2 or flex_attention on GPU to avoid it",
             stacklevel=3,
         )
-    key = ("dense", spec.causal, spec.window, str(device))
+    key = ("dense", spec.causal, spec.window, spec.chunk, str(device))
     if key not in spec.info.cache:
-        spec.info.cache[key] = masks.dense_mask(spec.info, spec.causal, spec.window, device)
+        spec.info.cache[key] = masks.dense_mask(spec.info, spec.causal, spec.window, device, spec.chunk)
     return spec.info.cache[key]

@@ -23,7 +23,9 @@ def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
     if spec.custom_mask is not None:
         mask = custom_dense(spec.custom_mask, scores.dtype)
     else:
-        mask = dense_mask(spec, q.device) if (spec.causal or not spec.info.is_plain or spec.window) else None
+        mask = (
+            dense_mask(spec, q.device) if (spec.causal or not spec.info.is_plain or spec.window or spec.chunk) else None
+        )
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)

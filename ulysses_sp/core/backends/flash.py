@@ -50,6 +50,11 @@ def attend(q, k, v, spec: AttnSpec, version: int) -> torch.Tensor:
             "measured on. Put the padding at the ends of each sequence (or document), or use "
             "attn_implementation='sdpa' or 'flex_attention'"
         )
+    if spec.chunk is not None:
+        raise ValueError(
+            f"flash-attention has no chunked attention (chunks of {spec.chunk} positions, Llama 4) under ulysses_sp; "
+            "use attn_implementation='sdpa', 'flex_attention' or 'eager'"
+        )
     if version == 3 and spec.dropout > 0:
         raise ValueError("flash_attention_3 has no attention dropout; set attention_dropout=0")
     func, varlen_func = flash_functions(version)

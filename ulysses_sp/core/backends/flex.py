@@ -77,11 +77,11 @@ def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
     if spec.custom_mask is not None:
         block_mask, bias = _flex_custom(spec.custom_mask, B, n, S, q.device)
     else:
-        key = ("flex", spec.causal, spec.window, str(q.device))
+        key = ("flex", spec.causal, spec.window, spec.chunk, str(q.device))
         if key not in spec.info.cache:
             batch = None if spec.info.is_plain else B
             spec.info.cache[key] = _block_mask(
-                masks.mask_mod(spec.info, spec.causal, spec.window), batch, None, S, q.device
+                masks.mask_mod(spec.info, spec.causal, spec.window, spec.chunk), batch, None, S, q.device
             )
         block_mask = spec.info.cache[key]
     score_mod = None

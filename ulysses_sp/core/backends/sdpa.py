@@ -22,7 +22,9 @@ def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
             "sdpa has no logit softcapping; use attn_implementation='eager', 'flex_attention' "
             "or 'flash_attention_2' for this model"
         )
-    needs_mask = spec.custom_mask is not None or not spec.info.is_plain or spec.window is not None
+    needs_mask = (
+        spec.custom_mask is not None or not spec.info.is_plain or spec.window is not None or spec.chunk is not None
+    )
     if needs_mask and spec.custom_mask is None and q.is_cuda and spec.dropout == 0.0:
         varlen = varlen_route(q, k, v, spec)
         if varlen is not None:

@@ -20,4 +20,5 @@ class AttnSpec:
     softcap: float | None
     info: SequenceInfo
     custom_mask: torch.Tensor | object | None  # a user's full-sequence mask (dense or BlockMask)
+    chunk: int | None = None  # chunked attention (Llama 4): keys in the query's chunk of `chunk` positions only
     sinks: torch.Tensor | None = None  # [nq] learnable sink logit per head (s_aux, GPT-OSS): one more softmax term

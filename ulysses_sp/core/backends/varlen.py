@@ -20,7 +20,7 @@ def varlen_route(q, k, v, spec: AttnSpec) -> torch.Tensor | None:
     fn = torch_varlen()
     if fn is None or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] != v.shape[-1]:
         return None
-    if spec.window is not None and spec.info.gapped:
+    if spec.chunk is not None or (spec.window is not None and spec.info.gapped):
         return None  # dropping interior padding would shorten the window's distances
     cu, max_len = cu_seqlens(spec.info, q.shape[0], q.device)
     window = (
