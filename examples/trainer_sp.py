@@ -76,6 +76,10 @@ def main(argv=None) -> None:
             f"eval loss {metrics['eval_loss']:.4f} after {trainer.state.global_step} steps "
             f"(engine {trainer.sp_engine}, sp {trainer.sp_topology.sp_size}); log in {args.out}"
         )
+    # every rank done, then the process group destroyed before exit: a rank leaving with it alive can abort
+    # (SIGABRT) the other's gloo threads, as CI saw after a finished run
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

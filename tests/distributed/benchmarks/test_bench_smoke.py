@@ -20,7 +20,7 @@ from tests.helpers import ROOT, flags, launcher_command, run_ok, subprocess_env
 pytestmark = harness.cpu_only("the benchmark's CPU smoke run (the GPU benchmark is benchmarks/bench_sp.py itself)")
 
 BENCH = os.path.join(ROOT, "benchmarks", "bench_sp.py")
-SEQ_LENS = (64, 128)
+SEQ_LENS = (64,)  # one length: CI time (the bench loops lengths alike)
 CONFIGS = ("alst", "ours", "ours+sac+cudnn", "alst+tiled_mlp+ac_offload", "ours+tiled_mlp+offload+sac+norms")
 
 

@@ -135,7 +135,6 @@ def _body_compile_sp2(ctx):
     batch = ulysses_sp.shard_batch({"input_ids": ids, "labels": ids}, topo)
     backend = "inductor" if harness.on_gpu() else "aot_eager"
     cases = {  # name: (policy, offload, tile tokens, RMSNorm recompute, backward a2a per layer)
-        "none": ("none", False, None, False, 2),
         "selective+offload+tiled+norms": ("selective", True, 7, True, 2),
     }
     for name, (policy, offload, tile, norms, bwd_a2a) in cases.items():

@@ -1,7 +1,8 @@
 """launch/train.py --fsdp end to end on CPU (the FSDP2 engine): the loss curve at sp2 equals the
-non-SP run within 1e-4 relative (fp32), with selective checkpointing, the tiled MLP, the RMSNorm
-recompute and compiled layers on; resuming is exact at the same layout and close at another SP size. (dp2 x sp2, under
-configs/accelerate/fsdp2_sp2.yaml: distributed/integrations/test_accelerate_launch.py.)"""
+non-SP run within 1e-4 relative (fp32), with selective checkpointing, the tiled MLP and the RMSNorm
+recompute on (and compiled layers in the resume at sp1); resuming is exact at the same layout and
+close at another SP size. (dp2 x sp2, under configs/accelerate/fsdp2_sp2.yaml:
+distributed/integrations/test_accelerate_launch.py.)"""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from tests.helpers import run_ok
 
 pytestmark = pytest.mark.slow
 
-# aot_eager: the compiled path without Inductor's C++ build (minutes on CI's 2 cores)
-FSDP = ["--fsdp", "--grad-ckpt", "selective", "--tiled-mlp", "--recompute-norms", "--compile", "aot_eager"]
+FSDP = ["--fsdp", "--grad-ckpt", "selective", "--tiled-mlp", "--recompute-norms"]
+# the compiled layers' path, once (aot_eager: no Inductor C++ build, minutes on CI's 2 cores)
+COMPILED = ["--compile", "aot_eager"]
 ARGS = [*COMMON, "--seq-len", "40", "--batch-size", "1", "--pack"]
 
 
@@ -32,7 +34,8 @@ def _rows(path) -> dict[int, dict]:
 
 def test_fsdp2_sp2_matches_single_process_and_resumes(tmp_path):
     """sp2 --fsdp against one process (the torch engine); its step-3 checkpoint resumed at sp2
-    (under the deepspeed launcher) gives steps 4-5 bit for bit, and at sp1 (one process) within 1e-4."""
+    (under the deepspeed launcher) gives steps 4-5 bit for bit, and at sp1 (one process, compiled
+    layers) within 1e-4."""
     ref = train(tmp_path, "ref", 1, "--sp-size", "1", *ARGS, launcher="python")
     save = ["--save-dir", str(tmp_path / "ckpt"), "--save-every", "3"]
     assert_same_curve(train(tmp_path, "fsdp_sp2", 2, "--sp-size", "2", *ARGS, *FSDP, *save), ref)
@@ -46,7 +49,7 @@ def test_fsdp2_sp2_matches_single_process_and_resumes(tmp_path):
     for step in (4, 5):
         for key in ("loss", "lr", "grad_norm"):
             assert resumed[step][key] == full[step][key], (step, key)
-    other = _resume(tmp_path, "resumed_sp1", 1, "--sp-size", "1", *ARGS, *FSDP, *resume, launcher="python")
+    other = _resume(tmp_path, "resumed_sp1", 1, "--sp-size", "1", *ARGS, *FSDP, *COMPILED, *resume, launcher="python")
     for step in (4, 5):
         assert abs(other[step]["loss"] - full[step]["loss"]) <= 1e-4 * full[step]["loss"], step
         assert other[step]["lr"] == full[step]["lr"], step

@@ -95,10 +95,12 @@ def test_deepspeed_launcher_sp2_matches_single_process(tmp_path):
     assert_same_curve(train(tmp_path, "ds_sp2", 2, "--sp-size", "2", *args, launcher="deepspeed"), ref)
 
 
-@pytest.mark.parametrize("stages", [(0, 1, 2, 3)], ids=["zero0-3"])
+@pytest.mark.parametrize("stages", [(0, 3)], ids=["zero0+3"])
 def test_deepspeed_zero_stages_sp2_match_non_sp(tmp_path, stages):
-    """Every ZeRO stage at sp=2 (deepspeed launcher, shipped configs) reproduces the non-SP DeepSpeed run;
-    ZeRO-3 with every memory feature of the trainer on (checkpointing, tiled MLP, RMSNorm recompute)."""
+    """ZeRO 0 and 3 at sp=2 (deepspeed launcher, shipped configs) reproduce the non-SP DeepSpeed run;
+    ZeRO-3 with every memory feature of the trainer on (checkpointing, tiled MLP, RMSNorm recompute).
+    ZeRO 1 and 2 through the launcher: the accelerate DeepSpeed YAML test (ZeRO-2) and
+    distributed/integrations/test_deepspeed.py (every stage through the library), for CI time."""
     args = [*COMMON, "--seq-len", "40", "--batch-size", "1", "--pack", "--dtype", "fp32"]
     config = lambda stage: os.path.join(ROOT, "configs", "deepspeed", f"zero{stage}.json")  # noqa: E731
     ref = train(tmp_path, "ds_ref", 1, "--sp-size", "1", "--deepspeed", config(0), *args, launcher="deepspeed")
