@@ -179,7 +179,7 @@ def planned_loss_path(
             torch.empty(0, device=device), lm.get_output_embeddings(), logit_transform(lm), check_weight=False
         )
     )
-    return choose_loss_path(tokens, vocab_size(model), reason, use_liger, full_logits_bytes)
+    return choose_loss_path(fits_full(tokens, vocab_size(model), full_logits_bytes), reason, use_liger)
 
 
 def head_cross_entropy_sum(
@@ -194,12 +194,10 @@ def head_cross_entropy_sum(
     """Sum of CE(transform(head(hidden)), labels) over the labelled tokens, on the path
     :func:`causal_lm_loss` describes: ``full`` (the logits in one piece, kept), liger's fused kernel, or
     the torch path with ``tile_tokens`` per tile. hidden [T, D], labels [T]; a 0-dim fp32 tensor."""
-    if full:
+    if full and not use_liger:  # chosen by size in causal_lm_loss
         return tiled_cross_entropy_sum(hidden, labels, head, max(1, hidden.shape[0]), transform, recompute=False)
     reason = liger_unsupported_reason(hidden, head, transform) if use_liger is not False else "disabled"
-    if use_liger and reason is not None:
-        raise ValueError(f"use_liger=True but the fused liger loss cannot run: {reason}")
-    if reason is None:
+    if choose_loss_path(False, reason, use_liger) == "liger":
         return liger_cross_entropy_sum(hidden, labels, head, transform)
     return tiled_cross_entropy_sum(hidden, labels, head, tile_tokens, transform)
 

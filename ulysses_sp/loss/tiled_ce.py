@@ -49,18 +49,15 @@ def fits_full(tokens: int, vocab_size: int, full_logits_bytes: int) -> bool:
     return 4 * tokens * vocab_size <= full_logits_bytes
 
 
-def choose_loss_path(
-    tokens: int, vocab_size: int, liger_reason: str | None, use_liger: bool | None, full_logits_bytes: int
-) -> str:
-    """One of :data:`LOSS_PATHS` for ``tokens`` local tokens: "liger" when required (``use_liger``
-    True; ``liger_reason`` must then be None), else "full" when their fp32 logits fit
-    ``full_logits_bytes``, else "liger" when it can run (``liger_reason`` None) and is not disabled,
-    else "tiled"."""
+def choose_loss_path(fits: bool, liger_reason: str | None, use_liger: bool | None) -> str:
+    """One of :data:`LOSS_PATHS`: "liger" when required (``use_liger`` True; ``liger_reason`` must then
+    be None), else "full" when the shard's fp32 logits ``fits`` the budget (:func:`fits_full`), else
+    "liger" when it can run (``liger_reason`` None) and is not disabled, else "tiled"."""
     if use_liger:
         if liger_reason is not None:
             raise ValueError(f"use_liger=True but the fused liger loss cannot run: {liger_reason}")
         return "liger"
-    if fits_full(tokens, vocab_size, full_logits_bytes):
+    if fits:
         return "full"
     return "liger" if use_liger is None and liger_reason is None else "tiled"
 

@@ -15,6 +15,7 @@ from tests.helpers import small_model
 from ulysses_sp.loss.logits import LogitTransform, logit_transform
 from ulysses_sp.loss.tiled_ce import (
     choose_loss_path,
+    fits_full,
     liger_unsupported_reason,
     tile_tokens_for_budget,
     tiled_cross_entropy_sum,
@@ -106,13 +107,14 @@ def test_full_path_keeps_logits_and_matches():
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     V, budget = 1000, 4 * 1000 * 64  # the fp32 logits of 64 tokens
-    assert choose_loss_path(64, V, None, None, budget) == "full"
-    assert choose_loss_path(65, V, None, None, budget) == "liger"
-    assert choose_loss_path(65, V, "not installed", None, budget) == "tiled"
-    assert choose_loss_path(65, V, None, False, budget) == "tiled"
-    assert choose_loss_path(8, V, None, True, budget) == "liger"  # required: at every size
+    assert fits_full(64, V, budget) and not fits_full(65, V, budget)
+    assert choose_loss_path(fits_full(64, V, budget), None, None) == "full"
+    assert choose_loss_path(fits_full(65, V, budget), None, None) == "liger"
+    assert choose_loss_path(fits_full(65, V, budget), "not installed", None) == "tiled"
+    assert choose_loss_path(fits_full(65, V, budget), None, False) == "tiled"
+    assert choose_loss_path(fits_full(8, V, budget), None, True) == "liger"  # required: at every size
     with pytest.raises(ValueError, match="use_liger=True but the fused liger loss cannot run: not installed"):
-        choose_loss_path(8, V, "not installed", True, budget)
+        choose_loss_path(fits_full(8, V, budget), "not installed", True)
 
 
 def test_peak_memory_bounded_by_one_tile():
