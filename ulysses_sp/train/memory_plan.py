@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import comm
-from ..core.topology import SPTopology
+from ..core.topology import SPTopology, ulysses_of
 from ..loss.tiled_ce import DEFAULT_FULL_LOGITS_BYTES, DEFAULT_TILE_BYTES, fits_full
 from .plan import RunPlan
 
@@ -87,6 +87,7 @@ class Shape:
     f: int
     layers: int
     vocab: int
+    heads: int
     kv_heads: int
     params: int
 
@@ -101,6 +102,7 @@ class Shape:
             f=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
             layers=config.num_hidden_layers,
             vocab=config.vocab_size,
+            heads=heads,
             kv_heads=kv,
             params=params,
         )
@@ -142,12 +144,17 @@ def choose(
     device_bytes: int,
     static_shards: int = 1,
     optimizer_shards: int = 1,
+    a2a_ranks: int | None = None,
 ) -> tuple[Features, int]:
     """The first of :data:`CANDIDATES` (cheapest first) whose predicted peak fits ``MARGIN`` of
-    ``device_bytes``, with its prediction; ValueError when none does (with the numbers)."""
+    ``device_bytes``, with its prediction; ValueError when none does (with the numbers). Head chunks
+    are considered only where apply takes them: whole kv heads per chunk, and at least one query head
+    per chunk for each of the all-to-all's ``a2a_ranks`` (default ``sp``; the Ulysses size with a ring)."""
     budget = int(MARGIN * device_bytes)
+    a2a_ranks = sp if a2a_ranks is None else a2a_ranks
     for features in CANDIDATES:
-        if features.head_chunks > 1 and shape.kv_heads % features.head_chunks:
+        chunks = features.head_chunks
+        if chunks > 1 and (shape.kv_heads % chunks or shape.heads // chunks < a2a_ranks):
             continue
         peak = predicted_peak(shape, features, tokens, sp, dtype_bytes, static_shards, optimizer_shards)
         if peak <= budget:
@@ -191,4 +198,5 @@ def memory_features(
     shape = Shape.of(plan.model_config, params)
     tokens = config.batch_size * -(-config.seq_len // topology.sp_size)
     dtype_bytes = torch.finfo(plan.dtype).bits // 8
-    return choose(shape, tokens, topology.sp_size, dtype_bytes, total, static_shards, optimizer_shards)
+    a2a_ranks = ulysses_of(topology)[0]
+    return choose(shape, tokens, topology.sp_size, dtype_bytes, total, static_shards, optimizer_shards, a2a_ranks)

@@ -42,10 +42,14 @@ def test_cheapest_fitting_set_is_chosen():
 
 
 def test_head_chunks_only_where_kv_heads_divide():
-    shape = Shape(d=64, k=16, f=128, layers=2, vocab=256, kv_heads=1, params=10_000)
+    shape = Shape(d=64, k=16, f=128, layers=2, vocab=256, heads=4, kv_heads=1, params=10_000)
     chunked = [f for f in CANDIDATES if f.head_chunks > 1]
     tokens = 1 << 20
     needs_all = predicted_peak(shape, CANDIDATES[-3], tokens, 1, 2, 1, 1)  # the last without head chunks
     assert needs_all > predicted_peak(shape, chunked[0], tokens, 1, 2, 1, 1)
     with pytest.raises(ValueError, match="even with every memory feature"):
         choose(shape, tokens, 1, 2, int(needs_all / 0.9) - 1)  # only head chunks would fit: 1 kv head cannot
+    # whole kv heads, but fewer query heads per chunk than the all-to-all's ranks: not taken either
+    wide = Shape(d=64, k=64, f=128, layers=2, vocab=256, heads=4, kv_heads=4, params=10_000)
+    with pytest.raises(ValueError, match="even with every memory feature"):
+        choose(wide, tokens, 4, 2, int(predicted_peak(wide, CANDIDATES[-3], tokens, 4, 2, 1, 1) / 0.9) - 1)
