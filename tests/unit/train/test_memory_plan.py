@@ -41,6 +41,19 @@ def test_cheapest_fitting_set_is_chosen():
         choose(shape, 4 << 20, 1, 2, device)
 
 
+def test_compiled_layers_keep_less_without_checkpointing():
+    """Inductor keeps the matmul and kernel outputs only: measured on an H200, 64K tokens without
+    checkpointing compiled peaked at 66.2 GiB (eager did not fit), selective + compiled at 109,647 tokens
+    at 56.6 GiB; the predictions stay within 5 % below and 10 % above."""
+    shape = _llama8b_4layers()
+    none, selective = Features(), Features("selective")
+    assert abs(predicted_peak(shape, none, 65536, 1, 2, 1, 1, compiled=True) / (66.2 * GIB) - 1) < 0.05
+    assert 1 <= predicted_peak(shape, selective, 109647, 1, 2, 1, 1, compiled=True) / (56.6 * GIB) < 1.1
+    device = 139 * GIB
+    assert choose(shape, 131072, 1, 2, device)[0] == selective
+    assert choose(shape, 131072, 1, 2, device, compiled=True)[0] == none
+
+
 def test_head_chunks_only_where_kv_heads_divide():
     shape = Shape(d=64, k=16, f=128, layers=2, vocab=256, heads=4, kv_heads=1, params=10_000)
     chunked = [f for f in CANDIDATES if f.head_chunks > 1]
