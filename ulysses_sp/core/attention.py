@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import backends, ring
 from .all_to_all import heads_to_seq, seq_to_heads
-from .heads import HeadPlan, plan_heads
+from .heads import plan_heads
 from .layout import ring_size_of
 from .sequence_info import SEQ_INFO_KWARG, SequenceInfo
 from .topology import SPTopology, ulysses_of
@@ -58,7 +58,6 @@ class UlyssesAttention:
         self.topology = topology
         self.backend = backend
         self.head_chunks = head_chunks
-        self._plans: dict[tuple[int, int], HeadPlan] = {}  # (Nq, Nkv) -> plan; a dict, not lru_cache, for dynamo
 
     def __call__(
         self,
@@ -119,9 +118,9 @@ class UlyssesAttention:
         P, ring_size = topo.sp_size, ring_size_of(topo)
         U, rank, group = ulysses_of(topo)  # the all-to-all's group: the SP group without a ring
         B, Nq, s, H = query.shape
-        plan = self._plans.get((Nq, key.shape[1]))
-        if plan is None:
-            plan = self._plans[(Nq, key.shape[1])] = plan_heads(Nq, key.shape[1], U)
+        # integer arithmetic, planned per call: a cache filled on the first call would be a guard that
+        # the second call fails, one more compilation of the layer under torch.compile
+        plan = plan_heads(Nq, key.shape[1], U)
         spec = backends.AttnSpec(
             **spec,
             custom_mask=self._full_mask(attention_mask, s * P, s, Nq, plan.q_slice(rank)),
@@ -176,11 +175,17 @@ class UlyssesAttention:
 
 def chunk_size(module: torch.nn.Module) -> int | None:
     """The chunk length of a chunked-attention layer (Llama 4: ``layer_types[i] == "chunked_attention"``),
-    else None. transformers expresses chunks only through the mask it builds, which we do not use."""
+    else None. transformers expresses chunks only through the mask it builds, which we do not use.
+
+    ``layer_idx`` is read only for a model that has chunked layers: under torch.compile reading it
+    guards the layer's graph on its index, and every further layer would recompile (past dynamo's
+    recompile limit the remaining layers run eager)."""
     config = getattr(module, "config", None)
     layer_types = getattr(config, "layer_types", None)
+    if layer_types is None or "chunked_attention" not in layer_types:
+        return None
     layer = getattr(module, "layer_idx", None)
-    if layer_types is None or layer is None or layer_types[layer] != "chunked_attention":
+    if layer is None or layer_types[layer] != "chunked_attention":
         return None
     return config.attention_chunk_size
 

@@ -170,7 +170,7 @@ def test_chunked_attention_gpu():
     if not harness.on_gpu():
         pytest.skip("GPU-only: run with ULYSSES_SP_TEST_BACKEND=nccl on a CUDA machine")
     world = min(2, torch.cuda.device_count())
-    harness.run(_body_parity, world, world, [("Llama4TextConfig", b) for b in ("flex_attention", "sdpa", "eager")])
+    harness.run(_body_parity, world, world, [("Llama4TextConfig", b) for b in ("flex_attention", "sdpa", "eager")], [])
 
 
 @pytest.mark.gpu

@@ -124,12 +124,14 @@ def _body_sp2(ctx):
 
 def _body_compile_sp2(ctx):
     """sp=2, compiled layers (aot_eager on CPU: Inductor's C++ build would cost minutes of CI; the GPU
-    run uses Inductor) with each feature set: the eager loss and gradients, no graph break, one graph
-    per layer shape, and under selective checkpointing still 2 backward all-to-alls per layer."""
+    run uses Inductor) with each feature set: the eager loss and gradients, no graph break, no
+    recompilation from one layer to the next (a model with ``layer_types``: a guard on the layer's index
+    would recompile every layer), and under selective checkpointing still 2 backward all-to-alls per layer."""
     import torch._dynamo.utils as dynamo_utils
 
     topo = ulysses_sp.init_sp(2)
-    base = tiny_model("tiny-llama-gqa").to(ctx.device)
+    base = tiny_model("tiny-qwen2", num_hidden_layers=3).to(ctx.device)
+    assert getattr(base.config, "layer_types", None), "the case needs a config with layer_types"
     layers = base.config.num_hidden_layers
     ids = tokens(2, 40, seed=7, device=ctx.device)
     batch = ulysses_sp.shard_batch({"input_ids": ids, "labels": ids}, topo)
@@ -151,9 +153,10 @@ def _body_compile_sp2(ctx):
                 torch._dynamo.reset()
                 dynamo_utils.counters.clear()
                 compile_layers(model, backend=backend)
-            loss = ulysses_sp.causal_lm_loss(model, batch, topo)
-            with _CountOps() as bwd:
-                loss.backward()
+            with torch._dynamo.config.patch(error_on_recompile=compiled):
+                loss = ulysses_sp.causal_lm_loss(model, batch, topo)
+                with _CountOps() as bwd:
+                    loss.backward()
             runs.append((loss.detach(), _grads(model)))
             if compiled:
                 assert not dynamo_utils.counters["graph_break"], (name, dict(dynamo_utils.counters["graph_break"]))
