@@ -95,13 +95,15 @@ class AlstRun:
         )
         self.batch = {k: v.to(wl.device) for k, v in next(adapter).items()}
 
-    def step(self) -> torch.Tensor:
+    def forward_backward(self) -> torch.Tensor:
         offload = self.offload if self.offload is not None else contextlib.nullcontext()
         with offload, lv.step_context(self.levers):
             loss = self._loss(self.batch)
             self.engine.backward(loss)
-        self.engine.step()
         return loss.detach()
+
+    def update(self) -> None:
+        self.engine.step()
 
     def _loss(self, batch: dict) -> torch.Tensor:
         """ArcticTraining ``SFTTrainer.loss``, sequence-parallel branch with the tiled loss."""

@@ -62,12 +62,14 @@ class HfRun:
         full = wl.full_batch(seq_len, self.model.config.vocab_size)
         self.batch = {k: full[k].to(wl.device) for k in ("input_ids", "labels", "position_ids")}
 
-    def step(self) -> torch.Tensor:
+    def forward_backward(self) -> torch.Tensor:
         with lv.step_context(self.levers):
             loss = self.engine(**self.batch, use_cache=False).loss
             self.engine.backward(loss)
-        self.engine.step()
         return loss.detach()
+
+    def update(self) -> None:
+        self.engine.step()
 
     def close(self) -> None:
         destroy(self.engine)

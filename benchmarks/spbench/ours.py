@@ -59,13 +59,15 @@ class OursRun:
         full = wl.full_batch(seq_len, self.model.config.vocab_size)
         self.batch = to_device(shard_batch({"input_ids": full["input_ids"], "labels": full["labels"]}, topo), wl.device)
 
-    def step(self) -> torch.Tensor:
+    def forward_backward(self) -> torch.Tensor:
         num_items = count_label_tokens(self.batch, self.topology)
         with sharded_rng(self.topology), lv.step_context(self.levers):
             loss = self.engine(self.batch, num_items)
             self.engine.backward(loss, scale_wrt_gas=False)
-        self.engine.step()
         return loss.detach()
+
+    def update(self) -> None:
+        self.engine.step()
 
     def close(self) -> None:
         ds_integration.destroy(self.engine)

@@ -211,7 +211,8 @@ def _header(data: dict) -> list[str]:
         (
             f"model {st['model']} ({st['layers']} layers), attn {st['attn']}, sp {st['sp']}, ZeRO-{st['zero_stage']}, "
             f"MFU vs {st['peak_flops'] / 1e12:.0f} TFLOP/s per GPU; a2a/comm exp = exposed ms (max over ranks); "
-            "peak GiB = the configuration's own (max allocated minus what was allocated before its build)"
+            "peak GiB = the configuration's own (max allocated minus what was allocated before its build), "
+            "of the whole step and of its forward + backward (fwd+bwd)"
         ),
     ]
 
@@ -222,6 +223,7 @@ def _row(r: dict, width: int) -> str:
         f"{r['seq_len']:>8} {r['config']:<{width}} {r['status']:<6} {_fmt(r.get('step_s'), '8.3f'):>8} "
         f"{_fmt(r.get('tok_s_per_gpu'), '10.0f'):>10} {_fmt(r.get('tflops_per_gpu'), '8.1f'):>8} "
         f"{_fmt(r['mfu'] * 100 if ok else None, '6.1f'):>6} {_fmt(r.get('peak_mem_gib'), '9.2f'):>9} "
+        f"{_fmt(r.get('peak_fwd_bwd_gib'), '8.2f'):>8} "
         f"{_fmt(comm.get('a2a_exposed_ms', {}).get('max'), '8.1f'):>8} "
         f"{_fmt(comm.get('comm_exposed_ms', {}).get('max'), '9.1f'):>9} "
         f"{_fmt(r['losses'][0] if ok else None, '8.4f'):>8}"
@@ -235,8 +237,8 @@ def format_table(data: dict) -> str:
         lines += [
             "",
             (
-                f"{'seq':>8} {'config':<{width}} {'status':<6} {'step s':>8} {'tok/s/GPU':>10} "
-                f"{'TFLOP/s':>8} {'MFU%':>6} {'peak GiB':>9} {'a2a exp':>8} {'comm exp':>9} {'loss@1':>8}"
+                f"{'seq':>8} {'config':<{width}} {'status':<6} {'step s':>8} {'tok/s/GPU':>10} {'TFLOP/s':>8} "
+                f"{'MFU%':>6} {'peak GiB':>9} {'fwd+bwd':>8} {'a2a exp':>8} {'comm exp':>9} {'loss@1':>8}"
             ),
         ]
         lines += [_row(r, width) for r in data["runs"]]

@@ -98,16 +98,30 @@ def _aggregate(summaries: list[dict]) -> dict:
     return out
 
 
+def _step(run) -> torch.Tensor:
+    loss = run.forward_backward()
+    run.update()
+    return loss
+
+
 def _timed(run, workload: Workload, measure: Measure, record: dict, build_peak: float) -> None:
+    """Warm-up and timed steps. Peak memory per step, reset at its start: of the whole step, and of its
+    forward and backward alone (the optimizer's step can peak higher and hide how activations grow)."""
     device = workload.device
     times, losses, norms = [], [], []
+    step_peak = fb_peak = 0.0
     for _ in range(measure.warmup + measure.steps):
         dist.barrier()
         synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        loss = run.step()
+        loss = run.forward_backward()
+        fb_peak = max(fb_peak, _memory(device)[0])
+        run.update()
         synchronize(device)
         times.append(time.perf_counter() - start)
+        step_peak = max(step_peak, _memory(device)[0])
         losses.append(float(loss))
         norms.append(_grad_norm(run.engine))
     times = _world_max(times, device)
@@ -119,13 +133,21 @@ def _timed(run, workload: Workload, measure: Measure, record: dict, build_peak: 
         step_s=statistics.median(times[measure.warmup :]),
     )
     before = record.get("mem_before_gib", 0.0)
-    peak, reserved = _memory(device)
-    own, peak, reserved, build = _world_max([peak - before, peak, reserved, build_peak - before], device)
-    record.update(peak_mem_gib=own, peak_mem_abs_gib=peak, peak_reserved_gib=reserved, build_peak_mem_gib=build)
+    reserved = _memory(device)[1]
+    own, peak, fb, reserved, build = _world_max(
+        [step_peak - before, step_peak, fb_peak - before, reserved, build_peak - before], device
+    )
+    record.update(
+        peak_mem_gib=own,
+        peak_mem_abs_gib=peak,
+        peak_fwd_bwd_gib=fb,
+        peak_reserved_gib=reserved,
+        build_peak_mem_gib=build,
+    )
     if measure.profile and device.type == "cuda":
         dist.barrier()
         start = time.perf_counter()
-        loss, summary = comm.profile_step(run.step)
+        loss, summary = comm.profile_step(lambda: _step(run))
         record["profiled_step_s"] = _world_max([time.perf_counter() - start], device)[0]
         losses.append(float(loss))
         gathered = [None] * dist.get_world_size()

@@ -30,11 +30,14 @@ class _Run:
         self.model, self.engine = _MODEL[0], _Engine()
         self.oom = seq_len > oom_above
 
-    def step(self):
+    def forward_backward(self):
         if self.oom:  # like a real OOM: every rank of the SP group fails at the same allocation
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         dist.all_reduce(torch.ones(1))
         return torch.tensor(2.5)
+
+    def update(self):
+        pass
 
     def close(self):
         pass
@@ -74,6 +77,7 @@ def _body(ctx):
     ok = runner.run_config(_Side(), "ours", frozenset(), 64, wl, measure, 1e12)
     assert ok["status"] == "ok" and ok["losses"] == [2.5, 2.5, 2.5] and ok["step_s"] > 0
     assert ok["tok_s_per_gpu"] > 0 and 0 < ok["mfu"] < 1 and ok["zero_partition_ranks"] is None
+    assert 0 < ok["peak_fwd_bwd_gib"] <= ok["peak_mem_abs_gib"]
 
     oom = runner.run_config(_Side(oom_above=32), "ours", frozenset(), 64, wl, measure, 1e12)
     assert oom["status"] == "oom" and "OutOfMemoryError" in oom["errors"][ctx.rank]
