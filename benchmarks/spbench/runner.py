@@ -183,6 +183,9 @@ def run_config(
         "batch_size": workload.batch_size,
     }
     free_memory(device)
+    # each configuration compiles afresh: a graph cached by the one before (same layer code) would make
+    # dynamo retrace for a second length with dynamic shapes, a path no single-length run takes
+    torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         record["mem_before_gib"] = torch.cuda.memory_allocated(device) / 2**30

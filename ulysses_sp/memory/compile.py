@@ -21,8 +21,8 @@ checkpoint region would otherwise refuse (a graph break that leaves the whole la
 compiled call runs with ``skip_fwd_side_effects_in_bwd_under_checkpoint``: tensors are still
 recomputed, only such Python state writes are not repeated.
 
-The tiled MLP (tiled_mlp.py) compiles as one checkpoint per tile; the RMSNorm recompute's autograd
-function traces as it is.
+The tiled MLP (tiled_mlp.py) compiles as one checkpoint per tile; a norm with the RMSNorm recompute
+runs its plain ops in the compiled region (Inductor fuses them and keeps only what the backward needs).
 """
 
 from __future__ import annotations

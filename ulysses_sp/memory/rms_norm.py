@@ -107,7 +107,7 @@ class RMSNormFunction(torch.autograd.Function):
     ``attach_source`` lets a consumer recompute the output from x (:func:`norm_source`). The
     fp32 math runs over tiles of ``rows_per_tile`` rows, so its temporaries (several fp32 copies of
     the input in eager mode) stay bounded at any sequence length; rows are independent, so the output
-    is the same bit for bit. Under torch.compile one tile: Inductor fuses the math into one kernel.
+    is the same bit for bit. Not used under torch.compile (the norm's plain ops are, see ``_forward``).
     """
 
     @staticmethod
@@ -117,7 +117,7 @@ class RMSNormFunction(torch.autograd.Function):
         assert rows_per_tile >= 1, rows_per_tile
         d = x.shape[-1]
         flat = x.reshape(-1, d)  # [R, d]
-        rows = flat.shape[0] if torch.compiler.is_compiling() else rows_per_tile
+        rows = rows_per_tile
         # the output is allocated in x's shape, not viewed into it: a custom Function's view output
         # could not be changed in place, which transformers' norm output can
         if flat.shape[0] <= rows:
@@ -133,7 +133,7 @@ class RMSNormFunction(torch.autograd.Function):
                 )
         ctx.save_for_backward(x, weight, rstd)
         ctx.rows = rows
-        if attach_source and not torch.compiler.is_compiling():  # (a tensor attribute would break the graph)
+        if attach_source:
             _attach_source(out, x, weight, eps)
         return out
 
@@ -162,6 +162,11 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # Inductor fuses the math into one kernel and its partitioner keeps only what the backward
+        # needs; the Function would hide the ops from both (and torch 2.11's dynamo could not retrace
+        # it for a second sequence length: an H100 run of 64K then 128K failed in the autograd HOP)
+        return _normalize(hidden_states, self.weight, self.variance_epsilon)[0]
     return RMSNormFunction.apply(
         hidden_states, self.weight, self.variance_epsilon, tile_rows(hidden_states.shape[-1]), self._ulysses_sp_in_layer
     )
