@@ -1,21 +1,26 @@
 """Vision-language models under SP (core/vlm.py): every rank gets the whole sample with its image; the
 local logits and every parameter gradient, the vision tower's included (summed over the SP group),
-equal the non-SP model's."""
+equal the non-SP model's. Through the data path (PackedDataset of whole documents with images and a
+video, collate_padded, SPDataLoader(vlm=True), causal_lm_loss): the loss and every gradient after the
+engine's reduction equal those of each document run alone through transformers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 import transformers
 
 import ulysses_sp
 from tests.distributed import harness
 from tests.distributed.core.test_attention_parity import check_model_parity
-from tests.helpers import tolerances
+from tests.helpers import assert_grads_close, clone, tolerances
 from ulysses_sp.core import comm
+from ulysses_sp.data import PackedDataset, SPDataLoader
+from ulysses_sp.loss.causal_lm import causal_lm_loss, count_label_tokens
 
-#: token ids of the tiny vocabulary: image placeholder, vision start / end
-IMAGE, START, END = 250, 251, 252
+#: token ids of the tiny vocabulary: image and video placeholders, vision start / end
+IMAGE, START, END, VIDEO = 250, 251, 252, 253
 SEQ = 24
 #: (config class, model class); Qwen3-VL also adds vision features inside the first text layers (deepstack)
 MODELS = [
@@ -39,7 +44,7 @@ def tiny_vlm(config_name: str, model_name: str, seed: int = 0):
     )  # fmt: skip
     config = getattr(transformers, config_name)(
         text_config=text, vision_config=vision, image_token_id=IMAGE, vision_start_token_id=START,
-        vision_end_token_id=END, video_token_id=253,
+        vision_end_token_id=END, video_token_id=VIDEO,
     )  # fmt: skip
     return getattr(transformers, model_name)(config).train()
 
@@ -57,36 +62,100 @@ def image_batch(batch: int, seed: int, device) -> dict:
     }
 
 
-def _body_vlm(ctx, sp, models):
-    topo = ulysses_sp.init_sp(sp)
-    for config_name, model_name in models:
-        model = tiny_vlm(config_name, model_name).to(ctx.dtype)
-        inputs = image_batch(2, 100 + topo.dp_rank, ctx.device)
-        check_model_parity(ctx, topo, model, model_name, seq=SEQ, full_inputs=inputs)
-        _check_text_loss(topo, model, inputs)
+def _document(g, model_name: str, pre: int, post: int, image=None, video_frames: int = 0) -> dict:
+    """Text, then an image of ``image`` = (h, w) patches or a video of 4x4-patch frames, then text.
+    A video's frames are one run of tokens for Qwen2.5-VL; Qwen3-VL separates them by a timestamp token."""
+    text = lambda n: torch.randint(3, 240, (n,), generator=g).tolist()  # noqa: E731
+    doc, grids = text(pre), {}
+    if image is not None:
+        h, w = image
+        doc += [START] + [IMAGE] * (h * w // 4) + [END]
+        grids = {"pixel_values": torch.randn(h * w, 12, generator=g), "image_grid_thw": torch.tensor([[1, h, w]])}
+    if video_frames:
+        frame = [START] + [VIDEO] * 4 + [END]
+        if model_name.startswith("Qwen3"):
+            doc += [t for _ in range(video_frames) for t in text(1) + frame]
+        else:
+            doc += [START] + [VIDEO] * (4 * video_frames) + [END]
+        grids = {
+            "pixel_values_videos": torch.randn(16 * video_frames, 12, generator=g),
+            "video_grid_thw": torch.tensor([[video_frames, 4, 4]]),
+        }
+    ids = torch.tensor(doc + text(post))
+    kind = (ids == IMAGE).long() + 2 * (ids == VIDEO).long()
+    return {"input_ids": ids, "labels": ids.masked_fill(kind > 0, -100), "mm_token_type_ids": kind, **grids}
 
 
-def _check_text_loss(topo, model, inputs):
-    """The loss over text tokens (labels -100 on the image tokens): the shard's cross-entropy against
-    shard_batch's shift_labels (shifted on the full row, then sliced), summed over the SP group and
-    divided by the sample's label count, equals transformers' loss of the non-SP model."""
-    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] >= IMAGE, -100)
-    ref = model(**inputs, labels=labels).loss
+def vlm_documents(model_name: str) -> list[dict]:
+    """Six documents: images of 4 and 8 tokens, a two-frame video, text only; whole-document rows of
+    at most 24 tokens: [d0], [d1, d2], [d3], [d4, d5]."""
+    g = torch.Generator().manual_seed(5)
+    return [
+        _document(g, model_name, 3, 4, image=(4, 4)),
+        _document(g, model_name, 5, 2, image=(4, 8)),
+        _document(g, model_name, 7, 0),
+        _document(g, model_name, 2, 2, video_frames=2),
+        _document(g, model_name, 4, 5, image=(4, 4)),
+        _document(g, model_name, 6, 0),
+    ]
+
+
+def _check_data_path(ctx, topo, config_name, model_name):
+    """One step through the data path, the engine's reduction done by hand (gradients averaged over the
+    world, as DDP / DeepSpeed do) against each document run alone (transformers' loss, sum / N)."""
+    tol = tolerances(ctx.dtype)
+    model = tiny_vlm(config_name, model_name).to(ctx.device, ctx.dtype)
+    ref = clone(model)
+    docs = vlm_documents(model_name)
+    rows = PackedDataset(docs, 24, whole_documents=True)
+    assert len(rows) == 4
+    n_global = sum(int((d["labels"][1:] != -100).sum()) for d in docs)
+    ref_sums = []
+    for doc in docs:  # alone: a batch of one row
+        inputs = _to(ctx, {k: v.unsqueeze(0) if v.dim() == 1 else v for k, v in doc.items()})
+        ref_sums.append(ref(**inputs, num_items_in_batch=n_global).loss)
+    sum(ref_sums).backward()
+
     ulysses_sp.apply(model, topo)
     try:
-        shift = ulysses_sp.shard_batch({"input_ids": inputs["input_ids"], "labels": labels}, topo)["shift_labels"]
-        logits = model(**inputs).logits  # [B, s, V]
-        local = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), shift.flatten(), reduction="sum")
-        count = (labels[:, 1:] != -100).sum()
-        loss = comm.all_reduce_autograd_sum(local, topo.sp_group) / count
-        torch.testing.assert_close(loss, ref.float(), **tolerances(next(model.parameters()).dtype))
+        loader = SPDataLoader(rows, topo, 4 // topo.dp_size, shuffle=False, vlm=True, pad_token_id=0)
+        (local,) = list(loader)  # every rank: its DP replica's rows whole, its shard's labels
+        local = _to(ctx, local)
+        n = count_label_tokens(local, topo)
+        assert n.item() == n_global / topo.dp_size
+        loss = causal_lm_loss(model, local, topo, n)
+        loss.backward()
+        mine = [i for rows_of_dp in loader.batch_indices() for i in rows_of_dp]  # this replica's rows
+        want = sum(ref_sums[d] for r in mine for d in range(rows.row_docs[r], rows.row_docs[r + 1]))
+        torch.testing.assert_close(loss.detach(), want.detach() * topo.dp_size, **tol)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad = comm.all_reduce(p.grad, dist.group.WORLD) / topo.world_size
+        assert_grads_close(model, ref, **tol)
     finally:
         ulysses_sp.remove(model)
 
 
-@pytest.mark.parametrize("world,sp", [(2, 2)], ids=["sp2"])
-def test_vlm_parity(world, sp):
-    harness.run(_body_vlm, world, sp, MODELS)
+def _to(ctx, batch: dict) -> dict:
+    """Tensors to the device, the pixels to the compute dtype (the SequenceInfo moves with to_device)."""
+    batch = ulysses_sp.to_device(batch, ctx.device)
+    return {k: v.to(ctx.dtype) if k.startswith("pixel") else v for k, v in batch.items()}
+
+
+def _body_vlm(ctx, layouts, models, data_path):
+    for sp in layouts:  # several topologies per spawn: a spawn costs more than the checks
+        topo = ulysses_sp.init_sp(sp)
+        for config_name, model_name in models:
+            model = tiny_vlm(config_name, model_name).to(ctx.dtype)
+            inputs = image_batch(2, 100 + topo.dp_rank, ctx.device)
+            check_model_parity(ctx, topo, model, f"{model_name} sp{sp}", seq=SEQ, full_inputs=inputs)
+            if data_path:
+                _check_data_path(ctx, topo, config_name, model_name)
+
+
+@pytest.mark.parametrize("world,layouts", [(2, (2,)), (4, (4, 2))], ids=["sp2", "sp4+dp2xsp2"])
+def test_vlm_parity(world, layouts):
+    harness.run(_body_vlm, world, layouts, MODELS, True)
 
 
 @pytest.mark.gpu
@@ -95,4 +164,4 @@ def test_vlm_parity_gpu():
     if not harness.on_gpu():
         pytest.skip("GPU-only: run with ULYSSES_SP_TEST_BACKEND=nccl on a CUDA machine")
     world = min(2, torch.cuda.device_count())
-    harness.run(_body_vlm, world, world, MODELS)
+    harness.run(_body_vlm, world, (world,), MODELS, True)
