@@ -48,8 +48,8 @@ from collections.abc import Mapping
 import torch
 
 from .layout import padded_length, ring_size_of, take_local
-from .vlm import IMAGE_KEYS, check_vlm_batch
 from .sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, document_starts
+from .vlm import IMAGE_KEYS, check_vlm_batch
 
 #: keys describing the full batch that are folded into the SequenceInfo and not returned.
 _CONSUMED = (

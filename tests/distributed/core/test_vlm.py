@@ -110,13 +110,17 @@ def _check_data_path(ctx, topo, config_name, model_name):
     rows = PackedDataset(docs, 24, whole_documents=True)
     assert len(rows) == 4
     n_global = sum(int((d["labels"][1:] != -100).sum()) for d in docs)
-    ref_sums = []
+    ref_sums, ref_pos = [], []  # each document's loss sum / N and mRoPE positions [3, n], alone
+    seen = _capture_positions(ref, ref_pos)
     for doc in docs:  # alone: a batch of one row
         inputs = _to(ctx, {k: v.unsqueeze(0) if v.dim() == 1 else v for k, v in doc.items()})
         ref_sums.append(ref(**inputs, num_items_in_batch=n_global).loss)
+    seen.remove()
     sum(ref_sums).backward()
 
     ulysses_sp.apply(model, topo)
+    sp_pos = []
+    seen = _capture_positions(model, sp_pos)  # after apply's hook: the shard's [3, B, s]
     try:
         loader = SPDataLoader(rows, topo, 4 // topo.dp_size, shuffle=False, vlm=True, pad_token_id=0)
         (local,) = list(loader)  # every rank: its DP replica's rows whole, its shard's labels
@@ -128,12 +132,42 @@ def _check_data_path(ctx, topo, config_name, model_name):
         mine = [i for rows_of_dp in loader.batch_indices() for i in rows_of_dp]  # this replica's rows
         want = sum(ref_sums[d] for r in mine for d in range(rows.row_docs[r], rows.row_docs[r + 1]))
         torch.testing.assert_close(loss.detach(), want.detach() * topo.dp_size, **tol)
+        _check_positions(topo, sp_pos[0], [[ref_pos[d] for d in range(*rows.row_docs[r : r + 2])] for r in mine])
         for p in model.parameters():
             if p.grad is not None:
                 p.grad = comm.all_reduce(p.grad, dist.group.WORLD) / topo.world_size
         assert_grads_close(model, ref, **tol)
     finally:
+        seen.remove()
         ulysses_sp.remove(model)
+
+
+def _capture_positions(model, into: list):
+    """Record the mRoPE position ids [3, B, n] the language model is called with (after the hooks
+    before this one); a text-only call without them numbers its tokens 0, 1, ..."""
+
+    def hook(module, args, kwargs):
+        pos = kwargs["position_ids"]
+        if pos is None:
+            B, n = kwargs["inputs_embeds"].shape[:2]
+            pos = torch.arange(n, device=kwargs["inputs_embeds"].device).expand(3, B, n)
+        into.append(pos[-3:])
+
+    return model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _check_positions(topo, local: torch.Tensor, rows: list[list[torch.Tensor]]) -> None:
+    """The shard's mRoPE positions [3, B, s] are those of each document alone ([3, 1, n] each), the
+    documents of a row one after another; the padding at a row's end is not compared."""
+    S = local.shape[-1] * topo.sp_size
+    want = torch.full((3, len(rows), S), -1, dtype=local.dtype, device=local.device)  # [3, B, S]
+    for b, docs in enumerate(rows):
+        row = torch.cat([p[:, 0] for p in docs], dim=-1)  # [3, n_b]
+        want[:, b, : row.shape[-1]] = row
+    s = S // topo.sp_size
+    want = want[..., topo.sp_rank * s : (topo.sp_rank + 1) * s]  # [3, B, s]
+    real = want >= 0
+    assert real.any() and torch.equal(local[real], want[real]), (local, want)
 
 
 def _to(ctx, batch: dict) -> dict:
