@@ -176,20 +176,23 @@ def _to(ctx, batch: dict) -> dict:
     return {k: v.to(ctx.dtype) if k.startswith("pixel") else v for k, v in batch.items()}
 
 
-def _body_vlm(ctx, layouts, models, data_path):
-    for sp in layouts:  # several topologies per spawn: a spawn costs more than the checks
-        topo = ulysses_sp.init_sp(sp)
-        for config_name, model_name in models:
-            model = tiny_vlm(config_name, model_name).to(ctx.dtype)
-            inputs = image_batch(2, 100 + topo.dp_rank, ctx.device)
-            check_model_parity(ctx, topo, model, f"{model_name} sp{sp}", seq=SEQ, full_inputs=inputs)
-            if data_path:
-                _check_data_path(ctx, topo, config_name, model_name)
+def check_vlm(ctx, topo, models=MODELS) -> None:
+    """Every check of this module at ``topo``: model parity with one image per sample, then the data path.
+    The 4-rank layouts (sp4, dp2 x sp2) run inside tests/distributed/data/test_data.py's spawn."""
+    for config_name, model_name in models:
+        model = tiny_vlm(config_name, model_name).to(ctx.dtype)
+        inputs = image_batch(2, 100 + topo.dp_rank, ctx.device)
+        label = f"{model_name} dp{topo.dp_size}xsp{topo.sp_size}"
+        check_model_parity(ctx, topo, model, label, seq=SEQ, full_inputs=inputs)
+        _check_data_path(ctx, topo, config_name, model_name)
 
 
-@pytest.mark.parametrize("world,layouts", [(2, (2,)), (4, (4, 2))], ids=["sp2", "sp4+dp2xsp2"])
-def test_vlm_parity(world, layouts):
-    harness.run(_body_vlm, world, layouts, MODELS, True)
+def _body_vlm(ctx, sp):
+    check_vlm(ctx, ulysses_sp.init_sp(sp))
+
+
+def test_vlm_parity():
+    harness.run(_body_vlm, 2, 2)
 
 
 @pytest.mark.gpu
@@ -198,4 +201,4 @@ def test_vlm_parity_gpu():
     if not harness.on_gpu():
         pytest.skip("GPU-only: run with ULYSSES_SP_TEST_BACKEND=nccl on a CUDA machine")
     world = min(2, torch.cuda.device_count())
-    harness.run(_body_vlm, world, (world,), MODELS, True)
+    harness.run(_body_vlm, world, world)
