@@ -170,6 +170,24 @@ def _check_positions(topo, local: torch.Tensor, rows: list[list[torch.Tensor]]) 
     assert real.any() and torch.equal(local[real], want[real]), (local, want)
 
 
+def _check_errors(ctx, topo, model) -> None:
+    """Misuse raises before any collective: a VLM called with a text shard (its SequenceInfo names the
+    whole sample's length), packed documents whose visual tokens do not match their grid rows."""
+    ids = torch.randint(3, 240, (1, 8), device=ctx.device)
+    ulysses_sp.apply(model, topo)
+    try:
+        with pytest.raises(ValueError, match="must describe the 4-token sample.*vlm=True"):
+            model(**ulysses_sp.shard_batch({"input_ids": ids}, topo))
+        doc = vlm_documents("Qwen2_5_VL")[0]
+        batch = {k: v.unsqueeze(0) if v.dim() == 1 else v for k, v in doc.items()}
+        batch["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6]])  # a cut inside the image
+        local = _to(ctx, ulysses_sp.shard_batch(batch, topo, vlm=True))
+        with pytest.raises(ValueError, match="its 2 visual tokens of image_grid_thw do not end where"):
+            model(**{k: v for k, v in local.items() if k != "shift_labels"})
+    finally:
+        ulysses_sp.remove(model)
+
+
 def _to(ctx, batch: dict) -> dict:
     """Tensors to the device, the pixels to the compute dtype (the SequenceInfo moves with to_device)."""
     batch = ulysses_sp.to_device(batch, ctx.device)
@@ -185,6 +203,8 @@ def check_vlm(ctx, topo, models=MODELS) -> None:
         label = f"{model_name} dp{topo.dp_size}xsp{topo.sp_size}"
         check_model_parity(ctx, topo, model, label, seq=SEQ, full_inputs=inputs)
         _check_data_path(ctx, topo, config_name, model_name)
+        if topo.world_size == 2:
+            _check_errors(ctx, topo, model)
 
 
 def _body_vlm(ctx, sp):
