@@ -158,14 +158,19 @@ def document_positions(model: torch.nn.Module, kwargs: dict, doc_ids: torch.Tens
         )
     takes = inspect.signature(model.get_rope_index).parameters
     cursors = {key: _GridCursor(model.config, key, kwargs) for key in _GRIDS if kwargs.get(key) is not None}
+    per_token = {k: kwargs[k] for k in ("mm_token_type_ids", "attention_mask") if kwargs.get(k) is not None}
+    if "mm_token_type_ids" in takes and "mm_token_type_ids" not in per_token:
+        if cursors:
+            raise ValueError(
+                "a packed vision-language batch needs mm_token_type_ids [B, S] (0 text, 1 image, 2 video; the "
+                "processor returns them): the mRoPE positions of each document are computed from them"
+            )
+        per_token["mm_token_type_ids"] = torch.zeros_like(ids)  # text only
     out = torch.zeros(3, *ids.shape, dtype=ids.dtype, device=ids.device)  # [3, B, S]
     for b, row in enumerate(doc_ids.tolist()):
         bounds = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]] + [len(row)]
         for a, e in zip(bounds[:-1], bounds[1:]):
-            doc = {"input_ids": ids[b : b + 1, a:e]}  # [1, n]
-            for key in ("mm_token_type_ids", "attention_mask"):
-                if kwargs.get(key) is not None:
-                    doc[key] = kwargs[key][b : b + 1, a:e]  # [1, n]
+            doc = {"input_ids": ids[b : b + 1, a:e], **{k: v[b : b + 1, a:e] for k, v in per_token.items()}}  # [1, n]
             for cursor in cursors.values():
                 doc.update(cursor.take(doc["input_ids"], b, a))
             position_ids, _ = model.get_rope_index(**{k: v for k, v in doc.items() if k in takes})

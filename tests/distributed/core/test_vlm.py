@@ -6,6 +6,9 @@ engine's reduction equal those of each document run alone through transformers."
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,7 +17,7 @@ import transformers
 import ulysses_sp
 from tests.distributed import harness
 from tests.distributed.core.test_attention_parity import check_model_parity
-from tests.helpers import assert_grads_close, clone, tolerances
+from tests.helpers import ROOT, assert_grads_close, clone, tolerances
 from ulysses_sp.core import comm
 from ulysses_sp.data import PackedDataset, SPDataLoader
 from ulysses_sp.loss.causal_lm import causal_lm_loss, count_label_tokens
@@ -207,8 +210,24 @@ def check_vlm(ctx, topo, models=MODELS) -> None:
             _check_errors(ctx, topo, model)
 
 
+def _check_example_loop(ctx) -> None:
+    """examples/vlm_loop.py's loop (its train function, in this spawn: no launcher to start) at sp2 logs
+    the losses of the same script's global batches at dp2 without SP (the curve, 1e-4 relative)."""
+    spec = importlib.util.spec_from_file_location("vlm_loop", os.path.join(ROOT, "examples", "vlm_loop.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    docs = example.synthetic_documents(8)
+    run = dict(steps=3, seq_len=40, batch_size=2, lr=1e-3, device=ctx.device)
+    with_sp = example.train(example.tiny_qwen2_5_vl(), docs, ulysses_sp.init_sp(2), **run)
+    without = example.train(example.tiny_qwen2_5_vl(), docs, ulysses_sp.init_sp(1), **{**run, "batch_size": 1})
+    assert len(with_sp) == 3
+    torch.testing.assert_close(torch.tensor(with_sp), torch.tensor(without), rtol=1e-4, atol=0)
+
+
 def _body_vlm(ctx, sp):
     check_vlm(ctx, ulysses_sp.init_sp(sp))
+    if not harness.on_gpu():
+        _check_example_loop(ctx)
 
 
 def test_vlm_parity():
