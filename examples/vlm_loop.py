@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 examples/vlm_loop.py --sp-size 2     # CPU: one SP group of 2
     torchrun --nproc_per_node 2 examples/vlm_loop.py --sp-size 1     # the same global batches, dp2
+    torchrun --nproc_per_node 1 examples/vlm_loop.py                 # one process
 
 A tiny random-init Qwen2.5-VL (built from a config, no download) learns synthetic documents: text, an
 image of random pixels, text. With a real model the documents are its processor's outputs, one per
@@ -113,10 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if "RANK" in os.environ:  # started by torchrun
-        dist.init_process_group("gloo")
-    else:  # one process without a launcher: an in-memory store, no port to collide on
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group("gloo")  # from torchrun's environment (--nproc_per_node 1: one process)
     topology = ulysses_sp.init_sp(args.sp_size or dist.get_world_size())
     losses = train(
         tiny_qwen2_5_vl(),
