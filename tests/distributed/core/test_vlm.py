@@ -84,6 +84,8 @@ def _document(g, model_name: str, pre: int, post: int, image=None, video_frames:
             "pixel_values_videos": torch.randn(16 * video_frames, 12, generator=g),
             "video_grid_thw": torch.tensor([[video_frames, 4, 4]]),
         }
+        if not model_name.startswith("Qwen3"):  # Qwen2.5-VL spaces the frames' temporal positions by it
+            grids["second_per_grid_ts"] = torch.tensor([0.5])
     ids = torch.tensor(doc + text(post))
     kind = (ids == IMAGE).long() + 2 * (ids == VIDEO).long()
     return {"input_ids": ids, "labels": ids.masked_fill(kind > 0, -100), "mm_token_type_ids": kind, **grids}
