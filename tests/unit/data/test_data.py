@@ -14,7 +14,7 @@ from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG
 from ulysses_sp.core.sharding import shard_batch
 from ulysses_sp.data.collate import collate_padded
 from ulysses_sp.data.identical import batch_checksum
-from ulysses_sp.data.loader import SPDataLoader
+from ulysses_sp.data.loader import SPDataLoader, SPShardAdapter
 from ulysses_sp.data.packing import PackedDataset, pack_collate
 from ulysses_sp.data.text import BYTE_VOCAB_SIZE, Documents, encode_bytes, load_text_dataset, read_documents
 
@@ -256,7 +256,8 @@ def _vlm_doc(n_text: int, image_rows: int = 0, fill: float = 0.0) -> dict:
 
 def test_packing_carries_a_vlm_documents_images_in_order():
     """pack_collate and PackedDataset(whole_documents=True): the documents' images concatenated in
-    document order, mm_token_type_ids alongside the tokens (0 for a document without them); a split
+    document order, mm_token_type_ids alongside the tokens (0 for a document without them); through
+    SPDataLoader / SPShardAdapter with vlm=True the rows stay whole and the labels are the shard's; a split
     document with images, or a document longer than a whole-document row, is refused."""
     docs = [_vlm_doc(3, 8, 1.0), {"input_ids": [7, 8]}, _vlm_doc(2, 4, 2.0), _vlm_doc(5)]
     out = pack_collate(docs)
@@ -285,5 +286,13 @@ def test_packing_carries_a_vlm_documents_images_in_order():
         PackedDataset(docs, 4, whole_documents=True)
     with pytest.raises(ValueError, match=r"document 0 carries \['pixel_values', 'image_grid_thw'\] but crosses"):
         PackedDataset(docs, 4)[0]
+    # the loaders' vlm=True: rows whole with their images, the shard's labels (sp rank 1 of 2)
+    rows = PackedDataset(docs, 8, whole_documents=True)
+    topo = _topo(sp_size=2, sp_rank=1)
+    (local,) = SPDataLoader(rows, topo, 2, shuffle=False, vlm=True)
+    (adapted,) = SPShardAdapter([collate_padded([rows[0], rows[1]])], topo, check_identical=False, vlm=True)
+    for batch in (local, adapted):
+        assert batch["input_ids"].shape == (2, 8) and batch["shift_labels"].shape == (2, 4)
+        assert batch["image_grid_thw"].tolist() == [[1, 2, 4], [1, 2, 2]]
     split = PackedDataset(docs, 7)[1]  # d2 whole inside the row keeps its image; d3 (text) is split
     assert split["input_ids"].tolist() == [1, 2, 250, 1, 2, 3, 4] and split["image_grid_thw"].tolist() == [[1, 2, 2]]
