@@ -7,7 +7,8 @@
 A tiny random-init Qwen2.5-VL (built from a config, no download) learns synthetic documents: text, an
 image of random pixels, text. With a real model the documents are its processor's outputs, one per
 sample (``input_ids``, ``mm_token_type_ids``, ``pixel_values``, ``image_grid_thw``, with the batch
-dimension dropped) plus ``labels``: -100 on the image tokens, so the loss covers the text only.
+dimension dropped) plus ``labels`` (e.g. -100 on the prompt); the data path ignores the labels of the
+image tokens, so the loss covers the text only.
 
 What SP needs (docs/vlm.md): ``apply`` the model; pack whole documents (their images stay with their
 tokens); ``SPDataLoader(..., vlm=True)`` hands every rank of an SP group the whole rows with their
@@ -67,7 +68,7 @@ def synthetic_documents(count: int, seed: int = 0) -> list[dict]:
         docs.append(
             {
                 "input_ids": ids,
-                "labels": ids.masked_fill(kind.bool(), -100),
+                "labels": ids,  # every text token learns; shard_batch(vlm=True) ignores the image tokens
                 "mm_token_type_ids": kind,
                 "pixel_values": torch.randn(h * w, 3 * 2 * 2, generator=g),  # [patches, C * T * p * p]
                 "image_grid_thw": torch.tensor([[1, h, w]]),

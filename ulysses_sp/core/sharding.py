@@ -35,10 +35,11 @@ padding token, a padding token reads only itself) and returned as ``attention_ma
 
 A vision-language model (``vlm=True``, core/vlm.py) is called with the whole sample: its vision
 tower and mRoPE positions need every token, and its language model's pre-hook cuts the shard. Then
-only ``shift_labels`` are sliced; the model inputs are returned whole, padded to S' (``input_ids``,
-``mm_token_type_ids``, a 2-D ``attention_mask``, [K, B, S] position ids), with the images
-(``pixel_values``, ``image_grid_thw``...) as given. 2-D position ids only mark packed documents
-there (the model computes the mRoPE positions per document from the SequenceInfo).
+only ``shift_labels`` are sliced, and they ignore the image and video tokens (``mm_token_type_ids``
+nonzero: placeholders, not text to predict); the model inputs are returned whole, padded to S'
+(``input_ids``, ``mm_token_type_ids``, a 2-D ``attention_mask``, [K, B, S] position ids), with the
+images (``pixel_values``, ``image_grid_thw``...) as given. 2-D position ids only mark packed
+documents there (the model computes the mRoPE positions per document from the SequenceInfo).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import torch
 
 from .layout import padded_length, ring_size_of, take_local
 from .sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, document_starts
-from .vlm import IMAGE_KEYS, check_vlm_batch
+from .vlm import IMAGE_KEYS, check_vlm_batch, text_only_labels
 
 #: keys describing the full batch that are folded into the SequenceInfo and not returned.
 _CONSUMED = (
@@ -110,7 +111,7 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
             f"attention_mask must be a 2-D padding mask [B, S] = [{B}, {S}] (1 = token, 0 = padding) "
             f"or a custom mask [B, S, S] / [B, 1, S, S] over the full sequence; got {list(mask.shape)}"
         )
-    shifted = _shift_labels(batch, starts, B, S, ignore_index)  # [B, S] or None
+    shifted = _shift_labels(text_only_labels(batch, ignore_index) if vlm else batch, starts, B, S, ignore_index)
 
     full_pos = _continue_positions(position_ids, pad)  # [B, S'] / [K, B, S']
     padded_starts = _pad(starts, 1, pad, False)  # [B, S']

@@ -84,6 +84,15 @@ def check_vlm_batch(batch: dict, vlm: bool, ring_size: int) -> None:
         )
 
 
+def text_only_labels(batch: dict, ignore_index: int) -> dict:
+    """``batch`` with its ``labels`` [B, S] ignored at the visual tokens (``mm_token_type_ids`` [B, S]
+    nonzero): their ids are placeholders the vision features replace, never text to predict."""
+    labels, kinds = batch.get("labels"), batch.get("mm_token_type_ids")
+    if labels is None or kinds is None or tuple(kinds.shape) != tuple(labels.shape):
+        return batch
+    return {**batch, "labels": labels.masked_fill(kinds != 0, ignore_index)}
+
+
 def shard_language_inputs(kwargs: dict, topology) -> dict:
     """The language model's keyword arguments for the full sequence -> this rank's shard (see module
     docstring): ``inputs_embeds`` [B, S, D] -> [B, s, D], ``position_ids`` [K, B, S] -> [K, B, s], a 2-D

@@ -88,7 +88,7 @@ def _document(g, model_name: str, pre: int, post: int, image=None, video_frames:
             grids["second_per_grid_ts"] = torch.tensor([0.5])
     ids = torch.tensor(doc + text(post))
     kind = (ids == IMAGE).long() + 2 * (ids == VIDEO).long()
-    return {"input_ids": ids, "labels": ids.masked_fill(kind > 0, -100), "mm_token_type_ids": kind, **grids}
+    return {"input_ids": ids, "labels": ids, "mm_token_type_ids": kind, **grids}  # labels: the data path masks
 
 
 def vlm_documents(model_name: str) -> list[dict]:
@@ -107,18 +107,20 @@ def vlm_documents(model_name: str) -> list[dict]:
 
 def _check_data_path(ctx, topo, config_name, model_name):
     """One step through the data path, the engine's reduction done by hand (gradients averaged over the
-    world, as DDP / DeepSpeed do) against each document run alone (transformers' loss, sum / N)."""
+    world, as DDP / DeepSpeed do) against each document run alone (transformers' loss, sum / N, over
+    the text tokens: the documents' labels include the image tokens, which shard_batch ignores)."""
     tol = tolerances(ctx.dtype)
     model = tiny_vlm(config_name, model_name).to(ctx.device, ctx.dtype)
     ref = clone(model)
     docs = vlm_documents(model_name)
     rows = PackedDataset(docs, 24, whole_documents=True)
     assert len(rows) == 4
-    n_global = sum(int((d["labels"][1:] != -100).sum()) for d in docs)
+    text_labels = [d["labels"].masked_fill(d["mm_token_type_ids"] > 0, -100) for d in docs]  # the text only
+    n_global = sum(int((labels[1:] != -100).sum()) for labels in text_labels)
     ref_sums, ref_pos = [], []  # each document's loss sum / N and mRoPE positions [3, n], alone
     seen = _capture_positions(ref, ref_pos)
-    for doc in docs:  # alone: a batch of one row
-        inputs = _to(ctx, {k: v.unsqueeze(0) if v.dim() == 1 else v for k, v in doc.items()})
+    for doc, labels in zip(docs, text_labels):  # alone: a batch of one row
+        inputs = _to(ctx, {k: v.unsqueeze(0) if v.dim() == 1 else v for k, v in {**doc, "labels": labels}.items()})
         ref_sums.append(ref(**inputs, num_items_in_batch=n_global).loss)
     seen.remove()
     sum(ref_sums).backward()
