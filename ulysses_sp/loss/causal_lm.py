@@ -103,7 +103,8 @@ def causal_lm_loss(
     and the head; core/wrappers.py). ``local_batch``: this rank's shard, ``input_ids`` [B, s],
     ``position_ids`` [B, s] (global), ``shift_labels`` [B, s] (-100 ignored), optionally
     ``ulysses_sp_info`` and other model inputs; every key but ``shift_labels`` / ``labels`` goes to
-    the backbone (the causal LM's ``base_model``).
+    the backbone (the causal LM's ``base_model``). A vision-language model's batch from
+    ``shard_batch(..., vlm=True)`` holds the whole sample's inputs [B, S] and the shard's labels.
     The path (tiled_ce.choose_loss_path): when the shard's fp32 logits fit ``full_logits_bytes``
     they are computed in one piece and kept for the backward, as plain transformers does ("full"; 0
     turns it off, and so does an explicit ``tile_tokens``); above it liger-kernel's fused loss when
