@@ -136,7 +136,7 @@ def _check_data_path(ctx, topo, config_name, model_name):
         assert n.item() == n_global / topo.dp_size
         loss = causal_lm_loss(model, local, topo, n)
         loss.backward()
-        mine = [i for rows_of_dp in loader.batch_indices() for i in rows_of_dp]  # this replica's rows
+        mine = [i for rows_of_dp in loader.batch_indices(0) for i in rows_of_dp]  # this replica's rows
         want = sum(ref_sums[d] for r in mine for d in range(rows.row_docs[r], rows.row_docs[r + 1]))
         torch.testing.assert_close(loss.detach(), want.detach() * topo.dp_size, **tol)
         _check_positions(topo, sp_pos[0], [[ref_pos[d] for d in range(*rows.row_docs[r : r + 2])] for r in mine])
@@ -185,7 +185,7 @@ def _check_errors(ctx, topo, model) -> None:
     try:
         with pytest.raises(ValueError, match="must describe the 4-token sample.*vlm=True"):
             model(**ulysses_sp.shard_batch({"input_ids": ids}, topo))
-        doc = vlm_documents("Qwen2_5_VL")[0]
+        doc = vlm_documents(MODELS[0][1])[0]  # text, an image of 4 tokens, text
         batch = {k: v.unsqueeze(0) if v.dim() == 1 else v for k, v in doc.items()}
         batch["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6]])  # a cut inside the image
         local = _to(ctx, ulysses_sp.shard_batch(batch, topo, vlm=True))
