@@ -16,7 +16,8 @@ A vision-language model's documents carry images (``pixel_values``, ``image_grid
 whose tokens must stay with them: ``whole_documents=True`` fills each row with whole documents, in
 dataset order, until the next one does not fit (rows of at most L tokens, the collator pads them);
 a row's images are its documents' images concatenated in document order. Splitting a document that
-carries images is refused.
+carries images is refused (at setup when this class reads the documents' lengths, else when the row
+is read).
 
 ``position_ids`` carry the layout: :func:`ulysses_sp.shard_batch` reads a restart as a
 document start, keeps attention inside documents and labels no token with the next document's first
@@ -46,9 +47,11 @@ class PackedDataset(Dataset):
 
     def __init__(self, dataset, seq_len: int, *, whole_documents: bool = False):
         check_int("seq_len", seq_len)
-        lengths = getattr(dataset, "lengths", None)
-        if lengths is None:
-            lengths = torch.tensor([len(dataset[i]["input_ids"]) for i in range(len(dataset))], dtype=torch.long)
+        lengths, imaged = getattr(dataset, "lengths", None), []
+        if lengths is None:  # one pass over the documents: their lengths, and which carry images
+            items = [dataset[i] for i in range(len(dataset))]
+            lengths = torch.tensor([len(x["input_ids"]) for x in items], dtype=torch.long)
+            imaged = [any(x.get(k) is not None for k in IMAGE_KEYS) for x in items]
         self.dataset = dataset
         self.seq_len = seq_len
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.long().cumsum(0)])  # [D+1]
@@ -59,6 +62,9 @@ class PackedDataset(Dataset):
         self.has_labels = "labels" in first
         self.per_token = [k for k in _PER_TOKEN if k in first]
         self.row_docs = _whole_document_rows(lengths.tolist(), seq_len) if whole_documents else None  # [R+1]
+        if not whole_documents:  # at setup what __getitem__ would refuse mid-training (when the pass ran)
+            for doc in (d for d, has in enumerate(imaged) if has):
+                self._check_not_split(doc)
 
     def __len__(self) -> int:
         if self.row_docs is not None:
@@ -94,17 +100,23 @@ class PackedDataset(Dataset):
                 pieces[k].append(torch.as_tensor(value).long()[a:b])
             pieces["position_ids"].append(torch.arange(b - a))
             carried = [k for k in IMAGE_KEYS if item.get(k) is not None]
-            if carried and (a, b) != (0, end - start):
-                raise ValueError(
-                    f"document {doc} carries {carried} but crosses a row edge (rows of {self.seq_len} tokens): its "
-                    "images would be cut off from their tokens; pack a vision-language model's documents with "
-                    "PackedDataset(dataset, seq_len, whole_documents=True)"
-                )
+            if carried:
+                self._check_not_split(doc)
             for k in carried:
                 images.setdefault(k, []).append(torch.as_tensor(item[k]))
         row = {k: torch.cat(v) for k, v in pieces.items()}  # [n] each; positions restart at 0 per piece
         row.update({k: torch.cat(v) for k, v in images.items()})  # [rows of the documents' images, ...]
         return row
+
+    def _check_not_split(self, doc: int) -> None:
+        """ValueError when document ``doc`` (which carries images) crosses a row edge."""
+        start, end = int(self.offsets[doc]), int(self.offsets[doc + 1])
+        if self.row_docs is None and end > start and start // self.seq_len != (end - 1) // self.seq_len:
+            raise ValueError(
+                f"document {doc} carries images but crosses a row edge (tokens {start}..{end - 1} of the stream, rows "
+                f"of {self.seq_len} tokens): its images would be cut off from their tokens; pack a vision-language "
+                "model's documents with PackedDataset(dataset, seq_len, whole_documents=True)"
+            )
 
 
 def _whole_document_rows(lengths: list[int], seq_len: int) -> list[int]:

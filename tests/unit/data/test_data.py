@@ -243,6 +243,14 @@ def test_collate_carries_images_and_pads_to_a_multiple():
     assert batch["pixel_values_videos"].shape == (8, 12) and batch["video_grid_thw"].tolist() == [[2, 2, 2]]
 
 
+class _WithLengths(list):
+    """Documents with a ``lengths`` attribute, as text corpora have (PackedDataset then reads no item at setup)."""
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([len(d["input_ids"]) for d in self])
+
+
 def _vlm_doc(n_text: int, image_rows: int = 0, fill: float = 0.0) -> dict:
     """n_text text tokens then one image of ``image_rows`` patches (image_rows / 4 tokens of type 1)."""
     ids = list(range(1, n_text + 1)) + [250] * (image_rows // 4)
@@ -284,8 +292,11 @@ def test_packing_carries_a_vlm_documents_images_in_order():
     assert "pixel_values" in packed[0] and packed[0]["image_grid_thw"].tolist() == [[1, 2, 4]]
     with pytest.raises(ValueError, match="document 0 has 5 tokens, more than seq_len=4"):
         PackedDataset(docs, 4, whole_documents=True)
-    with pytest.raises(ValueError, match=r"document 0 carries \['pixel_values', 'image_grid_thw'\] but crosses"):
-        PackedDataset(docs, 4)[0]
+    with pytest.raises(ValueError, match=r"document 0 carries images but crosses a row edge \(tokens 0..4 .*whole_doc"):
+        PackedDataset(docs, 4)  # found at setup, in the pass that reads the lengths
+    known = _WithLengths(docs)  # lengths known: no pass at setup, the row refuses it when read
+    with pytest.raises(ValueError, match="document 0 carries images but crosses a row edge"):
+        PackedDataset(known, 4)[0]
     # the loaders' vlm=True: rows whole with their images, the shard's labels (sp rank 1 of 2)
     rows = PackedDataset(docs, 8, whole_documents=True)
     topo = _topo(sp_size=2, sp_rank=1)
