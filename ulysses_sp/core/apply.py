@@ -13,7 +13,8 @@ carry (model_inputs.py); in a vision-language model, on its language model, it s
 sequence the model built from the whole sample (vlm.py). A second one on the model itself keeps the
 position ids and SequenceInfo of the call for heads that do not pass them on to their backbone
 (Mamba's): without them the backbone would see one plain sequence and a recurrent layer would run
-across packed documents.
+across packed documents. In a vision-language model the second one sits on its inner model and gives
+packed documents their own mRoPE positions (vlm.py).
 
 A PEFT model (``peft.get_peft_model``) is seen through: SP goes on the transformers model inside it,
 which also holds this module's state, so the wrapper and the inner model answer alike (wrappers.py).
@@ -291,7 +292,7 @@ def apply(
     text_config = config.get_text_config(decoder=True)
     composite = text_config is not config
     if composite:
-        vlm.check_supported(inner)
+        vlm.check_supported(inner, ring_size_of(topology))
     original = config._attn_implementation or "sdpa"
     impl = attn_implementation or original
     if impl.startswith("ulysses_sp"):
@@ -308,11 +309,14 @@ def apply(
     params = tuple(inspect.signature(backbone.forward).parameters)
     complete = vlm.shard_language_inputs if composite else complete_kwargs
     hook = backbone.register_forward_pre_hook(_make_pre_hook(inner, complete), with_kwargs=True)
-    outer_hook = (
-        None
-        if backbone is inner or composite
-        else inner.register_forward_pre_hook(_make_outer_hook(inner), with_kwargs=True)
-    )
+    if composite:  # packed rows: the mRoPE positions of each document, before the model numbers the row whole
+        outer_hook = inner.model.register_forward_pre_hook(
+            vlm.make_document_positions_hook(inner.model), with_kwargs=True
+        )
+    elif backbone is not inner:
+        outer_hook = inner.register_forward_pre_hook(_make_outer_hook(inner), with_kwargs=True)
+    else:
+        outer_hook = None
     # transformers' registry is process-global: without this a model freed unremoved would leave its
     # attention, and through it the topology's process groups, alive until interpreter exit
     unregister = weakref.finalize(inner, _unregister, name)

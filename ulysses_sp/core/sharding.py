@@ -32,6 +32,14 @@ per-token tensor 0. Causal attention never lets a real token read a later paddin
 A custom full-sequence mask ([B, S, S], or [B|1, 1|N, S, S] as transformers takes it) is not sliced:
 attention runs over all S' tokens on every rank. It is padded to S' x S' (no real token reads a
 padding token, a padding token reads only itself) and returned as ``attention_mask``.
+
+A vision-language model (``vlm=True``, core/vlm.py) is called with the whole sample: its vision
+tower and mRoPE positions need every token, and its language model's pre-hook cuts the shard. Then
+only ``shift_labels`` are sliced, and they ignore the image and video tokens (``mm_token_type_ids``
+nonzero: placeholders, not text to predict); the model inputs are returned whole, padded to S'
+(``input_ids``, ``mm_token_type_ids``, a 2-D ``attention_mask``, [K, B, S] position ids), with the
+images (``pixel_values``, ``image_grid_thw``...) as given. 2-D position ids only mark packed
+documents there (the model computes the mRoPE positions per document from the SequenceInfo).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import torch
 
 from .layout import padded_length, ring_size_of, take_local
 from .sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info, check_non_negative, document_starts
+from .vlm import IMAGE_KEYS, check_vlm_batch, text_only_labels
 
 #: keys describing the full batch that are folded into the SequenceInfo and not returned.
 _CONSUMED = (
@@ -54,11 +63,9 @@ _CONSUMED = (
     "max_length_q",
     "max_length_k",
 )
-#: a VLM's image/video inputs: whole on every rank (the vision tower runs on the full sample), never sliced
-_WHOLE = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
 
 
-def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: int = -100) -> dict:
+def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: int = -100, vlm: bool = False) -> dict:
     """This rank's shard of a full batch (identical on every rank of the SP group).
 
     ``batch`` holds ``input_ids`` [B, S] (or ``inputs_embeds`` [B, S, E]) and optionally
@@ -75,6 +82,10 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
     and everything else unchanged (a VLM's ``pixel_values`` / ``image_grid_thw`` are never sliced).
     ``labels``, a 2-D attention mask and the packed layout are not returned (the info carries them).
     Feed it to a model after ``ulysses_sp.apply``: ``model(**{k: v for k, v in local.items() if k != "shift_labels"})``.
+
+    ``vlm=True``: the batch of a Qwen2.5-VL / Qwen3-VL model, which every rank calls with the whole
+    sample. Only ``shift_labels`` [B, s] are sliced; ``input_ids`` [B, S'] and the other model inputs
+    stay whole (module docstring), and the model shards them after merging the image features.
     """
     P, rank = topology.sp_size, topology.sp_rank
     if not (isinstance(P, int) and P >= 1 and 0 <= rank < P):
@@ -82,6 +93,7 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
     if SEQ_INFO_KWARG in batch:
         raise ValueError(f"the batch already has {SEQ_INFO_KWARG!r}: it is a shard already; pass the full batch")
     ring = ring_size_of(topology)
+    check_vlm_batch(batch, vlm, ring)
     tokens = _tokens(batch)
     B, S = tokens.shape[:2]
     pad = padded_length(S, P, ring) - S
@@ -99,7 +111,7 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
             f"attention_mask must be a 2-D padding mask [B, S] = [{B}, {S}] (1 = token, 0 = padding) "
             f"or a custom mask [B, S, S] / [B, 1, S, S] over the full sequence; got {list(mask.shape)}"
         )
-    shifted = _shift_labels(batch, starts, B, S, ignore_index)  # [B, S] or None
+    shifted = _shift_labels(text_only_labels(batch, ignore_index) if vlm else batch, starts, B, S, ignore_index)
 
     full_pos = _continue_positions(position_ids, pad)  # [B, S'] / [K, B, S']
     padded_starts = _pad(starts, 1, pad, False)  # [B, S']
@@ -109,15 +121,20 @@ def shard_batch(batch: dict, topology, *, pad_token_id: int = 0, ignore_index: i
         _cu_seqlens_from_starts(padded_starts) if explicit else None,
     )
 
+    # a VLM's model inputs stay whole, padded to S' (the model shards them itself)
+    cut = (lambda t, dim: t) if vlm else (lambda t, dim: take_local(t, dim, P, ring, rank).clone())
     local = {}
     for key, value in batch.items():
         if key in _CONSUMED or key in ("position_ids", "shift_labels"):
             continue
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == S and key not in _WHOLE:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == S and key not in IMAGE_KEYS:
             fill = pad_token_id if key == "input_ids" else 0
-            value = take_local(_pad(value, 1, pad, fill), 1, P, ring, rank).clone()  # [B, s, ...]
+            value = cut(_pad(value, 1, pad, fill), 1)  # [B, s, ...] ([B, S', ...] for a VLM)
         local[key] = value
-    local["position_ids"] = take_local(full_pos, full_pos.dim() - 1, P, ring, rank).clone()  # [B, s] / [K, B, s]
+    if not vlm or full_pos.dim() == 3:  # a VLM's 2-D ids only marked the documents
+        local["position_ids"] = cut(full_pos, full_pos.dim() - 1)  # [B, s] / [K, B, s] ([K, B, S'] for a VLM)
+    if vlm and mask is not None:
+        local["attention_mask"] = _pad(mask, 1, pad, 0)  # [B, S']: the model's mRoPE positions skip padding
     if shifted is not None:
         local["shift_labels"] = take_local(_pad(shifted, 1, pad, ignore_index), 1, P, ring, rank).clone()  # [B, s]
     if custom is not None:

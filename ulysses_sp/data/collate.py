@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import default_collate
 
-#: a VLM's image/video inputs: each sample's patches (and grid sizes) in a row each, concatenated along dim 0
-IMAGE_KEYS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
+from ..core.vlm import IMAGE_KEYS
 
 
 def collate_padded(
@@ -23,7 +22,8 @@ def collate_padded(
     value as long as the sample's input_ids). No attention mask is made: under causal attention no
     real token reads a later padding token, and padding is never a target, so the batch keeps the
     fastest (plain causal) kernel path. A VLM's ``pixel_values`` [patches, C*T*p*p] and
-    ``image_grid_thw`` [images, 3] are concatenated along dim 0, as its processor does for a batch.
+    ``image_grid_thw`` [images, 3] (videos' likewise) are concatenated along dim 0 in sample order, as
+    its processor does for a batch; samples without them add no rows.
     Other fields go through torch's ``default_collate``.
     """
     if not samples:
@@ -35,9 +35,11 @@ def collate_padded(
         raise ValueError("every sample of the batch is empty")
     S = -(-S // pad_to_multiple_of) * pad_to_multiple_of
     batch = {}
+    for key in IMAGE_KEYS:  # samples without images (or videos) add no rows
+        if any(x.get(key) is not None for x in samples):
+            batch[key] = torch.cat([torch.as_tensor(x[key]) for x in samples if x.get(key) is not None])
     for key in samples[0]:
         if key in IMAGE_KEYS:
-            batch[key] = torch.cat([torch.as_tensor(x[key]) for x in samples])  # [sum of rows, ...]
             continue
         values = ids if key == "input_ids" else [_per_token(x[key], n) for x, n in zip(samples, lengths)]
         if any(v is None for v in values):

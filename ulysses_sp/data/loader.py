@@ -47,11 +47,13 @@ class _CollateAndShard:
     ignore_index: int
     checksum: bool
     ring_size: int = 1  # the token layout follows the ring's (shard_batch reads it)
+    vlm: bool = False
 
     def __call__(self, samples):
         full = self.collate_fn(samples)
         crc = batch_checksum(full) if self.checksum else None
-        return shard_batch(full, self, pad_token_id=self.pad_token_id, ignore_index=self.ignore_index), crc
+        local = shard_batch(full, self, pad_token_id=self.pad_token_id, ignore_index=self.ignore_index, vlm=self.vlm)
+        return local, crc
 
 
 class SPDataLoader:
@@ -63,6 +65,11 @@ class SPDataLoader:
     ``state_dict`` / ``load_state_dict`` resume exactly mid-epoch: no sample skipped or repeated,
     and the consumed batches are not loaded again. Extra keyword arguments go to torch's DataLoader
     (e.g. ``pin_memory``, ``prefetch_factor``). The state is the same on every rank.
+
+    ``vlm=True`` for a Qwen2.5-VL / Qwen3-VL model: the samples' images (``pixel_values``,
+    ``image_grid_thw``, ...) are concatenated (``collate_padded``, ``pack_collate``) and every rank
+    gets the whole batch with its shard's ``shift_labels`` (``shard_batch(..., vlm=True)``); call the
+    model, or :func:`ulysses_sp.causal_lm_loss`, with it as it comes (docs/vlm.md).
     """
 
     def __init__(
@@ -79,6 +86,7 @@ class SPDataLoader:
         pad_token_id: int = 0,
         ignore_index: int = -100,
         check_identical: bool = False,
+        vlm: bool = False,
         **loader_kwargs,
     ):
         check_int("batch_size", batch_size)
@@ -100,6 +108,7 @@ class SPDataLoader:
             ignore_index,
             check_identical and topology.sp_size > 1,
             ring_size_of(topology),
+            vlm,
         )
         self.epoch = 0
         self.batches_seen = 0
@@ -212,17 +221,26 @@ class SPShardAdapter:
 
     ``loader`` must give every rank of an SP group the same full batch (sample by dp rank);
     ``check_identical`` (default on: one small gather per batch) verifies it and names the ranks
-    that differ, which catches a sampler keyed by the global rank on the first batch.
+    that differ, which catches a sampler keyed by the global rank on the first batch. ``vlm=True``: the
+    batches of a vision-language model (see :class:`SPDataLoader`).
     """
 
     def __init__(
-        self, loader, topology, *, check_identical: bool = True, pad_token_id: int = 0, ignore_index: int = -100
+        self,
+        loader,
+        topology,
+        *,
+        check_identical: bool = True,
+        pad_token_id: int = 0,
+        ignore_index: int = -100,
+        vlm: bool = False,
     ):
         self.loader = loader
         self.topology = topology
         self.check_identical = check_identical
         self.pad_token_id = pad_token_id
         self.ignore_index = ignore_index
+        self.vlm = vlm
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -231,4 +249,6 @@ class SPShardAdapter:
         for i, full in enumerate(self.loader):
             if self.check_identical:
                 assert_same_across_sp(full, self.topology, f"batch {i}")
-            yield shard_batch(full, self.topology, pad_token_id=self.pad_token_id, ignore_index=self.ignore_index)
+            yield shard_batch(
+                full, self.topology, pad_token_id=self.pad_token_id, ignore_index=self.ignore_index, vlm=self.vlm
+            )

@@ -28,6 +28,7 @@ import torch
 
 from ..core import comm
 from ..core.apply import is_applied
+from ..core.sequence_info import SEQ_INFO_KWARG
 from ..core.sharding import input_tokens
 from ..core.topology import SPTopology
 from ..core.wrappers import check_adapters, unwrap
@@ -45,8 +46,10 @@ from .tiled_ce import (
 )
 
 
-def _labels_of(batch: Mapping) -> torch.Tensor:
-    """The local ``shift_labels`` [B, s], checked against the inputs' shape."""
+def _labels_of(batch: Mapping, sp_size: int) -> torch.Tensor:
+    """The local ``shift_labels`` [B, s], checked against the inputs' shape: the shard's [B, s], or a
+    vision-language model's whole sample [B, s*P] described by the batch's SequenceInfo
+    (``shard_batch(..., vlm=True)``)."""
     if not isinstance(batch, Mapping):
         raise ValueError(f"the local batch must be a dict of tensors, got {type(batch).__name__}")
     labels = batch.get("shift_labels")
@@ -62,10 +65,11 @@ def _labels_of(batch: Mapping) -> torch.Tensor:
         )
         raise ValueError(f"the local batch has no `shift_labels` [B, S/P].{hint}")
     tokens = input_tokens(batch, "the local batch")
-    if labels.dim() != 2 or tuple(labels.shape) != tuple(tokens.shape[:2]):
-        raise ValueError(
-            f"shift_labels must have the local tokens' shape {list(tokens.shape[:2])}, got {list(labels.shape)}"
-        )
+    B, n = tokens.shape[:2]
+    info = batch.get(SEQ_INFO_KWARG)
+    local = n // sp_size if info is not None and n == info.seq_len and n % sp_size == 0 else n  # a VLM's sample
+    if labels.dim() != 2 or tuple(labels.shape) != (B, local):
+        raise ValueError(f"shift_labels must have the local tokens' shape {[B, local]}, got {list(labels.shape)}")
     return labels
 
 
@@ -99,7 +103,8 @@ def causal_lm_loss(
     and the head; core/wrappers.py). ``local_batch``: this rank's shard, ``input_ids`` [B, s],
     ``position_ids`` [B, s] (global), ``shift_labels`` [B, s] (-100 ignored), optionally
     ``ulysses_sp_info`` and other model inputs; every key but ``shift_labels`` / ``labels`` goes to
-    the backbone (the causal LM's ``base_model``).
+    the backbone (the causal LM's ``base_model``). A vision-language model's batch from
+    ``shard_batch(..., vlm=True)`` holds the whole sample's inputs [B, S] and the shard's labels.
     The path (tiled_ce.choose_loss_path): when the shard's fp32 logits fit ``full_logits_bytes``
     they are computed in one piece and kept for the backward, as plain transformers does ("full"; 0
     turns it off, and so does an explicit ``tile_tokens``); above it liger-kernel's fused loss when
@@ -138,7 +143,7 @@ def shard_hidden_states(model: torch.nn.Module, local_batch: Mapping[str, torch.
     ``local_batch`` but the labels goes to the backbone (the causal LM's ``base_model``); a PEFT
     wrapper is seen through to the causal LM inside it, whose head may itself carry a LoRA adapter
     (the head is called as a module, so the adapter is applied)."""
-    labels = _labels_of(local_batch)
+    labels = _labels_of(local_batch, topology.sp_size)
     check_adapters(model, local_batch)
     if topology.sp_size > 1 and not is_applied(model):
         raise ValueError("the model runs on a shard of the sequence: call ulysses_sp.apply(model, topology) first")
@@ -227,7 +232,7 @@ def count_label_tokens(local_batches: Mapping | Iterable[Mapping], topology: SPT
     batches = [local_batches] if isinstance(local_batches, Mapping) else list(local_batches)
     if not batches:
         raise ValueError("count_label_tokens needs the step's micro-batches, got none")
-    counts = [(_labels_of(b) != IGNORE_INDEX).sum() for b in batches]
+    counts = [(_labels_of(b, topology.sp_size) != IGNORE_INDEX).sum() for b in batches]
     local = torch.stack(counts).sum().to(torch.int64)
     if comm.world_size() != topology.world_size:
         raise ValueError(f"the topology spans {topology.world_size} ranks but the world has {comm.world_size()}")

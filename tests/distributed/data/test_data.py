@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import ulysses_sp
 from tests.distributed import harness
+from tests.distributed.core.test_vlm import check_vlm
 from tests.helpers import clone, tiny_model, tokens, tolerances
 from ulysses_sp.core import comm
 from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG
@@ -212,9 +213,12 @@ def _body(ctx):
     _check_divergence(ctx, topo)
     _check_packing(ctx, topo)
     _check_parity(ctx, topo)
+    check_vlm(ctx, topo)  # vision-language models: parity and their data path, here and at sp4
+    check_vlm(ctx, ulysses_sp.init_sp(4))
 
 
 def test_data_path_dp2_sp2():
     """One spawn (each costs ~15 s on 2 CPU cores): loader sharding and coverage, resume, divergence
-    detection, packing, then logits/loss parity of an SP model fed shard_batch output."""
+    detection, packing, then logits/loss parity of an SP model fed shard_batch output; the VLMs'
+    parity and data path (tests/distributed/core/test_vlm.py) at dp2 x sp2 and sp4."""
     harness.run(_body, 4)

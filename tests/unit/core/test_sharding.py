@@ -230,15 +230,39 @@ def test_sequence_shorter_than_sp_is_padded_not_refused():
     assert [sh["position_ids"].tolist() for sh in shards] == [[[0]], [[1]], [[2]], [[3]]]
 
 
-def test_image_inputs_are_carried_whole():
-    """A VLM's pixel_values / image_grid_thw go to every rank whole, even when a dim happens to equal S."""
-    S = 4
+def test_vlm_batch_keeps_model_inputs_whole_and_slices_the_labels():
+    """vlm=True: pixel_values / image_grid_thw whole (even when a dim happens to equal S), the model
+    inputs whole and padded to a multiple of P (2-D position ids only mark documents, so they go into the
+    SequenceInfo and are not returned), shift_labels sliced and ignoring the image tokens; without
+    vlm=True images are refused."""
+    S = 5
+    ids = torch.arange(1, 2 * S + 1).view(2, S)
     batch = {
-        "input_ids": torch.arange(2 * S).view(2, S),
+        "input_ids": ids,
+        "labels": ids,
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1]] * 2),  # two documents per row
+        "mm_token_type_ids": torch.tensor([[0, 1, 0, 0, 0]] * 2),  # token 1 is an image's
+        "attention_mask": torch.ones(2, S, dtype=torch.long),
         "pixel_values": torch.randn(16, S),  # [patches, C*T*p*p]: dim 1 equals S here by chance
         "image_grid_thw": torch.tensor([[1, 2, 2], [1, 2, 2]]),
     }
-    local = shard_batch(batch, SimpleNamespace(sp_size=2, sp_rank=1))
+    local = shard_batch(batch, SimpleNamespace(sp_size=2, sp_rank=1), vlm=True)
     assert torch.equal(local["pixel_values"], batch["pixel_values"])
     assert torch.equal(local["image_grid_thw"], batch["image_grid_thw"])
-    assert local["input_ids"].tolist() == [[2, 3], [6, 7]]
+    assert local["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 10, 0]]
+    assert local["mm_token_type_ids"].tolist() == [[0, 1, 0, 0, 0, 0]] * 2
+    assert local["attention_mask"].tolist() == [[1] * 5 + [0]] * 2
+    assert local["shift_labels"].tolist() == [[5, -100, -100], [10, -100, -100]]  # tokens 3..5 of the rows
+    assert "position_ids" not in local and "labels" not in local
+    info = local[SEQ_INFO_KWARG]
+    assert info.seq_len == 6 and info.doc_ids.tolist() == [[0, 0, 0, 1, 1, 1]] * 2
+    # the image token is never a target: token 0's label is ignored (tokens 0..2 of the rows on rank 0)
+    assert shard_batch(batch, _topo(2, 0), vlm=True)["shift_labels"].tolist() == [[-100, 3, -100], [-100, 8, -100]]
+    mrope = torch.arange(S).expand(3, 2, S)  # [K, B, S] ids are model inputs: whole, padding continues
+    assert shard_batch({**batch, "position_ids": mrope}, _topo(2, 0), vlm=True)["position_ids"].shape == (3, 2, 6)
+    with pytest.raises(ValueError, match=r"has \['image_grid_thw', 'pixel_values'\].*pass vlm=True"):
+        shard_batch(batch, _topo(2, 0))
+    with pytest.raises(ValueError, match="ring attention .ring_size=2. is not supported"):
+        shard_batch(batch, SimpleNamespace(sp_size=4, sp_rank=0, ring_size=2), vlm=True)
+    with pytest.raises(ValueError, match="2-D padding attention_mask"):
+        shard_batch({**batch, "attention_mask": torch.ones(2, S, S)}, _topo(2, 0), vlm=True)

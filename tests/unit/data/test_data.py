@@ -14,7 +14,7 @@ from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG
 from ulysses_sp.core.sharding import shard_batch
 from ulysses_sp.data.collate import collate_padded
 from ulysses_sp.data.identical import batch_checksum
-from ulysses_sp.data.loader import SPDataLoader
+from ulysses_sp.data.loader import SPDataLoader, SPShardAdapter
 from ulysses_sp.data.packing import PackedDataset, pack_collate
 from ulysses_sp.data.text import BYTE_VOCAB_SIZE, Documents, encode_bytes, load_text_dataset, read_documents
 
@@ -236,3 +236,74 @@ def test_collate_carries_images_and_pads_to_a_multiple():
     assert batch["labels"][1].tolist() == [9, 10, 11, -100, -100, -100]
     assert batch["pixel_values"].shape == (12, 12) and batch["pixel_values"][:4].eq(1).all()
     assert batch["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]
+    # a text-only sample adds no image rows, a video sample only video rows
+    video = {"input_ids": [1, 2], "pixel_values_videos": torch.ones(8, 12), "video_grid_thw": [[2, 2, 2]]}
+    batch = collate_padded([{"input_ids": [3]}, samples[0], video])
+    assert batch["pixel_values"].shape == (4, 12) and batch["image_grid_thw"].tolist() == [[1, 2, 2]]
+    assert batch["pixel_values_videos"].shape == (8, 12) and batch["video_grid_thw"].tolist() == [[2, 2, 2]]
+
+
+class _WithLengths(list):
+    """Documents with a ``lengths`` attribute, as text corpora have (PackedDataset then reads no item at setup)."""
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([len(d["input_ids"]) for d in self])
+
+
+def _vlm_doc(n_text: int, image_rows: int = 0, fill: float = 0.0) -> dict:
+    """n_text text tokens then one image of ``image_rows`` patches (image_rows / 4 tokens of type 1)."""
+    ids = list(range(1, n_text + 1)) + [250] * (image_rows // 4)
+    doc = {"input_ids": ids, "mm_token_type_ids": [0] * n_text + [1] * (image_rows // 4)}
+    if image_rows:
+        doc.update(
+            pixel_values=torch.full((image_rows, 12), fill), image_grid_thw=torch.tensor([[1, 2, image_rows // 2]])
+        )
+    return doc
+
+
+def test_packing_carries_a_vlm_documents_images_in_order():
+    """pack_collate and PackedDataset(whole_documents=True): the documents' images concatenated in
+    document order, mm_token_type_ids alongside the tokens (0 for a document without them); through
+    SPDataLoader / SPShardAdapter with vlm=True the rows stay whole and the labels are the shard's; a split
+    document with images, or a document longer than a whole-document row, is refused."""
+    docs = [_vlm_doc(3, 8, 1.0), {"input_ids": [7, 8]}, _vlm_doc(2, 4, 2.0), _vlm_doc(5)]
+    out = pack_collate(docs)
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 0, 1, 2, 3, 4]]
+    assert out["mm_token_type_ids"].tolist() == [[0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]]
+    assert out["pixel_values"][:, 0].tolist() == [1.0] * 8 + [2.0] * 4
+    assert out["image_grid_thw"].tolist() == [[1, 2, 4], [1, 2, 2]]
+
+    packed = PackedDataset(docs, 8, whole_documents=True)  # lengths 5, 2, 3, 5 -> rows [d0 d1] [d2 d3]
+    assert len(packed) == 2
+    row = packed[1]
+    assert row["input_ids"].tolist() == [1, 2, 250, 1, 2, 3, 4, 5] and row["position_ids"].tolist() == [
+        0,
+        1,
+        2,
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert row["mm_token_type_ids"].tolist() == [0, 0, 1, 0, 0, 0, 0, 0]
+    assert row["pixel_values"][:, 0].tolist() == [2.0] * 4 and row["image_grid_thw"].tolist() == [[1, 2, 2]]
+    assert "pixel_values" in packed[0] and packed[0]["image_grid_thw"].tolist() == [[1, 2, 4]]
+    with pytest.raises(ValueError, match="document 0 has 5 tokens, more than seq_len=4"):
+        PackedDataset(docs, 4, whole_documents=True)
+    with pytest.raises(ValueError, match=r"document 0 carries images but crosses a row edge \(tokens 0..4 .*whole_doc"):
+        PackedDataset(docs, 4)  # found at setup, in the pass that reads the lengths
+    known = _WithLengths(docs)  # lengths known: no pass at setup, the row refuses it when read
+    with pytest.raises(ValueError, match="document 0 carries images but crosses a row edge"):
+        PackedDataset(known, 4)[0]
+    # the loaders' vlm=True: rows whole with their images, the shard's labels (sp rank 1 of 2)
+    rows = PackedDataset(docs, 8, whole_documents=True)
+    topo = _topo(sp_size=2, sp_rank=1)
+    (local,) = SPDataLoader(rows, topo, 2, shuffle=False, vlm=True)
+    (adapted,) = SPShardAdapter([collate_padded([rows[0], rows[1]])], topo, check_identical=False, vlm=True)
+    for batch in (local, adapted):
+        assert batch["input_ids"].shape == (2, 8) and batch["shift_labels"].shape == (2, 4)
+        assert batch["image_grid_thw"].tolist() == [[1, 2, 4], [1, 2, 2]]
+    split = PackedDataset(docs, 7)[1]  # d2 whole inside the row keeps its image; d3 (text) is split
+    assert split["input_ids"].tolist() == [1, 2, 250, 1, 2, 3, 4] and split["image_grid_thw"].tolist() == [[1, 2, 2]]
