@@ -38,9 +38,9 @@ class TrainConfig:
         default=None,
         metadata=_flag(
             "SP group size. Resolution: --sp-size, else the DeepSpeed JSON's sequence_parallel_size, else the "
-            "Accelerate config's (parallelism_config_sp_size with parallelism_config_sp_backend: ulysses_sp, or "
-            "ULYSSES_SP_SIZE), else 1; two sources that differ are an error. The world size must be a multiple; "
-            "dp = world / sp",
+            "Accelerate config's (parallelism_config_sp_size x parallelism_config_cp_size with "
+            "parallelism_config_sp_backend: ulysses_sp, or ULYSSES_SP_SIZE), else 1; two sources that differ are "
+            "an error. The world size must be a multiple; dp = world / sp",
             "from the configs, else 1",
             metavar="K",
         ),
