@@ -149,7 +149,7 @@ def prepare_sp(
     """
     check_accelerator(accelerator)
     size = resolve_sp_size(sp_size, explicit_source=f"prepare_sp(sp_size={sp_size})")
-    ring = resolve_ring_size(ring_size, size, model, explicit_source=f"prepare_sp(ring_size={ring_size!r})")
+    ring = resolve_ring_size(ring_size, size, model, explicit_source="prepare_sp(ring_size={})")
     ensure_process_group()
     topology = init_sp(size, ring)
     apply(model, topology, attn_implementation=attn_implementation)

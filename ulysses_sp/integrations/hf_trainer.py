@@ -103,7 +103,7 @@ class SPTrainer(Trainer):
         size = resolve_sp_size(sp_size, explicit_source=f"SPTrainer(sp_size={sp_size})")
         super().__init__(*args, **kwargs)
         # after: the model exists (SFTTrainer may load it by name) for ring_size="auto" to read its heads
-        ring = resolve_ring_size(ring_size, size, self.model, explicit_source=f"SPTrainer(ring_size={ring_size!r})")
+        ring = resolve_ring_size(ring_size, size, self.model, explicit_source="SPTrainer(ring_size={})")
         self.sp_fsdp = fsdp_request(self)
         found = [what for what, bad in self.sp_refusals().items() if bad]
         if found:

@@ -60,7 +60,7 @@ def resolve_ring_size(
     ds_config: dict | None = None,
     environ: Mapping[str, str] | None = None,
     *,
-    explicit_source: str | None = None,
+    explicit_source: str = "--ring-size {}",
 ) -> int:
     """The ring size of hybrid SP (ring attention across ``ring_size`` groups of ``sp_size /
     ring_size`` Ulysses ranks): the explicit value, else the DeepSpeed JSON's
@@ -70,30 +70,28 @@ def resolve_ring_size(
     Each source gives an integer or ``"auto"`` (:func:`auto_ring_size`, which reads the heads of
     ``model``, a transformers model or its config, and ``LOCAL_WORLD_SIZE`` from ``environ``).
     Sources that resolve to different sizes are a ValueError naming both, as is a size that does not
-    divide ``sp_size``. ``explicit_source`` names the explicit value in messages (default
-    ``--ring-size {explicit}``). Call after :func:`resolve_sp_size`.
+    divide ``sp_size``. ``explicit_source`` names the explicit value in messages, ``{}`` standing
+    for it (default ``--ring-size {}``). Call after :func:`resolve_sp_size`.
     """
     env = os.environ if environ is None else environ
     ds_config = ds_config or {}
-    given: list[tuple[str, int | str]] = []
+    given: list[tuple[str, int | str]] = []  # (where, with {} for the value; the value)
     if explicit is not None:
-        given.append((explicit_source or f"--ring-size {explicit}", explicit))
+        given.append((explicit_source, explicit))
     if ds_config.get(DS_RING_KEY) is not None:
-        given.append((f'"{DS_RING_KEY}": {ds_config[DS_RING_KEY]!r} in the DeepSpeed config', ds_config[DS_RING_KEY]))
+        given.append((f'"{DS_RING_KEY}": {{}} in the DeepSpeed config', ds_config[DS_RING_KEY]))
     accelerate_ring = read_ring_size(env)
     if accelerate_ring is not None:
         given.append(
-            (
-                f"the Accelerate config's ring size {accelerate_ring} (parallelism_config_cp_size or {ENV_RING_SIZE})",
-                accelerate_ring,
-            )
+            (f"the Accelerate config's ring size {{}} (parallelism_config_cp_size or {ENV_RING_SIZE})", accelerate_ring)
         )
     sources = []
-    for source, value in given:
+    for where, value in given:
         if value == "auto":
             ring = auto_ring_size(sp_size, model, env)
-            sources.append((f"{source} (= {ring})", ring))
+            sources.append((where.format(f"auto (= {ring})"), ring))
         else:
+            source = where.format(repr(value) if isinstance(value, str) else value)
             sources.append((source, check_int(f"{source}: the ring size", value, note=" or 'auto'")))
     ring = _agreed(sources)
     if sp_size % ring:

@@ -186,7 +186,7 @@ def test_resolve_ring_size_order_auto_and_conflicts():
         ValueError, match=r"SPTrainer\(ring_size=2\) disagrees with the Accelerate config's ring size 4"
     ):
         resolve_ring_size(
-            2, 4, heads2, {}, {**OURS, "PARALLELISM_CONFIG_CP_SIZE": "4"}, explicit_source="SPTrainer(ring_size=2)"
+            2, 4, heads2, {}, {**OURS, "PARALLELISM_CONFIG_CP_SIZE": "4"}, explicit_source="SPTrainer(ring_size={})"
         )
     with pytest.raises(ValueError, match=r"--ring-size 3 does not divide the SP size 4.*\[1, 2, 4\] or auto"):
         resolve_ring_size(3, 4, heads2, {}, {})
