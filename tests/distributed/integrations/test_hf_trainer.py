@@ -146,15 +146,16 @@ def test_sp_trainer_matches_stock_trainer(tmp_path, engine, ring_size):
 
 
 def test_trainer_example_matches_one_process(tmp_path):
-    """examples/trainer_sp.py runs under torchrun at sp2 and its logged losses (training and evaluation)
-    equal the same script's in one process without SP."""
+    """examples/trainer_sp.py runs under torchrun at sp2 as a ring of 2 (DDP, (u, r) = (1, 2)) and its
+    logged losses (training and evaluation) equal the same script's in one process without SP."""
     example = os.path.join(ROOT, "examples", "trainer_sp.py")
     runs = {}
     for name, cmd in (
-        ("sp2", launcher_command("torchrun", 2, example, *flags(sp_size=2, out=tmp_path / "sp2"))),
+        ("sp2", launcher_command("torchrun", 2, example, *flags(sp_size=2, ring_size=2, out=tmp_path / "sp2"))),
         ("one", [sys.executable, example, *flags(sp_size=1, out=tmp_path / "one")]),
     ):
-        run_ok(cmd, cwd=tmp_path)
+        out = run_ok(cmd, cwd=tmp_path)
+        assert name == "one" or "(engine ddp, sp 2, ring 2)" in out.stdout, out.stdout[-2000:]
         history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
         runs[name] = [(key, h[key]) for h in history for key in ("loss", "eval_loss") if key in h]
     assert [k for k, _ in runs["sp2"]] == [k for k, _ in runs["one"]] and runs["one"], runs
@@ -180,7 +181,7 @@ def test_trainer_example_under_shipped_yaml_matches_one_process(tmp_path, yaml_n
             "one": pool.submit(run_ok, [sys.executable, example, *flags(sp_size=1, steps=4, out=tmp_path / "one")]),
         }
         outputs = {name: job.result() for name, job in jobs.items()}
-    assert f"(engine {engine}, sp 2)" in outputs["sp2"].stdout, outputs["sp2"].stdout[-2000:]
+    assert f"(engine {engine}, sp 2, ring 1)" in outputs["sp2"].stdout, outputs["sp2"].stdout[-2000:]
     for name in jobs:
         history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
         runs[name] = [(key, h[key]) for h in history for key in ("loss", "eval_loss") if key in h]

@@ -13,6 +13,7 @@ import pytest
 
 from tests.distributed.train.test_train_e2e import COMMON, assert_same_curve, train, train_command
 from tests.helpers import run_ok
+from ulysses_sp.train.checkpoints import META_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +48,8 @@ def test_fsdp2_ring_matches_single_process_and_resumes(tmp_path):
     save = ["--save-dir", str(tmp_path / "ckpt"), "--save-every", "3"]
     assert_same_curve(train(tmp_path, "fsdp_ring", 2, *RING, *ARGS, *FSDP, *save), ref)
     assert (tmp_path / "ckpt" / "step_00000003" / "fsdp2" / ".metadata").is_file()
+    meta = json.loads((tmp_path / "ckpt" / "step_00000003" / META_FILE).read_text())
+    assert (meta["sp_size"], meta["ring_size"]) == (2, 2), meta  # the run was the ring's
     evals, ref_evals = _rows(tmp_path / "fsdp_ring.jsonl", "eval_loss"), _rows(tmp_path / "ref.jsonl", "eval_loss")
     assert sorted(evals) == sorted(ref_evals) == [3, 5]
     for step in (3, 5):

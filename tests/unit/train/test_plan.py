@@ -177,7 +177,9 @@ def test_ring_size_from_every_source_and_checks(monkeypatch, tmp_path):
         '{"train_micro_batch_size_per_gpu": 1, "sequence_parallel_size": 4, "sequence_parallel_ring_size": "auto"}'
     )
     assert (plan(deepspeed=str(ds)).sp_size, plan(deepspeed=str(ds)).ring_size) == (4, 2)
-    with pytest.raises(ValueError, match=r"--ring-size 4 disagrees with .*sequence_parallel_ring_size\": auto \(= 2\) in the DeepSpeed"):
+    with pytest.raises(
+        ValueError, match=r"--ring-size 4 disagrees with .*sequence_parallel_ring_size\": auto \(= 2\) in the DeepSpeed"
+    ):
         plan(deepspeed=str(ds), ring_size="4")
     for key, value in {**OURS, "PARALLELISM_CONFIG_CP_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
