@@ -133,8 +133,8 @@ def read_ring_size(environ: Mapping[str, str] | None = None) -> int | str | None
     ``ULYSSES_SP_RING_SIZE``), or None when there is none.
 
     Read from ``ULYSSES_SP_RING_SIZE`` or from ``parallelism_config_cp_size`` with ``sp_backend:
-    ulysses_sp`` (both present: they must agree, unless the variable says ``auto``). A
-    ``cp_size`` under another backend is Accelerate's own context parallelism, not ours: None.
+    ulysses_sp`` (both present: they must agree). A ``cp_size`` under another backend is
+    Accelerate's own context parallelism, not ours: None.
     """
     env = os.environ if environ is None else environ
     own = env.get(ENV_RING_SIZE, "").strip()

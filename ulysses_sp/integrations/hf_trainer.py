@@ -76,8 +76,8 @@ class SPTrainer(Trainer):
     with ``parallelism_config_sp_backend: ulysses_sp``, else 1). ``ring_size``: hybrid SP, ring
     attention across ``ring_size`` groups of ``sp_size / ring_size`` Ulysses ranks (an integer or
     ``"auto"``; default the Accelerate config's ``parallelism_config_cp_size``, else 1; docs/scaling.md).
-    ``attn_implementation``: the core
-    kernel run over the full sequence (default: the model's). ``check_identical``: compare a
+    ``attn_implementation``: the core kernel run over the full sequence (default: the model's).
+    ``check_identical``: compare a
     checksum of every batch over the SP group (one tiny gather per batch). ``pad_token_id``: the
     id that pads sequences to a multiple of ``sp_size`` (never a target). ``head_loss``: the module
     the LM head and the cross-entropy run in, for training and evaluation (default a
