@@ -77,9 +77,9 @@ class SPTrainer(Trainer):
     attention across ``ring_size`` groups of ``sp_size / ring_size`` Ulysses ranks (an integer or
     ``"auto"``; default the Accelerate config's ``parallelism_config_cp_size``, else 1; docs/scaling.md).
     ``attn_implementation``: the core kernel run over the full sequence (default: the model's).
-    ``check_identical``: compare a
-    checksum of every batch over the SP group (one tiny gather per batch). ``pad_token_id``: the
-    id that pads sequences to a multiple of ``sp_size`` (never a target). ``head_loss``: the module
+    ``check_identical``: compare a checksum of every batch over the SP group (one tiny gather per
+    batch). ``pad_token_id``: the id that pads sequences to a multiple of ``sp_size`` (never a
+    target). ``head_loss``: the module
     the LM head and the cross-entropy run in, for training and evaluation (default a
     :class:`~ulysses_sp.loss.causal_lm.HeadLoss`; a subclass may also record per-token statistics).
     Everything else is the Trainer's. The data collator must give full batches with ``labels`` (or
