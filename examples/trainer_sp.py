@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from ulysses_sp import load_text_dataset
 from ulysses_sp.data import collate_padded
 from ulysses_sp.integrations.hf_trainer import SPTrainer
+from ulysses_sp.integrations.sp_size import parse_ring_size
 from ulysses_sp.train.presets import build_config
 
 
@@ -32,11 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sp-size", type=int, default=None, help="default: the Accelerate config's, else 1")
     p.add_argument(
-        "--ring-size",
-        type=lambda v: v if v == "auto" else int(v),
-        default=None,
-        help="R or auto: hybrid SP, ring attention across R groups of sp/R Ulysses ranks (docs/scaling.md); "
-        "default: the Accelerate config's parallelism_config_cp_size, else 1",
+        "--ring-size", type=parse_ring_size, help="R or auto: hybrid SP (docs/scaling.md); default: the config's"
     )
     p.add_argument("--model", default="tiny-llama", help="preset name, a config file or a model directory")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per row")

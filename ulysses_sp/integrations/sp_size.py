@@ -104,6 +104,15 @@ def resolve_ring_size(
     return ring
 
 
+def parse_ring_size(text: str) -> int | str:
+    """A ring size from the command line: ``"auto"`` or an integer >= 1 (an argparse ``type``)."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"a ring size is an integer >= 1 or auto, got {text!r}")
+    return int(text)
+
+
 def auto_ring_size(sp_size: int, model, environ: Mapping[str, str] | None = None) -> int:
     """``ring_size="auto"``: the smallest ring that gives every Ulysses rank a query head of ``model``
     (a transformers model or its config; none, or a model without attention heads: the heads do not

@@ -21,7 +21,7 @@ from ..data.text import Documents, read_documents
 from ..integrations.accelerate_env import launched_deepspeed_config_file, launched_engine
 from ..integrations.deepspeed_config import load_config
 from ..integrations.deepspeed_config import zero_stage as ds_zero_stage
-from ..integrations.sp_size import resolve_ring_size, resolve_sp_size
+from ..integrations.sp_size import parse_ring_size, resolve_ring_size, resolve_sp_size
 from . import checkpoints
 from .config import TrainConfig
 from .presets import build_config, model_source
@@ -85,9 +85,9 @@ def make_plan(config: TrainConfig) -> RunPlan:
     sp_size = resolve_sp_size(config.sp_size, ds_config)  # CLI, DeepSpeed JSON, Accelerate config
     resume = checkpoints.find_checkpoint(config.resume) if config.resume else None
     model_config = build_config(config.model)
-    ring = config.ring_size
+    ring = None if config.ring_size is None else parse_ring_size(config.ring_size)
     # CLI, DeepSpeed JSON, Accelerate config; "auto" by the heads and the ranks per node
-    ring_size = resolve_ring_size(int(ring) if ring and ring.isdigit() else ring, sp_size, model_config, ds_config)
+    ring_size = resolve_ring_size(ring, sp_size, model_config, ds_config)
     attention = config.attn or default_attention(device_type, ring_size)
     check_installed(attention)
     check_ring(ring_size, sp_size, model_config, attention)

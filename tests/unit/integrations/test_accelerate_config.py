@@ -20,7 +20,7 @@ from ulysses_sp.integrations.accelerate_env import (
     read_ring_size,
     read_sp_size,
 )
-from ulysses_sp.integrations.sp_size import resolve_ring_size, resolve_sp_size
+from ulysses_sp.integrations.sp_size import parse_ring_size, resolve_ring_size, resolve_sp_size
 from ulysses_sp.train.presets import build_config
 
 OURS = {
@@ -194,3 +194,10 @@ def test_resolve_ring_size_order_auto_and_conflicts():
         resolve_ring_size(0, 4, heads2, {}, {})
     with pytest.raises(ValueError, match="the ring size must be an integer >= 1 or 'auto', got '2'"):
         resolve_ring_size(None, 4, heads2, {"sequence_parallel_ring_size": "2"}, {})
+
+
+def test_parse_ring_size():
+    assert (parse_ring_size("auto"), parse_ring_size("4")) == ("auto", 4)
+    for bad in ("0", "-2", "two", ""):
+        with pytest.raises(ValueError, match="a ring size is an integer >= 1 or auto"):
+            parse_ring_size(bad)
