@@ -4,7 +4,8 @@
     python examples/accelerate_loop.py --sp-size 1        # the same run in one process, without SP
 
 The SP size comes from the Accelerate config (``parallelism_config_sp_size`` with
-``parallelism_config_sp_backend: ulysses_sp``) unless ``--sp-size`` is given. Compared with a plain
+``parallelism_config_sp_backend: ulysses_sp``) unless ``--sp-size`` is given; hybrid SP's ring size
+from its ``parallelism_config_cp_size`` unless ``--ring-size`` is given. Compared with a plain
 Accelerate loop there are three changes: ``claim_sp_size()`` before the Accelerator is created,
 ``prepare_sp`` instead of ``accelerator.prepare`` for the model, optimizer and dataloader, and
 ``train_step`` for each optimizer step (the loss normalisation and gradient accumulation that make
@@ -29,12 +30,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from ulysses_sp import claim_sp_size, load_text_dataset, prepare_sp, train_step
 from ulysses_sp.data import collate_padded
+from ulysses_sp.integrations.sp_size import parse_ring_size
 from ulysses_sp.train.presets import build_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sp-size", type=int, default=None, help="default: the Accelerate config's, else 1")
+    p.add_argument(
+        "--ring-size", type=parse_ring_size, help="R or auto: hybrid SP (docs/scaling.md); default: the config's"
+    )
     p.add_argument("--model", default="tiny-llama", help="preset name or a local config.json")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=2, help="sequences per micro-batch per DP replica")
@@ -62,7 +67,9 @@ def main(argv=None) -> None:
     dataset = load_text_dataset(None, args.seq_len, pack=False)  # bundled corpus, byte tokens
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate_padded, drop_last=True)
 
-    topology, model, optimizer, loader = prepare_sp(accelerator, model, optimizer, loader, sp_size=args.sp_size)
+    topology, model, optimizer, loader = prepare_sp(
+        accelerator, model, optimizer, loader, sp_size=args.sp_size, ring_size=args.ring_size
+    )
     accelerator.print(f"{topology}, {len(loader)} batches per epoch per DP replica")
 
     batches = (batch for _ in iter(int, 1) for batch in loader)  # epoch after epoch (Accelerate reshuffles)

@@ -30,6 +30,7 @@ from trl import SFTConfig, SFTTrainer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from ulysses_sp.data.text import CORPUS_PATH
+from ulysses_sp.integrations.sp_size import parse_ring_size
 from ulysses_sp.integrations.trl import SPSFTTrainer
 from ulysses_sp.train.presets import build_config
 
@@ -37,6 +38,9 @@ from ulysses_sp.train.presets import build_config
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sp-size", type=int, default=None, help="1: stock SFTTrainer; default: the Accelerate config's")
+    p.add_argument(
+        "--ring-size", type=parse_ring_size, help="R or auto: hybrid SP (docs/scaling.md); default: the config's"
+    )
     p.add_argument("--model", default="tiny-llama", help="preset name, a config file or a model directory")
     p.add_argument("--max-length", type=int, default=512, help="tokens per packed row (about 3 pairs)")
     p.add_argument("--steps", type=int, default=6)
@@ -95,7 +99,11 @@ def main(argv=None) -> None:
         eval_dataset=pairs.select(range(200, 240)),
         processing_class=byte_tokenizer(),
     )
-    trainer = SFTTrainer(**common) if args.sp_size == 1 else SPSFTTrainer(**common, sp_size=args.sp_size)
+    trainer = (
+        SFTTrainer(**common)
+        if args.sp_size == 1
+        else SPSFTTrainer(**common, sp_size=args.sp_size, ring_size=args.ring_size)
+    )
     trainer.train()
     metrics = trainer.evaluate()  # under SP: the loss and SFTTrainer's token metrics, no logits
     trainer.save_state()

@@ -25,12 +25,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from ulysses_sp import load_text_dataset
 from ulysses_sp.data import collate_padded
 from ulysses_sp.integrations.hf_trainer import SPTrainer
+from ulysses_sp.integrations.sp_size import parse_ring_size
 from ulysses_sp.train.presets import build_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sp-size", type=int, default=None, help="default: the Accelerate config's, else 1")
+    p.add_argument(
+        "--ring-size", type=parse_ring_size, help="R or auto: hybrid SP (docs/scaling.md); default: the config's"
+    )
     p.add_argument("--model", default="tiny-llama", help="preset name, a config file or a model directory")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per row")
     p.add_argument("--steps", type=int, default=6)
@@ -67,6 +71,7 @@ def main(argv=None) -> None:
         eval_dataset=evaluation,
         data_collator=collate_padded,
         sp_size=args.sp_size,
+        ring_size=args.ring_size,
     )
     trainer.train()
     metrics = trainer.evaluate()  # under SP: no logits, the loss (perplexity = exp(eval_loss))
@@ -74,7 +79,8 @@ def main(argv=None) -> None:
     if trainer.is_world_process_zero():
         print(
             f"eval loss {metrics['eval_loss']:.4f} after {trainer.state.global_step} steps "
-            f"(engine {trainer.sp_engine}, sp {trainer.sp_topology.sp_size}); log in {args.out}"
+            f"(engine {trainer.sp_engine}, sp {trainer.sp_topology.sp_size}, ring {trainer.sp_topology.ring_size}); "
+            f"log in {args.out}"
         )
     # every rank done, then the process group destroyed before exit: a rank leaving with it alive can abort
     # (SIGABRT) the other's gloo threads, as CI saw after a finished run

@@ -126,6 +126,12 @@ def init_sp(
             "torch.distributed.init_process_group('nccl' or 'gloo') (torchrun/deepspeed set the env vars)"
         )
     check_int("sp_size", sp_size)
+    if ring_size == "auto":
+        raise ValueError(
+            "init_sp(ring_size='auto'): the ring size follows the model's heads; resolve it first with "
+            "ulysses_sp.integrations.sp_size.resolve_ring_size('auto', sp_size, model) (prepare_sp, SPTrainer "
+            "and launch/train.py take 'auto' themselves)"
+        )
     check_int("ring_size", ring_size)
     if sp_size % ring_size != 0:
         valid = [d for d in range(1, sp_size + 1) if sp_size % d == 0]

@@ -1,6 +1,6 @@
 """Accelerate: SP applied to what ``accelerator.prepare`` makes (model, optimizer, dataloader), with
-gradients reduced to the non-SP reference. The SP size comes from :mod:`.sp_size` (an explicit
-value, else the Accelerate config's, see :mod:`.accelerate_env`).
+gradients reduced to the non-SP reference. The SP and ring sizes come from :mod:`.sp_size` (explicit
+values, else the Accelerate config's, see :mod:`.accelerate_env`).
 
 Gradient convention (docs/loss.md): the loss of :func:`ulysses_sp.causal_lm_loss` is the SP group's
 CE sum / n on every rank of the group, so the SP ranks' gradients sum to P x the reference and the
@@ -24,7 +24,7 @@ from ..core.topology import SPTopology, init_sp
 from ..data.loader import SPShardAdapter
 from ..loss.causal_lm import CausalLMLoss
 from ..loss.step import accumulate_step
-from .sp_size import resolve_sp_size
+from .sp_size import resolve_ring_size, resolve_sp_size
 
 
 class SPPrepared(NamedTuple):
@@ -129,13 +129,17 @@ def prepare_sp(
     dataloader,
     *,
     sp_size: int | None = None,
+    ring_size: int | str | None = None,
     attn_implementation: str | None = None,
     check_identical: bool = True,
 ) -> SPPrepared:
     """Apply SP to a transformers causal LM and ``accelerator.prepare`` it with ``optimizer`` and
     ``dataloader`` (call this instead of ``accelerator.prepare`` for these three).
 
-    ``sp_size``: default the Accelerate config's (:func:`~.accelerate_env.claim_sp_size`), else 1. The model gets
+    ``sp_size``: default the Accelerate config's (:func:`~.accelerate_env.claim_sp_size`), else 1.
+    ``ring_size``: hybrid SP, ring attention across ``ring_size`` groups of ``sp_size / ring_size``
+    Ulysses ranks; an integer or ``"auto"``, default the Accelerate config's ``cp_size``, else 1
+    (:func:`~.sp_size.resolve_ring_size`). The model gets
     :func:`ulysses_sp.apply` and is prepared wrapped in :class:`~ulysses_sp.CausalLMLoss`, so the
     loss runs inside the DDP / DeepSpeed forward. The dataloader (full batches, e.g. with
     :func:`ulysses_sp.data.collate_padded`) is re-keyed by DP rank (:func:`key_loader_by_dp`) and
@@ -145,8 +149,9 @@ def prepare_sp(
     """
     check_accelerator(accelerator)
     size = resolve_sp_size(sp_size, explicit_source=f"prepare_sp(sp_size={sp_size})")
+    ring = resolve_ring_size(ring_size, size, model, explicit_source="prepare_sp(ring_size={})")
     ensure_process_group()
-    topology = init_sp(size)
+    topology = init_sp(size, ring)
     apply(model, topology, attn_implementation=attn_implementation)
     loss_model, optimizer, loader = accelerator.prepare(CausalLMLoss(model, topology), optimizer, dataloader)
     key_loader_by_dp(loader, topology)

@@ -37,7 +37,7 @@ from ..core.log import logger
 from ..core.topology import SPTopology
 from ..core.wrappers import unwrap
 from .deepspeed_config import batch_sizes, load_config, prepare_config, zero_stage
-from .sp_size import resolve_sp_size
+from .sp_size import resolve_ring_size, resolve_sp_size
 
 __all__ = [
     "SPMpu",
@@ -48,6 +48,7 @@ __all__ = [
     "initialize",
     "load_config",
     "prepare_config",
+    "resolve_ring_size",
     "resolve_sp_size",
     "zero_stage",
 ]
@@ -132,7 +133,8 @@ def initialize(
     ``model``: the module DeepSpeed trains, a transformers model (SP is applied here when it is not
     yet) or a wrapper holding one with SP applied (e.g. a module whose forward returns the loss).
     ``ds_config``: a DeepSpeed JSON path or dict; ``"sequence_parallel_size"`` in it must equal
-    ``topology.sp_size`` (resolve it first with :func:`resolve_sp_size`). ``micro_batch_size`` and
+    ``topology.sp_size`` and ``"sequence_parallel_ring_size"`` ``topology.ring_size`` (resolve them
+    first with :func:`resolve_sp_size` and :func:`resolve_ring_size`). ``micro_batch_size`` and
     ``gradient_accumulation_steps`` override the JSON (see :func:`prepare_config`). Builds the
     :class:`SPMpu`, partitions ZeRO-3 parameters over all ranks and forwards the rest
     (``training_data``, ``collate_fn``, ...) to ``deepspeed.initialize``.

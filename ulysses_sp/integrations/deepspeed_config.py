@@ -13,7 +13,9 @@ import json
 import os
 
 from ..core.checks import check_int
+from ..core.layout import ring_size_of
 from ..core.topology import SPTopology
+from .sp_size import DS_RING_KEY
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -50,7 +52,9 @@ def prepare_config(
     """The config to hand to ``deepspeed.initialize`` together with our mpu (a new dict).
 
     - ``sequence_parallel_size`` / ``data_parallel_size`` are checked against ``topology`` and removed
-      (with both present DeepSpeed would build a device mesh of its own that overrides the mpu).
+      (with both present DeepSpeed would build a device mesh of its own that overrides the mpu);
+      so is our ``sequence_parallel_ring_size`` (``"auto"`` was resolved by
+      :func:`~.sp_size.resolve_ring_size` before the topology was built: not checked again).
     - ``micro_batch_size`` / ``gradient_accumulation_steps`` (the trainer's CLI flags) replace the
       JSON's values; the three batch keys are then completed with dp = world / sp, as DeepSpeed
       would, and written out explicitly. ``"auto"`` in a batch key counts as absent.
@@ -64,6 +68,12 @@ def prepare_config(
                 f'"{key}": {value} in the DeepSpeed config does not match the topology '
                 f"(sp={topology.sp_size}, dp={topology.dp_size}, world={topology.world_size})"
             )
+    ring = cfg.pop(DS_RING_KEY, None)
+    if ring not in (None, "auto") and ring != ring_size_of(topology):
+        raise ValueError(
+            f'"{DS_RING_KEY}": {ring} in the DeepSpeed config does not match the topology\'s ring size '
+            f"{ring_size_of(topology)} (sp={topology.sp_size}); build it with init_sp(sp_size, ring_size={ring})"
+        )
     given = {k: (None if cfg.get(k) == "auto" else cfg.get(k)) for k in BATCH_KEYS}
     if micro_batch_size is not None:
         given["train_micro_batch_size_per_gpu"] = micro_batch_size

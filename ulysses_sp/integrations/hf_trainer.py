@@ -65,7 +65,7 @@ from ..loss.tiled_ce import IGNORE_INDEX
 from .accelerate import check_accelerator, ensure_process_group, key_loader_by_dp
 from .deepspeed import gather_head_for_loss
 from .fsdp2 import FSDP2_CHECKPOINT_DIR, shard_causal_lm
-from .sp_size import resolve_sp_size
+from .sp_size import resolve_ring_size, resolve_sp_size
 from .trainer_engine import engine_name, fsdp_refusals, fsdp_request
 
 
@@ -73,10 +73,13 @@ class SPTrainer(Trainer):
     """``transformers.Trainer`` that trains and evaluates a causal LM with Ulysses SP.
 
     ``sp_size``: SP group size (default: the Accelerate config's ``parallelism_config_sp_size``
-    with ``parallelism_config_sp_backend: ulysses_sp``, else 1). ``attn_implementation``: the core
-    kernel run over the full sequence (default: the model's). ``check_identical``: compare a
-    checksum of every batch over the SP group (one tiny gather per batch). ``pad_token_id``: the
-    id that pads sequences to a multiple of ``sp_size`` (never a target). ``head_loss``: the module
+    with ``parallelism_config_sp_backend: ulysses_sp``, else 1). ``ring_size``: hybrid SP, ring
+    attention across ``ring_size`` groups of ``sp_size / ring_size`` Ulysses ranks (an integer or
+    ``"auto"``; default the Accelerate config's ``parallelism_config_cp_size``, else 1; docs/scaling.md).
+    ``attn_implementation``: the core kernel run over the full sequence (default: the model's).
+    ``check_identical``: compare a checksum of every batch over the SP group (one tiny gather per
+    batch). ``pad_token_id``: the id that pads sequences to a multiple of ``sp_size`` (never a
+    target). ``head_loss``: the module
     the LM head and the cross-entropy run in, for training and evaluation (default a
     :class:`~ulysses_sp.loss.causal_lm.HeadLoss`; a subclass may also record per-token statistics).
     Everything else is the Trainer's. The data collator must give full batches with ``labels`` (or
@@ -89,6 +92,7 @@ class SPTrainer(Trainer):
         self,
         *args,
         sp_size: int | None = None,
+        ring_size: int | str | None = None,
         attn_implementation: str | None = None,
         check_identical: bool = True,
         pad_token_id: int = 0,
@@ -98,19 +102,21 @@ class SPTrainer(Trainer):
         # before Trainer creates its Accelerator, which must not see our SP size (no ALST, no rejected backend)
         size = resolve_sp_size(sp_size, explicit_source=f"SPTrainer(sp_size={sp_size})")
         super().__init__(*args, **kwargs)
+        # after: the model exists (SFTTrainer may load it by name) for ring_size="auto" to read its heads
+        ring = resolve_ring_size(ring_size, size, self.model, explicit_source="SPTrainer(ring_size={})")
         self.sp_fsdp = fsdp_request(self)
         found = [what for what, bad in self.sp_refusals().items() if bad]
         if found:
             raise ValueError(f"{type(self).__name__} does not support: {'; '.join(found)}")
         check_accelerator(self.accelerator, allow_fsdp=self.sp_fsdp is not None)
         ensure_process_group()
-        self.sp_topology = init_sp(size)
+        self.sp_topology = init_sp(size, ring)
         self.sp_engine = engine_name(self, self.sp_fsdp)
         self.sp_check_identical = check_identical
         self.sp_pad_token_id = pad_token_id
         self.sp_head_loss = head_loss if head_loss is not None else HeadLoss()
         self.sp_loss_root: torch.nn.Module | None = None  # the engine-wrapped CausalLMLoss, once training starts
-        logger.info("SPTrainer: sp=%d, engine %s", size, self.sp_engine)
+        logger.info("SPTrainer: %s, engine %s", self.sp_topology, self.sp_engine)
         apply(self.model, self.sp_topology, attn_implementation=attn_implementation)
 
     def sp_refusals(self) -> dict[str, bool]:

@@ -87,9 +87,9 @@ def sft_token_count(batch: dict) -> int:
 class SPSFTTrainer(SPTrainer, SFTTrainer):
     """``trl.SFTTrainer`` that trains and evaluates with Ulysses SP (module docstring).
 
-    Takes SFTTrainer's arguments plus SPTrainer's ``sp_size``, ``attn_implementation``,
-    ``check_identical`` and ``pad_token_id``; ``model`` is a transformers causal LM (an instance,
-    or a name SFTTrainer loads). The data collator is SFTTrainer's (or yours) and must give full
+    Takes SFTTrainer's arguments plus SPTrainer's ``sp_size``, ``ring_size`` (hybrid SP),
+    ``attn_implementation``, ``check_identical`` and ``pad_token_id``; ``model`` is a transformers
+    causal LM (an instance, or a name SFTTrainer loads). The data collator is SFTTrainer's (or yours) and must give full
     batches with ``labels``.
     """
 

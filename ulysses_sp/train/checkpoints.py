@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import comm
+from ..core.layout import ring_size_of
 from ..core.rng import derive_seed, get_rng_state, set_rng_state, sync_rng
 from .engines import DEEPSPEED_DIR, NATIVE_TAG, UNIVERSAL_TAG
 
@@ -196,6 +197,7 @@ def save(
             "zero_stage": zero_stage,
             "world_size": topology.world_size,
             "sp_size": topology.sp_size,
+            "ring_size": ring_size_of(topology),  # for the record: any (ulysses, ring) layout resumes it
             "dp_size": topology.dp_size,
             "data": loader.state_dict(),
             **settings,

@@ -38,19 +38,23 @@ class TrainConfig:
         default=None,
         metadata=_flag(
             "SP group size. Resolution: --sp-size, else the DeepSpeed JSON's sequence_parallel_size, else the "
-            "Accelerate config's (parallelism_config_sp_size with parallelism_config_sp_backend: ulysses_sp, or "
-            "ULYSSES_SP_SIZE), else 1; two sources that differ are an error. The world size must be a multiple; "
-            "dp = world / sp",
+            "Accelerate config's (parallelism_config_sp_size x parallelism_config_cp_size with "
+            "parallelism_config_sp_backend: ulysses_sp, or ULYSSES_SP_SIZE), else 1; two sources that differ are "
+            "an error. The world size must be a multiple; dp = world / sp",
             "from the configs, else 1",
             metavar="K",
         ),
     )
-    ring_size: str = field(
-        default="1",
+    ring_size: str | None = field(
+        default=None,
         metadata=_flag(
             "R or auto. Hybrid SP: ring attention across R groups of sp/R Ulysses ranks (sp must be a multiple of "
             "R; R = sp is pure ring). auto: the smallest R that gives every Ulysses rank a query head and keeps "
-            "each Ulysses group inside a node (docs/scaling.md). Ring attention runs with --attn sdpa or eager",
+            "each Ulysses group inside a node (docs/scaling.md). Resolution: --ring-size, else the DeepSpeed "
+            "JSON's sequence_parallel_ring_size, else the Accelerate config's (parallelism_config_cp_size with "
+            "parallelism_config_sp_backend: ulysses_sp, or ULYSSES_SP_RING_SIZE), else 1; two sources that "
+            "differ are an error. Ring attention runs with --attn sdpa or eager",
+            "from the configs, else 1",
             metavar="R",
         ),
     )
@@ -299,7 +303,7 @@ class TrainConfig:
             check_int(flag(name), getattr(self, name), minimum=0, note=" (0 turns it off)")
         if self.sp_size is not None:
             check_int("--sp-size", self.sp_size)
-        if self.ring_size != "auto" and not (self.ring_size.isdigit() and int(self.ring_size) >= 1):
+        if self.ring_size not in (None, "auto") and not (self.ring_size.isdigit() and int(self.ring_size) >= 1):
             raise ValueError(f"--ring-size must be an integer >= 1 or auto, got {self.ring_size!r}")
         for name, allowed in (("dtype", DTYPES), ("device", DEVICES), ("attn", SUPPORTED_ATTENTION)):
             value = getattr(self, name)

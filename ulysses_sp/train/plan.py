@@ -21,7 +21,7 @@ from ..data.text import Documents, read_documents
 from ..integrations.accelerate_env import launched_deepspeed_config_file, launched_engine
 from ..integrations.deepspeed_config import load_config
 from ..integrations.deepspeed_config import zero_stage as ds_zero_stage
-from ..integrations.sp_size import resolve_sp_size
+from ..integrations.sp_size import parse_ring_size, resolve_ring_size, resolve_sp_size
 from . import checkpoints
 from .config import TrainConfig
 from .presets import build_config, model_source
@@ -85,7 +85,9 @@ def make_plan(config: TrainConfig) -> RunPlan:
     sp_size = resolve_sp_size(config.sp_size, ds_config)  # CLI, DeepSpeed JSON, Accelerate config
     resume = checkpoints.find_checkpoint(config.resume) if config.resume else None
     model_config = build_config(config.model)
-    ring_size = resolve_ring_size(config.ring_size, sp_size, model_config)
+    ring = None if config.ring_size is None else parse_ring_size(config.ring_size)
+    # CLI, DeepSpeed JSON, Accelerate config; "auto" by the heads and the ranks per node
+    ring_size = resolve_ring_size(ring, sp_size, model_config, ds_config)
     attention = config.attn or default_attention(device_type, ring_size)
     check_installed(attention)
     check_ring(ring_size, sp_size, model_config, attention)
@@ -155,35 +157,21 @@ def check_accelerate_launch(ds_config: dict, environ: Mapping[str, str] | None =
         )
 
 
-def resolve_ring_size(value: str, sp_size: int, model_config) -> int:
-    """``--ring-size``: an integer, or "auto": the smallest ring that gives every Ulysses rank a
-    query head and keeps each Ulysses group inside a node (LOCAL_WORLD_SIZE ranks, set by torchrun
-    and the deepspeed launcher; unknown: the heads alone decide)."""
-    if value != "auto":
-        return int(value)
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    return smallest_ring(sp_size, model_config.num_attention_heads, int(local) if local.isdigit() else None)
-
-
 def check_ring(ring_size: int, sp_size: int, model_config, attention: str) -> None:
     """ValueError before any process group when the ring cannot run this model (the same checks as
-    init_sp and apply, made on every rank from the command line alone)."""
+    apply, made on every rank from the command line and the configs alone; resolve_ring_size has
+    checked that the ring size divides the SP size)."""
     if ring_size == 1:
         return
     heads = model_config.num_attention_heads
-    if sp_size % ring_size:
-        raise ValueError(
-            f"--ring-size {ring_size} does not divide the SP size {sp_size}: the SP group is ring-size Ulysses "
-            f"groups of sp / ring-size ranks; use a divisor of {sp_size} or --ring-size auto"
-        )
     if sp_size // ring_size > heads:
         raise ValueError(
-            f"--sp-size {sp_size} with --ring-size {ring_size} leaves {sp_size // ring_size} Ulysses ranks for "
+            f"SP size {sp_size} with ring size {ring_size} leaves {sp_size // ring_size} Ulysses ranks for "
             f"{heads} attention heads; use --ring-size {smallest_ring(sp_size, heads)} or auto"
         )
     if attention not in RING_BACKENDS:
         raise ValueError(
-            f"--ring-size {ring_size}: ring attention runs with --attn in {list(RING_BACKENDS)}, not {attention!r}"
+            f"ring size {ring_size}: ring attention runs with --attn in {list(RING_BACKENDS)}, not {attention!r}"
         )
 
 

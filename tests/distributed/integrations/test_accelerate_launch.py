@@ -2,7 +2,8 @@
 comes from the Accelerate config and the loss curve equals the matching non-SP run within 1e-4
 relative (fp32, same seed, same global batch):
 
-* launch/train.py at 2 processes (sp2) against one process;
+* launch/train.py at 2 processes against one process, as hybrid SP from the launcher's
+  ``--parallelism_config_sp_size 1 --parallelism_config_cp_size 2`` (a ring of 2: (u, r) = (1, 2));
 * launch/train.py at 4 processes (``--num_processes 4``: dp2 x sp2) against torchrun dp2;
 * examples/accelerate_loop.py (Accelerator + prepare_sp + train_step) at 2 processes against the
   same script in one process with ``--sp-size 1``;
@@ -38,7 +39,9 @@ def _losses(metrics) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-def accelerate_launch(tmp_path, name, script, *args, num_processes=None, config=SP2_YAML, cwd=None):
+def accelerate_launch(
+    tmp_path, name, script, *args, num_processes=None, config=SP2_YAML, cwd=None, launcher_args=(), log=""
+):
     metrics = tmp_path / f"{name}.jsonl"
     launch = [
         sys.executable,
@@ -52,8 +55,10 @@ def accelerate_launch(tmp_path, name, script, *args, num_processes=None, config=
     ]
     if num_processes is not None:
         launch += ["--num_processes", str(num_processes)]
+    launch += launcher_args
     device = ["--device", "cpu"] if script == TRAIN else []
-    run_ok([*launch, script, *device, "--metrics", str(metrics), *args], cwd=cwd or tmp_path)
+    out = run_ok([*launch, script, *device, "--metrics", str(metrics), *args], cwd=cwd or tmp_path)
+    assert log in out.stderr, out.stderr[-3000:]
     return _losses(metrics)
 
 
@@ -64,11 +69,16 @@ def _both(sp_run, ref_run):
         return sp.result(), ref.result()
 
 
-def test_sp2_yaml_matches_single_process(tmp_path):
+def test_sp2_yaml_as_a_ring_matches_single_process(tmp_path):
+    """The ring size travels from the Accelerate config (its cp_size) to launch/train.py."""
     args = [*COMMON, "--seq-len", "64", "--batch-size", "2", "--grad-accum", "2"]
+    ring = ["--parallelism_config_sp_size", "1", "--parallelism_config_cp_size", "2"]
     assert_same_curve(
         *_both(
-            lambda: accelerate_launch(tmp_path, "acc_sp2", TRAIN, *args),
+            # the ring really ran (Ulysses alone gives the same curve)
+            lambda: accelerate_launch(
+                tmp_path, "acc_ring2", TRAIN, *args, launcher_args=ring, log="hybrid SP: 1 Ulysses x 2 ring ranks"
+            ),
             lambda: train(tmp_path, "ref", 1, "--sp-size", "1", *args),
         )
     )

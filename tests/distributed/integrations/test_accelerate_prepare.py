@@ -3,7 +3,9 @@ process running the whole step: after every optimizer step (SGD, so the update i
 every weight equals the reference's, and the returned loss is the step's global token mean.
 dp2 x sp2 with Accelerate's gradient_accumulation_steps=2 (whose loss division train_step undoes),
 shuffled batches (Accelerate's RNG sync must give the SP group identical samples: the checksum
-check would raise otherwise) and rows no sp size divides, with masked labels."""
+check would raise otherwise) and rows no sp size divides, with masked labels. In the same processes,
+hybrid SP from an Accelerate config: ``parallelism_config_cp_size: 2`` next to ``sp_size: 1`` and
+``sp_backend: ulysses_sp`` (the environment ``accelerate launch`` writes) is dp2 x (u, r) = (1, 2)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from tests.helpers import tiny_model, tokens
 from ulysses_sp.core import comm
 from ulysses_sp.data.collate import collate_padded
 from ulysses_sp.integrations.accelerate import prepare_sp, train_step
+from ulysses_sp.integrations.accelerate_env import claim_sp_size
 
 pytestmark = harness.cpu_only(
     "Accelerate's cpu=True process group (the GPU path is plain DDP, covered by the other bodies)"
@@ -61,7 +64,24 @@ def _reference_step(model, optimizer, batches) -> float:
     return total
 
 
-def _prepare_sp_matches_reference(ctx, sp_size: int):
+#: what ``accelerate launch`` writes for a parallelism_config of a ring of 2 single-rank Ulysses groups
+HYBRID_ENV = {
+    "ACCELERATE_USE_PARALLELISM_CONFIG": "true",
+    "PARALLELISM_CONFIG_SP_SIZE": "1",
+    "PARALLELISM_CONFIG_CP_SIZE": "2",
+    "PARALLELISM_CONFIG_SP_BACKEND": "ulysses_sp",
+}
+
+
+def _body(ctx):
+    _prepare_sp_matches_reference(ctx, 2, (2, 1))
+    os.environ.update(HYBRID_ENV)
+    assert claim_sp_size() == 2  # before Accelerator(), whose ParallelismConfig would refuse our backend
+    _prepare_sp_matches_reference(ctx, None, (2, 2))
+
+
+def _prepare_sp_matches_reference(ctx, sp_size: int | None, sizes: tuple[int, int]):
+    """``sizes``: the (sp, ring) sizes prepare_sp must arrive at."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", OMP_NUM_THREADS="1")
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -74,7 +94,8 @@ def _prepare_sp_matches_reference(ctx, sp_size: int):
     collate = RecordingCollate()
     loader = DataLoader(_dataset(), batch_size=BATCH, shuffle=True, collate_fn=collate)
     topo, sp_model, optimizer, sp_loader = prepare_sp(accelerator, model, optimizer, loader, sp_size=sp_size)
-    assert (topo.sp_size, topo.dp_size) == (sp_size, ctx.world_size // sp_size)
+    sp_size = topo.sp_size
+    assert (topo.sp_size, topo.ring_size, topo.dp_size) == (*sizes, ctx.world_size // sizes[0])
     assert len(sp_loader) == 16 // BATCH // topo.dp_size
 
     batches = iter(sp_loader)
@@ -91,5 +112,5 @@ def _prepare_sp_matches_reference(ctx, sp_size: int):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=2e-6, msg=f"step {step}: {name}")
 
 
-def test_prepare_sp_dp2_sp2_matches_reference():
-    harness.run(_prepare_sp_matches_reference, 4, 2)
+def test_prepare_sp_dp2_sp2_and_dp2_ring2_match_reference():
+    harness.run(_body, 4)

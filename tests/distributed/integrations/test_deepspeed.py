@@ -1,4 +1,5 @@
-"""DeepSpeed integration: at ZeRO stages 0-3 (world 2 sp2, world 4 dp2 x sp2) the gradient DeepSpeed
+"""DeepSpeed integration: at ZeRO stages 0-3 (world 2 sp2, world 4 dp2 x sp2, and hybrid SP with a ring
+of 2: (u, r) = (1, 2) at ZeRO-1 and ZeRO-3, dp2 x (1, 2) at ZeRO-2) the gradient DeepSpeed
 reduces, and the update its optimizer applies, equal the non-SP reference (mean over DP replicas of
 each replica's gradient of its full-batch loss) for every parameter; with binding gradient clipping,
 gradient accumulation, CPU optimizer offload, bf16 (stages 0, 1 with DeepSpeed's BF16_Optimizer, 3) and a
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 import ulysses_sp
 from tests.distributed import harness
 from tests.helpers import ROOT, clone, tiny_model, tokens
-from ulysses_sp.core import comm
+from ulysses_sp.core import comm, layout
 from ulysses_sp.integrations import deepspeed as uds
 
 B, S, LR = 2, 16, 1e5
@@ -93,7 +94,7 @@ def _check_stage(ctx, topo, name: str, ga: int = 1, clip: float = 0.0, dtype: st
     ``wrapped``: DeepSpeed gets a :class:`_LossModule` around the model (SP applied beforehand)."""
     from deepspeed.utils import safe_get_full_grad
 
-    label = f"{name} {dtype} ga={ga} clip={clip}{' wrapped' if wrapped else ''}"
+    label = f"{name} {dtype} ga={ga} clip={clip} ring={topo.ring_size}{' wrapped' if wrapped else ''}"
     model = tiny_model("tiny-llama").to(ctx.device)
     micro_batches = [tokens(B, S, seed=100 + 10 * topo.dp_rank + k, device=ctx.device) for k in range(ga)]
     want, want_clipped = _reference(model, micro_batches, topo, clip)
@@ -108,14 +109,13 @@ def _check_stage(ctx, topo, name: str, ga: int = 1, clip: float = 0.0, dtype: st
     )
     _check_shm_released(ctx)
 
-    s = S // topo.sp_size
-    sl = slice(topo.sp_rank * s, (topo.sp_rank + 1) * s)
+    idx = layout.local_index(S, topo.sp_size, topo.ring_size, topo.sp_rank, ctx.device)  # [s] this rank's positions
     for ids in micro_batches:
-        inputs = dict(input_ids=ids[:, sl], position_ids=torch.arange(S, device=ctx.device)[sl].expand(B, -1))
+        inputs = dict(input_ids=ids[:, idx], position_ids=idx.expand(B, -1))
         if wrapped:
-            loss = engine(**inputs, labels=_labels(ids)[:, sl])
+            loss = engine(**inputs, labels=_labels(ids)[:, idx])
         else:
-            loss = _sp_loss(engine(**inputs).logits, _labels(ids)[:, sl], topo)
+            loss = _sp_loss(engine(**inputs).logits, _labels(ids)[:, idx], topo)
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
             grads = {n: safe_get_full_grad(p).clone() for n, p in model.named_parameters()}
@@ -184,7 +184,7 @@ def _check_fused_head_zero3(ctx, topo):
     ulysses_sp.remove(model)
 
 
-def _body_stages(ctx, sp_size: int, cases, other_models: bool):
+def _body_stages(ctx, sp_size: int, cases, other_models: bool, ring_cases=()):
     if ctx.device.type == "cpu":
         # as under the deepspeed launcher: all ranks on one host, which turns on DeepSpeed's shm all-reduce
         box = [str(20000 + os.getpid() % 40000)]  # a name of this run's own
@@ -197,6 +197,9 @@ def _body_stages(ctx, sp_size: int, cases, other_models: bool):
         _check_fused_head_zero3(ctx, topo)
     for case in cases:
         _check_stage(ctx, topo, *case)
+    ring = ulysses_sp.init_sp(sp_size, 2)  # hybrid SP: (u, r) = (sp_size / 2, 2)
+    for case in ring_cases:
+        _check_stage(ctx, ring, *case)
 
 
 def _check_shm_released(ctx) -> None:
@@ -250,12 +253,16 @@ STAGES_WORLD4 = [
 ]
 
 
+RING_WORLD2 = [("zero1", 1, 0.0, "fp32"), ("zero3", 2, 0.05, "fp32")]  # (u, r) = (1, 2)
+RING_WORLD4 = [("zero2", 1, 0.05, "fp32")]  # dp2 x (1, 2)
+
+
 def test_stages_sp2_and_other_models():
-    harness.run(_body_stages, 2, 2, STAGES_WORLD2, True)
+    harness.run(_body_stages, 2, 2, STAGES_WORLD2, True, RING_WORLD2)
 
 
 def test_stages_dp2_sp2():
-    harness.run(_body_stages, 4, 2, STAGES_WORLD4, False)
+    harness.run(_body_stages, 4, 2, STAGES_WORLD4, False, RING_WORLD4)
 
 
 # --- config: no processes needed -----------------------------------------------------------------
@@ -317,5 +324,14 @@ def test_prepare_config_batch_and_errors():
         uds.prepare_config({"train_micro_batch_size_per_gpu": 1, "sequence_parallel_size": 2}, topo)
     with pytest.raises(ValueError, match="does not match the topology"):
         uds.prepare_config({"train_micro_batch_size_per_gpu": 1, "data_parallel_size": 8}, topo)
+    # our ring size: checked against the topology and removed ("auto" was resolved before the topology)
+    ring = SimpleNamespace(sp_size=4, dp_size=2, world_size=8, ring_size=2)
+    for value in (2, "auto"):
+        cfg = uds.prepare_config({"train_micro_batch_size_per_gpu": 1, "sequence_parallel_ring_size": value}, ring)
+        assert "sequence_parallel_ring_size" not in cfg
+    with pytest.raises(
+        ValueError, match=r"ring_size\": 4 in the DeepSpeed config does not match the topology's ring size 2"
+    ):
+        uds.prepare_config({"train_micro_batch_size_per_gpu": 1, "sequence_parallel_ring_size": 4}, ring)
     with pytest.raises(ValueError, match=r"\"auto\" values at \['optimizer.params.lr'\]"):
         uds.prepare_config({"train_micro_batch_size_per_gpu": 1, "optimizer": {"params": {"lr": "auto"}}}, topo)

@@ -2,7 +2,8 @@
 replica's batch through transformers' own loss (sum / N of the step). Per rank: the loss, every
 parameter gradient (the DTensor shards gathered) and the weights after one AdamW step, with
 selective checkpointing, the tiled MLP and the RMSNorm recompute on; the parameters really are
-FSDP2 shards, and an untied head is gathered around the loss only."""
+FSDP2 shards, and an untied head is gathered around the loss only. At sp2 and dp2 x sp2 also under
+hybrid SP, a ring of 2 ((u, r) = (1, 2)), in the same processes."""
 
 from __future__ import annotations
 
@@ -36,8 +37,13 @@ def _torch_at_least(version) -> bool:
     return Version(torch.__version__.split("+")[0]) >= version
 
 
-def _fsdp2_parity(ctx, sp_size: int, tied: bool):
-    topo = ulysses_sp.init_sp(sp_size)
+def _fsdp2_parity(ctx, sp_size: int, tied: bool, ring_sizes=(1,)):
+    for ring_size in ring_sizes:
+        _check(ctx, ulysses_sp.init_sp(sp_size, ring_size), tied)
+
+
+def _check(ctx, topo, tied: bool):
+    sp_size = topo.sp_size
     tol = tolerances(ctx.dtype)
     model = tiny_model("tiny-llama-gqa", dtype=ctx.dtype, tie_word_embeddings=tied).to(ctx.device)
     ref = clone(model)
@@ -101,9 +107,9 @@ def _fsdp2_parity(ctx, sp_size: int, tied: bool):
 
 
 @pytest.mark.parametrize(
-    "sp_size, nproc, tied",
-    [(1, 1, False), (2, 2, False), (2, 4, False), (2, 2, True)],
-    ids=["sp1", "sp2", "dp2xsp2", "sp2-tied"],
+    "sp_size, nproc, tied, ring_sizes",
+    [(1, 1, False, (1,)), (2, 2, False, (1, 2)), (2, 4, False, (1, 2)), (2, 2, True, (1,))],
+    ids=["sp1", "sp2+ring2", "dp2xsp2+dp2xring2", "sp2-tied"],
 )
-def test_fsdp2_loss_grads_and_step_match_reference(sp_size, nproc, tied):
-    harness.run(_fsdp2_parity, nproc, sp_size, tied)
+def test_fsdp2_loss_grads_and_step_match_reference(sp_size, nproc, tied, ring_sizes):
+    harness.run(_fsdp2_parity, nproc, sp_size, tied, ring_sizes)

@@ -2,7 +2,9 @@
 batch, fp32: every logged training loss, the eval losses (mid-training and final, computed under
 SP) and the final train_loss equal within 1e-4 relative. Variable-length rows (padding to a
 multiple of 2 and -100 labels), gradient accumulation 2, clipping and a linear LR schedule as the
-Trainer does them; evaluation with a batch size that leaves a partial last batch."""
+Trainer does them; evaluation with a batch size that leaves a partial last batch. Under FSDP2 the SP
+run is hybrid SP (``ring_size=2``: (u, r) = (1, 2)) and its step-2 checkpoint resumes at another
+layout, Ulysses alone ((u, r) = (2, 1))."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ STEPS = 4
 TRAINER_ZERO3 = os.path.join(ROOT, "configs", "deepspeed", "trainer_zero3.json")
 
 
-def _train_and_evaluate(ctx, sp_size: int | None, out_path: str, engine: str = "ddp") -> None:
+def _train_and_evaluate(ctx, sp_size: int | None, out_path: str, engine: str = "ddp", ring_size: int = 1) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", OMP_NUM_THREADS="1")
     if engine == "fsdp2":  # what `accelerate launch --config_file configs/accelerate/fsdp2_sp2.yaml` sets
         os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_RESHARD_AFTER_FORWARD="true")
@@ -64,13 +66,16 @@ def _train_and_evaluate(ctx, sp_size: int | None, out_path: str, engine: str = "
         "eval_dataset": evaluation,
         "data_collator": collate_padded,
     }
-    trainer = Trainer(**common) if sp_size is None else SPTrainer(**common, sp_size=sp_size)
+    trainer = Trainer(**common) if sp_size is None else SPTrainer(**common, sp_size=sp_size, ring_size=ring_size)
+    if sp_size is not None:
+        assert trainer.sp_topology.ring_size == ring_size
     trainer.train()
     final = trainer.evaluate()
     if engine != "ddp":
         _assert_engine_ran(trainer, engine)
     resumed = None
-    if engine == "fsdp2":  # the step-2 checkpoint (sharded weights + AdamW state) continues the same curve
+    if engine == "fsdp2":  # the step-2 checkpoint (sharded weights + AdamW state) continues the same curve,
+        # here at another (ulysses, ring) layout than the one that saved it
         common["model"] = tiny_model("tiny-llama", seed=11)  # other weights: the checkpoint must replace them
         again = SPTrainer(**common, sp_size=sp_size)
         again.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2"))
@@ -108,16 +113,19 @@ def _close(a: float, b: float, what: str) -> None:
     assert abs(a - b) <= 1e-4 * abs(b), f"{what}: SP {a} vs non-SP {b}"
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed"])
-def test_sp_trainer_matches_stock_trainer(tmp_path, engine):
-    """SPTrainer at sp2 under DDP, FSDP2 (sharded by SPTrainer, as under fsdp2_sp2.yaml) and DeepSpeed
-    ZeRO-3 (Accelerate's DeepSpeed plugin, configs/deepspeed/trainer_zero3.json) against the stock
-    Trainer on one process; under FSDP2 also a resume from the step-2 checkpoint."""
+@pytest.mark.parametrize(
+    "engine, ring_size", [("ddp", 1), ("fsdp2", 2), ("deepspeed", 1)], ids=["ddp", "fsdp2-ring2", "deepspeed"]
+)
+def test_sp_trainer_matches_stock_trainer(tmp_path, engine, ring_size):
+    """SPTrainer at sp2 under DDP, FSDP2 (sharded by SPTrainer, as under fsdp2_sp2.yaml; hybrid SP with
+    a ring of 2) and DeepSpeed ZeRO-3 (Accelerate's DeepSpeed plugin, configs/deepspeed/trainer_zero3.json)
+    against the stock Trainer on one process; under FSDP2 also a resume from the step-2 checkpoint at
+    sp2 without a ring."""
     ref_path, sp_path = tmp_path / "ref.json", tmp_path / "sp.json"
     with ThreadPoolExecutor(2) as pool:  # the two jobs are independent: overlap their start-up
         jobs = [
             pool.submit(harness.run, _train_and_evaluate, 1, None, str(ref_path)),
-            pool.submit(harness.run, _train_and_evaluate, 2, 2, str(sp_path), engine),
+            pool.submit(harness.run, _train_and_evaluate, 2, 2, str(sp_path), engine, ring_size),
         ]
         for job in jobs:
             job.result()
@@ -138,15 +146,16 @@ def test_sp_trainer_matches_stock_trainer(tmp_path, engine):
 
 
 def test_trainer_example_matches_one_process(tmp_path):
-    """examples/trainer_sp.py runs under torchrun at sp2 and its logged losses (training and evaluation)
-    equal the same script's in one process without SP."""
+    """examples/trainer_sp.py runs under torchrun at sp2 as a ring of 2 (DDP, (u, r) = (1, 2)) and its
+    logged losses (training and evaluation) equal the same script's in one process without SP."""
     example = os.path.join(ROOT, "examples", "trainer_sp.py")
     runs = {}
     for name, cmd in (
-        ("sp2", launcher_command("torchrun", 2, example, *flags(sp_size=2, out=tmp_path / "sp2"))),
+        ("sp2", launcher_command("torchrun", 2, example, *flags(sp_size=2, ring_size=2, out=tmp_path / "sp2"))),
         ("one", [sys.executable, example, *flags(sp_size=1, out=tmp_path / "one")]),
     ):
-        run_ok(cmd, cwd=tmp_path)
+        out = run_ok(cmd, cwd=tmp_path)
+        assert name == "one" or "(engine ddp, sp 2, ring 2)" in out.stdout, out.stdout[-2000:]
         history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
         runs[name] = [(key, h[key]) for h in history for key in ("loss", "eval_loss") if key in h]
     assert [k for k, _ in runs["sp2"]] == [k for k, _ in runs["one"]] and runs["one"], runs
@@ -172,7 +181,7 @@ def test_trainer_example_under_shipped_yaml_matches_one_process(tmp_path, yaml_n
             "one": pool.submit(run_ok, [sys.executable, example, *flags(sp_size=1, steps=4, out=tmp_path / "one")]),
         }
         outputs = {name: job.result() for name, job in jobs.items()}
-    assert f"(engine {engine}, sp 2)" in outputs["sp2"].stdout, outputs["sp2"].stdout[-2000:]
+    assert f"(engine {engine}, sp 2, ring 1)" in outputs["sp2"].stdout, outputs["sp2"].stdout[-2000:]
     for name in jobs:
         history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
         runs[name] = [(key, h[key]) for h in history for key in ("loss", "eval_loss") if key in h]

@@ -2,7 +2,8 @@
 non-SP reference: the same PEFT model in one process running every DP replica's batch through
 transformers' own loss (sum / N of the step). Per rank: the loss, every adapter gradient after the
 engine's reduction, and no gradient on any frozen base weight; with selective checkpointing, the tiled
-MLP (LoRA in its projections) and the RMSNorm recompute. ``apply`` / ``remove``
+MLP (LoRA in its projections) and the RMSNorm recompute; under hybrid SP too (a ring of 2: ZeRO-3 at
+(u, r) = (1, 2), FSDP2 at dp2 x (1, 2)). ``apply`` / ``remove``
 / ``is_applied`` through the PEFT wrapper, and the adapters SP cannot honour refused in one process
 (no process group: a ValueError that comes before any collective)."""
 
@@ -98,7 +99,7 @@ ENGINES = {"ddp": _ddp, "fsdp2": _fsdp2, "zero3": _zero3}
 def _check(ctx, topo, engine: str, features: tuple[str, ...]):
     """One step of ``engine`` on a fresh LoRA model against the reference, with the memory ``features``
     (of ``selective``, ``tile_mlp``, ``rms_norm``) on."""
-    label = f"{engine}{''.join(f' +{f}' for f in features)} dp{topo.dp_size}xsp{topo.sp_size}"
+    label = f"{engine}{''.join(f' +{f}' for f in features)} dp{topo.dp_size}xsp{topo.sp_size} ring{topo.ring_size}"
     tol = tolerances(ctx.dtype)
     model = _lora_model(ctx.dtype).to(ctx.device)
     ref = clone(model)
@@ -147,10 +148,11 @@ def _check(ctx, topo, engine: str, features: tuple[str, ...]):
             torch.testing.assert_close(model(**batches[0]).loss, ref(**batches[0]).loss, **tol)
 
 
-def _body(ctx, sp_size: int, cases):
-    topo = ulysses_sp.init_sp(sp_size)
-    for case in cases:
-        _check(ctx, topo, *case)
+def _body(ctx, layouts):
+    for sp_size, ring_size, cases in layouts:
+        topo = ulysses_sp.init_sp(sp_size, ring_size)
+        for case in cases:
+            _check(ctx, topo, *case)
 
 
 ALL = ("selective", "tile_mlp", "rms_norm")
@@ -159,9 +161,13 @@ SP2 = [("ddp", ALL), ("fsdp2", ALL), ("zero3", ALL)]
 DP2_SP2 = [("ddp", ALL), ("fsdp2", ALL)]  # ZeRO-3's reduction over dp x sp: distributed/integrations/test_deepspeed.py
 
 
-@pytest.mark.parametrize("sp_size, nproc, cases", [(2, 2, SP2), (2, 4, DP2_SP2)], ids=["sp2", "dp2xsp2"])
-def test_lora_adapter_grads_match_reference(sp_size, nproc, cases):
-    harness.run(_body, nproc, sp_size, cases)
+@pytest.mark.parametrize(
+    "nproc, layouts",
+    [(2, [(2, 1, SP2), (2, 2, [("zero3", ALL)])]), (4, [(2, 1, DP2_SP2), (2, 2, [("fsdp2", ALL)])])],
+    ids=["sp2+ring2", "dp2xsp2+dp2xring2"],
+)
+def test_lora_adapter_grads_match_reference(nproc, layouts):
+    harness.run(_body, nproc, layouts)
 
 
 # --- refusals: one process, no process group -----------------------------------------------------

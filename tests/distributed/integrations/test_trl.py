@@ -8,7 +8,8 @@ padding-free: a micro-batch is one flattened row, positions restarting at every 
 multiple of P when its length is odd). Gradient accumulation 2, clipping, warmup + linear schedule,
 evaluation every 2 steps and a final ``evaluate()``.
 
-* sp2 with ``completion_only_loss`` (prompts masked) and a partial last eval batch;
+* sp2 as hybrid SP, a ring of 2 ((u, r) = (1, 2): the packed rows on the ring's load-balanced
+  layout), with ``completion_only_loss`` (prompts masked) and a partial last eval batch;
 * dp2 x sp2 with LoRA adapters (SFTTrainer's ``peft_config``; 4 processes, against one process
   whose batch holds both DP replicas' rows) on the full sequences, evaluated on unpacked pairs whose
   count dp divides (Accelerate's even-batch padding would otherwise repeat rows on one side only);
@@ -37,7 +38,14 @@ _NOT_COMPARED = ("_runtime", "_per_second", "total_flos")
 
 
 def _sft_run(
-    ctx, sp_size: int | None, batch: int, completion_only: bool, eval_rows: int, out_path: str, lora: bool = False
+    ctx,
+    sp_size: int | None,
+    batch: int,
+    completion_only: bool,
+    eval_rows: int,
+    out_path: str,
+    lora: bool = False,
+    ring_size: int = 1,
 ) -> None:
     """Train and evaluate with SPSFTTrainer (``sp_size``) or the stock SFTTrainer (None); rank 0
     writes the log history to ``out_path``. ``batch``: rows per device (train and eval); ``lora``:
@@ -83,7 +91,8 @@ def _sft_run(
         from peft import LoraConfig
 
         common["peft_config"] = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
-    trainer = SFTTrainer(**common) if sp_size is None else SPSFTTrainer(**common, sp_size=sp_size)
+    trainer = SFTTrainer(**common) if sp_size is None else SPSFTTrainer(**common, sp_size=sp_size, ring_size=ring_size)
+    assert sp_size is None or trainer.sp_topology.ring_size == ring_size
     trainer.train()
     trainer.evaluate()
     if ctx.rank == 0:
@@ -105,13 +114,15 @@ def _compare_histories(sp: list[dict], ref: list[dict], what: str) -> None:
             _close(float(got[key]), float(want[key]), f"{what} entry {i} (step {want['step']}) {key}")
 
 
-def _run_pair(tmp_path, world: int, sp_size: int, batch: int, completion_only: bool, eval_rows: int, lora=False):
+def _run_pair(
+    tmp_path, world: int, sp_size: int, batch: int, completion_only: bool, eval_rows: int, lora=False, ring_size=1
+):
     """The SP run on ``world`` processes (``batch`` rows per device) and the stock one on one process
     with the same global batch; returns their log histories (SP, stock). One after the other: on 2
     cores, overlapping them makes the SP run's collectives wait on the other job's processes."""
     ref_path, sp_path = tmp_path / "ref.json", tmp_path / "sp.json"
     harness.run(_sft_run, 1, None, batch * world // sp_size, completion_only, eval_rows, str(ref_path), lora)
-    harness.run(_sft_run, world, sp_size, batch, completion_only, eval_rows, str(sp_path), lora)
+    harness.run(_sft_run, world, sp_size, batch, completion_only, eval_rows, str(sp_path), lora, ring_size)
     return json.loads(sp_path.read_text()), json.loads(ref_path.read_text())
 
 
@@ -124,9 +135,9 @@ def _check_run(sp: list[dict], ref: list[dict], what: str) -> None:
     assert train[-1]["loss"] < train[0]["loss"], "the run did not train"
 
 
-def test_sp2_completion_only_matches_stock_sft_trainer(tmp_path):
-    sp, ref = _run_pair(tmp_path, world=2, sp_size=2, batch=2, completion_only=True, eval_rows=0)
-    _check_run(sp, ref, "sp2")
+def test_sp2_ring2_completion_only_matches_stock_sft_trainer(tmp_path):
+    sp, ref = _run_pair(tmp_path, world=2, sp_size=2, batch=2, completion_only=True, eval_rows=0, ring_size=2)
+    _check_run(sp, ref, "sp2 as a ring of 2")
 
 
 def test_dp2_sp2_lora_matches_stock_sft_trainer(tmp_path):

@@ -1,5 +1,5 @@
 """SPTrainer refuses what it cannot do under SP, before any process group is needed, and an
-explicit sp_size that disagrees with the Accelerate config."""
+explicit sp_size or ring_size that disagrees with the Accelerate config."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from transformers import TrainingArguments
 
 from tests.helpers import tiny_model
-from ulysses_sp.integrations.accelerate_env import ENV_SP_SIZE
+from ulysses_sp.integrations.accelerate_env import ENV_RING_SIZE, ENV_SP_SIZE
 from ulysses_sp.integrations.hf_trainer import SPTrainer
 
 
@@ -31,6 +31,19 @@ def test_sp_size_must_agree_with_the_accelerate_config(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_SP_SIZE, "2")
     with pytest.raises(ValueError, match=r"SPTrainer\(sp_size=4\) disagrees with the Accelerate config's SP size 2"):
         SPTrainer(model=tiny_model("tiny-llama"), args=_args(tmp_path), sp_size=4)
+
+
+def test_ring_size_must_agree_with_the_accelerate_config_and_divide_sp(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_SP_SIZE, "4")
+    monkeypatch.setenv(ENV_RING_SIZE, "auto")  # 2 heads at sp 4: a ring of 2
+    two_heads = tiny_model("tiny-qwen3", num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    with pytest.raises(
+        ValueError, match=r"SPTrainer\(ring_size=4\) disagrees with the Accelerate config's ring size auto \(= 2\)"
+    ):
+        SPTrainer(model=two_heads, args=_args(tmp_path), ring_size=4)
+    monkeypatch.setenv(ENV_RING_SIZE, "")
+    with pytest.raises(ValueError, match=r"SPTrainer\(ring_size=3\) does not divide the SP size 4"):
+        SPTrainer(model=two_heads, args=_args(tmp_path), ring_size=3)
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,8 @@ from ulysses_sp.train.plan import (
     check_device_dtype,
     check_ring,
     check_seq_len,
+    make_plan,
     read_training_documents,
-    resolve_ring_size,
 )
 from ulysses_sp.train.presets import build_config, model_source
 
@@ -159,20 +159,32 @@ def test_torch_dtype_names_and_the_flash_check():
             check_installed("flash_attention_2")
 
 
-def test_ring_size_auto_and_checks(monkeypatch):
-    """--ring-size auto: the smallest ring giving every Ulysses rank a head and keeping Ulysses inside
-    a node; explicit sizes checked against the SP size, the heads and the kernel before any process group."""
+def test_ring_size_from_every_source_and_checks(monkeypatch, tmp_path):
+    """The plan's ring size: --ring-size, the DeepSpeed JSON's sequence_parallel_ring_size or the
+    Accelerate config's cp_size (one rule for every entry point, unit/integrations/test_accelerate_config.py);
+    explicit sizes checked against the heads and the kernel before any process group."""
     heads8 = build_config("tiny-llama-gqa")  # 8 query heads
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert resolve_ring_size("auto", 4, heads8) == 1
-    assert resolve_ring_size("auto", 32, heads8) == 4  # 8 Ulysses ranks of one head each
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks per node: Ulysses over at most 4
-    assert resolve_ring_size("auto", 32, heads8) == 8
-    assert resolve_ring_size("auto", 2, heads8) == 1
-    assert resolve_ring_size("3", 6, heads8) == 3
+    for key in ("LOCAL_WORLD_SIZE", "ULYSSES_SP_SIZE", "ULYSSES_SP_RING_SIZE"):
+        monkeypatch.setenv(key, "")  # empty = unset; recorded, so what claim_sp_size writes is undone
+    monkeypatch.delenv("PARALLELISM_CONFIG_SP_BACKEND", raising=False)
+    model = tmp_path / "qwen3_2h.json"
+    build_config("tiny-qwen3", num_attention_heads=2, num_key_value_heads=1).to_json_file(model)
+    plan = lambda **kw: make_plan(TrainConfig(device="cpu", model=str(model), **kw))  # noqa: E731
+    assert (plan(sp_size=4, ring_size="auto").ring_size, plan(sp_size=4, ring_size="4").ring_size) == (2, 4)
+    assert plan(sp_size=2).ring_size == 1
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        '{"train_micro_batch_size_per_gpu": 1, "sequence_parallel_size": 4, "sequence_parallel_ring_size": "auto"}'
+    )
+    assert (plan(deepspeed=str(ds)).sp_size, plan(deepspeed=str(ds)).ring_size) == (4, 2)
+    with pytest.raises(
+        ValueError, match=r"--ring-size 4 disagrees with .*sequence_parallel_ring_size\": auto \(= 2\) in the DeepSpeed"
+    ):
+        plan(deepspeed=str(ds), ring_size="4")
+    for key, value in {**OURS, "PARALLELISM_CONFIG_CP_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    assert (plan().sp_size, plan().ring_size) == (4, 2)  # Ulysses 2 x ring 2 from the Accelerate config
     check_ring(2, 4, heads8, "sdpa")
-    with pytest.raises(ValueError, match="--ring-size 3 does not divide the SP size 4"):
-        check_ring(3, 4, heads8, "sdpa")
     with pytest.raises(ValueError, match="leaves 16 Ulysses ranks for 8 attention heads; use --ring-size 4"):
         check_ring(2, 32, heads8, "sdpa")
     with pytest.raises(ValueError, match="not 'flash_attention_2'"):
