@@ -65,17 +65,19 @@ from ..loss.tiled_ce import IGNORE_INDEX
 from .accelerate import check_accelerator, ensure_process_group, key_loader_by_dp
 from .deepspeed import gather_head_for_loss
 from .fsdp2 import FSDP2_CHECKPOINT_DIR, shard_causal_lm
-from .sp_size import resolve_ring_size, resolve_sp_size
+from .sp_size import claim_deepspeed_sp_keys, resolve_ring_size, resolve_sp_size
 from .trainer_engine import engine_name, fsdp_refusals, fsdp_request
 
 
 class SPTrainer(Trainer):
     """``transformers.Trainer`` that trains and evaluates a causal LM with Ulysses SP.
 
-    ``sp_size``: SP group size (default: the Accelerate config's ``parallelism_config_sp_size``
+    ``sp_size``: SP group size (default: the DeepSpeed JSON's ``"sequence_parallel_size"`` in
+    ``TrainingArguments(deepspeed=...)``, else the Accelerate config's ``parallelism_config_sp_size``
     with ``parallelism_config_sp_backend: ulysses_sp``, else 1). ``ring_size``: hybrid SP, ring
     attention across ``ring_size`` groups of ``sp_size / ring_size`` Ulysses ranks (an integer or
-    ``"auto"``; default the Accelerate config's ``parallelism_config_cp_size``, else 1; docs/scaling.md).
+    ``"auto"``; default the JSON's ``"sequence_parallel_ring_size"``, else the Accelerate config's
+    ``parallelism_config_cp_size``, else 1; docs/scaling.md). Given in two places, they must agree.
     ``attn_implementation``: the core kernel run over the full sequence (default: the model's).
     ``check_identical``: compare a checksum of every batch over the SP group (one tiny gather per
     batch). ``pad_token_id``: the id that pads sequences to a multiple of ``sp_size`` (never a
@@ -99,11 +101,15 @@ class SPTrainer(Trainer):
         head_loss: HeadLoss | None = None,
         **kwargs,
     ):
-        # before Trainer creates its Accelerator, which must not see our SP size (no ALST, no rejected backend)
-        size = resolve_sp_size(sp_size, explicit_source=f"SPTrainer(sp_size={sp_size})")
+        # before Trainer creates its Accelerator, which must not see our SP size (no ALST, no rejected
+        # backend), nor its DeepSpeed engine (the SP keys of TrainingArguments' JSON are taken out)
+        training_args = kwargs["args"] if "args" in kwargs else args[1] if len(args) > 1 else None
+        ds_json = getattr(getattr(training_args, "hf_deepspeed_config", None), "config", None)
+        ds_sp = claim_deepspeed_sp_keys(ds_json)
+        size = resolve_sp_size(sp_size, ds_sp, explicit_source=f"SPTrainer(sp_size={sp_size})")
         super().__init__(*args, **kwargs)
         # after: the model exists (SFTTrainer may load it by name) for ring_size="auto" to read its heads
-        ring = resolve_ring_size(ring_size, size, self.model, explicit_source="SPTrainer(ring_size={})")
+        ring = resolve_ring_size(ring_size, size, self.model, ds_sp, explicit_source="SPTrainer(ring_size={})")
         self.sp_fsdp = fsdp_request(self)
         found = [what for what, bad in self.sp_refusals().items() if bad]
         if found:

@@ -133,3 +133,13 @@ def _agreed(sources: list[tuple[str, int]]) -> int:
         if value != sources[0][1]:
             raise ValueError(f"{sources[0][0]} disagrees with {source}; give one of them, or make them equal")
     return sources[0][1] if sources else 1
+
+
+def claim_deepspeed_sp_keys(ds_config: dict | None) -> dict:
+    """Take ``"sequence_parallel_size"`` and ``"sequence_parallel_ring_size"`` out of a DeepSpeed
+    JSON that another engine builder reads (the HF Trainer's ``TrainingArguments(deepspeed=...)``):
+    returns them, for :func:`resolve_sp_size` / :func:`resolve_ring_size`. Left in, DeepSpeed would
+    divide its world size by the SP size for the batch arithmetic the Trainer filled in for all ranks."""
+    if not ds_config:
+        return {}
+    return {key: ds_config.pop(key) for key in ("sequence_parallel_size", DS_RING_KEY) if key in ds_config}

@@ -39,6 +39,12 @@ def _train_and_evaluate(ctx, sp_size: int | None, out_path: str, engine: str = "
     train, evaluation = Subset(rows, range(64)), Subset(rows, range(64, 71))  # 7 rows: batches 3, 3, 1
     # before TrainingArguments: with a ZeRO-3 config those make from_config partition the model at once
     model = tiny_model("tiny-llama", seed=3)
+    ds_json = None
+    if engine == "deepspeed":
+        with open(TRAINER_ZERO3) as f:
+            ds_json = json.load(f)
+        if sp_size is not None:  # SPTrainer reads its SP size from the JSON (and takes the key out)
+            ds_json["sequence_parallel_size"] = sp_size
     args = TrainingArguments(
         output_dir=os.path.join(os.path.dirname(out_path), f"run{sp_size}"),
         use_cpu=True,
@@ -56,7 +62,7 @@ def _train_and_evaluate(ctx, sp_size: int | None, out_path: str, engine: str = "
         eval_steps=2,
         save_strategy="steps" if engine == "fsdp2" else "no",
         save_steps=2,
-        deepspeed=TRAINER_ZERO3 if engine == "deepspeed" else None,
+        deepspeed=ds_json,
         disable_tqdm=True,
     )
     common = {
@@ -66,9 +72,10 @@ def _train_and_evaluate(ctx, sp_size: int | None, out_path: str, engine: str = "
         "eval_dataset": evaluation,
         "data_collator": collate_padded,
     }
-    trainer = Trainer(**common) if sp_size is None else SPTrainer(**common, sp_size=sp_size, ring_size=ring_size)
+    explicit = {} if engine == "deepspeed" else {"sp_size": sp_size}
+    trainer = Trainer(**common) if sp_size is None else SPTrainer(**common, **explicit, ring_size=ring_size)
     if sp_size is not None:
-        assert trainer.sp_topology.ring_size == ring_size
+        assert (trainer.sp_topology.sp_size, trainer.sp_topology.ring_size) == (sp_size, ring_size)
     trainer.train()
     final = trainer.evaluate()
     if engine != "ddp":

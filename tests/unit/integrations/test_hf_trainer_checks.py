@@ -46,6 +46,16 @@ def test_ring_size_must_agree_with_the_accelerate_config_and_divide_sp(tmp_path,
         SPTrainer(model=two_heads, args=_args(tmp_path), ring_size=3)
 
 
+def test_sp_size_of_the_trainers_deepspeed_json_is_read_and_taken_out(tmp_path):
+    ds = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 0}, "sequence_parallel_size": 2}
+    args = _args(tmp_path, deepspeed=ds)
+    with pytest.raises(
+        ValueError, match=r'SPTrainer\(sp_size=4\) disagrees with "sequence_parallel_size": 2 in the DeepSpeed config'
+    ):
+        SPTrainer(model=tiny_model("tiny-llama"), args=args, sp_size=4)
+    assert "sequence_parallel_size" not in args.hf_deepspeed_config.config  # DeepSpeed's engine never sees it
+
+
 @pytest.mark.parametrize(
     "env, match",
     [
