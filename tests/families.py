@@ -38,6 +38,7 @@ _SIZES = {
     "n_embd": 64,
     "d_model": 64,
     "embed_dim": 64,
+    "emb_dim": 64,
     # heads: 4 query heads over 2 kv heads of 16 dims (sp4 gives each rank one query head)
     "num_attention_heads": 4,
     "n_head": 4,
@@ -62,6 +63,8 @@ _SIZES = {
     "decoder_ffn_dim": 64,
     "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32,
+    "ffn_hidden_size": 64,
+    "expert_ffn_hidden_size": 32,
     "num_experts": 4,
     "num_local_experts": 4,
     "n_routed_experts": 4,
@@ -78,6 +81,7 @@ _SIZES = {
     "first_k_dense_replace": 1,
     # vocabulary and positions
     "vocab_size": 256,
+    "vocab_size_per_layer_input": 256,
     "max_position_embeddings": 512,
     # windows and chunks shorter than the batch, so that they matter
     "sliding_window": WINDOW,

@@ -21,15 +21,19 @@ def _model(config):
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
+@pytest.mark.skipif(not hasattr(transformers, "Lfm3Config"), reason="LFM3 is in transformers >= 5.2x, not this one")
+def test_a_layer_type_ulysses_sp_cannot_run_is_refused():
+    lfm3 = small_model("Lfm3Config", num_hidden_layers=2, layer_types=["conv", "full_attention"], pad_token_id=0)
+    with pytest.raises(
+        ValueError,
+        match=r"Lfm3ForCausalLM has 1 layers of type \['conv'\], of which ulysses_sp can run 0 .*"
+        r"supports \['full_attention', 'sliding_attention', 'chunked_attention'\] layers and the linear-attention",
+    ):
+        ulysses_sp.apply(lfm3, TOPO2)
+    assert not ulysses_sp.is_applied(lfm3)
+
+
 def test_models_ulysses_sp_refuses():
-    if hasattr(transformers, "Lfm3Config"):  # transformers >= 5.2x; the range's lowest release lacks it
-        lfm3 = small_model("Lfm3Config", num_hidden_layers=2, layer_types=["conv", "full_attention"], pad_token_id=0)
-        with pytest.raises(
-            ValueError,
-            match=r"Lfm3ForCausalLM has 1 layers of type \['conv'\], of which ulysses_sp can run 0 .*"
-            r"supports \['full_attention', 'sliding_attention', 'chunked_attention'\] layers and the linear-attention",
-        ):
-            ulysses_sp.apply(lfm3, TOPO2)
     bloom = small_model("BloomConfig", n_layer=1, n_head=4)
     with pytest.raises(
         ValueError,
@@ -55,7 +59,7 @@ def test_models_ulysses_sp_refuses():
         r"use one of \['sdpa'",
     ):
         UlyssesAttention(TOPO2, "paged_attention")
-    for model in (lfm3, bloom, falcon, doge, uneven_kv, few_heads):
+    for model in (bloom, falcon, doge, uneven_kv, few_heads):
         assert not ulysses_sp.is_applied(model)
 
 
