@@ -29,7 +29,8 @@ from ..core.wrappers import unwrap
 _LLAMA_CODE = LlamaRMSNorm.forward.__code__
 
 
-def _is_llama_rms_norm(module: torch.nn.Module) -> bool:
+def is_llama_rms_norm(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward is LlamaRMSNorm's (same bytecode, names and constants)."""
     code = getattr(type(module).forward, "__code__", None)
     return code is not None and all(
         getattr(code, attr) == getattr(_LLAMA_CODE, attr) for attr in ("co_code", "co_names", "co_consts")
@@ -161,21 +162,36 @@ class RMSNormFunction(torch.autograd.Function):
         return (grad_x.view(x.shape) if need_x else None, grad_w.to(weight.dtype) if need_w else None, None, None, None)
 
 
+#: a norm's fused kernel (fused_ops.py): ``fused(x)`` -> the output, or None where it cannot run
+FUSED_NORM_ATTR = "_ulysses_sp_fused_norm"
+
+
 def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    fused = getattr(self, FUSED_NORM_ATTR, None)
+    out = None if fused is None else fused(hidden_states)
+    if out is not None:  # the kernel saves what RMSNormFunction does (x, rstd), with no big temporaries
+        if self._ulysses_sp_in_layer and not torch.compiler.is_compiling():
+            _attach_source(out, hidden_states, self.weight, self.variance_epsilon)
+        return out
     return RMSNormFunction.apply(
         hidden_states, self.weight, self.variance_epsilon, tile_rows(hidden_states.shape[-1]), self._ulysses_sp_in_layer
     )
 
 
+def is_norm_recompute_enabled(model: torch.nn.Module) -> bool:
+    return getattr(unwrap(model), "_ulysses_sp_rms_norms", None) is not None
+
+
 def enable_rms_norm_recompute(model: torch.nn.Module) -> list[str]:
     """Make every Llama-style RMSNorm of ``model`` (of the model inside, for a PEFT model) save only
     its input (see the module docstring). Scoped to this model's norm instances;
+    a norm on liger's kernel (fused_ops.py, fused before) keeps it, with the source attached;
     :func:`disable_rms_norm_recompute` undoes it. Returns the names of the replaced norms; raises
     ``ValueError`` when there is none."""
     inner = unwrap(model)
     if getattr(inner, "_ulysses_sp_rms_norms", None) is not None:
         raise ValueError("RMSNorm recompute is already enabled on this model")
-    norms = {name: m for name, m in inner.named_modules() if _is_llama_rms_norm(m)}
+    norms = {name: m for name, m in inner.named_modules() if is_llama_rms_norm(m)}
     if not norms:
         kinds = sorted({type(m).__name__ for m in inner.modules() if "norm" in type(m).__name__.lower()})
         raise ValueError(
@@ -185,6 +201,7 @@ def enable_rms_norm_recompute(model: torch.nn.Module) -> list[str]:
     in_layers = {id(m) for layer in getattr(inner.base_model, "layers", ()) for m in layer.modules()}
     for module in norms.values():
         module._ulysses_sp_in_layer = id(module) in in_layers  # see _attach_source
+        module._ulysses_sp_prior_forward = module.__dict__.get("forward")  # fused_ops' forward, or None
         module.forward = types.MethodType(_forward, module)
     inner._ulysses_sp_rms_norms = list(norms.values())
     return list(norms)
@@ -197,6 +214,9 @@ def disable_rms_norm_recompute(model: torch.nn.Module):
     if norms is None:
         raise ValueError("RMSNorm recompute is not enabled on this model")
     for module in norms:
-        del module.forward, module._ulysses_sp_in_layer
+        prior = module._ulysses_sp_prior_forward
+        del module.forward, module._ulysses_sp_in_layer, module._ulysses_sp_prior_forward
+        if prior is not None:
+            module.forward = prior
     del inner._ulysses_sp_rms_norms
     return model

@@ -55,6 +55,7 @@ from . import rms_norm
 class _TileState:
     tile_tokens: int
     mlps: list[torch.nn.Module]
+    priors: list  # each MLP's own instance forward before tiling (fused_ops.py), or None
     hook: torch.utils.hooks.RemovableHandle | None = None
     tiles: int | None = None  # agreed at the backbone's last forward
 
@@ -92,10 +93,12 @@ def tile_mlp(model: torch.nn.Module, tile_tokens: int | None = None):
                 "in the backward without replaying the random state (a LoRA adapter in the MLP: lora_dropout=0, "
                 "or leave the MLP's projections out of target_modules)"
             )
-    state = _TileState(tile_tokens, mlps)
+    state = _TileState(tile_tokens, mlps, [mlp.__dict__.get("forward") for mlp in mlps])
     state.hook = backbone.register_forward_pre_hook(_make_agree_hook(inner, state), with_kwargs=True)
-    for mlp in mlps:
-        mlp.forward = types.MethodType(_make_tiled_forward(state, type(mlp).forward), mlp)
+    for mlp, prior in zip(mlps, state.priors):
+        # each tile runs the MLP's forward as it was: its class's, or the fused one (fused_ops.py)
+        forward = type(mlp).forward if prior is None else (lambda _, h, prior=prior: prior(h))
+        mlp.forward = types.MethodType(_make_tiled_forward(state, forward), mlp)
     inner._ulysses_sp_tiled_mlp = state
     return model
 
@@ -107,8 +110,10 @@ def untile_mlp(model: torch.nn.Module):
     if state is None:
         raise ValueError("the MLPs of this model are not tiled")
     state.hook.remove()
-    for mlp in state.mlps:
+    for mlp, prior in zip(state.mlps, state.priors):
         del mlp.forward
+        if prior is not None:
+            mlp.forward = prior
     del inner._ulysses_sp_tiled_mlp
     return model
 
