@@ -181,7 +181,10 @@ def _with_global(fn, name: str, value):
     around the copy. None when a wrapper does not hold what it wraps in its closure."""
     inner = getattr(fn, "__wrapped__", None)
     if inner is None:
-        copy = types.FunctionType(fn.__code__, {**fn.__globals__, name: value}, fn.__name__, fn.__defaults__, fn.__closure__)
+        # without "__name__": Dynamo reads the globals of a function whose globals name a module from
+        # that module, which holds the original value
+        scope = {k: v for k, v in fn.__globals__.items() if k != "__name__"} | {name: value}
+        copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
     else:
         cells = fn.__closure__ or ()
         held = [i for i, cell in enumerate(cells) if _cell_holds(cell, inner)]
