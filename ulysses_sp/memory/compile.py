@@ -22,7 +22,7 @@ compiled call runs with ``skip_fwd_side_effects_in_bwd_under_checkpoint``: tenso
 recomputed, only such Python state writes are not repeated.
 
 The tiled MLP (tiled_mlp.py) compiles as one checkpoint per tile; the RMSNorm recompute's autograd
-function traces as it is.
+function traces as it is; liger's fused ops (fused_ops.py) take their torch path while traced.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ long sequences that is a quarter of what one checkpointed layer holds during its
 normalised tensor in the backward: the same forward result, bit for bit, and gradients equal up to
 fp32 rounding (the closed-form backward sums in another order).
 
+A norm fused onto liger-kernel's kernel beforehand (fused_ops.py) runs that kernel instead of the
+function below: it saves the same (x, rstd), and its single pass makes no input-sized fp32
+temporaries for tiles to bound; its output still carries the source.
+
 Only norms whose forward is Llama's (same bytecode, names and constants: the classes transformers
 copies from LlamaRMSNorm, e.g. Mistral, Qwen2/3, Phi-3, DeepSeek-V3) are replaced, per instance;
 others (Gemma's 1 + weight, OLMo-2's order of cast and scale) keep their own forward.
