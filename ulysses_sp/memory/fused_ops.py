@@ -44,7 +44,7 @@ import inspect
 import logging
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from packaging.version import Version
@@ -58,10 +58,9 @@ from .tiled_mlp import is_mlp_tiled
 
 logger = logging.getLogger("ulysses_sp")
 
-#: liger-kernel releases whose Functions take the arguments used here (tested: 0.8.5)
+#: liger-kernel releases whose Functions take the arguments used here (setup.cfg's extra; tested: 0.8.5)
 MIN_LIGER = Version("0.5")
 _ROPE = "apply_rotary_pos_emb"
-_MLP_CODE = modeling_llama.LlamaMLP.forward.__code__
 _SILU_CODE = inspect.unwrap(SiLUActivation.forward).__code__
 
 
@@ -115,12 +114,6 @@ def liger_kernels() -> FusedKernels:
     return FusedKernels(rms_norm, LigerSiLUMulFunction.apply, rope)
 
 
-@dataclass
-class _FusedState:
-    kernels: FusedKernels
-    modules: list[torch.nn.Module] = field(default_factory=list)  # every module whose forward was set
-
-
 def is_fused(model: torch.nn.Module) -> bool:
     return getattr(unwrap(model), "_ulysses_sp_fused", None) is not None
 
@@ -132,11 +125,8 @@ def is_silu(module) -> bool:
 
 def is_llama_mlp(module: torch.nn.Module) -> bool:
     """LlamaMLP's forward (same bytecode: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``) with SiLU."""
-    code = getattr(type(module).forward, "__code__", None)
-    return (
-        code is not None
-        and all(getattr(code, a) == getattr(_MLP_CODE, a) for a in ("co_code", "co_names", "co_consts"))
-        and is_silu(getattr(module, "act_fn", None))
+    return _same_code(type(module).forward, modeling_llama.LlamaMLP.forward) and is_silu(
+        getattr(module, "act_fn", None)
     )
 
 
@@ -226,19 +216,15 @@ def _fused_rope(kernels: FusedKernels, torch_rope: Callable) -> Callable:
     return apply_rotary_pos_emb
 
 
+def _fused_norm(self, x: torch.Tensor) -> torch.Tensor | None:
+    """The norm's output by the kernel, or None where it would differ (module docstring)."""
+    kernels: FusedKernels = self._ulysses_sp_fused_kernels
+    return kernels.rms_norm(x, self.weight, self.variance_epsilon) if kernels.runs_on(x, self.weight) else None
+
+
 def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    out = getattr(self, rms_norm.FUSED_NORM_ATTR)(hidden_states)
+    out = _fused_norm(self, hidden_states)
     return type(self).forward(self, hidden_states) if out is None else out
-
-
-def _fused_norm(kernels: FusedKernels, module: torch.nn.Module) -> Callable:
-    def fused(x: torch.Tensor) -> torch.Tensor | None:
-        """The norm's output by the kernel, or None where it would differ (module docstring)."""
-        if kernels.runs_on(x, module.weight):
-            return kernels.rms_norm(x, module.weight, module.variance_epsilon)
-        return None
-
-    return fused
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,12 +247,15 @@ def fuse_elementwise(model: torch.nn.Module, kernels: FusedKernels | None = None
     _check_order(inner, "fuse_elementwise before them")
     kernels = kernels if kernels is not None else liger_kernels()
     fused: dict[str, list[str]] = {"norm": [], "mlp": [], "rope": []}
-    state = _FusedState(kernels)
+    modules = []
+    # bound methods and module attributes only (no closure over a module): a deep copy of the model
+    # then runs on its own weights
     for name, module in inner.named_modules():
         if "forward" in module.__dict__:
             continue  # another feature's forward (e.g. a mixer under SP): left as it is
         if rms_norm.is_llama_rms_norm(module):
-            setattr(module, rms_norm.FUSED_NORM_ATTR, _fused_norm(kernels, module))
+            module._ulysses_sp_fused_kernels = kernels
+            setattr(module, rms_norm.FUSED_NORM_ATTR, types.MethodType(_fused_norm, module))
             module.forward = types.MethodType(_norm_forward, module)
             fused["norm"].append(name)
         elif is_llama_mlp(module):
@@ -283,13 +272,13 @@ def fuse_elementwise(model: torch.nn.Module, kernels: FusedKernels | None = None
             fused["rope"].append(name)
         else:
             continue
-        state.modules.append(module)
-    if not state.modules:
+        modules.append(module)
+    if not modules:
         raise ValueError(
             f"{type(inner).__name__} has no Llama-style RMSNorm, SiLU-gated MLP or rotary embedding to fuse; "
             "leave the fused ops off for this model"
         )
-    inner._ulysses_sp_fused = state
+    inner._ulysses_sp_fused = modules
     logger.info(
         "fused elementwise kernels on %s: %d RMSNorms, %d MLPs (SiLU * mul), %d attentions (RoPE)",
         type(inner).__name__,
@@ -303,11 +292,11 @@ def fuse_elementwise(model: torch.nn.Module, kernels: FusedKernels | None = None
 def unfuse_elementwise(model: torch.nn.Module):
     """Undo :func:`fuse_elementwise`: the modules' own forwards again; returns ``model``."""
     inner = unwrap(model)
-    state: _FusedState | None = getattr(inner, "_ulysses_sp_fused", None)
-    if state is None:
+    modules = getattr(inner, "_ulysses_sp_fused", None)
+    if modules is None:
         raise ValueError("the elementwise ops of this model are not fused")
     _check_order(inner, "the fused ops after them: undo them first")
-    for module in state.modules:
+    for module in modules:
         del module.forward
         for attr in (rms_norm.FUSED_NORM_ATTR, "_ulysses_sp_fused_kernels"):
             module.__dict__.pop(attr, None)

@@ -97,7 +97,10 @@ def tile_mlp(model: torch.nn.Module, tile_tokens: int | None = None):
     state.hook = backbone.register_forward_pre_hook(_make_agree_hook(inner, state), with_kwargs=True)
     for mlp, prior in zip(mlps, state.priors):
         # each tile runs the MLP's forward as it was: its class's, or the fused one (fused_ops.py)
-        forward = type(mlp).forward if prior is None else (lambda _, h, prior=prior: prior(h))
+        if prior is None or (isinstance(prior, types.MethodType) and prior.__self__ is mlp):
+            forward = type(mlp).forward if prior is None else prior.__func__  # (a deep copy rebinds it)
+        else:
+            forward = lambda _, h, prior=prior: prior(h)  # noqa: E731
         mlp.forward = types.MethodType(_make_tiled_forward(state, forward), mlp)
     inner._ulysses_sp_tiled_mlp = state
     return model

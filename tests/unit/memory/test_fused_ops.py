@@ -7,6 +7,7 @@ liger-kernel cannot be imported."""
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -51,6 +52,10 @@ def test_fused_model_only_and_undone_exactly():
         torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match="already fused"):
         fuse_elementwise(model, counting.kernels)
+    twin = copy.deepcopy(model)  # its forwards run its own modules (nothing closes over the original's)
+    assert all(m.forward.__self__ is m for name, m in twin.named_modules() if name in fused)
+    assert twin.model.norm._ulysses_sp_fused_norm.__self__ is twin.model.norm
+    unfuse_elementwise(twin)
     unfuse_elementwise(model)
     assert not _patched(model) and not is_fused(model)
     assert modeling_llama.apply_rotary_pos_emb is rope_before
