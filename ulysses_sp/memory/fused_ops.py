@@ -22,19 +22,16 @@ process changes, for good. Here the instances of one model change, and
   ``apply_rotary_pos_emb`` is the fused one. The class and the modeling module stay as they are.
 
 Each fused op keeps the module's own torch computation where the kernel would compute something
-else or cannot run: inputs of mixed dtypes (transformers promotes, e.g. fp32 weights under
-autocast give an fp32 norm output, liger's kernels return the input's dtype), tensors on another
-device than the kernels', and inside torch.compile: Inductor fuses the same elementwise work of a
-compiled layer itself, and a liger autograd Function (triton launches, a ``ctx`` of Python
-settings) would be a graph break in the layer's graph. So with ``compile_layers`` the kernels run
-where compile does not reach: the final norm, layers left eager.
+else or cannot run: inputs of mixed dtypes (transformers promotes: fp32 weights under autocast give
+an fp32 norm output, liger's kernels the input's dtype), tensors off the kernels' device, and while
+torch.compile traces: Inductor fuses a compiled layer's elementwise work itself, so the kernels
+would add nothing there but the risk of a graph break (liger's autograd Functions launch triton
+kernels from Python). With ``compile_layers`` they run where compile does not reach (the final norm).
 
-With the RMSNorm recompute (rms_norm.py) on the same model, its norms run liger's kernel: it saves
-the same as the recompute (x and rstd [R] fp32) and its single pass has no fp32 temporaries of the
-input's size, which the recompute's tiles exist to bound; the norm output still carries its
-source for the tiled MLP. Order: :func:`fuse_elementwise` first, then ``tile_mlp`` /
-``enable_rms_norm_recompute`` (they wrap the forwards set here), ``apply`` at any point,
-``compile_layers`` last; undone in reverse.
+With the RMSNorm recompute (rms_norm.py), its norms run liger's kernel: it saves what the recompute
+saves (x, rstd) and makes no input-sized fp32 temporaries for tiles to bound. Order:
+:func:`fuse_elementwise`, then ``tile_mlp`` / ``enable_rms_norm_recompute`` (they wrap the forwards
+set here), ``apply`` at any point, ``compile_layers`` last; undone in reverse.
 """
 
 from __future__ import annotations
@@ -279,13 +276,8 @@ def fuse_elementwise(model: torch.nn.Module, kernels: FusedKernels | None = None
             "leave the fused ops off for this model"
         )
     inner._ulysses_sp_fused = modules
-    logger.info(
-        "fused elementwise kernels on %s: %d RMSNorms, %d MLPs (SiLU * mul), %d attentions (RoPE)",
-        type(inner).__name__,
-        len(fused["norm"]),
-        len(fused["mlp"]),
-        len(fused["rope"]),
-    )
+    counts = (len(fused["norm"]), len(fused["mlp"]), len(fused["rope"]))
+    logger.info("fused kernels on %s: %d RMSNorms, %d MLPs (SiLU * mul), %d RoPE", type(inner).__name__, *counts)
     return [name for names in fused.values() for name in names]
 
 
@@ -305,14 +297,11 @@ def unfuse_elementwise(model: torch.nn.Module):
 
 
 def _check_order(inner: torch.nn.Module, remedy: str) -> None:
-    on = [
-        name
-        for name, enabled in (
-            ("tile_mlp", is_mlp_tiled(inner)),
-            ("enable_rms_norm_recompute", rms_norm.is_norm_recompute_enabled(inner)),
-            ("compile_layers", is_compiled(inner)),
-        )
-        if enabled
-    ]
-    if on:
-        raise ValueError(f"{', '.join(on)} already wrap this model's forwards; call {remedy}")
+    wrapping = {
+        "tile_mlp": is_mlp_tiled(inner),
+        "enable_rms_norm_recompute": rms_norm.is_norm_recompute_enabled(inner),
+        "compile_layers": is_compiled(inner),
+    }
+    if any(wrapping.values()):
+        on = ", ".join(name for name, enabled in wrapping.items() if enabled)
+        raise ValueError(f"{on} already wrap this model's forwards; call {remedy}")

@@ -27,7 +27,7 @@ def _loss_and_grads(model, ids):
     model.zero_grad()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_fused_model_only_and_undone_exactly():
@@ -156,3 +156,25 @@ def test_liger_missing_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"need liger-kernel with triton .* pip install 'ulysses_sp\[liger\]'"):
         fuse_elementwise(model)
     assert not _patched(model) and not is_fused(model)
+
+
+def test_lora_adapters_run_inside_the_fused_modules():
+    """A PEFT model is fused inside; the projections stay module calls, so the adapters' gradients
+    equal the unfused PEFT model's."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(
+        tiny_model("tiny-llama-gqa"), LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    )
+    ref, ids = clone(model), tokens(2, 10, seed=9)
+    counting = CountingKernels()
+    fuse_elementwise(model, counting.kernels)
+    assert is_fused(model) and is_fused(model.base_model.model)
+    loss, grads = _loss_and_grads(model, ids)
+    assert min(counting.calls.values()) > 0
+    want_loss, want = _loss_and_grads(ref, ids)
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+    lora = [name for name in want if "lora_" in name]
+    assert lora and all(torch.equal(grads[name], want[name]) for name in lora)
+    unfuse_elementwise(model)
