@@ -29,7 +29,8 @@ would add nothing there but the risk of a graph break (liger's autograd Function
 kernels from Python). With ``compile_layers`` they run where compile does not reach (the final norm).
 
 With the RMSNorm recompute (rms_norm.py), its norms run liger's kernel: it saves what the recompute
-saves (x, rstd) and makes no input-sized fp32 temporaries for tiles to bound. Order:
+saves (x, rstd) and makes no input-sized fp32 temporaries for tiles to bound; the tiled MLP
+recomputes its input tiles with the same kernel (the forward's rounding). Order:
 :func:`fuse_elementwise`, then ``tile_mlp`` / ``enable_rms_norm_recompute`` (they wrap the forwards
 set here), ``apply`` at any point, ``compile_layers`` last; undone in reverse.
 """
@@ -81,6 +82,10 @@ class FusedKernels:
         return not torch.compiler.is_compiling() and all(
             t.device.type == self.device_type and t.dtype == first.dtype for t in tensors
         )
+
+    def rms_norm_where_it_runs(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+        """The norm's output by the kernel, or None where it would differ (module docstring)."""
+        return self.rms_norm(x, weight, eps) if self.runs_on(x, weight) else None
 
 
 def liger_kernels() -> FusedKernels:
@@ -213,14 +218,8 @@ def _fused_rope(kernels: FusedKernels, torch_rope: Callable) -> Callable:
     return apply_rotary_pos_emb
 
 
-def _fused_norm(self, x: torch.Tensor) -> torch.Tensor | None:
-    """The norm's output by the kernel, or None where it would differ (module docstring)."""
-    kernels: FusedKernels = self._ulysses_sp_fused_kernels
-    return kernels.rms_norm(x, self.weight, self.variance_epsilon) if kernels.runs_on(x, self.weight) else None
-
-
 def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    out = _fused_norm(self, hidden_states)
+    out = getattr(self, rms_norm.FUSED_NORM_ATTR)(hidden_states, self.weight, self.variance_epsilon)
     return type(self).forward(self, hidden_states) if out is None else out
 
 
@@ -251,8 +250,7 @@ def fuse_elementwise(model: torch.nn.Module, kernels: FusedKernels | None = None
         if "forward" in module.__dict__:
             continue  # another feature's forward (e.g. a mixer under SP): left as it is
         if rms_norm.is_llama_rms_norm(module):
-            module._ulysses_sp_fused_kernels = kernels
-            setattr(module, rms_norm.FUSED_NORM_ATTR, types.MethodType(_fused_norm, module))
+            setattr(module, rms_norm.FUSED_NORM_ATTR, kernels.rms_norm_where_it_runs)
             module.forward = types.MethodType(_norm_forward, module)
             fused["norm"].append(name)
         elif is_llama_mlp(module):

@@ -23,6 +23,7 @@ others (Gemma's 1 + weight, OLMo-2's order of cast and scale) keep their own for
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,24 +74,27 @@ def _grads(x, weight, rstd, grad_out, need_x: bool, need_w: bool):
 class NormSource:
     """What an RMSNorm output [..., d] is recomputed from (:func:`recompute_output`): its input
     x [..., d], a copy of the weight [d] as the forward used it (ZeRO-3 may release the gathered
-    one), eps."""
+    one), eps, and the fused kernel that computed it, if one did."""
 
     x: torch.Tensor
     weight: torch.Tensor
     eps: float
+    kernel: Callable | None = None  # the fused kernel the forward ran (fused_ops.py), for the same rounding
 
 
 SOURCE_ATTR = "_ulysses_sp_norm_source"
 
 
-def _attach_source(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+def _attach_source(
+    out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: Callable | None = None
+) -> None:
     """Let a consumer of ``out`` (the tiled MLP) keep x, which the norm keeps anyway, instead of out.
     Strong references: whether a consumer takes the source must not depend on what else is alive,
     since a checkpoint's recomputation has to save what the first forward saved. They live as long
     as ``out``, so only norms inside decoder layers attach them (their outputs die within the layer;
     a final norm's output, the returned hidden state, would keep its input alive). The output's
     version voids it after an in-place change."""
-    setattr(out, SOURCE_ATTR, (NormSource(x, weight.detach().clone(), eps), out._version))
+    setattr(out, SOURCE_ATTR, (NormSource(x, weight.detach().clone(), eps, kernel), out._version))
 
 
 def norm_source(out: torch.Tensor) -> NormSource | None:
@@ -99,10 +103,11 @@ def norm_source(out: torch.Tensor) -> NormSource | None:
     return attached[0] if attached is not None and attached[1] == out._version else None
 
 
-def recompute_output(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The norm's output for rows x [r, d], rstd included: the forward's ops (row reductions may
-    round differently for another row count, so equal up to rounding)."""
-    return _normalize(x, weight, eps)[0]
+def recompute_output(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: Callable | None = None) -> torch.Tensor:
+    """The norm's output for rows x [r, d], rstd included: the forward's ops, or its fused ``kernel``
+    (row reductions may round differently for another row count, so equal up to rounding)."""
+    out = None if kernel is None else kernel(x, weight, eps)
+    return _normalize(x, weight, eps)[0] if out is None else out
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -166,16 +171,16 @@ class RMSNormFunction(torch.autograd.Function):
         return (grad_x.view(x.shape) if need_x else None, grad_w.to(weight.dtype) if need_w else None, None, None, None)
 
 
-#: a norm's fused kernel (fused_ops.py): ``fused(x)`` -> the output, or None where it cannot run
+#: a norm's fused kernel (fused_ops.py): ``fused(x, weight, eps)`` -> the output, or None where it cannot run
 FUSED_NORM_ATTR = "_ulysses_sp_fused_norm"
 
 
 def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     fused = getattr(self, FUSED_NORM_ATTR, None)
-    out = None if fused is None else fused(hidden_states)
+    out = None if fused is None else fused(hidden_states, self.weight, self.variance_epsilon)
     if out is not None:  # the kernel saves what RMSNormFunction does (x, rstd), with no big temporaries
         if self._ulysses_sp_in_layer and not torch.compiler.is_compiling():
-            _attach_source(out, hidden_states, self.weight, self.variance_epsilon)
+            _attach_source(out, hidden_states, self.weight, self.variance_epsilon, fused)
         return out
     return RMSNormFunction.apply(
         hidden_states, self.weight, self.variance_epsilon, tile_rows(hidden_states.shape[-1]), self._ulysses_sp_in_layer

@@ -188,7 +188,7 @@ class TiledMLP(torch.autograd.Function):
             ctx.save_for_backward(x)
         else:  # x is an RMSNorm recompute's output: keep its input (kept by the norm anyway), not x
             ctx.save_for_backward(source.x, source.weight)
-            ctx.eps = source.eps
+            ctx.eps, ctx.norm_kernel = source.eps, source.kernel
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         flat = x.reshape(-1, x.shape[-1])  # [T, d]
         out, start = None, 0
@@ -209,7 +209,7 @@ class TiledMLP(torch.autograd.Function):
         else:  # recompute each tile of x from the norm's input
             norm_x, weight = saved
             inputs = (
-                rms_norm.recompute_output(nx, weight, ctx.eps)
+                rms_norm.recompute_output(nx, weight, ctx.eps, ctx.norm_kernel)
                 for nx in norm_x.detach().reshape(-1, d).tensor_split(ctx.tiles)
             )
         grads = grad_out.reshape(-1, grad_out.shape[-1])  # [T, d_out]
