@@ -161,7 +161,8 @@ def test_liger_missing_refused(monkeypatch):
 def test_lora_adapters_run_inside_the_fused_modules():
     """A PEFT model is fused inside; the projections stay module calls, so the adapters' gradients
     equal the unfused PEFT model's."""
-    from peft import LoraConfig, get_peft_model
+    peft = pytest.importorskip("peft")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(
