@@ -134,3 +134,39 @@ def flags(**values) -> list[str]:
     for name, value in values.items():
         out += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
     return out
+
+
+# --- fused elementwise kernels (memory/fused_ops.py) -------------------------------------------------
+
+
+class CountingKernels:
+    """:class:`ulysses_sp.memory.fused_ops.FusedKernels` whose ops count their calls; ``base`` None:
+    the ops in plain torch (transformers' Llama math, so the fused model computes what the unfused
+    one does, bit for bit), which run on ``device_type`` (CPU: liger's triton kernels cannot)."""
+
+    def __init__(self, base=None, device_type: str = "cpu"):
+        from transformers.models.llama import modeling_llama
+
+        from ulysses_sp.memory.fused_ops import FusedKernels
+
+        self.calls = {"rms_norm": 0, "silu_mul": 0, "rope": 0}
+
+        def torch_rms_norm(x, weight, eps):
+            rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+            return weight * (x.float() * rstd).to(x.dtype)
+
+        ops = base or FusedKernels(
+            torch_rms_norm,
+            lambda gate, up: torch.nn.functional.silu(gate) * up,
+            modeling_llama.apply_rotary_pos_emb,
+            device_type,
+        )
+
+        def counted(name):
+            def op(*args):
+                self.calls[name] += 1
+                return getattr(ops, name)(*args)
+
+            return op
+
+        self.kernels = FusedKernels(counted("rms_norm"), counted("silu_mul"), counted("rope"), ops.device_type)

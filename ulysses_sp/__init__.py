@@ -52,6 +52,8 @@ _PUBLIC = {
     "enable_checkpointing": ("memory.activation_checkpointing", "enable_checkpointing"),
     "gradient_checkpointing_kwargs": ("memory.activation_checkpointing", "gradient_checkpointing_kwargs"),
     "compile_layers": ("memory.compile", "compile_layers"),
+    "fuse_elementwise": ("memory.fused_ops", "fuse_elementwise"),
+    "unfuse_elementwise": ("memory.fused_ops", "unfuse_elementwise"),
     "uncompile_layers": ("memory.compile", "uncompile_layers"),
     "disable_rms_norm_recompute": ("memory.rms_norm", "disable_rms_norm_recompute"),
     "enable_rms_norm_recompute": ("memory.rms_norm", "enable_rms_norm_recompute"),
@@ -78,6 +80,7 @@ __all__ = [
     "disable_rms_norm_recompute",
     "enable_checkpointing",
     "enable_rms_norm_recompute",
+    "fuse_elementwise",
     "gather_tokens",
     "gradient_checkpointing_kwargs",
     "init_sp",
@@ -97,6 +100,7 @@ __all__ = [
     "token_logprobs",
     "train_step",
     "uncompile_layers",
+    "unfuse_elementwise",
     "untile_mlp",
 ]
 
@@ -139,5 +143,6 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         gradient_checkpointing_kwargs,
     )
     from .memory.compile import compile_layers, uncompile_layers
+    from .memory.fused_ops import fuse_elementwise, unfuse_elementwise
     from .memory.rms_norm import disable_rms_norm_recompute, enable_rms_norm_recompute
     from .memory.tiled_mlp import tile_mlp, untile_mlp

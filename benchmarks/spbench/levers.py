@@ -22,6 +22,9 @@ None of them changes what is computed (same loss, same gradients up to kernel ro
 * ``noac`` (ours, hf): no checkpointing at all (``sac`` and ``noac`` also apply to the hf side,
   through transformers' own ``gradient_checkpointing_enable``).
 * ``compile`` (ours): ``ulysses_sp.compile_layers`` (Inductor), after every other feature.
+* ``ligerops`` (ours): ``ulysses_sp.fuse_elementwise``, liger-kernel's RMSNorm, SiLU * mul and RoPE on
+  this model's modules (before the other memory features; with ``compile`` only outside the
+  compiled layers, where Inductor fuses the same work itself).
 * ``heads2`` / ``heads4`` (ours): head-chunked attention, the heads of a rank in 2 / 4 chunks
   (``ulysses_sp.apply(..., head_chunks=...)``): memory, not time.
 * ``liger`` / ``tiled`` (ours): force the fused liger cross-entropy / the tiled torch one at every
@@ -37,7 +40,20 @@ import contextlib
 
 import torch
 
-OURS = ("cudnn", "sac", "noac", "compile", "liger", "tiled", "tiled_mlp", "offload", "norms", "heads2", "heads4")
+OURS = (
+    "cudnn",
+    "sac",
+    "noac",
+    "compile",
+    "liger",
+    "ligerops",
+    "tiled",
+    "tiled_mlp",
+    "offload",
+    "norms",
+    "heads2",
+    "heads4",
+)
 ALST = ("cudnn", "tiled_mlp", "ac_offload")
 HF = ("cudnn", "sac", "noac", "liger")
 
@@ -82,13 +98,13 @@ def parse(spec: str) -> tuple[str, frozenset[str]]:
 
 def available_or_reason(levers: frozenset[str], device: str, attn: str) -> str | None:
     """Why this lever set cannot run (or would change nothing) here; None: it can."""
-    if "liger" in levers:
+    for lever in sorted({"liger", "ligerops"} & levers):
         if device != "cuda":
-            return "'liger' needs CUDA"
+            return f"'{lever}' needs CUDA"
         import importlib.util
 
         if importlib.util.find_spec("liger_kernel") is None:
-            return "'liger' needs liger-kernel installed"
+            return f"'{lever}' needs liger-kernel installed"
     if "cudnn" in levers:
         import inspect
 

@@ -6,7 +6,8 @@ tiled or liger cross-entropy, global token normalisation) handed to
 ALST's), backpropagated unscaled with ``engine.backward(..., scale_wrt_gas=False)``; then
 ``engine.step()``. Levers: ``sac`` (selective checkpointing policy), ``tiled_mlp`` (``tile_mlp``),
 ``offload`` (checkpoints in host memory), ``norms`` (RMSNorm recompute), ``liger`` / ``tiled`` (loss kernel), ``cudnn``,
-``noac`` (no checkpointing), ``compile`` (compiled layers), ``heads2`` / ``heads4`` (head-chunked attention).
+``noac`` (no checkpointing), ``compile`` (compiled layers), ``heads2`` / ``heads4`` (head-chunked attention),
+``ligerops`` (liger's fused RMSNorm, SiLU * mul, RoPE).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ulysses_sp.core.topology import SPTopology
 from ulysses_sp.integrations import deepspeed as ds_integration
 from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
 from ulysses_sp.memory.compile import compile_layers
+from ulysses_sp.memory.fused_ops import fuse_elementwise
 from ulysses_sp.memory.rms_norm import enable_rms_norm_recompute
 from ulysses_sp.memory.tiled_mlp import tile_mlp
 
@@ -45,6 +47,8 @@ class OursRun:
         # the model is built with a stock kernel name; apply() switches it to ours (private name)
         self.model = wl.build_model("sdpa")
         enable_checkpointing(self.model, lv.checkpoint_policy(levers), offload="offload" in levers)
+        if "ligerops" in levers:
+            fuse_elementwise(self.model)
         if "tiled_mlp" in levers:
             tile_mlp(self.model)
         if "norms" in levers:

@@ -22,7 +22,8 @@ compiled call runs with ``skip_fwd_side_effects_in_bwd_under_checkpoint``: tenso
 recomputed, only such Python state writes are not repeated.
 
 The tiled MLP (tiled_mlp.py) compiles as one checkpoint per tile; a norm with the RMSNorm recompute
-runs its plain ops in the compiled region (Inductor fuses them and keeps only what the backward needs).
+runs its plain ops in the compiled region (Inductor fuses them and keeps only what the backward
+needs), and liger's fused ops (fused_ops.py) take their torch path while traced.
 """
 
 from __future__ import annotations

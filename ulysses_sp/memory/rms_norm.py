@@ -11,6 +11,10 @@ long sequences that is a quarter of what one checkpointed layer holds during its
 normalised tensor in the backward: the same forward result, bit for bit, and gradients equal up to
 fp32 rounding (the closed-form backward sums in another order).
 
+A norm fused onto liger-kernel's kernel beforehand (fused_ops.py) runs that kernel instead of the
+function below: it saves the same (x, rstd), and its single pass makes no input-sized fp32
+temporaries for tiles to bound; its output still carries the source.
+
 Only norms whose forward is Llama's (same bytecode, names and constants: the classes transformers
 copies from LlamaRMSNorm, e.g. Mistral, Qwen2/3, Phi-3, DeepSeek-V3) are replaced, per instance;
 others (Gemma's 1 + weight, OLMo-2's order of cast and scale) keep their own forward.
@@ -19,6 +23,7 @@ others (Gemma's 1 + weight, OLMo-2's order of cast and scale) keep their own for
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +34,8 @@ from ..core.wrappers import unwrap
 _LLAMA_CODE = LlamaRMSNorm.forward.__code__
 
 
-def _is_llama_rms_norm(module: torch.nn.Module) -> bool:
+def is_llama_rms_norm(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward is LlamaRMSNorm's (same bytecode, names and constants)."""
     code = getattr(type(module).forward, "__code__", None)
     return code is not None and all(
         getattr(code, attr) == getattr(_LLAMA_CODE, attr) for attr in ("co_code", "co_names", "co_consts")
@@ -68,24 +74,27 @@ def _grads(x, weight, rstd, grad_out, need_x: bool, need_w: bool):
 class NormSource:
     """What an RMSNorm output [..., d] is recomputed from (:func:`recompute_output`): its input
     x [..., d], a copy of the weight [d] as the forward used it (ZeRO-3 may release the gathered
-    one), eps."""
+    one), eps, and the fused kernel that computed it, if one did."""
 
     x: torch.Tensor
     weight: torch.Tensor
     eps: float
+    kernel: Callable | None = None  # the fused kernel the forward ran (fused_ops.py), for the same rounding
 
 
 SOURCE_ATTR = "_ulysses_sp_norm_source"
 
 
-def _attach_source(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+def _attach_source(
+    out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: Callable | None = None
+) -> None:
     """Let a consumer of ``out`` (the tiled MLP) keep x, which the norm keeps anyway, instead of out.
     Strong references: whether a consumer takes the source must not depend on what else is alive,
     since a checkpoint's recomputation has to save what the first forward saved. They live as long
     as ``out``, so only norms inside decoder layers attach them (their outputs die within the layer;
     a final norm's output, the returned hidden state, would keep its input alive). The output's
     version voids it after an in-place change."""
-    setattr(out, SOURCE_ATTR, (NormSource(x, weight.detach().clone(), eps), out._version))
+    setattr(out, SOURCE_ATTR, (NormSource(x, weight.detach().clone(), eps, kernel), out._version))
 
 
 def norm_source(out: torch.Tensor) -> NormSource | None:
@@ -94,10 +103,11 @@ def norm_source(out: torch.Tensor) -> NormSource | None:
     return attached[0] if attached is not None and attached[1] == out._version else None
 
 
-def recompute_output(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The norm's output for rows x [r, d], rstd included: the forward's ops (row reductions may
-    round differently for another row count, so equal up to rounding)."""
-    return _normalize(x, weight, eps)[0]
+def recompute_output(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: Callable | None = None) -> torch.Tensor:
+    """The norm's output for rows x [r, d], rstd included: the forward's ops, or its fused ``kernel``
+    (row reductions may round differently for another row count, so equal up to rounding)."""
+    out = None if kernel is None else kernel(x, weight, eps)
+    return _normalize(x, weight, eps)[0] if out is None else out
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -161,26 +171,41 @@ class RMSNormFunction(torch.autograd.Function):
         return (grad_x.view(x.shape) if need_x else None, grad_w.to(weight.dtype) if need_w else None, None, None, None)
 
 
+#: a norm's fused kernel (fused_ops.py): ``fused(x, weight, eps)`` -> the output, or None where it cannot run
+FUSED_NORM_ATTR = "_ulysses_sp_fused_norm"
+
+
 def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         # Inductor fuses the math into one kernel and its partitioner keeps only what the backward
         # needs; the Function would hide the ops from both (and torch 2.11's dynamo could not retrace
         # it for a second sequence length: an H100 run of 64K then 128K failed in the autograd HOP)
         return _normalize(hidden_states, self.weight, self.variance_epsilon)[0]
+    fused = getattr(self, FUSED_NORM_ATTR, None)
+    out = None if fused is None else fused(hidden_states, self.weight, self.variance_epsilon)
+    if out is not None:  # the kernel saves what RMSNormFunction does (x, rstd), with no big temporaries
+        if self._ulysses_sp_in_layer:
+            _attach_source(out, hidden_states, self.weight, self.variance_epsilon, fused)
+        return out
     return RMSNormFunction.apply(
         hidden_states, self.weight, self.variance_epsilon, tile_rows(hidden_states.shape[-1]), self._ulysses_sp_in_layer
     )
 
 
+def is_norm_recompute_enabled(model: torch.nn.Module) -> bool:
+    return getattr(unwrap(model), "_ulysses_sp_rms_norms", None) is not None
+
+
 def enable_rms_norm_recompute(model: torch.nn.Module) -> list[str]:
     """Make every Llama-style RMSNorm of ``model`` (of the model inside, for a PEFT model) save only
     its input (see the module docstring). Scoped to this model's norm instances;
+    a norm on liger's kernel (fused_ops.py, fused before) keeps it, with the source attached;
     :func:`disable_rms_norm_recompute` undoes it. Returns the names of the replaced norms; raises
     ``ValueError`` when there is none."""
     inner = unwrap(model)
     if getattr(inner, "_ulysses_sp_rms_norms", None) is not None:
         raise ValueError("RMSNorm recompute is already enabled on this model")
-    norms = {name: m for name, m in inner.named_modules() if _is_llama_rms_norm(m)}
+    norms = {name: m for name, m in inner.named_modules() if is_llama_rms_norm(m)}
     if not norms:
         kinds = sorted({type(m).__name__ for m in inner.modules() if "norm" in type(m).__name__.lower()})
         raise ValueError(
@@ -190,6 +215,7 @@ def enable_rms_norm_recompute(model: torch.nn.Module) -> list[str]:
     in_layers = {id(m) for layer in getattr(inner.base_model, "layers", ()) for m in layer.modules()}
     for module in norms.values():
         module._ulysses_sp_in_layer = id(module) in in_layers  # see _attach_source
+        module._ulysses_sp_prior_forward = module.__dict__.get("forward")  # fused_ops' forward, or None
         module.forward = types.MethodType(_forward, module)
     inner._ulysses_sp_rms_norms = list(norms.values())
     return list(norms)
@@ -202,6 +228,9 @@ def disable_rms_norm_recompute(model: torch.nn.Module):
     if norms is None:
         raise ValueError("RMSNorm recompute is not enabled on this model")
     for module in norms:
-        del module.forward, module._ulysses_sp_in_layer
+        prior = module._ulysses_sp_prior_forward
+        del module.forward, module._ulysses_sp_in_layer, module._ulysses_sp_prior_forward
+        if prior is not None:
+            module.forward = prior
     del inner._ulysses_sp_rms_norms
     return model

@@ -55,6 +55,7 @@ from . import rms_norm
 class _TileState:
     tile_tokens: int
     mlps: list[torch.nn.Module]
+    priors: list  # each MLP's own instance forward before tiling (fused_ops.py), or None
     hook: torch.utils.hooks.RemovableHandle | None = None
     tiles: int | None = None  # agreed at the backbone's last forward
 
@@ -92,10 +93,15 @@ def tile_mlp(model: torch.nn.Module, tile_tokens: int | None = None):
                 "in the backward without replaying the random state (a LoRA adapter in the MLP: lora_dropout=0, "
                 "or leave the MLP's projections out of target_modules)"
             )
-    state = _TileState(tile_tokens, mlps)
+    state = _TileState(tile_tokens, mlps, [mlp.__dict__.get("forward") for mlp in mlps])
     state.hook = backbone.register_forward_pre_hook(_make_agree_hook(inner, state), with_kwargs=True)
-    for mlp in mlps:
-        mlp.forward = types.MethodType(_make_tiled_forward(state, type(mlp).forward), mlp)
+    for mlp, prior in zip(mlps, state.priors):
+        # each tile runs the MLP's forward as it was: its class's, or the fused one (fused_ops.py)
+        if prior is None or (isinstance(prior, types.MethodType) and prior.__self__ is mlp):
+            forward = type(mlp).forward if prior is None else prior.__func__  # (a deep copy rebinds it)
+        else:
+            forward = lambda _, h, prior=prior: prior(h)  # noqa: E731
+        mlp.forward = types.MethodType(_make_tiled_forward(state, forward), mlp)
     inner._ulysses_sp_tiled_mlp = state
     return model
 
@@ -107,8 +113,10 @@ def untile_mlp(model: torch.nn.Module):
     if state is None:
         raise ValueError("the MLPs of this model are not tiled")
     state.hook.remove()
-    for mlp in state.mlps:
+    for mlp, prior in zip(state.mlps, state.priors):
         del mlp.forward
+        if prior is not None:
+            mlp.forward = prior
     del inner._ulysses_sp_tiled_mlp
     return model
 
@@ -180,7 +188,7 @@ class TiledMLP(torch.autograd.Function):
             ctx.save_for_backward(x)
         else:  # x is an RMSNorm recompute's output: keep its input (kept by the norm anyway), not x
             ctx.save_for_backward(source.x, source.weight)
-            ctx.eps = source.eps
+            ctx.eps, ctx.norm_kernel = source.eps, source.kernel
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         flat = x.reshape(-1, x.shape[-1])  # [T, d]
         out, start = None, 0
@@ -201,7 +209,7 @@ class TiledMLP(torch.autograd.Function):
         else:  # recompute each tile of x from the norm's input
             norm_x, weight = saved
             inputs = (
-                rms_norm.recompute_output(nx, weight, ctx.eps)
+                rms_norm.recompute_output(nx, weight, ctx.eps, ctx.norm_kernel)
                 for nx in norm_x.detach().reshape(-1, d).tensor_split(ctx.tiles)
             )
         grads = grad_out.reshape(-1, grad_out.shape[-1])  # [T, d_out]

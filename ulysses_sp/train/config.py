@@ -195,6 +195,14 @@ class TrainConfig:
             "with --tiled-mlp the MLP recomputes its input from the norm's (docs/memory.md)"
         ),
     )
+    liger_ops: bool = field(
+        default=False,
+        metadata=_flag(
+            "run the Llama-style RMSNorms, SiLU-gated MLPs and rotary embeddings on liger-kernel's fused kernels "
+            "(CUDA, liger-kernel installed; other modules keep their torch ops; with --compile only outside the "
+            "compiled layers, whose elementwise work Inductor fuses; docs/performance.md)"
+        ),
+    )
     memory: str | None = field(
         default=None,
         metadata=_flag(

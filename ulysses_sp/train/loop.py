@@ -28,6 +28,7 @@ from ..loss.causal_lm import count_label_tokens, planned_loss_path
 from ..loss.step import accumulate_step
 from ..memory.activation_checkpointing import enable_checkpointing
 from ..memory.compile import compile_layers
+from ..memory.fused_ops import fuse_elementwise
 from ..memory.rms_norm import enable_rms_norm_recompute
 from ..memory.tiled_mlp import tile_mlp
 from . import checkpoints, flops
@@ -93,6 +94,8 @@ class TrainingRun:
         if predicted is not None:
             logger.info("--memory auto: %s, predicted peak %.1f GiB", features.flags(), predicted / 2**30)
         enable_checkpointing(model, features.grad_ckpt, offload=features.offload_activations)  # "none": nothing
+        if config.liger_ops:  # before the tiled MLP and the norm recompute, which keep the fused forwards
+            fuse_elementwise(model)
         if features.tiled_mlp:
             tile_mlp(model)
         if features.recompute_norms:

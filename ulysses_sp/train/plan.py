@@ -90,6 +90,8 @@ def make_plan(config: TrainConfig) -> RunPlan:
     ring_size = resolve_ring_size(ring, sp_size, model_config, ds_config)
     attention = config.attn or default_attention(device_type, ring_size)
     check_installed(attention)
+    if config.liger_ops:
+        check_liger_ops(device_type)
     check_ring(ring_size, sp_size, model_config, attention)
     check_seq_len(model_config, config.seq_len, config.allow_longer_than_max_positions)
     settings = checkpoints.run_settings(config, model_config)
@@ -173,6 +175,18 @@ def check_ring(ring_size: int, sp_size: int, model_config, attention: str) -> No
         raise ValueError(
             f"ring size {ring_size}: ring attention runs with --attn in {list(RING_BACKENDS)}, not {attention!r}"
         )
+
+
+def check_liger_ops(device_type: str) -> None:
+    """--liger-ops: liger-kernel importable, on CUDA (its triton kernels)."""
+    if device_type != "cuda":
+        raise ValueError(
+            f"--liger-ops runs liger-kernel's triton kernels, which need CUDA; on {device_type} leave it out "
+            "(the model keeps its torch ops)"
+        )
+    from ..memory.fused_ops import liger_kernels  # transformers: after the file checks
+
+    liger_kernels()  # ValueError with the install command when liger-kernel or triton is missing
 
 
 def default_attention(device_type: str, ring_size: int = 1) -> str:

@@ -110,6 +110,8 @@ def test_config_specs():
         with pytest.raises(ValueError, match=match):
             levers.parse(bad)
     assert levers.available_or_reason(frozenset({"liger"}), "cpu", "sdpa") == "'liger' needs CUDA"
+    assert levers.parse("ours+sac+ligerops+norms") == ("ours", frozenset({"sac", "ligerops", "norms"}))
+    assert levers.available_or_reason(frozenset({"ligerops", "sac"}), "cpu", "sdpa") == "'ligerops' needs CUDA"
     assert "--attn sdpa" in levers.available_or_reason(frozenset({"cudnn"}), "cuda", "flash_attention_2")
     assert levers.available_or_reason(frozenset({"sac", "cudnn", "tiled_mlp", "offload"}), "cpu", "sdpa") is None
     assert levers.checkpoint_policy(frozenset({"sac"})) == "selective"

@@ -54,6 +54,7 @@ def test_memory_flags():
     assert parse_config([]).grad_ckpt == "none"
     assert (parse_config([]).compile, parse_config(["--compile"]).compile) == (None, "inductor")
     assert parse_config(["--compile", "aot_eager", "--head-chunks", "2"]).head_chunks == 2
+    assert (parse_config([]).liger_ops, parse_config(["--liger-ops", "--compile"]).liger_ops) == (False, True)
     assert parse_config(["--grad-ckpt"]).grad_ckpt == "full"
     config = parse_config(["--grad-ckpt", "selective", "--tiled-mlp", "--offload-activations", "--recompute-norms"])
     assert (config.grad_ckpt, config.tiled_mlp, config.offload_activations, config.recompute_norms) == (

@@ -19,6 +19,7 @@ from ulysses_sp.train.plan import (
     TORCH_DTYPES,
     check_accelerate_launch,
     check_device_dtype,
+    check_liger_ops,
     check_ring,
     check_seq_len,
     make_plan,
@@ -46,6 +47,15 @@ def test_device_and_dtype(monkeypatch):
     with pytest.raises(ValueError, match=r"--dtype bf16 needs a GPU with bfloat16 support.*Tesla V100.*--dtype fp16"):
         check_device_dtype("cuda", torch.bfloat16)
     check_device_dtype("cuda", torch.float16)
+
+
+def test_liger_ops_needs_cuda_and_liger(monkeypatch):
+    with pytest.raises(ValueError, match=r"--liger-ops runs liger-kernel's triton kernels, which need CUDA; on cpu"):
+        check_liger_ops("cpu")
+    for name in ("liger_kernel.ops.rms_norm", "liger_kernel.ops.rope", "liger_kernel.ops.swiglu"):
+        monkeypatch.setitem(sys.modules, name, None)  # as without liger-kernel or triton
+    with pytest.raises(ValueError, match=r"need liger-kernel with triton .* pip install 'ulysses_sp\[liger\]'"):
+        check_liger_ops("cuda")
 
 
 def test_sequence_longer_than_max_positions():
