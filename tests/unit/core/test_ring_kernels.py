@@ -1,0 +1,178 @@
+"""The ring's flex and flash block kernels on CPU, every ring rank simulated on one process
+(ring_sim.py): the schedule, the pair masks of each kernel and the lse merge against brute-force
+attention, for causal and bidirectional attention, packed documents, padding, GQA and windows
+shorter and longer than a ring chunk.
+
+- flex: its forward (torch has no flex backward on CPU); its backward's formula (the gradient of
+  the merged output through the merge weights, ``block_flex.backward_through_merge``) with the torch
+  kernel's differentiable forward in flex's place, against brute force. Flex's own backward: the
+  GPU test (test_ring_kernels_cuda.py).
+- flash: flash-attn is GPU-only, so its two varlen entry points are replaced by a reference that
+  computes what flash-attn 2 documents for one varlen call (each segment's mask aligned to its
+  bottom-right corner; window sizes >= max_seqlen_k meaning no limit, causal as right = 0, a
+  one-sided window limited to max_seqlen_k on the other side; +inf lse for a row with no key; the
+  backward from the given out and lse); fp32 inside. This checks the segments, windows, index
+  maps and merges; the real kernel against the torch kernel: the GPU test.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ulysses_sp.core.backends import block, block_flash, block_flex
+
+from .ring_sim import brute, make_info, simulated_ring
+
+CASES = [
+    ("plain", True, None, 2),
+    ("plain", True, None, 3),
+    ("packed", True, None, 2),
+    ("padded", True, None, 3),
+    ("plain", True, 3, 2),  # window shorter than a chunk (c = 6)
+    ("packed", True, 9, 2),  # longer than a chunk
+    ("padded-ends", True, 8, 2),  # padding at the ends of the rows: flash takes the window
+    ("plain", False, None, 2),
+    ("packed", False, 5, 2),
+]
+
+
+def _inputs(B=2, nq=4, nk=2, H=8, S=24, Hv=None):
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(B, n, S, H, generator=g, dtype=torch.float64).float() for n in (nq, nk))
+    v = torch.randn(B, nk, S, Hv or H, generator=g, dtype=torch.float64).float()
+    do = torch.randn(B, nq, S, Hv or H, generator=g, dtype=torch.float64).float()
+    return q, k, v, do
+
+
+def _reference(q, k, v, do, info, causal, window, scale):
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    want = brute(qq, kk, vv, info, causal, window, scale)
+    want.backward(do)
+    return want.detach(), (qq.grad, kk.grad, vv.grad)
+
+
+def _assert_close(got, got_grads, want, want_grads, rows=None, tol=1e-5):
+    """Outputs (on ``rows`` [B, S] bool of queries, all if None) and q/k/v gradients."""
+    pick = (lambda t: t) if rows is None else (lambda t: t.transpose(1, 2)[rows])
+    torch.testing.assert_close(pick(got), pick(want), rtol=tol, atol=tol)
+    for name, a, b in zip("qkv", got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("layout_kind,causal,window,r", CASES)
+def test_flex_block_kernel_forward(layout_kind, causal, window, r):
+    q, k, v, _ = _inputs()
+    info = make_info(layout_kind, 2, 24)
+    got, _ = simulated_ring(block_flex, q, k, v, info, causal, window, 0.3, r)
+    torch.testing.assert_close(got, brute(q, k, v, info, causal, window, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def _through_merge(q, k, v, mask, scale, do, out, lse, delta):
+    return block_flex.backward_through_merge(lambda *qkv: block.forward(*qkv, mask, scale), q, k, v, do, lse, delta)
+
+
+@pytest.mark.parametrize("layout_kind,causal,window,r", CASES)
+def test_backward_through_the_merge_weights(layout_kind, causal, window, r):
+    """flex's backward formula, with the torch kernel's forward differentiated in flex's place."""
+    q, k, v, do = _inputs()
+    info = make_info(layout_kind, 2, 24)
+    kernel = SimpleNamespace(
+        __name__="through_merge", pair_mask=block.pair_mask, forward=block.forward, backward=_through_merge
+    )
+    got, grads = simulated_ring(kernel, q, k, v, info, causal, window, 0.3, r, do)
+    _assert_close(got, grads, *_reference(q, k, v, do, info, causal, window, 0.3))
+
+
+def _segment_mask(Lq: int, Lk: int, m: int, causal: bool, left: int, right: int) -> torch.Tensor:
+    """flash-attn 2's mask [Lq, Lk] of one varlen segment (class docstring of the test module)."""
+    right = 0 if causal else right
+    left, right = (-1 if w >= m else w for w in (left, right))
+    if left < 0 and right < 0:
+        return torch.ones(Lq, Lk, dtype=torch.bool)
+    left, right = (m if w < 0 else w for w in (left, right))
+    i, j, d = torch.arange(Lq).view(-1, 1), torch.arange(Lk).view(1, -1), Lk - Lq
+    return (j >= i + d - left) & (j <= i + d + right)
+
+
+def _segments(cu_q, cu_k, m, causal, left, right):
+    for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        yield slice(a, b), slice(c, d), _segment_mask(b - a, d - c, m, causal, left, right)
+
+
+def _scores(q, k, mask, scale):
+    g = q.shape[1] // k.shape[1]
+    s = torch.einsum("qhd,khd->hqk", q.double(), k.double().repeat_interleave(g, 1)) * scale  # [nq, Tq, Tk]
+    return s.masked_fill(~mask, float("-inf"))
+
+
+def _varlen_forward(q, k, v, cu_q, cu_k, mq, mk, dropout, scale, causal, left, right):
+    assert dropout == 0.0 and mq == mk
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float64)  # [T, nq, H]
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float64)  # [nq, T]
+    g = q.shape[1] // k.shape[1]
+    for qs, ks, mask in _segments(cu_q, cu_k, mk, causal, left, right):
+        s = _scores(q[qs], k[ks], mask, scale)
+        m = torch.logsumexp(s, -1)  # [nq, Lq]
+        reads = torch.isfinite(m)
+        lse[:, qs] = torch.where(reads, m, float("inf"))
+        p = torch.where(reads.unsqueeze(-1), torch.exp(s - torch.where(reads, m, 0.0).unsqueeze(-1)), 0.0)
+        out[qs] = torch.einsum("hqk,khd->qhd", p, v[ks].double().repeat_interleave(g, 1))
+    return out.to(q.dtype), lse.float(), None, None
+
+
+def _varlen_backward(
+    dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, mq, mk, dropout, scale, causal, left, right, softcap, *_
+):
+    assert dropout == 0.0 and softcap == 0.0 and mq == mk
+    g = q.shape[1] // k.shape[1]
+    dq.zero_(), dk.zero_(), dv.zero_()
+    delta = (dout.double() * out.double()).sum(-1).T  # [nq, T]
+    for qs, ks, mask in _segments(cu_q, cu_k, mk, causal, left, right):
+        p = torch.exp(_scores(q[qs], k[ks], mask, scale) - lse[:, qs].double().unsqueeze(-1))  # [nq, Lq, Lk]
+        do, vk = dout[qs].double(), v[ks].double().repeat_interleave(g, 1)
+        ds = p * (torch.einsum("qhd,khd->hqk", do, vk) - delta[:, qs].unsqueeze(-1))
+        dq[qs] = (torch.einsum("hqk,khd->qhd", ds, k[ks].double().repeat_interleave(g, 1)) * scale).to(dq.dtype)
+        fold = lambda t: t.view(t.shape[0], -1, g, t.shape[-1]).sum(2)  # noqa: E731  [Lk, nq, H] -> [Lk, nk, H]
+        dk[ks] = fold(torch.einsum("hqk,qhd->khd", ds, q[qs].double()) * scale).to(dk.dtype)
+        dv[ks] = fold(torch.einsum("hqk,qhd->khd", p, do)).to(dv.dtype)
+
+
+@pytest.fixture
+def reference_flash(monkeypatch):
+    monkeypatch.setattr(block_flash, "flash_ops", lambda: (_varlen_forward, _varlen_backward))
+    monkeypatch.setattr(block_flash, "_precision", lambda q: (torch.float32, -(-q.shape[-1] // 8) * 8))
+
+
+@pytest.mark.parametrize("layout_kind,causal,window,r", CASES)
+def test_flash_block_kernel_segments(reference_flash, layout_kind, causal, window, r):
+    """Valid queries' outputs and every gradient (padding queries read nothing on flash; their
+    output gradient is 0, as in training, where no loss reads them)."""
+    q, k, v, do = _inputs(Hv=6)  # head dim 8, values 6 (MLA-like: padded to 8 inside)
+    info = make_info(layout_kind, 2, 24)
+    valid = torch.ones(2, 24, dtype=torch.bool) if info.key_valid is None else info.key_valid
+    do = do * valid[:, None, :, None]
+    got, grads = simulated_ring(block_flash, q, k, v, info, causal, window, 0.3, r, do)
+    _assert_close(got, grads, *_reference(q, k, v, do, info, causal, window, 0.3), rows=valid)
+    assert not got.transpose(1, 2)[~valid].any()  # padding queries: 0
+
+
+def test_flash_plans_skip_and_cut_segments():
+    """The plan of one pair: no call where documents share nothing; a window cuts queries beyond
+    its reach; a plain batch's plan repeats over the rows."""
+    docs = make_info("packed", 1, 24)  # documents [0, 7), [7, 18), [18, 24)
+    calls, empty = block_flash.pair_mask(docs, True, None, range(18, 24), range(0, 6), "cpu")
+    assert empty and calls == []
+    calls, _ = block_flash.pair_mask(docs, True, None, range(12, 18), range(6, 12), "cpu")
+    (call,) = calls  # document 1 only: queries 12..17 read keys 7..11, in full
+    assert call.q_rows.tolist() == list(range(6)) and call.k_rows.tolist() == list(range(1, 6))
+    assert (call.causal, call.left, call.right) == (False, -1, -1)
+    plain = block_flash.pair_mask(make_info("plain", 2, 24), True, 3, range(12, 18), range(6, 12), "cpu")[0]
+    (call,) = plain  # window 3: only queries 12, 13 reach key 11
+    assert call.q_rows.tolist() == [0, 1] and call.k_rows.tolist() == list(range(6))
+    assert (call.left, call.right) == (0, -1)  # kb - qb + w - 1 on the global ends 12 and 14
+    rows, _, cu_q, cu_k, m = call.on(3, 6, "cpu")
+    assert rows.tolist() == [0, 1, 6, 7, 12, 13] and cu_q.tolist() == [0, 2, 4, 6] and cu_k.tolist() == [0, 6, 12, 18]
+    assert m == 6
