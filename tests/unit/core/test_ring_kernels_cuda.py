@@ -1,0 +1,59 @@
+"""The ring's flex and flash block kernels on CUDA against the torch block kernel on the same
+inputs: every ring rank simulated on one GPU (ring_sim.py), outputs and q/k/v gradients of the
+merged attention, for causal and bidirectional attention, packed documents, padding, windows
+shorter and longer than a chunk, GQA; chunks of 64 and 40 tokens (40: off flash's and flex's tile
+sizes). flex: compiled (its CUDA path, forward and backward); flash: flash-attn 2's varlen kernels,
+bf16 (fp32 blocks run in bf16 on flash). GPU only (/work/gpu-requests/ring-kernels.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ulysses_sp.core.backends import block, block_flash, block_flex
+
+from .ring_sim import make_info, simulated_ring
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+CASES = [
+    ("plain", True, None, 2),
+    ("packed", True, None, 2),
+    ("padded", True, None, 2),
+    ("plain", True, 17, 2),  # a window shorter than a chunk
+    ("padded-ends", True, 90, 2),  # longer than a chunk
+    ("packed", False, 30, 2),
+    ("plain", True, None, 3),
+]
+
+
+def _run(kernel, dtype, layout_kind, causal, window, r, c):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, nq, nk, H, S = 2, 4, 2, 64, 2 * r * c
+    q, k, v = (torch.randn(B, n, S, H, device="cuda", generator=g).to(dtype) for n in (nq, nk, nk))
+    do = torch.randn(B, nq, S, H, device="cuda", generator=g)
+    info = make_info(layout_kind, B, S, "cuda")
+    valid = torch.ones(B, S, dtype=torch.bool, device="cuda") if info.key_valid is None else info.key_valid
+    do = do * valid[:, None, :, None]  # padding queries: no gradient reaches them (flash computes none)
+    got = simulated_ring(kernel, q, k, v, info, causal, window, 0.125, r, do)
+    want = simulated_ring(block, q, k, v, info, causal, window, 0.125, r, do)
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 or kernel is block_flash else dict(rtol=2e-4, atol=2e-4)
+    rows = lambda t: t.transpose(1, 2)[valid]  # noqa: E731  [B, n, S, H] -> [T, n, H]
+    torch.testing.assert_close(rows(got[0]), rows(want[0]), **tol, msg=lambda m: f"out: {m}")
+    assert torch.isfinite(got[0]).all()
+    for name, a, b in zip("qkv", got[1], want[1]):
+        assert torch.isfinite(a).all(), f"d{name} not finite"
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("c", [64, 40])
+@pytest.mark.parametrize("layout_kind,causal,window,r", CASES)
+def test_flash_block_kernel_matches_torch_kernel(layout_kind, causal, window, r, c):
+    pytest.importorskip("flash_attn")
+    _run(block_flash, torch.bfloat16, layout_kind, causal, window, r, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout_kind,causal,window,r", CASES[:4] + CASES[5:6])
+def test_flex_block_kernel_matches_torch_kernel(layout_kind, causal, window, r, dtype):
+    _run(block_flex, dtype, layout_kind, causal, window, r, 64 if dtype == torch.float32 else 40)
