@@ -86,7 +86,7 @@ def make_plan(config: TrainConfig) -> RunPlan:
     resume = checkpoints.find_checkpoint(config.resume) if config.resume else None
     model_config = build_config(config.model)
     ring_size = resolve_ring_size(config.ring_size, sp_size, model_config)
-    attention = config.attn or default_attention(device_type, ring_size)
+    attention = config.attn or default_attention(device_type)
     check_installed(attention)
     check_ring(ring_size, sp_size, model_config, attention)
     check_seq_len(model_config, config.seq_len, config.allow_longer_than_max_positions)
@@ -187,10 +187,9 @@ def check_ring(ring_size: int, sp_size: int, model_config, attention: str) -> No
         )
 
 
-def default_attention(device_type: str, ring_size: int = 1) -> str:
-    """flash_attention_2 on CUDA when flash-attn is installed (not on the ring), else sdpa."""
-    if ring_size > 1:
-        return "sdpa"
+def default_attention(device_type: str) -> str:
+    """flash_attention_2 on CUDA when flash-attn is installed (with or without a ring: the ring has a
+    flash-attn varlen block kernel), else sdpa."""
     if device_type == "cuda":
         try:
             import flash_attn  # noqa: F401
