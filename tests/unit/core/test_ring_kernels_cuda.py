@@ -10,7 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ulysses_sp.core import ring
 from ulysses_sp.core.backends import block, block_flash, block_flex
+from ulysses_sp.core.backends.spec import AttnSpec
+from ulysses_sp.core.sequence_info import SequenceInfo
 
 from .ring_sim import make_info, simulated_ring
 
@@ -57,3 +60,12 @@ def test_flash_block_kernel_matches_torch_kernel(layout_kind, causal, window, r,
 @pytest.mark.parametrize("layout_kind,causal,window,r", CASES[:4] + CASES[5:6])
 def test_flex_block_kernel_matches_torch_kernel(layout_kind, causal, window, r, dtype):
     _run(block_flex, dtype, layout_kind, causal, window, r, 64 if dtype == torch.float32 else 40)
+
+
+def test_flex_refuses_head_dims_below_16():
+    q = torch.zeros(1, 2, 4, 8, device="cuda")
+    spec = AttnSpec(
+        causal=True, scale=0.3, dropout=0.0, window=None, softcap=None, info=SequenceInfo(8), custom_mask=None
+    )
+    with pytest.raises(ValueError, match="needs head dims >= 16; this model's are 8"):
+        ring.check_supported("flex_attention", spec, q, q)

@@ -170,12 +170,13 @@ def test_ring_size_auto_and_checks(monkeypatch):
     assert resolve_ring_size("auto", 32, heads8) == 8
     assert resolve_ring_size("auto", 2, heads8) == 1
     assert resolve_ring_size("3", 6, heads8) == 3
-    check_ring(2, 4, heads8, "sdpa")
+    for attn in ("sdpa", "eager", "flex_attention", "flash_attention_2"):  # the kernels with a ring block kernel
+        check_ring(2, 4, heads8, attn)
     with pytest.raises(ValueError, match="--ring-size 3 does not divide the SP size 4"):
         check_ring(3, 4, heads8, "sdpa")
     with pytest.raises(ValueError, match="leaves 16 Ulysses ranks for 8 attention heads; use --ring-size 4"):
         check_ring(2, 32, heads8, "sdpa")
-    with pytest.raises(ValueError, match="not 'flash_attention_2'"):
-        check_ring(2, 4, heads8, "flash_attention_2")
+    with pytest.raises(ValueError, match="not 'flash_attention_3'"):
+        check_ring(2, 4, heads8, "flash_attention_3")
     with pytest.raises(ValueError, match="--ring-size must be an integer >= 1 or auto, got '0'"):
         TrainConfig(ring_size="0")
