@@ -93,11 +93,11 @@ def _segments(doc_q, ok_q, doc_k, ok_k, q0: int, k0: int, causal: bool, window):
     if q0 == k0:
         _, counts = torch.unique_consecutive(doc_q[qv], return_counts=True)
         return [(s, s, causal, w, 0 if causal else w) for s in qv.split(counts.tolist())]
+    assert not causal or k0 < q0, "under causal masking the ring skips a key chunk after the query chunk"
+    docs = torch.unique(doc_q[qv])
     out = []
-    for d in torch.unique(doc_q[qv]).tolist():
+    for d in docs[torch.isin(docs, doc_k[kv])].tolist():  # the documents with queries and keys in the pair
         qs, ks = qv[doc_q[qv] == d], kv[doc_k[kv] == d]
-        if not len(ks):
-            continue
         if window is None:
             out.append((qs, ks, False, -1, -1))
             continue
@@ -134,6 +134,7 @@ def pair_mask(info: SequenceInfo, causal: bool, window, q_pos: range, k_pos: ran
     return calls, not calls
 
 
+@lru_cache(maxsize=8)
 def _full_pair(L: int) -> list[VarlenCall]:
     """The plan of a pair whose every (query, key) is allowed, on every row."""
     return [VarlenCall(torch.arange(L), torch.arange(L), [L], [L], False, -1, -1, True)]
