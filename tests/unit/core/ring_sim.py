@@ -11,6 +11,20 @@ import torch
 from ulysses_sp.core import layout, masks, ring
 from ulysses_sp.core.sequence_info import SequenceInfo, build_sequence_info
 
+#: (layout kind of make_info, causal, sliding window, ring size) of the block-kernel tests; S = 24
+CASES = [
+    ("plain", True, None, 2),
+    ("plain", True, None, 4),
+    ("packed", True, None, 2),
+    ("padded", True, None, 3),
+    ("plain", True, 3, 2),  # window shorter than a chunk (c = 6)
+    ("packed", True, 9, 2),  # longer than a chunk
+    ("padded-ends", True, 8, 2),  # padding at the ends of the rows only
+    ("plain", False, None, 2),
+    ("padded", False, 5, 2),  # a window across padding inside a row (flash refuses it)
+    ("packed", False, 5, 2),
+]
+
 
 def brute(q, k, v, info, causal, window, scale):
     """Attention over the full sequence with the dense rule: [B, nq, S, Hv]."""

@@ -15,7 +15,7 @@ from ulysses_sp.core.per_token import shard_tokens
 from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
 from ulysses_sp.core.sharding import make_shift_labels, shard_batch
 
-from .ring_sim import brute, make_info, simulated_ring
+from .ring_sim import CASES, brute, make_info, simulated_ring
 
 
 @pytest.mark.parametrize("sp,r", [(2, 2), (4, 2), (4, 4), (6, 3), (4, 1)])
@@ -67,19 +67,7 @@ def test_shard_tokens_cuts_like_shard_batch():
         assert torch.equal(shard_tokens(ids, topo), shard_batch({"input_ids": ids}, topo)["input_ids"])
 
 
-@pytest.mark.parametrize(
-    "layout_kind,causal,window,r",
-    [
-        ("plain", True, None, 2),
-        ("plain", True, None, 4),
-        ("packed", True, None, 2),
-        ("padded", True, None, 3),
-        ("plain", True, 3, 2),  # window shorter than a chunk (c = 6)
-        ("packed", True, 9, 2),  # longer than a chunk
-        ("plain", False, None, 2),
-        ("padded", False, 5, 2),
-    ],
-)
+@pytest.mark.parametrize("layout_kind,causal,window,r", CASES)
 def test_ring_blocks_merge_to_brute_force(layout_kind, causal, window, r):
     B, nq, nk, H, S = 2, 4, 2, 8, 24
     g = torch.Generator().manual_seed(0)
