@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import comm
-from .backends import block, block_flash, block_flex
+from .backends import block, block_flash, block_flex, flex
 from .backends.spec import AttnSpec
 from .comm import ProcessGroup
 from .layout import ring_chunks
@@ -41,15 +41,10 @@ def check_supported(impl: str, spec: AttnSpec, query: torch.Tensor, value: torch
             "flex_attention has no backward on CPU in torch, so the ring cannot train with it there; run the "
             "forward under torch.no_grad(), train on CUDA, or use attn_implementation='sdpa' or 'eager'"
         )
-    if impl == "flex_attention" and query.is_cuda and min(query.shape[-1], value.shape[-1]) < 16:
-        raise ValueError(
-            f"flex_attention's compiled CUDA kernel needs head dims >= 16; this model's are {query.shape[-1]} (q/k) "
-            f"and {value.shape[-1]} (v). Use attn_implementation='sdpa' or 'eager'"
-        )
+    if impl == "flex_attention":
+        flex.check_head_dims(query, value)
     if impl == "flash_attention_2":
-        block_flash.check(
-            spec.info, spec.window if spec.window is not None and spec.window < spec.info.seq_len else None
-        )
+        block_flash.check(spec.info, _window(spec))
     refused = [
         (impl not in RING_BACKENDS, f"attn_implementation={impl!r} (it runs {list(RING_BACKENDS)})"),
         (spec.custom_mask is not None, "a custom attention mask (masks come from the step's SequenceInfo)"),
@@ -70,7 +65,7 @@ def check_supported(impl: str, spec: AttnSpec, query: torch.Tensor, value: torch
 def attend(impl: str, q, k, v, spec: AttnSpec, group: ProcessGroup, ring_rank: int, ring_size: int) -> torch.Tensor:
     """[B, L, nq, H], [B, L, nk, H], [B, L, nk, Hv] (this ring rank's two chunks) -> [B, L, nq, Hv],
     each pair through the block kernel of ``impl`` (``KERNELS``)."""
-    window = spec.window if spec.window is not None and spec.window < spec.info.seq_len else None
+    window = _window(spec)
     kernel = KERNELS[impl]
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [B, n, L, H]
     c = q.shape[1] // 2
@@ -82,6 +77,11 @@ def attend(impl: str, q, k, v, spec: AttnSpec, group: ProcessGroup, ring_rank: i
     ]
     args = (schedule, spec.scale, kernel, group, ring_size)
     return _RingAttention.apply(qt, kt, vt, *args).transpose(1, 2)  # [B, L, nq, Hv]
+
+
+def _window(spec: AttnSpec) -> int | None:
+    """The sliding window, None when there is none or it spans the whole sequence."""
+    return spec.window if spec.window is not None and spec.window < spec.info.seq_len else None
 
 
 def _pairs(kernel, info: SequenceInfo, causal: bool, window, q_rank: int, k_rank: int, r: int, c: int, device):

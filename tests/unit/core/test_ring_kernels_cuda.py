@@ -40,7 +40,7 @@ def _run(kernel, dtype, layout_kind, causal, window, r, c):
     do = do * valid[:, None, :, None]  # padding queries: no gradient reaches them (flash computes none)
     got = simulated_ring(kernel, q, k, v, info, causal, window, 0.125, r, do)
     want = simulated_ring(block, q, k, v, info, causal, window, 0.125, r, do)
-    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 or kernel is block_flash else dict(rtol=2e-4, atol=2e-4)
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 or kernel is block_flash else dict(rtol=1e-3, atol=1e-3)
     rows = lambda t: t.transpose(1, 2)[valid]  # noqa: E731  [B, n, S, H] -> [T, n, H]
     torch.testing.assert_close(rows(got[0]), rows(want[0]), **tol, msg=lambda m: f"out: {m}")
     assert torch.isfinite(got[0]).all()

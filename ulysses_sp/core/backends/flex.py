@@ -70,14 +70,19 @@ def flex_function(device: torch.device):
     return flex_attention if (device.type == "cpu" or torch.compiler.is_compiling()) else _compiled_flex()
 
 
-def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
-    if spec.dropout > 0:
-        raise ValueError("flex_attention has no attention dropout; set attention_dropout=0 or use sdpa")
+def check_head_dims(q: torch.Tensor, v: torch.Tensor) -> None:
+    """ValueError when flex's compiled CUDA kernel cannot take these head dims (q/k: q's last dim, v's)."""
     if q.is_cuda and min(q.shape[-1], v.shape[-1]) < 16:
         raise ValueError(
             f"flex_attention's compiled CUDA kernel needs head dims >= 16; this model's are "
             f"{q.shape[-1]} (q/k) and {v.shape[-1]} (v). Use attn_implementation='sdpa' or 'eager'"
         )
+
+
+def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
+    if spec.dropout > 0:
+        raise ValueError("flex_attention has no attention dropout; set attention_dropout=0 or use sdpa")
+    check_head_dims(q, v)
     B, S, n = q.shape[:3]
     bias = None
     if spec.custom_mask is not None:
