@@ -55,7 +55,7 @@ def _assert_close(got, got_grads, want, want_grads, rows=None, tol=1e-5):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"d{name}: {m}")
 
 
-@pytest.mark.parametrize("layout_kind,causal,window,r", CASES)
+@pytest.mark.parametrize("layout_kind,causal,window,r", [c for c in CASES if c[3] < 4])  # r = 4: test_ring.py
 def test_flex_block_kernel_forward(layout_kind, causal, window, r):
     q, k, v, _ = _inputs()
     info = make_info(layout_kind, 2, 24)

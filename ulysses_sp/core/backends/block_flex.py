@@ -30,7 +30,9 @@ def pair_mask(info: SequenceInfo, causal: bool, window, q_pos: range, k_pos: ran
     """(BlockMask of the rule for queries at global positions ``q_pos`` and keys at ``k_pos``, whether
     it allows nothing); the emptiness needs one host sync, skipped while compiling (then False)."""
     rule = masks.mask_mod(info, causal, window)
-    q0, k0 = q_pos.start, k_pos.start
+    # the offsets as tensors: compiled flex and create_block_mask guard on a mask_mod's python ints,
+    # and would compile again for every pair
+    q0, k0 = (torch.tensor(p.start, device=device) for p in (q_pos, k_pos))
 
     def shifted(b, h, q, k):  # block-local (q, k) -> the rule at global positions
         return rule(b, h, q + q0, k + k0)
