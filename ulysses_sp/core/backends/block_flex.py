@@ -29,6 +29,7 @@ from . import flex
 def pair_mask(info: SequenceInfo, causal: bool, window, q_pos: range, k_pos: range, device):
     """(BlockMask of the rule for queries at global positions ``q_pos`` and keys at ``k_pos``, whether
     it allows nothing); the emptiness needs one host sync, skipped while compiling (then False)."""
+    device = torch.device(device)
     rule = masks.mask_mod(info, causal, window)
     # the offsets as tensors: compiled flex and create_block_mask guard on a mask_mod's python ints,
     # and would compile again for every pair
