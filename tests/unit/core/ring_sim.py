@@ -6,9 +6,13 @@ Shape legend: B batch, n heads (nq query, nk key/value), S sequence, H head dim;
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.distributed as dist
 
 from ulysses_sp.core import layout, masks, ring
+from ulysses_sp.core.backends.spec import AttnSpec
 from ulysses_sp.core.sequence_info import SequenceInfo, build_sequence_info
 
 #: (layout kind of make_info, causal, sliding window, ring size) of the block-kernel tests; S = 24
@@ -89,3 +93,24 @@ def simulated_ring(kernel, q, k, v, info, causal, window, scale, r, do=None):
                 dk[:, :, own[j][ks]] += gk
                 dv[:, :, own[j][ks]] += gv
     return full, (dq, dk, dv)
+
+
+@contextlib.contextmanager
+def one_rank_group(backend: str):
+    """A process group of this process alone (a ring of one rank: the ring's autograd Function and
+    its functional P2P run whole, every block local)."""
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def ring_of_one(impl, q, k, v, info, causal, window, scale, do, group):
+    """``ring.attend`` at ring size 1 (two chunks, three pairs under causal masking) on [B, n, S, H]
+    blocks, forward and backward -> (out [B, nq, S, Hv], (dq, dk, dv))."""
+    qkv = [t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v)]  # [B, S, n, H]
+    spec = AttnSpec(causal=causal, scale=scale, dropout=0.0, window=window, softcap=None, info=info, custom_mask=None)
+    out = ring.attend(impl, *qkv, spec, group, 0, 1)  # [B, S, nq, Hv]
+    out.backward(do.transpose(1, 2).to(out.dtype))
+    return out.detach().transpose(1, 2).float(), tuple(t.grad.transpose(1, 2).float() for t in qkv)

@@ -26,7 +26,7 @@ from ulysses_sp.core import ring
 from ulysses_sp.core.backends import block, block_flash, block_flex
 from ulysses_sp.core.backends.spec import AttnSpec
 
-from .ring_sim import CASES, brute, make_info, simulated_ring
+from .ring_sim import CASES, brute, make_info, one_rank_group, ring_of_one, simulated_ring
 
 #: flash refuses a window across padding inside a row (block_flash.check)
 FLASH_CASES = [case for case in CASES if not (case[0] == "padded" and case[2] is not None)]
@@ -171,13 +171,17 @@ def test_flash_plans_skip_and_cut_segments():
     assert m == 6
 
 
+def _spec(info, causal, window):
+    return AttnSpec(causal=causal, scale=0.3, dropout=0.0, window=window, softcap=None, info=info, custom_mask=None)
+
+
 def test_refusals_before_any_collective():
     """flash: a window across padding inside a document; flex on CPU: training (torch has no CPU
     flex backward); both from ``ring.check_supported``, which runs before the call's first collective."""
     gapped = make_info("padded", 2, 24)  # row 1 has padding inside its sequence
     assert gapped.gapped
     q = torch.zeros(2, 4, 6, 8, requires_grad=True)
-    spec = AttnSpec(causal=True, scale=0.3, dropout=0.0, window=5, softcap=None, info=gapped, custom_mask=None)
+    spec = _spec(gapped, True, 5)
     with pytest.raises(ValueError, match=r"sliding window \(5 tokens\) across padding inside a document"):
         ring.check_supported("flash_attention_2", spec, q, q)
     spec.window = None
@@ -186,3 +190,22 @@ def test_refusals_before_any_collective():
         ring.check_supported("flex_attention", spec, q, q)
     with torch.no_grad():
         ring.check_supported("flex_attention", spec, q, q)
+
+
+@pytest.mark.parametrize("layout_kind,causal,window", [("packed", True, None), ("padded-ends", True, 5)])
+def test_ring_function_of_one_rank(reference_flash, layout_kind, causal, window):
+    """The ring's autograd Function (ring.attend on a one-rank group, gloo) with the flash kernel
+    (the reference of its varlen semantics) and flex (forward) = brute force."""
+    q, k, v, do = _inputs()
+    info = make_info(layout_kind, 2, 24)
+    valid = torch.ones(2, 24, dtype=torch.bool) if info.key_valid is None else info.key_valid
+    do = do * valid[:, None, :, None]
+    want, want_grads = _reference(q, k, v, do, info, causal, window, 0.3)
+    with one_rank_group("gloo") as group:
+        got, grads = ring_of_one("flash_attention_2", q, k, v, info, causal, window, 0.3, do, group)
+        with torch.no_grad():
+            flex_out = ring.attend(
+                "flex_attention", *(t.transpose(1, 2) for t in (q, k, v)), _spec(info, causal, window), group, 0, 1
+            )
+    _assert_close(got, grads, want, want_grads, rows=valid)
+    torch.testing.assert_close(flex_out.transpose(1, 2), want, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ from ulysses_sp.core.backends import block, block_flash, block_flex
 from ulysses_sp.core.backends.spec import AttnSpec
 from ulysses_sp.core.sequence_info import SequenceInfo
 
-from .ring_sim import make_info, simulated_ring
+from .ring_sim import make_info, one_rank_group, ring_of_one, simulated_ring
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -69,3 +69,29 @@ def test_flex_refuses_head_dims_below_16():
     )
     with pytest.raises(ValueError, match="needs head dims >= 16; this model's are 8"):
         ring.check_supported("flex_attention", spec, q, q)
+
+
+@pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])
+@pytest.mark.parametrize("layout_kind,window", [("packed", None), ("padded-ends", 50)])
+def test_ring_function_of_one_rank(impl, layout_kind, window):
+    """The ring's autograd Function whole (ring.attend on a one-rank NCCL group: the functional P2P,
+    the merge, the backward's dK/dV turn) with the flash / flex kernel = with the torch kernel, bf16."""
+    if impl == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    B, nq, nk, H, S = 2, 4, 2, 64, 256
+    q, k, v = (torch.randn(B, n, S, H, device="cuda", generator=g).to(torch.bfloat16) for n in (nq, nk, nk))
+    do = torch.randn(B, nq, S, H, device="cuda", generator=g)
+    info = make_info(layout_kind, B, S, "cuda")
+    valid = torch.ones(B, S, dtype=torch.bool, device="cuda") if info.key_valid is None else info.key_valid
+    do = do * valid[:, None, :, None]
+    torch.cuda.set_device(0)
+    with one_rank_group("nccl") as group:
+        got = ring_of_one(impl, q, k, v, info, True, window, 0.125, do, group)
+        want = ring_of_one("sdpa", q, k, v, info, True, window, 0.125, do, group)
+    tol = dict(rtol=3e-2, atol=3e-2)
+    rows = lambda t: t.transpose(1, 2)[valid]  # noqa: E731
+    torch.testing.assert_close(rows(got[0]), rows(want[0]), **tol, msg=lambda m: f"{impl} out: {m}")
+    for name, a, b in zip("qkv", got[1], want[1]):
+        assert torch.isfinite(a).all(), f"{impl} d{name} not finite"
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{impl} d{name}: {m}")
