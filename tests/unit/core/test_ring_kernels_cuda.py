@@ -2,8 +2,9 @@
 inputs: every ring rank simulated on one GPU (ring_sim.py), outputs and q/k/v gradients of the
 merged attention, for causal and bidirectional attention, packed documents, padding, windows
 shorter and longer than a chunk, GQA; chunks of 64 and (flash) 40 tokens (off the kernels' tile
-sizes); the ring's autograd Function whole on a one-rank NCCL group. flex: compiled (its CUDA path, forward and backward); flash: flash-attn 2's varlen kernels,
-bf16 (fp32 blocks run in bf16 on flash). GPU only (/work/gpu-requests/ring-kernels.sh)."""
+sizes); the ring's autograd Function whole on a one-rank NCCL group. flex: compiled (its CUDA
+path, forward and backward); flash: flash-attn 2's varlen kernels, bf16 (fp32 blocks run in bf16
+on flash). GPU only (/work/gpu-requests/ring-kernels.sh)."""
 
 from __future__ import annotations
 
