@@ -47,7 +47,7 @@ def measure(kernel: str, args, device) -> dict:
 
     def step():
         spec = AttnSpec(True, args.head_dim**-0.5, 0.0, args.window, None, info, None)
-        ring.check_supported(kernel, spec, q, v)
+        ring.check_supported(kernel, spec, q, k, v)
         ring.attend(kernel, q, k, v, spec, dist.group.WORLD, 0, 1).backward(do)
 
     for _ in range(2):

@@ -33,10 +33,11 @@ KERNELS = {"sdpa": block, "eager": block, "flex_attention": block_flex, "flash_a
 RING_BACKENDS = tuple(KERNELS)
 
 
-def check_supported(impl: str, spec: AttnSpec, query: torch.Tensor, value: torch.Tensor) -> None:
+def check_supported(impl: str, spec: AttnSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     """ValueError for what ring attention does not compute (yet); called before any collective, with
-    this call's query [B, N, s, H] and value [B, Nkv, s, Hv]."""
-    if impl == "flex_attention" and query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
+    this call's query [B, N, s, H], key [B, Nkv, s, H] and value [B, Nkv, s, Hv]."""
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if impl == "flex_attention" and query.device.type == "cpu" and training:
         raise ValueError(
             "flex_attention has no backward on CPU in torch, so the ring cannot train with it there; run the "
             "forward under torch.no_grad(), train on CUDA, or use attn_implementation='sdpa' or 'eager'"

@@ -183,13 +183,13 @@ def test_refusals_before_any_collective():
     q = torch.zeros(2, 4, 6, 8, requires_grad=True)
     spec = _spec(gapped, True, 5)
     with pytest.raises(ValueError, match=r"sliding window \(5 tokens\) across padding inside a document"):
-        ring.check_supported("flash_attention_2", spec, q, q)
+        ring.check_supported("flash_attention_2", spec, q, q, q)
     spec.window = None
-    ring.check_supported("flash_attention_2", spec, q, q)  # without a window the segments skip the padding
+    ring.check_supported("flash_attention_2", spec, q, q, q)  # without a window the segments skip the padding
     with pytest.raises(ValueError, match="flex_attention has no backward on CPU"):
-        ring.check_supported("flex_attention", spec, q, q)
+        ring.check_supported("flex_attention", spec, q, q, q)
     with torch.no_grad():
-        ring.check_supported("flex_attention", spec, q, q)
+        ring.check_supported("flex_attention", spec, q, q, q)
 
 
 @pytest.mark.parametrize("layout_kind,causal,window", [("packed", True, None), ("padded-ends", True, 5)])

@@ -69,7 +69,7 @@ def test_flex_refuses_head_dims_below_16():
         causal=True, scale=0.3, dropout=0.0, window=None, softcap=None, info=SequenceInfo(8), custom_mask=None
     )
     with pytest.raises(ValueError, match="needs head dims >= 16; this model's are 8"):
-        ring.check_supported("flex_attention", spec, q, q)
+        ring.check_supported("flex_attention", spec, q, q, q)
 
 
 @pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])
