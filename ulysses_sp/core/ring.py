@@ -6,8 +6,9 @@ heads after the Ulysses exchange, H head dim (Hv for values). Blocks are [B, n, 
 
 Forward: the K/V of every ring rank travels once around the ring (kv heads only: GQA sends nk, not
 nq, heads); while block t is computed, block t+1 is already in flight (``comm.ring_shift``). Each
-(query chunk, key chunk) pair runs the block kernel (backends/block.py) with the pair's mask from
-the one rule (masks.py, global positions: causal, window, documents, padding), and the partial
+(query chunk, key chunk) pair runs the block kernel of the attention implementation (``KERNELS``:
+backends/block.py, block_flex.py, block_flash.py) with the pair's mask from the one rule (masks.py,
+global positions: causal, window, documents, padding) in that kernel's form, and the partial
 outputs merge in fp32 by their log-sum-exp. Pairs that the rule rules out from positions alone
 (causal: a later key chunk; window: every distance >= the window) are skipped, which with the
 zigzag layout leaves every ring rank the same work; so are pairs whose mask (documents, padding)
