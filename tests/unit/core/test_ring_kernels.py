@@ -55,7 +55,12 @@ def _assert_close(got, got_grads, want, want_grads, rows=None, tol=1e-5):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"d{name}: {m}")
 
 
-@pytest.mark.parametrize("layout_kind,causal,window,r", [c for c in CASES if c[3] < 4])  # r = 4: test_ring.py
+#: flex's (eager on CPU, slow) subset: a plain causal batch (full pairs: no BlockMask), packed, padded,
+#: windows shorter and longer than a chunk, bidirectional with a window
+FLEX_CASES = [CASES[i] for i in (0, 2, 3, 4, 5, 9)]
+
+
+@pytest.mark.parametrize("layout_kind,causal,window,r", FLEX_CASES)
 def test_flex_block_kernel_forward(layout_kind, causal, window, r):
     q, k, v, _ = _inputs()
     info = make_info(layout_kind, 2, 24)
