@@ -50,7 +50,8 @@ class TrainConfig:
         metadata=_flag(
             "R or auto. Hybrid SP: ring attention across R groups of sp/R Ulysses ranks (sp must be a multiple of "
             "R; R = sp is pure ring). auto: the smallest R that gives every Ulysses rank a query head and keeps "
-            "each Ulysses group inside a node (docs/scaling.md). Ring attention runs with --attn sdpa or eager",
+            "each Ulysses group inside a node (docs/scaling.md). Ring attention runs with --attn sdpa, eager, "
+            "flex_attention (CUDA for training) or flash_attention_2 (not flash_attention_3)",
             metavar="R",
         ),
     )
