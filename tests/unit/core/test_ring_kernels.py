@@ -7,12 +7,9 @@ shorter and longer than a ring chunk.
   the merged output through the merge weights, ``block_flex.backward_through_merge``) with the torch
   kernel's differentiable forward in flex's place, against brute force. Flex's own backward: the
   GPU test (test_ring_kernels_cuda.py).
-- flash: flash-attn is GPU-only, so its two varlen entry points are replaced by a reference that
-  computes what flash-attn 2 documents for one varlen call (each segment's mask aligned to its
-  bottom-right corner; window sizes >= max_seqlen_k meaning no limit, causal as right = 0, a
-  one-sided window limited to max_seqlen_k on the other side; +inf lse for a row with no key; the
-  backward from the given out and lse); fp32 inside. This checks the segments, windows, index
-  maps and merges; the real kernel against the torch kernel: the GPU test.
+- flash: flash-attn is GPU-only, so its two varlen entry points are replaced by a CPU reference of
+  what flash-attn 2 computes for one varlen call (flash_reference.py), fp32 inside. This checks the
+  segments, windows, index maps and merges; the real kernel against the torch kernel: the GPU test.
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ from ulysses_sp.core import ring
 from ulysses_sp.core.backends import block, block_flash, block_flex
 from ulysses_sp.core.backends.spec import AttnSpec
 
+from . import flash_reference
 from .ring_sim import CASES, brute, make_info, one_rank_group, ring_of_one, simulated_ring
 
 #: flash refuses a window across padding inside a row (block_flash.check)
@@ -84,64 +82,10 @@ def test_backward_through_the_merge_weights(layout_kind, causal, window, r):
     _assert_close(got, grads, *_reference(q, k, v, do, info, causal, window, 0.3))
 
 
-def _segment_mask(Lq: int, Lk: int, m: int, causal: bool, left: int, right: int) -> torch.Tensor:
-    """flash-attn 2's mask [Lq, Lk] of one varlen segment (class docstring of the test module)."""
-    right = 0 if causal else right
-    left, right = (-1 if w >= m else w for w in (left, right))
-    if left < 0 and right < 0:
-        return torch.ones(Lq, Lk, dtype=torch.bool)
-    left, right = (m if w < 0 else w for w in (left, right))
-    i, j, d = torch.arange(Lq).view(-1, 1), torch.arange(Lk).view(1, -1), Lk - Lq
-    return (j >= i + d - left) & (j <= i + d + right)
-
-
-def _segments(cu_q, cu_k, m, causal, left, right):
-    for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
-        yield slice(a, b), slice(c, d), _segment_mask(b - a, d - c, m, causal, left, right)
-
-
-def _scores(q, k, mask, scale):
-    g = q.shape[1] // k.shape[1]
-    s = torch.einsum("qhd,khd->hqk", q.double(), k.double().repeat_interleave(g, 1)) * scale  # [nq, Tq, Tk]
-    return s.masked_fill(~mask, float("-inf"))
-
-
-def _varlen_forward(q, k, v, cu_q, cu_k, mq, mk, dropout, scale, causal, left, right):
-    assert dropout == 0.0 and mq == mk
-    out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float64)  # [T, nq, H]
-    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float64)  # [nq, T]
-    g = q.shape[1] // k.shape[1]
-    for qs, ks, mask in _segments(cu_q, cu_k, mk, causal, left, right):
-        s = _scores(q[qs], k[ks], mask, scale)
-        m = torch.logsumexp(s, -1)  # [nq, Lq]
-        reads = torch.isfinite(m)
-        lse[:, qs] = torch.where(reads, m, float("inf"))
-        p = torch.where(reads.unsqueeze(-1), torch.exp(s - torch.where(reads, m, 0.0).unsqueeze(-1)), 0.0)
-        out[qs] = torch.einsum("hqk,khd->qhd", p, v[ks].double().repeat_interleave(g, 1))
-    return out.to(q.dtype), lse.float(), None, None
-
-
-def _varlen_backward(
-    dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, mq, mk, dropout, scale, causal, left, right, softcap, *_
-):
-    assert dropout == 0.0 and softcap == 0.0 and mq == mk
-    g = q.shape[1] // k.shape[1]
-    dq.zero_(), dk.zero_(), dv.zero_()
-    delta = (dout.double() * out.double()).sum(-1).T  # [nq, T]
-    for qs, ks, mask in _segments(cu_q, cu_k, mk, causal, left, right):
-        p = torch.exp(_scores(q[qs], k[ks], mask, scale) - lse[:, qs].double().unsqueeze(-1))  # [nq, Lq, Lk]
-        do, vk = dout[qs].double(), v[ks].double().repeat_interleave(g, 1)
-        ds = p * (torch.einsum("qhd,khd->hqk", do, vk) - delta[:, qs].unsqueeze(-1))
-        dq[qs] = (torch.einsum("hqk,khd->qhd", ds, k[ks].double().repeat_interleave(g, 1)) * scale).to(dq.dtype)
-        fold = lambda t: t.view(t.shape[0], -1, g, t.shape[-1]).sum(2)  # noqa: E731  [Lk, nq, H] -> [Lk, nk, H]
-        dk[ks] = fold(torch.einsum("hqk,qhd->khd", ds, q[qs].double()) * scale).to(dk.dtype)
-        dv[ks] = fold(torch.einsum("hqk,qhd->khd", p, do)).to(dv.dtype)
-
-
 @pytest.fixture
-def reference_flash(monkeypatch):
-    monkeypatch.setattr(block_flash, "flash_ops", lambda: (_varlen_forward, _varlen_backward))
-    monkeypatch.setattr(block_flash, "_precision", lambda q: (torch.float32, -(-q.shape[-1] // 8) * 8))
+def reference_flash():
+    with flash_reference.installed():
+        yield
 
 
 @pytest.mark.parametrize("layout_kind,causal,window,r", FLASH_CASES)
