@@ -8,7 +8,8 @@ document alone); sliding windows shorter and longer than a ring chunk; a length 
 (no graph break, compiled gradients equal eager ones); full and selective activation checkpointing;
 MLA (DeepSeek-V3: value head dim != query head dim); flex_attention's block kernel on packed,
 windowed and padded batches (on CPU logits only: torch has no CPU flex backward, and training is
-refused). fp32, gloo.
+refused); flash_attention_2's block kernel on packed, windowed and padded batches, on CPU through a
+reference of flash-attn 2's varlen kernels (tests/unit/core/flash_reference.py). fp32, gloo.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import ulysses_sp
 from tests.distributed import harness
 from tests.helpers import assert_grads_close, clone, tiny_model, tokens
+from tests.unit.core import flash_reference
 from ulysses_sp.core import comm, layout
 from ulysses_sp.core.sharding import shard_batch
 from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
@@ -44,9 +46,12 @@ def _alone(ref, ids, lens):
 
 
 def _check(ctx, topo, name, preset, overrides, seq, lens, padded, checkpointing=None, attn="sdpa"):
-    model = tiny_model(preset, attn=attn, dtype=ctx.dtype, **overrides).to(ctx.device)
+    flash = attn == "flash_attention_2"  # named on the config only: transformers would look for the package
+    model = tiny_model(preset, attn="sdpa" if flash else attn, dtype=ctx.dtype, **overrides).to(ctx.device)
     ref = clone(model)
     ref.set_attn_implementation("sdpa")  # the reference: the single-process sdpa model
+    if flash:
+        model.config._attn_implementation = attn
     if checkpointing is not None:  # the backward re-runs the layer: the ring's forward, or its saved outputs
         enable_checkpointing(model, checkpointing)
     ids = tokens(2, seq, seed=50 + topo.dp_rank, device=ctx.device)
@@ -126,6 +131,10 @@ def _body(ctx, layouts):
         for name, preset, overrides, *rest in (CASES[2], CASES[3], CASES[5]):  # packed, window < chunk, padding
             flex = {**overrides, "head_dim": 16}  # flex's CUDA kernel needs head dims >= 16
             _check(ctx, topo, name, preset, flex, *rest, attn="flex_attention")  # CPU: logits only
+        if ctx.device.type == "cpu":  # flash's kernels through their CPU reference (fp32): logits and gradients
+            with flash_reference.installed():
+                for case in (CASES[2], CASES[4], CASES[5]):  # packed, window > chunk, padding (interior: no window)
+                    _check(ctx, topo, *case, attn="flash_attention_2")
         _check_compile(ctx)
         _check_refusals(ctx)
 
