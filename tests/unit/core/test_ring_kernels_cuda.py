@@ -2,9 +2,10 @@
 inputs: every ring rank simulated on one GPU (ring_sim.py), outputs and q/k/v gradients of the
 merged attention, for causal and bidirectional attention, packed documents, padding, windows
 shorter and longer than a chunk, GQA; chunks of 64 and (flash) 40 tokens (off the kernels' tile
-sizes); the ring's autograd Function whole on a one-rank NCCL group. flex: compiled (its CUDA
-path, forward and backward); flash: flash-attn 2's varlen kernels, bf16 (fp32 blocks run in bf16
-on flash). GPU only (/work/gpu-requests/ring-kernels.sh)."""
+sizes); the ring's autograd Function whole on a one-rank NCCL group. flex: eager (torch's
+reference implementation, fp32 and bf16: no compilation) and compiled (its CUDA path, bf16; the
+first cases compile for minutes); flash: flash-attn 2's varlen kernels, bf16 (fp32 blocks run in
+bf16 on flash). GPU only (/work/gpu-requests/ring-kernels.sh)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from ulysses_sp.core import ring
-from ulysses_sp.core.backends import block, block_flash, block_flex
+from ulysses_sp.core.backends import block, block_flash, block_flex, flex
 from ulysses_sp.core.backends.spec import AttnSpec
 from ulysses_sp.core.sequence_info import SequenceInfo
 
@@ -57,10 +58,26 @@ def test_flash_block_kernel_matches_torch_kernel(layout_kind, causal, window, r,
     _run(block_flash, torch.bfloat16, layout_kind, causal, window, r, c)
 
 
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """flex's reference implementation on CUDA (no compilation: torch runs it with autograd, its
+    lse gradient included) in place of the compiled kernels the ring uses there."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    monkeypatch.setattr(flex, "flex_function", lambda device: flex_attention)
+    monkeypatch.setattr(flex, "_compiled_create_block_mask", lambda: create_block_mask)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout_kind,causal,window,r", CASES[:4] + CASES[5:6])
-def test_flex_block_kernel_matches_torch_kernel(layout_kind, causal, window, r, dtype):
-    _run(block_flex, dtype, layout_kind, causal, window, r, 64)  # one shape: compiled flex compiles once per dtype
+def test_flex_eager_block_kernel_matches_torch_kernel(eager_flex, layout_kind, causal, window, r, dtype):
+    _run(block_flex, dtype, layout_kind, causal, window, r, 64)
+
+
+@pytest.mark.parametrize("layout_kind,causal,window,r", CASES[:4] + CASES[5:6])
+def test_flex_compiled_block_kernel_matches_torch_kernel(layout_kind, causal, window, r):
+    """bf16 only: each (BlockMask or none, plain or per-row mask, grad or not) is one compilation."""
+    _run(block_flex, torch.bfloat16, layout_kind, causal, window, r, 64)
 
 
 def test_flex_refuses_head_dims_below_16():
