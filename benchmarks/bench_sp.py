@@ -144,7 +144,7 @@ def main(argv=None) -> None:
     sp = args.sp or world
     topology = init_sp(sp, args.ring_size)
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    attn = args.attn or default_attention(device_type, args.ring_size)
+    attn = args.attn or default_attention(device_type)
     configs = [(spec, *lv.parse(spec)) for spec in args.configs]
     searches = [(spec, *lv.parse(spec)) for spec in (args.search_configs if args.max_len_search else [])]
     problems = _problems(args, configs + searches, device_type, attn, sp)

@@ -127,7 +127,7 @@ class UlyssesAttention:
             sinks=None if s_aux is None else s_aux[plan.q_slice(rank)],  # [nq]
         )
         if ring_size > 1:
-            ring.check_supported(self.backend, spec)  # before the first collective of this call
+            ring.check_supported(self.backend, spec, query, key, value)  # before the first collective of this call
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, s, N, H]
         if U > 1:
             q, k, v = seq_to_heads(

@@ -6,8 +6,9 @@ heads after the Ulysses exchange, H head dim (Hv for values). Blocks are [B, n, 
 
 Forward: the K/V of every ring rank travels once around the ring (kv heads only: GQA sends nk, not
 nq, heads); while block t is computed, block t+1 is already in flight (``comm.ring_shift``). Each
-(query chunk, key chunk) pair runs the block kernel (backends/block.py) with the pair's mask from
-the one rule (masks.py, global positions: causal, window, documents, padding), and the partial
+(query chunk, key chunk) pair runs the block kernel of the attention implementation (``KERNELS``:
+backends/block.py, block_flex.py, block_flash.py) with the pair's mask from the one rule (masks.py,
+global positions: causal, window, documents, padding) in that kernel's form, and the partial
 outputs merge in fp32 by their log-sum-exp. Pairs that the rule rules out from positions alone
 (causal: a later key chunk; window: every distance >= the window) are skipped, which with the
 zigzag layout leaves every ring rank the same work; so are pairs whose mask (documents, padding)
@@ -20,19 +21,32 @@ from __future__ import annotations
 
 import torch
 
-from . import comm, masks
-from .backends import block
+from . import comm
+from .backends import block, block_flash, block_flex, flex
 from .backends.spec import AttnSpec
 from .comm import ProcessGroup
 from .layout import ring_chunks
 from .sequence_info import SequenceInfo
 
-#: attn_implementation names that run on the ring, all through the torch block kernel for now
-RING_BACKENDS = ("sdpa", "eager")
+#: the block kernel of each attn_implementation that runs on the ring (the torch kernel for sdpa and
+#: eager: torch's fused kernels return no lse that a backward can take back, see docs/scaling.md)
+KERNELS = {"sdpa": block, "eager": block, "flex_attention": block_flex, "flash_attention_2": block_flash}
+RING_BACKENDS = tuple(KERNELS)
 
 
-def check_supported(impl: str, spec: AttnSpec) -> None:
-    """ValueError for what ring attention does not compute (yet); called before any collective."""
+def check_supported(impl: str, spec: AttnSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """ValueError for what ring attention does not compute (yet); called before any collective, with
+    this call's query [B, N, s, H], key [B, Nkv, s, H] and value [B, Nkv, s, Hv]."""
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if impl == "flex_attention" and query.device.type == "cpu" and training:
+        raise ValueError(
+            "flex_attention has no backward on CPU in torch, so the ring cannot train with it there; run the "
+            "forward under torch.no_grad(), train on CUDA, or use attn_implementation='sdpa' or 'eager'"
+        )
+    if impl == "flex_attention":
+        flex.check_head_dims(query, value)
+    if impl == "flash_attention_2":
+        block_flash.check(spec.info, _window(spec))
     refused = [
         (impl not in RING_BACKENDS, f"attn_implementation={impl!r} (it runs {list(RING_BACKENDS)})"),
         (spec.custom_mask is not None, "a custom attention mask (masks come from the step's SequenceInfo)"),
@@ -51,28 +65,31 @@ def check_supported(impl: str, spec: AttnSpec) -> None:
 
 
 def attend(impl: str, q, k, v, spec: AttnSpec, group: ProcessGroup, ring_rank: int, ring_size: int) -> torch.Tensor:
-    """[B, L, nq, H], [B, L, nk, H], [B, L, nk, Hv] (this ring rank's two chunks) -> [B, L, nq, Hv].
-
-    The block kernel is the pure-torch one (block.py) on every device: a CUDA kernel built on torch's
-    memory-efficient attention gave NaNs on an H200 in 8 of its 16 checks and was taken out
-    (docs/scaling.md)."""
-    window = spec.window if spec.window is not None and spec.window < spec.info.seq_len else None
-    kernel = block
+    """[B, L, nq, H], [B, L, nk, H], [B, L, nk, Hv] (this ring rank's two chunks) -> [B, L, nq, Hv],
+    each pair through the block kernel of ``impl`` (``KERNELS``)."""
+    window = _window(spec)
+    kernel = KERNELS[impl]
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [B, n, L, H]
     c = q.shape[1] // 2
     # the (query, key) chunk pairs of every step and their masks, made outside the autograd.Function
     # (cached in the step's info: a side effect dynamo cannot trace inside it)
     schedule = [
-        _pairs(spec.info, spec.causal, window, ring_rank, (ring_rank - t) % ring_size, ring_size, c, q.device)
+        _pairs(kernel, spec.info, spec.causal, window, ring_rank, (ring_rank - t) % ring_size, ring_size, c, q.device)
         for t in range(ring_size)
     ]
     args = (schedule, spec.scale, kernel, group, ring_size)
     return _RingAttention.apply(qt, kt, vt, *args).transpose(1, 2)  # [B, L, nq, Hv]
 
 
-def _pairs(info: SequenceInfo, causal: bool, window, q_rank: int, k_rank: int, r: int, c: int, device):
+def _window(spec: AttnSpec) -> int | None:
+    """The sliding window, None when there is none or it spans the whole sequence."""
+    return spec.window if spec.window is not None and spec.window < spec.info.seq_len else None
+
+
+def _pairs(kernel, info: SequenceInfo, causal: bool, window, q_rank: int, k_rank: int, r: int, c: int, device):
     """The (query half, key half, mask) pairs of ring ranks ``q_rank`` x ``k_rank`` that can attend:
-    halves are 0/1 (the rank's first/second chunk); mask [B|1, 1, c, c] or None (all allowed)."""
+    halves are 0/1 (the rank's first/second chunk); mask: the ``kernel``'s form of the pair's mask
+    (``kernel.pair_mask``), or None (all allowed)."""
     out = []
     for qa, qc in enumerate(ring_chunks(q_rank, r)):
         for kb, kc in enumerate(ring_chunks(k_rank, r)):
@@ -85,15 +102,13 @@ def _pairs(info: SequenceInfo, causal: bool, window, q_rank: int, k_rank: int, r
             limited = (causal and kc == qc) or (window is not None and farthest >= window)
             mask, empty = None, False
             if limited or not info.is_plain:
-                key = ("ring", causal, window, qc, kc, c, str(device))
+                key = ("ring", kernel.__name__, causal, window, qc, kc, c, str(device))
                 if key not in info.cache:
                     qr, kr = range(qc * c, (qc + 1) * c), range(kc * c, (kc + 1) * c)
-                    pair_mask = masks.block_mask(info, causal, window, qr, kr, device)
                     # a pair that documents or padding rule out entirely is skipped too: one host sync per
                     # pair and step (cached for every layer); not while compiling, where it would break the
                     # graph (the pair then runs, fully masked, and adds nothing)
-                    empty = not torch.compiler.is_compiling() and not bool(pair_mask.any())
-                    info.cache[key] = (pair_mask, empty)
+                    info.cache[key] = kernel.pair_mask(info, causal, window, qr, kr, device)
                 mask, empty = info.cache[key]
             if not empty:
                 out.append((slice(qa * c, (qa + 1) * c), slice(kb * c, (kb + 1) * c), mask))

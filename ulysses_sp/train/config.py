@@ -53,7 +53,8 @@ class TrainConfig:
             "each Ulysses group inside a node (docs/scaling.md). Resolution: --ring-size, else the DeepSpeed "
             "JSON's sequence_parallel_ring_size, else the Accelerate config's (parallelism_config_cp_size with "
             "parallelism_config_sp_backend: ulysses_sp, or ULYSSES_SP_RING_SIZE), else 1; two sources that "
-            "differ are an error. Ring attention runs with --attn sdpa or eager",
+            "differ are an error. Ring attention runs with --attn sdpa, eager, flex_attention (CUDA for "
+            "training) or flash_attention_2 (not flash_attention_3)",
             "from the configs, else 1",
             metavar="R",
         ),

@@ -88,7 +88,7 @@ def make_plan(config: TrainConfig) -> RunPlan:
     ring = None if config.ring_size is None else parse_ring_size(config.ring_size)
     # CLI, DeepSpeed JSON, Accelerate config; "auto" by the heads and the ranks per node
     ring_size = resolve_ring_size(ring, sp_size, model_config, ds_config)
-    attention = config.attn or default_attention(device_type, ring_size)
+    attention = config.attn or default_attention(device_type)
     check_installed(attention)
     if config.liger_ops:
         check_liger_ops(device_type)
@@ -189,10 +189,9 @@ def check_liger_ops(device_type: str) -> None:
     liger_kernels()  # ValueError with the install command when liger-kernel or triton is missing
 
 
-def default_attention(device_type: str, ring_size: int = 1) -> str:
-    """flash_attention_2 on CUDA when flash-attn is installed (not on the ring), else sdpa."""
-    if ring_size > 1:
-        return "sdpa"
+def default_attention(device_type: str) -> str:
+    """flash_attention_2 on CUDA when flash-attn is installed (with or without a ring: the ring has a
+    flash-attn varlen block kernel), else sdpa."""
     if device_type == "cuda":
         try:
             import flash_attn  # noqa: F401

@@ -6,8 +6,10 @@ Cases: GQA; fewer heads than sp (2 heads at sp 4, MQA below u); packed documents
 document alone); sliding windows shorter and longer than a ring chunk; a length not divisible by
 2 * sp with a padding mask; positions and documents gathered by the model's hook; torch.compile
 (no graph break, compiled gradients equal eager ones); full and selective activation checkpointing;
-MLA (DeepSeek-V3: value head dim != query head dim).
-fp32, gloo.
+MLA (DeepSeek-V3: value head dim != query head dim); flex_attention's block kernel on packed,
+windowed and padded batches (on CPU logits only: torch has no CPU flex backward, and training is
+refused); flash_attention_2's block kernel on packed, windowed and padded batches, on CPU through a
+reference of flash-attn 2's varlen kernels (tests/unit/core/flash_reference.py). fp32, gloo.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import ulysses_sp
 from tests.distributed import harness
 from tests.helpers import assert_grads_close, clone, tiny_model, tokens
+from tests.unit.core import flash_reference
 from ulysses_sp.core import comm, layout
 from ulysses_sp.core.sharding import shard_batch
 from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
@@ -42,9 +45,13 @@ def _alone(ref, ids, lens):
     return torch.stack(rows)
 
 
-def _check(ctx, topo, name, preset, overrides, seq, lens, padded, checkpointing=None):
-    model = tiny_model(preset, attn="sdpa", dtype=ctx.dtype, **overrides).to(ctx.device)
+def _check(ctx, topo, name, preset, overrides, seq, lens, padded, checkpointing=None, attn="sdpa"):
+    flash = attn == "flash_attention_2"  # named on the config only: transformers would look for the package
+    model = tiny_model(preset, attn="sdpa" if flash else attn, dtype=ctx.dtype, **overrides).to(ctx.device)
     ref = clone(model)
+    ref.set_attn_implementation("sdpa")  # the reference: the single-process sdpa model
+    if flash:
+        model.config._attn_implementation = attn
     if checkpointing is not None:  # the backward re-runs the layer: the ring's forward, or its saved outputs
         enable_checkpointing(model, checkpointing)
     ids = tokens(2, seq, seed=50 + topo.dp_rank, device=ctx.device)
@@ -60,20 +67,27 @@ def _check(ctx, topo, name, preset, overrides, seq, lens, padded, checkpointing=
     if lens is not None:
         batch["seq_lens"] = lens
     want = _alone(ref, ids, lens) if lens is not None else ref(input_ids=ids, attention_mask=mask).logits
+    forward_only = attn == "flex_attention" and ctx.device.type == "cpu"  # torch has no CPU flex backward
     keep = torch.ones(2, seq, dtype=torch.bool, device=ctx.device) if mask is None else mask.bool()
     (torch.where(keep[..., None], want.float() * weights, 0)).sum().backward()
 
     ulysses_sp.apply(model, topo)
     local = shard_batch(batch, topo)
-    got = model(**local).logits  # [B, s, V]
+    with torch.set_grad_enabled(not forward_only):
+        got = model(**local).logits  # [B, s, V]
     S = layout.padded_length(seq, topo.sp_size, topo.ring_size)
     pos = layout.local_index(S, topo.sp_size, topo.ring_size, topo.sp_rank, ctx.device)  # [s] global positions
     assert torch.equal(local["position_ids"][0], pos) or lens is not None
     real = pos < seq
     idx = pos[real]
     ok = keep[:, idx]  # [B, s_real]
-    what = f"{name} at u={topo.ulysses_size} r={topo.ring_size} dp={topo.dp_size} checkpointing={checkpointing}"
+    what = f"{name} at u={topo.ulysses_size} r={topo.ring_size} dp={topo.dp_size} checkpointing={checkpointing} {attn}"
     torch.testing.assert_close(got[:, real][ok], want[:, idx][ok].detach(), **TOL, msg=lambda m: f"{what} logits: {m}")
+    if forward_only:
+        with pytest.raises(ValueError, match="flex_attention has no backward on CPU"):
+            model(**local)  # raised before the call's first collective: no rank hangs
+        ulysses_sp.remove(model)
+        return
     (torch.where(ok[..., None], got[:, real].float() * weights[:, idx], 0)).sum().backward()
     for p in model.parameters():
         if p.grad is not None:
@@ -114,6 +128,13 @@ def _body(ctx, layouts):
         for policy in ("full", "selective"):
             _check(ctx, topo, *CASES[3], checkpointing=policy)  # a window shorter than a chunk
         _check(ctx, topo, "MLA", "tiny-deepseek-v3", {}, 32, LENS, False)  # value head dim != query head dim
+        for name, preset, overrides, *rest in (CASES[2], CASES[3], CASES[5]):  # packed, window < chunk, padding
+            flex = {**overrides, "head_dim": 16}  # flex's CUDA kernel needs head dims >= 16
+            _check(ctx, topo, name, preset, flex, *rest, attn="flex_attention")  # CPU: logits only
+        if ctx.device.type == "cpu":  # flash's kernels through their CPU reference (fp32): logits and gradients
+            with flash_reference.installed():
+                for case in (CASES[2], CASES[4], CASES[5]):  # packed, window > chunk, padding (interior: no window)
+                    _check(ctx, topo, *case, attn="flash_attention_2")
         _check_compile(ctx)
         _check_refusals(ctx)
 
@@ -140,8 +161,10 @@ def _check_refusals(ctx):
     with pytest.raises(ValueError, match="not a multiple of ring_size=3"):
         ulysses_sp.init_sp(2, 3)
     topo = ulysses_sp.init_sp(2, 2)
-    with pytest.raises(ValueError, match="ring attention .* not 'flex_attention'"):
-        ulysses_sp.apply(tiny_model("tiny-llama", attn="flex_attention"), topo)
+    with pytest.raises(ValueError, match="ring attention .* not 'flash_attention_3'"):
+        fa3 = tiny_model("tiny-llama")
+        fa3.config._attn_implementation = "flash_attention_3"  # named only: transformers would fetch its kernel
+        ulysses_sp.apply(fa3, topo)
     sinks = ulysses_sp.apply(tiny_model("tiny-gpt-oss", attn="eager").to(ctx.device), topo)
     local = shard_batch({"input_ids": tokens(1, 16, device=ctx.device)}, topo)
     with pytest.raises(ValueError, match="does not support attention sinks"):

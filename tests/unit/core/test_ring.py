@@ -9,11 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ulysses_sp.core import layout, masks, ring
+from ulysses_sp.core import layout, ring
 from ulysses_sp.core.backends import block
 from ulysses_sp.core.per_token import shard_tokens
 from ulysses_sp.core.sequence_info import SEQ_INFO_KWARG, SequenceInfo, build_sequence_info
 from ulysses_sp.core.sharding import make_shift_labels, shard_batch
+
+from .ring_sim import CASES, brute, make_info, simulated_ring
 
 
 @pytest.mark.parametrize("sp,r", [(2, 2), (4, 2), (4, 4), (6, 3), (4, 1)])
@@ -65,79 +67,16 @@ def test_shard_tokens_cuts_like_shard_batch():
         assert torch.equal(shard_tokens(ids, topo), shard_batch({"input_ids": ids}, topo)["input_ids"])
 
 
-def _brute(q, k, v, info, causal, window, scale):
-    g = q.shape[1] // k.shape[1]
-    s = q @ k.repeat_interleave(g, 1).transpose(2, 3) * scale  # [B, nq, S, S]
-    s = s.masked_fill(~masks.dense_mask(info, causal, window, q.device), float("-inf"))
-    return torch.softmax(s, -1) @ v.repeat_interleave(g, 1)
-
-
-def _simulated_ring(q, k, v, info, causal, window, scale, r):
-    """Every ring rank's forward and backward, blocks exchanged by indexing instead of P2P."""
-    S = q.shape[2]
-    c = S // (2 * r)
-    order = layout.layout_order(S, r)
-    own = [order[i * 2 * c : (i + 1) * 2 * c] for i in range(r)]  # ring rank i's positions
-    outs, lses = [], []
-    for i in range(r):
-        out = torch.zeros(*q.shape[:2], 2 * c, v.shape[-1])
-        lse = torch.full((*q.shape[:2], 2 * c), float("-inf"))
-        for j in range(r):
-            kj, vj = k[:, :, own[j]], v[:, :, own[j]]
-            for qs, ks, mask in ring._pairs(info, causal, window, i, j, r, c, q.device):
-                o, m = block.forward(q[:, :, own[i]][:, :, qs], kj[:, :, ks], vj[:, :, ks], mask, scale)
-                block.merge(out[:, :, qs], lse[:, :, qs], o, m)
-        outs.append(out)
-        lses.append(lse)
-    full = torch.zeros(*q.shape[:3], v.shape[-1])
-    for i in range(r):
-        full[:, :, own[i]] = outs[i]
-    do = torch.randn_like(full, generator=torch.Generator().manual_seed(3))
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for i in range(r):
-        qi, doi = q[:, :, own[i]], do[:, :, own[i]]
-        delta = (doi * outs[i]).sum(-1)
-        for j in range(r):
-            kj, vj = k[:, :, own[j]], v[:, :, own[j]]
-            for qs, ks, mask in ring._pairs(info, causal, window, i, j, r, c, q.device):
-                pair = (qi[:, :, qs], kj[:, :, ks], vj[:, :, ks], mask, scale)
-                gq, gk, gv = block.backward(*pair, doi[:, :, qs], outs[i][:, :, qs], lses[i][:, :, qs], delta[:, :, qs])
-                dq[:, :, own[i][qs]] += gq
-                dk[:, :, own[j][ks]] += gk
-                dv[:, :, own[j][ks]] += gv
-    return full, do, (dq, dk, dv)
-
-
-@pytest.mark.parametrize(
-    "layout_kind,causal,window,r",
-    [
-        ("plain", True, None, 2),
-        ("plain", True, None, 4),
-        ("packed", True, None, 2),
-        ("padded", True, None, 3),
-        ("plain", True, 3, 2),  # window shorter than a chunk (c = 6)
-        ("packed", True, 9, 2),  # longer than a chunk
-        ("plain", False, None, 2),
-        ("padded", False, 5, 2),
-    ],
-)
+@pytest.mark.parametrize("layout_kind,causal,window,r", CASES)
 def test_ring_blocks_merge_to_brute_force(layout_kind, causal, window, r):
     B, nq, nk, H, S = 2, 4, 2, 8, 24
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, n, S, H, generator=g, dtype=torch.float64).float() for n in (nq, nk, nk))
-    if layout_kind == "plain":
-        info = SequenceInfo(S)
-    elif layout_kind == "packed":
-        pos = torch.tensor([list(range(7)) + list(range(11)) + list(range(6)), list(range(S))])
-        info = build_sequence_info(pos)
-    else:
-        mask = torch.ones(B, S, dtype=torch.int64)
-        mask[0, :4] = 0
-        mask[1, 10:13] = 0
-        info = build_sequence_info(torch.arange(S).expand(B, S), mask)
-    got, do, grads = _simulated_ring(q, k, v, info, causal, window, 0.3, r)
+    info = make_info(layout_kind, B, S)
+    do = torch.randn(B, nq, S, H, generator=torch.Generator().manual_seed(3))
+    got, grads = simulated_ring(block, q, k, v, info, causal, window, 0.3, r, do)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-    want = _brute(qq, kk, vv, info, causal, window, 0.3)
+    want = brute(qq, kk, vv, info, causal, window, 0.3)
     torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
     want.backward(do)
     for name, a, b in zip("qkv", grads, (qq, kk, vv)):
@@ -146,11 +85,11 @@ def test_ring_blocks_merge_to_brute_force(layout_kind, causal, window, r):
 
 def test_pairs_skip_by_position_only():
     info = SequenceInfo(16)  # r = 2, c = 4: ring rank 0 holds chunks 0, 3; rank 1 chunks 1, 2
-    same = ring._pairs(info, True, None, 0, 0, 2, 4, "cpu")
+    same = ring._pairs(block, info, True, None, 0, 0, 2, 4, "cpu")
     assert len(same) == 3  # (0,0) diagonal, (3,0) full, (3,3) diagonal; (0,3) is in the future
     assert [m is None for _, _, m in same] == [False, True, False]
-    assert len(ring._pairs(info, True, None, 0, 1, 2, 4, "cpu")) == 2  # chunk 3 reads chunks 1 and 2
-    assert len(ring._pairs(info, True, 2, 0, 1, 2, 4, "cpu")) == 1  # window 2: only (3, 2) is near enough
+    assert len(ring._pairs(block, info, True, None, 0, 1, 2, 4, "cpu")) == 2  # chunk 3 reads chunks 1 and 2
+    assert len(ring._pairs(block, info, True, 2, 0, 1, 2, 4, "cpu")) == 1  # window 2: only (3, 2) is near enough
     docs = build_sequence_info(torch.cat([torch.arange(6), torch.arange(10)]).view(1, 16))  # 6 + 10 tokens
-    assert len(ring._pairs(docs, True, None, 0, 1, 2, 4, "cpu")) == 2  # (3, 1) and (3, 2): same document
-    assert len(ring._pairs(docs, True, None, 0, 0, 2, 4, "cpu")) == 2  # (3, 0) reads nothing: chunk 0 is doc 0
+    assert len(ring._pairs(block, docs, True, None, 0, 1, 2, 4, "cpu")) == 2  # (3, 1) and (3, 2): same document
+    assert len(ring._pairs(block, docs, True, None, 0, 0, 2, 4, "cpu")) == 2  # (3, 0) reads nothing: chunk 0 is doc 0

@@ -194,10 +194,11 @@ def test_ring_size_from_every_source_and_checks(monkeypatch, tmp_path):
     for key, value in {**OURS, "PARALLELISM_CONFIG_CP_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
     assert (plan().sp_size, plan().ring_size) == (4, 2)  # Ulysses 2 x ring 2 from the Accelerate config
-    check_ring(2, 4, heads8, "sdpa")
+    for attn in ("sdpa", "eager", "flex_attention", "flash_attention_2"):  # the kernels with a ring block kernel
+        check_ring(2, 4, heads8, attn)
     with pytest.raises(ValueError, match="leaves 16 Ulysses ranks for 8 attention heads; use --ring-size 4"):
         check_ring(2, 32, heads8, "sdpa")
-    with pytest.raises(ValueError, match="not 'flash_attention_2'"):
-        check_ring(2, 4, heads8, "flash_attention_2")
+    with pytest.raises(ValueError, match="not 'flash_attention_3'"):
+        check_ring(2, 4, heads8, "flash_attention_3")
     with pytest.raises(ValueError, match="--ring-size must be an integer >= 1 or auto, got '0'"):
         TrainConfig(ring_size="0")

@@ -17,6 +17,17 @@ from __future__ import annotations
 
 import torch
 
+from .. import masks
+from ..sequence_info import SequenceInfo
+
+
+def pair_mask(info: SequenceInfo, causal: bool, window, q_pos: range, k_pos: range, device):
+    """(the rule's bool mask [B|1, 1, Lq, Lk] for queries at global positions ``q_pos`` and keys at
+    ``k_pos``, whether it allows nothing); the emptiness needs one host sync, skipped while compiling
+    (then False: the pair runs fully masked and adds nothing)."""
+    mask = masks.block_mask(info, causal, window, q_pos, k_pos, device)
+    return mask, not torch.compiler.is_compiling() and not bool(mask.any())
+
 
 def _scores(q, k, mask, scale):
     """[B, nq, Lq, H], [B, nk, Lk, H] -> [B, nq, Lq, Lk] fp32 scores, -inf where ``mask`` is False."""

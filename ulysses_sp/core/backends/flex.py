@@ -28,8 +28,8 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask)
 
 
-def _block_mask(mask_mod, batch: int | None, heads: int | None, S: int, device: torch.device):
-    """A BlockMask of ``mask_mod`` over [batch|1, heads|1, S, S]. Eager ``create_block_mask``
+def block_mask(mask_mod, batch: int | None, heads: int | None, Lq: int, Lk: int, device: torch.device):
+    """A BlockMask of ``mask_mod`` over [batch|1, heads|1, Lq, Lk]. Eager ``create_block_mask``
     evaluates every (q, k) pair into one [batch, heads, S, S] tensor, so on CUDA it runs compiled
     (torch's advice), fusing that evaluation into the per-block reduction; inside a compiled model it
     is traced like any other op."""
@@ -37,7 +37,7 @@ def _block_mask(mask_mod, batch: int | None, heads: int | None, S: int, device: 
 
     eager = device.type == "cpu" or torch.compiler.is_compiling()
     build = create_block_mask if eager else _compiled_create_block_mask()
-    return build(mask_mod, batch, heads, S, S, device=device)
+    return build(mask_mod, batch, heads, Lq, Lk, device=device)
 
 
 def _flex_custom(mask, B: int, n: int, S: int, device):
@@ -58,32 +58,43 @@ def _flex_custom(mask, B: int, n: int, S: int, device):
         def keep(b, h, q, k):
             return allowed[b, h, q, k]
 
-        return _block_mask(keep, mask.shape[0], mask.shape[1], S, device), None
+        return block_mask(keep, mask.shape[0], mask.shape[1], S, S, device), None
     return None, mask.to(device).expand(B, n, S, S)  # [B, n, S, S] view, nothing copied
 
 
-def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
+def flex_function(device: torch.device):
+    """flex_attention as it runs on ``device``: eager on CPU and inside a compiled model, compiled
+    on its own on CUDA (eager flex is a dense reference implementation there)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if spec.dropout > 0:
-        raise ValueError("flex_attention has no attention dropout; set attention_dropout=0 or use sdpa")
+    return flex_attention if (device.type == "cpu" or torch.compiler.is_compiling()) else _compiled_flex()
+
+
+def check_head_dims(q: torch.Tensor, v: torch.Tensor) -> None:
+    """ValueError when flex's compiled CUDA kernel cannot take these head dims (q/k: q's last dim, v's)."""
     if q.is_cuda and min(q.shape[-1], v.shape[-1]) < 16:
         raise ValueError(
             f"flex_attention's compiled CUDA kernel needs head dims >= 16; this model's are "
             f"{q.shape[-1]} (q/k) and {v.shape[-1]} (v). Use attn_implementation='sdpa' or 'eager'"
         )
+
+
+def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
+    if spec.dropout > 0:
+        raise ValueError("flex_attention has no attention dropout; set attention_dropout=0 or use sdpa")
+    check_head_dims(q, v)
     B, S, n = q.shape[:3]
     bias = None
     if spec.custom_mask is not None:
-        block_mask, bias = _flex_custom(spec.custom_mask, B, n, S, q.device)
+        mask, bias = _flex_custom(spec.custom_mask, B, n, S, q.device)
     else:
         key = ("flex", spec.causal, spec.window, spec.chunk, str(q.device))
         if key not in spec.info.cache:
             batch = None if spec.info.is_plain else B
-            spec.info.cache[key] = _block_mask(
-                masks.mask_mod(spec.info, spec.causal, spec.window, spec.chunk), batch, None, S, q.device
+            spec.info.cache[key] = block_mask(
+                masks.mask_mod(spec.info, spec.causal, spec.window, spec.chunk), batch, None, S, S, q.device
             )
-        block_mask = spec.info.cache[key]
+        mask = spec.info.cache[key]
     score_mod = None
     if spec.softcap is not None or bias is not None:
         cap = spec.softcap
@@ -93,16 +104,15 @@ def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
                 score = torch.tanh(score / cap) * cap
             return score if bias is None else score + bias[b, h, qi, ki]
 
-    fn = flex_attention if (q.device.type == "cpu" or torch.compiler.is_compiling()) else _compiled_flex()
-    out = fn(
+    out = flex_function(q.device)(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),  # [B, n, S, H]
         score_mod=score_mod,
-        block_mask=block_mask,
+        block_mask=mask,
         scale=spec.scale,
         enable_gqa=q.shape[2] != k.shape[2],
-        **(_flex_lse_kwargs() if spec.sinks is not None else {}),
+        **(flex_lse_kwargs() if spec.sinks is not None else {}),
     )  # [B, nq, S, Hv]
     if spec.sinks is not None:
         out, aux = out
@@ -110,7 +120,7 @@ def attend(q, k, v, spec: AttnSpec) -> torch.Tensor:
     return out.transpose(1, 2)  # [B, S, nq, Hv]
 
 
-def _flex_lse_kwargs() -> dict:
+def flex_lse_kwargs() -> dict:
     """Ask flex for its log-sum-exp: ``return_aux`` since torch 2.9, ``return_lse`` before."""
     from torch.nn.attention import flex_attention as fa
 
