@@ -141,7 +141,7 @@ def _body_compile_sp2(ctx):
     import torch._dynamo.utils as dynamo_utils
 
     topo = ulysses_sp.init_sp(2)
-    base = tiny_model("tiny-qwen2", num_hidden_layers=3).to(ctx.device)
+    base = tiny_model("tiny-qwen2").to(ctx.device)
     assert getattr(base.config, "layer_types", None), "the case needs a config with layer_types"
     layers = base.config.num_hidden_layers
     ids = tokens(2, 40, seed=7, device=ctx.device)
