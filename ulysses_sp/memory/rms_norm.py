@@ -127,22 +127,21 @@ class RMSNormFunction(torch.autograd.Function):
         assert rows_per_tile >= 1, rows_per_tile
         d = x.shape[-1]
         flat = x.reshape(-1, d)  # [R, d]
-        rows = rows_per_tile
         # the output is allocated in x's shape, not viewed into it: a custom Function's view output
         # could not be changed in place, which transformers' norm output can
-        if flat.shape[0] <= rows:
+        if flat.shape[0] <= rows_per_tile:
             out, rstd = _normalize(x, weight, eps)  # [..., d], [..., 1]
             rstd = rstd.view(-1, 1)  # [R, 1]
         else:
             out = x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))  # [..., d]
             out_flat = out.view(-1, d)  # [R, d]
             rstd = flat.new_empty((flat.shape[0], 1), dtype=torch.float32)  # [R, 1]
-            for start in range(0, flat.shape[0], rows):
-                out_flat[start : start + rows], rstd[start : start + rows] = _normalize(
-                    flat[start : start + rows], weight, eps
+            for start in range(0, flat.shape[0], rows_per_tile):
+                out_flat[start : start + rows_per_tile], rstd[start : start + rows_per_tile] = _normalize(
+                    flat[start : start + rows_per_tile], weight, eps
                 )
         ctx.save_for_backward(x, weight, rstd)
-        ctx.rows = rows
+        ctx.rows = rows_per_tile
         if attach_source:
             _attach_source(out, x, weight, eps)
         return out
