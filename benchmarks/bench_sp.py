@@ -59,6 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=3,
         help="the same ZeRO stage on both sides (3: ArcticTraining's ALST recipes)",
     )
+    p.add_argument(
+        "--engine",
+        choices=["deepspeed", "fsdp2"],
+        default="deepspeed",
+        help="ours and hf: DeepSpeed at --zero-stage, or FSDP2 (torch's fully_shard, fp32 master shards; "
+        "ours as launch/train.py --fsdp); alst runs on DeepSpeed only",
+    )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -164,6 +171,7 @@ def main(argv=None) -> None:
         zero_stage=args.zero_stage,
         lr=args.lr,
         seed=args.seed,
+        engine=args.engine,
     )
     sides = {"ours": OursSide(workload, topology), "alst": AlstSide(workload), "hf": HfSide(workload)}
     settings = {
@@ -215,6 +223,8 @@ def _problems(args, configs, device_type: str, attn: str, sp: int) -> list[str]:
     ]
     if sp > 1 and any(side == "hf" for _, side, _ in configs):
         problems.append(f"the hf side (plain transformers) has no sequence parallelism: run it with --sp 1, not {sp}")
+    if args.engine == "fsdp2" and any(side == "alst" for _, side, _ in configs):
+        problems.append("the alst side runs on DeepSpeed only: leave out --engine fsdp2 or the alst configurations")
     if args.ring_size > 1:
         from ulysses_sp.core.ring import RING_BACKENDS
 

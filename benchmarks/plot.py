@@ -71,11 +71,12 @@ def plot(data: dict, path: str) -> None:
     for ax in axes:
         ax.legend(fontsize=7)
     s = data["settings"]
+    engine = "FSDP2" if s.get("engine") == "fsdp2" else f"ZeRO-{s['zero_stage']}"  # older JSONs: DeepSpeed
     tagged = sorted({c.split(": ")[0] for c in groups if ": " in c})
     note = f" (lines tagged {', '.join(tagged)}: that kernel)" if tagged else ""
     fig.suptitle(
         f"{s['model']} ({s['layers']} layers), {data['device']['name']} x {s['world_size']}, sp {s['sp']}, "
-        f"ZeRO-{s['zero_stage']}, {s['attn']}{note}",
+        f"{engine}, {s['attn']}{note}",
         fontsize=10,
     )
     fig.tight_layout()

@@ -1,5 +1,6 @@
 """The plain transformers side (``hf``): the model as transformers ships it, its own loss and its
-own gradient checkpointing, under the same DeepSpeed engine and config as the other sides; no
+own gradient checkpointing, under the same engine and config as the other sides (DeepSpeed, or
+FSDP2 sharded per decoder layer and at the root: spbench/fsdp2.py); no
 sequence parallelism, so it runs at sp=1 only (each rank a data-parallel replica).
 
 * Loss: ``model(input_ids=..., labels=...).loss``: the full [B, S, V] logits, upcast to fp32, with
@@ -20,6 +21,7 @@ from ulysses_sp.integrations.deepspeed import destroy
 from ulysses_sp.memory.activation_checkpointing import gradient_checkpointing_kwargs
 
 from . import levers as lv
+from .fsdp2 import Fsdp2Optimizer, shard_plain
 from .workload import Workload
 
 
@@ -56,21 +58,34 @@ class HfRun:
                 swiglu=False,
                 model=self.model,
             )
-        self.engine, *_ = deepspeed.initialize(
-            model=self.model, model_parameters=list(self.model.parameters()), config=wl.ds_config()
-        )
+        if wl.engine == "fsdp2":
+            self.engine = shard_plain(self.model, wl)
+            self.optimizer = Fsdp2Optimizer(self.engine, wl)
+        else:
+            self.engine, *_ = deepspeed.initialize(
+                model=self.model, model_parameters=list(self.model.parameters()), config=wl.ds_config()
+            )
+            self.optimizer = None
         full = wl.full_batch(seq_len, self.model.config.vocab_size)
         self.batch = {k: full[k].to(wl.device) for k in ("input_ids", "labels", "position_ids")}
 
     def forward_backward(self) -> torch.Tensor:
         with lv.step_context(self.levers):
             loss = self.engine(**self.batch, use_cache=False).loss
-            self.engine.backward(loss)
+            if self.optimizer is None:
+                self.engine.backward(loss)
+            else:
+                loss.backward()
         return loss.detach()
 
     def update(self) -> None:
-        self.engine.step()
+        (self.engine if self.optimizer is None else self.optimizer).step()
+
+    def grad_norm(self):
+        """The last step's gradient norm before clipping (None where the engine does not keep it)."""
+        return self.engine.get_global_grad_norm() if self.optimizer is None else self.optimizer.grad_norm
 
     def close(self) -> None:
-        destroy(self.engine)
-        self.engine = self.model = self.batch = None
+        if self.optimizer is None:
+            destroy(self.engine)
+        self.engine = self.model = self.batch = self.optimizer = None

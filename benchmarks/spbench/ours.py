@@ -4,7 +4,8 @@
 tiled or liger cross-entropy, global token normalisation) handed to
 ``ulysses_sp.integrations.deepspeed.initialize`` (our mpu; ZeRO-3 partitions over all ranks, as
 ALST's), backpropagated unscaled with ``engine.backward(..., scale_wrt_gas=False)``; then
-``engine.step()``. Levers: ``sac`` (selective checkpointing policy), ``tiled_mlp`` (``tile_mlp``),
+``engine.step()``. Under ``--engine fsdp2``: ``shard_causal_lm`` (``launch/train.py --fsdp``'s
+engine). Levers: ``sac`` (selective checkpointing policy), ``tiled_mlp`` (``tile_mlp``),
 ``offload`` (checkpoints in host memory), ``norms`` (RMSNorm recompute), ``liger`` / ``tiled`` (loss kernel), ``cudnn``,
 ``noac`` (no checkpointing), ``compile`` (compiled layers), ``heads2`` / ``heads4`` (head-chunked attention),
 ``ligerops`` (liger's fused RMSNorm, SiLU * mul, RoPE).
@@ -17,6 +18,7 @@ import torch
 from ulysses_sp import CausalLMLoss, apply, count_label_tokens, remove, shard_batch, sharded_rng, to_device
 from ulysses_sp.core.topology import SPTopology
 from ulysses_sp.integrations import deepspeed as ds_integration
+from ulysses_sp.integrations.fsdp2 import shard_causal_lm
 from ulysses_sp.memory.activation_checkpointing import enable_checkpointing
 from ulysses_sp.memory.compile import compile_layers
 from ulysses_sp.memory.fused_ops import fuse_elementwise
@@ -24,6 +26,7 @@ from ulysses_sp.memory.rms_norm import enable_rms_norm_recompute
 from ulysses_sp.memory.tiled_mlp import tile_mlp
 
 from . import levers as lv
+from .fsdp2 import Fsdp2Optimizer
 from .workload import Workload
 
 
@@ -58,8 +61,13 @@ class OursRun:
         if "compile" in levers:
             compile_layers(self.model)
         use_liger = True if "liger" in levers else False if "tiled" in levers else None
-        module = CausalLMLoss(self.model, topo, use_liger=use_liger)
-        self.engine, *_ = ds_integration.initialize(module, topo, wl.ds_config())
+        if wl.engine == "fsdp2":
+            self.engine = shard_causal_lm(self.model, topo, param_dtype=wl.dtype, use_liger=use_liger)
+            self.optimizer = Fsdp2Optimizer(self.engine, wl)
+        else:
+            module = CausalLMLoss(self.model, topo, use_liger=use_liger)
+            self.engine, *_ = ds_integration.initialize(module, topo, wl.ds_config())
+            self.optimizer = None
         full = wl.full_batch(seq_len, self.model.config.vocab_size)
         self.batch = to_device(shard_batch({"input_ids": full["input_ids"], "labels": full["labels"]}, topo), wl.device)
 
@@ -67,13 +75,21 @@ class OursRun:
         num_items = count_label_tokens(self.batch, self.topology)
         with sharded_rng(self.topology), lv.step_context(self.levers):
             loss = self.engine(self.batch, num_items)
-            self.engine.backward(loss, scale_wrt_gas=False)
+            if self.optimizer is None:
+                self.engine.backward(loss, scale_wrt_gas=False)
+            else:
+                loss.backward()
         return loss.detach()
 
     def update(self) -> None:
-        self.engine.step()
+        (self.engine if self.optimizer is None else self.optimizer).step()
+
+    def grad_norm(self):
+        """The last step's gradient norm before clipping (None where the engine does not keep it)."""
+        return self.engine.get_global_grad_norm() if self.optimizer is None else self.optimizer.grad_norm
 
     def close(self) -> None:
-        ds_integration.destroy(self.engine)
+        if self.optimizer is None:
+            ds_integration.destroy(self.engine)
         remove(self.model)
-        self.engine = self.model = self.batch = None
+        self.engine = self.model = self.batch = self.optimizer = None

@@ -203,13 +203,18 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def engine_name(settings: dict) -> str:
+    """The engine the sides ran under, as the table and the plot name it (older JSONs: DeepSpeed)."""
+    return "FSDP2" if settings.get("engine") == "fsdp2" else f"ZeRO-{settings['zero_stage']}"
+
+
 def _header(data: dict) -> list[str]:
     st, v = data["settings"], data["versions"]
     versions = "  ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "deepspeed", "flash_attn", "liger_kernel"))
     return [
         f"device: {data['device']['name']} x {st['world_size']}  |  {versions}",
         (
-            f"model {st['model']} ({st['layers']} layers), attn {st['attn']}, sp {st['sp']}, ZeRO-{st['zero_stage']}, "
+            f"model {st['model']} ({st['layers']} layers), attn {st['attn']}, sp {st['sp']}, {engine_name(st)}, "
             f"MFU vs {st['peak_flops'] / 1e12:.0f} TFLOP/s per GPU; a2a/comm exp = exposed ms (max over ranks); "
             "peak GiB = the configuration's own (max allocated minus what was allocated before its build), "
             "of the whole step and of its forward + backward (fwd+bwd)"

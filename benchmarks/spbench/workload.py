@@ -1,6 +1,6 @@
 """What both sides share, so the comparison is like for like: the model (same config, same seeded
-random init, built directly on the device), the batch (same random tokens), the DeepSpeed config
-(same ZeRO stage, optimizer, precision, clipping).
+random init, built directly on the device), the batch (same random tokens), the engine (DeepSpeed at one
+ZeRO stage, or FSDP2) with the same optimizer, precision and clipping.
 
 Shape legend: B batch, S full sequence.
 """
@@ -15,6 +15,10 @@ import transformers
 from ulysses_sp.train.presets import build_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+#: the engines a configuration can run under (``--engine``)
+ENGINES = ("deepspeed", "fsdp2")
+#: gradient clipping of both engines
+GRADIENT_CLIPPING = 1.0
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Workload:
     batch_size: int
     zero_stage: int
     lr: float
+    engine: str  # one of ENGINES
     seed: int
 
     def config(self, attn_implementation: str) -> transformers.PretrainedConfig:
@@ -40,11 +45,13 @@ class Workload:
         return config
 
     def build_model(self, attn_implementation: str) -> transformers.PreTrainedModel:
-        """Seeded random init on the device: both sides get bit-identical weights."""
+        """Seeded random init on the device: both sides get bit-identical weights. DeepSpeed keeps fp32
+        master weights itself; under FSDP2 the weights are the fp32 masters, computed in ``dtype``."""
         config = self.config(attn_implementation)
         torch.manual_seed(self.seed)
+        weights_dtype = self.dtype if self.engine == "deepspeed" else torch.float32
         with torch.device(self.device):
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=weights_dtype)
         return model.to(self.device).train()  # a no-op unless transformers built it elsewhere
 
     def full_batch(self, seq_len: int, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -60,7 +67,7 @@ class Workload:
         return {
             "train_micro_batch_size_per_gpu": self.batch_size,
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": 1.0,
+            "gradient_clipping": GRADIENT_CLIPPING,
             "bf16": {"enabled": self.dtype == torch.bfloat16},
             "zero_optimization": {"stage": self.zero_stage},
             "optimizer": {"type": "AdamW", "params": {"lr": self.lr, "weight_decay": 0.0, "torch_adam": True}},
