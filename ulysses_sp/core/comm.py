@@ -239,13 +239,17 @@ def fully_shard(
     reshard_after_forward: bool,
     param_dtype: torch.dtype | None,
     reduce_dtype: torch.dtype | None,
+    cast_forward_inputs: bool = True,
 ):
     """torch's FSDP2 over ``mesh`` (1-D: parameters sharded on dim 0 over its ranks); a list groups
-    modules into one unit (one all-gather, one reduce-scatter). Gradients are averaged over the mesh."""
+    modules into one unit (one all-gather, one reduce-scatter). Gradients are averaged over the mesh.
+    ``cast_forward_inputs``: the unit casts its floating-point forward inputs to ``param_dtype``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=cast_forward_inputs
+    )
     return torch_fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
 
 

@@ -25,7 +25,8 @@ Units, each all-gathered in one collective and reduce-scattered in one:
   grouped unit whose head never runs forward is not re-gathered in the next step, so older torch
   keeps the head in the root unit (gathered from the loss's forward to the end of the backward);
   so does a head tied to the input embedding, whose weight the embedding reads first;
-* the root (:class:`~ulysses_sp.loss.causal_lm.CausalLMLoss`): the rest (the final norm).
+* the root (:class:`~ulysses_sp.loss.causal_lm.CausalLMLoss`): the rest (the final norm). Its inputs
+  are not cast to ``param_dtype`` (the token count ``num_items`` would lose its exactness in bf16).
 
 PEFT (LoRA): a PEFT model is sharded the same way, its units found in the transformers model inside
 it (core/wrappers.py); each LoRA adapter lives in the decoder layer (or head) it was injected into and
@@ -84,9 +85,14 @@ def shard_causal_lm(
     if head_loss is not None:
         loss_module.head_loss = head_loss
 
-    def shard(module, reshard: bool) -> None:
+    def shard(module, reshard: bool, cast_inputs: bool = True) -> None:
         comm.fully_shard(
-            module, mesh, reshard_after_forward=reshard, param_dtype=param_dtype, reduce_dtype=reduce_dtype
+            module,
+            mesh,
+            reshard_after_forward=reshard,
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            cast_forward_inputs=cast_inputs,
         )
 
     for layer in reversed(decoder_layers(lm)):  # bottom-up, as fully_shard requires
@@ -103,7 +109,10 @@ def shard_causal_lm(
         )
     else:
         shard([head, loss_module.head_loss], True)
-    shard(loss_module, False)  # the root: needed again as soon as the backward starts
+    # the root: needed again as soon as the backward starts. It does not cast its inputs: they are the
+    # batch (integer ids, labels, positions; the units inside cast their own float inputs) and the step's
+    # token count, which bf16 would round (8188 -> 8192: the loss and every gradient off by up to 0.4 %)
+    shard(loss_module, False, cast_inputs=False)
     return loss_module
 
 

@@ -76,6 +76,14 @@ def _labels_of(batch: Mapping, sp_size: int) -> torch.Tensor:
 def _check_count(n) -> None:
     if torch.is_tensor(n) and n.numel() != 1:
         raise ValueError(f"num_items_in_batch must be a scalar, got shape {list(n.shape)}")
+    if torch.is_tensor(n) and n.dtype in (torch.bfloat16, torch.float16):
+        # seen where a mixed-precision wrapper casts every float input of the loss module: bf16 rounds
+        # a count above 256 (8188 -> 8192), silently scaling the loss and every gradient
+        raise ValueError(
+            f"num_items_in_batch arrived as a {n.dtype} tensor ({float(n)}), which cannot hold a token count "
+            "exactly; pass it as an integer or float32/float64 tensor, and keep mixed-precision wrappers "
+            "(FSDP2's MixedPrecisionPolicy(cast_forward_inputs=...), autocast of inputs) from casting it"
+        )
     value = float(n) if not torch.is_tensor(n) else float(n.detach().reshape(()))  # one host sync
     if not value > 0:
         raise ValueError(

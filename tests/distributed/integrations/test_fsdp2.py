@@ -40,6 +40,25 @@ def _torch_at_least(version) -> bool:
 def _fsdp2_parity(ctx, sp_size: int, tied: bool, ring_sizes=(1,)):
     for ring_size in ring_sizes:
         _check(ctx, ulysses_sp.init_sp(sp_size, ring_size), tied)
+    if not tied:
+        _check_count_exact_under_bf16(ctx, ulysses_sp.init_sp(sp_size))
+
+
+def _check_count_exact_under_bf16(ctx, topo):
+    """Mixed precision (fp32 shards, bf16 compute): the root does not cast the step's token count to
+    bf16, where 317 / dp would be rounded (found on an H100: the loss off by 1 / S at every length)."""
+    model = tiny_model("tiny-llama-gqa", dtype=torch.float32).to(ctx.device)
+    ulysses_sp.apply(model, topo)
+    loss_module = shard_causal_lm(model, topo, param_dtype=torch.bfloat16)
+    ids = tokens(2, 160, seed=300 + topo.dp_rank, device=ctx.device)
+    labels = ids.clone()
+    labels[0, 0:2] = -100  # 2 x 159 labelled tokens after the shift, one masked: 317 per replica
+    local = ulysses_sp.shard_batch({"input_ids": ids, "labels": labels}, topo)
+    n = count_label_tokens(local, topo)  # 317 (all replicas) / dp
+    assert float(n) == 317 and float(n.to(torch.bfloat16)) != 317
+    with torch.no_grad():
+        mean, total = loss_module(local, n), loss_module(local, 1)
+    torch.testing.assert_close(mean * n.float(), total, rtol=1e-5, atol=0)
 
 
 def _check(ctx, topo, tied: bool):

@@ -127,6 +127,8 @@ def _check_edge_cases(ctx, topo):
     for bad in (0, -3.0, torch.tensor(0)):
         with pytest.raises(ValueError, match="> 0"):
             causal_lm_loss(model, batch, topo, bad)
+    with pytest.raises(ValueError, match="bfloat16 tensor .*cannot hold a token count"):
+        causal_lm_loss(model, batch, topo, torch.tensor(8188.0).to(torch.bfloat16))
     reason = liger_unsupported_reason(
         torch.empty(0, device=ctx.device), model.get_output_embeddings(), logit_transform(model)
     )
