@@ -56,6 +56,20 @@ _SIZES = {
     "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8,
     "v_head_dim": 8,
+    # linear attention (Kimi Delta Attention): 4 heads, so that sp4 gives each rank one
+    "linear_num_heads": 4,
+    "linear_head_dim": 16,
+    # Mamba2 SSD mixers: 8 heads of 16 dims fill the inner width (expand 2 x width 64); the torch
+    # scan of older transformers (5.17) materialises [B, chunks, chunk, chunk, heads, state]: 16 GiB
+    # with Bamba's default 128 heads, state 256 and chunk 256
+    "mamba_n_heads": 8,
+    "mamba_num_heads": 8,
+    "mamba_d_head": 16,
+    "mamba_head_dim": 16,
+    "mamba_d_ssm": 128,
+    "mamba_d_state": 16,
+    "ssm_state_size": 16,
+    "state_size": 16,
     # MLPs and experts
     "intermediate_size": 64,
     "n_inner": 64,
@@ -65,6 +79,11 @@ _SIZES = {
     "shared_expert_intermediate_size": 32,
     "ffn_hidden_size": 64,
     "expert_ffn_hidden_size": 32,
+    "dim_ff": 64,
+    "dff": 64,
+    "d_inner": 64,
+    "first_dense_intermediate_size": 64,
+    "moe_shared_expert_intermediate_size": 32,
     "num_experts": 4,
     "num_local_experts": 4,
     "n_routed_experts": 4,
@@ -79,13 +98,22 @@ _SIZES = {
     "num_expert_group": 1,
     "topk_group": 1,
     "first_k_dense_replace": 1,
+    "zero_expert_num": 2,  # LongCat's identity experts: routed like the others, in the router's width
     # vocabulary and positions
     "vocab_size": 256,
     "vocab_size_per_layer_input": 256,
+    "unpadded_vocab_size": 256,
+    "shape_vocab_size": 256,
+    "pronunciation_vocab_size": 256,
+    "shape_embed_dim": 16,
+    "pronunciation_embed_dim": 16,
     "max_position_embeddings": 512,
     # windows and chunks shorter than the batch, so that they matter
     "sliding_window": WINDOW,
     "attention_chunk_size": WINDOW,
+    "chunk_size": WINDOW,  # Mamba2's SSD chunks: the state is carried across chunks
+    "mamba_chunk_size": WINDOW,
+    "block_size": WINDOW,  # MiniMax's lightning-attention blocks: the decayed state is carried across blocks
 }
 
 #: config fields of training-mode randomness, set to 0
@@ -102,6 +130,16 @@ OVERRIDES: dict[str, dict] = {
         ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2),
     ),
     "dory": dict(num_hidden_layers=2),
+    # its sliding layers' MLA sizes come from swa_* keywords (per_layer_config), head_dim = nope + rope
+    "dots3_note_text": dict(
+        swa_num_attention_heads=4,
+        swa_num_key_value_heads=4,
+        swa_q_lora_rank=16,
+        swa_kv_lora_rank=16,
+        swa_head_dim=16,
+        swa_qk_nope_head_dim=8,
+        swa_v_head_dim=8,
+    ),
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=WINDOW),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),

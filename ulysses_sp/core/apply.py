@@ -158,7 +158,7 @@ def _validate(model, config, topology: SPTopology, impl: str, head_chunks: int =
             f"{config.attention_chunk_size}), which ulysses_sp computes on sdpa, flex_attention and eager, "
             f"not on {impl}; pass attn_implementation='sdpa' or 'flex_attention'"
         )
-    mixer_layers = [t for t in layer_types if t not in SUPPORTED_LAYER_TYPES + TOKENWISE_LAYER_TYPES]
+    mixer_layers = [t for t in _layer_kinds(config) if t not in SUPPORTED_LAYER_TYPES + TOKENWISE_LAYER_TYPES]
     found = mixers.find(model)
     if mixer_layers and len(mixer_layers) != len(found):
         raise ValueError(
@@ -205,6 +205,18 @@ def _validate(model, config, topology: SPTopology, impl: str, head_chunks: int =
                 f"of each chunk; use head_chunks <= {heads // ulysses}"
             )
     check_installed(impl)
+
+
+def _layer_kinds(config) -> list[str]:
+    """Each layer's kind: ``config.layer_types``, or where a config has none, its older per-layer list
+    ``layers_block_type`` with "attention" read as full attention. RecurrentGemma in transformers 5.17 has
+    only ``layers_block_type`` (["recurrent", "attention", ...]): without it, its recurrent layers would run
+    on the shard alone, a silent wrong result instead of a refusal."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return list(layer_types)
+    legacy = getattr(config, "layers_block_type", None) or []
+    return ["full_attention" if kind == "attention" else kind for kind in legacy]
 
 
 def _validate_ring(topology: SPTopology, heads: int, impl: str, config) -> None:

@@ -114,3 +114,25 @@ def test_models_whose_positions_ignore_the_global_ids_are_refused():
     with pytest.raises(ValueError, match=r"RobertaForCausalLM derives its position ids from the token ids"):
         ulysses_sp.apply(roberta, TOPO2)
     assert not ulysses_sp.is_applied(bart) and not ulysses_sp.is_applied(roberta)
+
+
+def test_a_recurrent_layer_named_only_in_layers_block_type_is_refused(monkeypatch):
+    """transformers 5.17's RecurrentGemmaConfig names its layer kinds in ``layers_block_type`` only
+    (["recurrent", "attention"]), no ``layer_types``: its recurrent layers are refused all the same, not
+    run on the shard alone. Here the installed transformers' config is made to read as 5.17's."""
+    from tests import families
+
+    model = families.tiny_model("recurrent_gemma")
+    config_class = type(model.config)
+    attribute_map = {k: v for k, v in config_class.attribute_map.items() if k != "layer_types"}
+    monkeypatch.setattr(config_class, "attribute_map", attribute_map)
+    monkeypatch.setattr(
+        config_class, "layers_block_type", property(lambda self: (self.block_types * 100)[: self.num_hidden_layers])
+    )
+    assert getattr(model.config, "layer_types", None) is None
+    with pytest.raises(
+        ValueError,
+        match=r"RecurrentGemmaForCausalLM has 1 layers of type \['recurrent'\], of which ulysses_sp can run 0",
+    ):
+        ulysses_sp.apply(model, TOPO2)
+    assert not ulysses_sp.is_applied(model)
