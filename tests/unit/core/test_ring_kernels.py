@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ulysses_sp.core import ring
-from ulysses_sp.core.backends import block, block_flash, block_flex
+from ulysses_sp.core.backends import block, block_flash, block_flex, flex
 from ulysses_sp.core.backends.spec import AttnSpec
 
 from . import flash_reference
@@ -64,6 +64,29 @@ def test_flex_block_kernel_forward(layout_kind, causal, window, r):
     info = make_info(layout_kind, 2, 24)
     got, _ = simulated_ring(block_flex, q, k, v, info, causal, window, 0.3, r)
     torch.testing.assert_close(got, brute(q, k, v, info, causal, window, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_flex_keeps_compiling_past_dynamos_default_limit(monkeypatch):
+    """The mask kinds of FLEX_CASES and two more lengths are more compiled variants than dynamo's default
+    limit (8 per code object), past which it would run flex eagerly (dense [S, S] scores on a GPU).
+    Our compiled flex (here on dynamo's eager backend: its guards and recompiles, no Inductor) keeps
+    compiling each variant, and each result is the brute-force one."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.reset()
+    counters.clear()
+    fn = flex.compiled(flex_attention, dynamic=False, backend="eager")
+    monkeypatch.setattr(flex, "flex_function", lambda device: fn)
+    for (layout_kind, causal, window, r), S in [(case, 24) for case in FLEX_CASES] + [(CASES[0], 32), (CASES[0], 40)]:
+        q, k, v, _ = _inputs(S=S)
+        info = make_info(layout_kind, 2, S)
+        got, _ = simulated_ring(block_flex, q, k, v, info, causal, window, 0.3, r)
+        torch.testing.assert_close(got, brute(q, k, v, info, causal, window, 0.3), rtol=1e-5, atol=1e-5)
+    frames = counters["frames"]
+    assert frames["total"] > 8 and frames["ok"] == frames["total"], dict(frames)  # more variants than 8, all compiled
+    assert not any("recompile limit" in reason for reason in counters["unimplemented"]), dict(counters["unimplemented"])
+    torch._dynamo.reset()
 
 
 def _through_merge(q, k, v, mask, scale, do, out, lse, delta):

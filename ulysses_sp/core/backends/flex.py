@@ -13,19 +13,41 @@ import torch
 from .. import masks
 from .spec import AttnSpec
 
+#: compilations dynamo may keep for each of our compiled flex functions. Its default (8 per code
+#: object) is shared by every variant: each mask kind (none, a plain or per-row rule, each window),
+#: with and without gradients, of the dense path and the ring's pairs, and each new length. Past it
+#: dynamo runs the function eagerly, and eager flex materialises the [S, S] scores and eager
+#: create_block_mask a dense [B, H, S, S] mask: slow, or out of memory at long lengths (seen: the
+#: ring's flex fell back after three mask kinds with and without gradients and a second chunk length).
+RECOMPILE_LIMIT = 64
+
+
+def compiled(fn, *, dynamic: bool | None, backend: str = "inductor"):
+    """``torch.compile(fn)`` called with dynamo's recompile limit at :data:`RECOMPILE_LIMIT`."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    fn_compiled = torch.compile(fn, dynamic=dynamic, backend=backend)
+
+    def call(*args, **kwargs):
+        with dynamo_config.patch(**{name: max(RECOMPILE_LIMIT, getattr(dynamo_config, name))}):
+            return fn_compiled(*args, **kwargs)
+
+    return call
+
 
 @lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return compiled(flex_attention, dynamic=False)
 
 
 @lru_cache(maxsize=1)
 def _compiled_create_block_mask():
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return torch.compile(create_block_mask)
+    return compiled(create_block_mask, dynamic=None)
 
 
 def block_mask(mask_mod, batch: int | None, heads: int | None, Lq: int, Lk: int, device: torch.device):
