@@ -13,12 +13,38 @@ to the attention function, and gradient checkpointing replays them unchanged).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
 
 #: keyword under which the step's SequenceInfo travels from the model call to attention.
 SEQ_INFO_KWARG = "ulysses_sp_info"
+
+
+class StepCache(MutableMapping):
+    """What the attention calls of one step derive from its layout once (masks, kernel plans), shared by
+    every layer. Deliberately not a dict: wrappers that rebuild the containers of a module's inputs
+    (FSDP2 casting them to bf16 rebuilds dicts and dataclasses at every decoder layer) would otherwise
+    hand each layer an empty copy, and every layer would derive them again, host syncs included."""
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def __getitem__(self, key):
+        return self._entries[key]
+
+    def __setitem__(self, key, value) -> None:
+        self._entries[key] = value
+
+    def __delitem__(self, key) -> None:
+        del self._entries[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass
@@ -42,7 +68,7 @@ class SequenceInfo:
     max_seqlen: int | None = None
     valid_index: torch.Tensor | None = None
     gapped: bool = False
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
+    cache: StepCache = field(default_factory=StepCache, repr=False, compare=False)
 
     @property
     def is_plain(self) -> bool:

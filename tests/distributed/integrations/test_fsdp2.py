@@ -56,9 +56,15 @@ def _check_count_exact_under_bf16(ctx, topo):
     local = ulysses_sp.shard_batch({"input_ids": ids, "labels": labels}, topo)
     n = count_label_tokens(local, topo)  # 317 (all replicas) / dp
     assert float(n) == 317 and float(n.to(torch.bfloat16)) != 317
+    caches = []  # each decoder layer's unit rebuilds its float inputs' containers: the step's cache stays one
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs: caches.append(kwargs[ulysses_sp.SEQ_INFO_KWARG].cache), with_kwargs=True
+        )
     with torch.no_grad():
         mean, total = loss_module(local, n), loss_module(local, 1)
     torch.testing.assert_close(mean * n.float(), total, rtol=1e-5, atol=0)
+    assert len(caches) == 2 * len(model.model.layers) and all(c is caches[0] for c in caches[: len(caches) // 2])
 
 
 def _check(ctx, topo, tied: bool):
