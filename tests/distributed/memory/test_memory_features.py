@@ -4,7 +4,8 @@ all-to-alls of full checkpointing; under ZeRO-3 the tiled MLP agrees its tile co
 replicas holding different lengths (parameter all-gathers every tile: a disagreement would hang)
 and its gradients reach DeepSpeed once; ``integrations.deepspeed.destroy`` frees a ZeRO-3 engine,
 and the head's weight is gathered for the loss only. Compiled layers (``compile_layers``) with every
-feature give the eager gradients without a graph break, and selective checkpointing keeps its saves."""
+feature give the eager gradients without a graph break, and selective checkpointing keeps its saves;
+so do compiled layers under FSDP2 (torch >= 2.13)."""
 
 from __future__ import annotations
 
@@ -181,6 +182,38 @@ def _body_compile_sp2(ctx):
         (want_loss, want), (got_loss, got) = runs
         torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
         _assert_grads(got, want, f"compiled {name}", exact=False)
+    if not hasattr(torch._dynamo.config, "skip_fsdp_hooks"):  # torch 2.11 breaks the graph at FSDP2's hook
+        _check_compiled_under_fsdp2(base, topo, batch, backend)
+
+
+def _check_compiled_under_fsdp2(base, topo, batch, backend: str) -> None:
+    """FSDP2 over the compiled layers (launch/train.py --fsdp --compile's order: compile, then shard):
+    FSDP2's hooks run inside each compiled layer call without a graph break, and the loss and the
+    gradients (FSDP2's mean over the ranks) are the eager model's."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from ulysses_sp.core import comm
+    from ulysses_sp.integrations.fsdp2 import shard_causal_lm
+
+    model = clone(base)
+    enable_checkpointing(model, "selective")
+    ulysses_sp.apply(model, topo)
+    want_loss = ulysses_sp.causal_lm_loss(model, batch, topo)
+    want_loss.backward()
+    want = {n: comm.all_reduce(g, None) / topo.world_size for n, g in _grads(model).items()}
+    model = clone(base)
+    enable_checkpointing(model, "selective")
+    ulysses_sp.apply(model, topo)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    compile_layers(model, backend=backend)
+    loss = shard_causal_lm(model, topo)(batch)
+    loss.backward()
+    assert not dynamo_utils.counters["graph_break"], dict(dynamo_utils.counters["graph_break"])
+    assert dynamo_utils.counters["stats"]["unique_graphs"] >= 1
+    torch.testing.assert_close(loss.detach(), want_loss.detach(), rtol=1e-6, atol=1e-6)
+    got = {n: comm.full_tensor(p.grad) for n, p in model.named_parameters()}
+    _assert_grads(got, want, "compiled under FSDP2", exact=False)
 
 
 def _fused_kernels() -> CountingKernels:
