@@ -105,9 +105,6 @@ class AlstRun:
     def update(self) -> None:
         self.engine.step()
 
-    def grad_norm(self):
-        return self.engine.get_global_grad_norm()
-
     def _loss(self, batch: dict) -> torch.Tensor:
         """ArcticTraining ``SFTTrainer.loss``, sequence-parallel branch with the tiled loss."""
         from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss

@@ -12,23 +12,43 @@ from __future__ import annotations
 import torch
 
 from ulysses_sp.core import comm
+from ulysses_sp.integrations.deepspeed import destroy
 from ulysses_sp.integrations.fsdp2 import decoder_layers
 
 from .workload import GRADIENT_CLIPPING, Workload
 
 
-class Fsdp2Optimizer:
-    """AdamW over a sharded module's parameters, with the DeepSpeed config's clipping."""
+class Fsdp2Engine:
+    """An FSDP2-sharded module under AdamW, driven by the calls the sides make on a DeepSpeed engine:
+    ``engine(...)``, ``backward``, ``step``, ``get_global_grad_norm``."""
 
     def __init__(self, module: torch.nn.Module, workload: Workload):
+        self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=workload.lr, weight_decay=0.0)
         self.grad_norm: torch.Tensor | None = None  # of the last step, before clipping
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor, **deepspeed_options) -> None:
+        """``loss.backward()``; DeepSpeed's loss-scaling options do not apply (FSDP2 averages over its mesh)."""
+        loss.backward()
 
     def step(self) -> None:
         self.grad_norm = comm.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, GRADIENT_CLIPPING))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def get_global_grad_norm(self) -> torch.Tensor | None:
+        return self.grad_norm
+
+
+def release(engine) -> None:
+    """Free a side's engine: a DeepSpeed engine through ``destroy`` (it drops what DeepSpeed keeps
+    referencing); an FSDP2 engine holds nothing beyond its own references."""
+    if not isinstance(engine, Fsdp2Engine):
+        destroy(engine)
 
 
 def shard_plain(model: torch.nn.Module, workload: Workload) -> torch.nn.Module:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import deepspeed
 import torch
 
-from ulysses_sp.integrations.deepspeed import destroy
 from ulysses_sp.memory.activation_checkpointing import gradient_checkpointing_kwargs
 
 from . import levers as lv
-from .fsdp2 import Fsdp2Optimizer, shard_plain
+from .fsdp2 import Fsdp2Engine, release, shard_plain
 from .workload import Workload
 
 
@@ -59,33 +58,23 @@ class HfRun:
                 model=self.model,
             )
         if wl.engine == "fsdp2":
-            self.engine = shard_plain(self.model, wl)
-            self.optimizer = Fsdp2Optimizer(self.engine, wl)
+            self.engine = Fsdp2Engine(shard_plain(self.model, wl), wl)
         else:
             self.engine, *_ = deepspeed.initialize(
                 model=self.model, model_parameters=list(self.model.parameters()), config=wl.ds_config()
             )
-            self.optimizer = None
         full = wl.full_batch(seq_len, self.model.config.vocab_size)
         self.batch = {k: full[k].to(wl.device) for k in ("input_ids", "labels", "position_ids")}
 
     def forward_backward(self) -> torch.Tensor:
         with lv.step_context(self.levers):
             loss = self.engine(**self.batch, use_cache=False).loss
-            if self.optimizer is None:
-                self.engine.backward(loss)
-            else:
-                loss.backward()
+            self.engine.backward(loss)
         return loss.detach()
 
     def update(self) -> None:
-        (self.engine if self.optimizer is None else self.optimizer).step()
-
-    def grad_norm(self):
-        """The last step's gradient norm before clipping (None where the engine does not keep it)."""
-        return self.engine.get_global_grad_norm() if self.optimizer is None else self.optimizer.grad_norm
+        self.engine.step()
 
     def close(self) -> None:
-        if self.optimizer is None:
-            destroy(self.engine)
-        self.engine = self.model = self.batch = self.optimizer = None
+        release(self.engine)
+        self.engine = self.model = self.batch = None

@@ -26,7 +26,7 @@ from ulysses_sp.memory.rms_norm import enable_rms_norm_recompute
 from ulysses_sp.memory.tiled_mlp import tile_mlp
 
 from . import levers as lv
-from .fsdp2 import Fsdp2Optimizer
+from .fsdp2 import Fsdp2Engine, release
 from .workload import Workload
 
 
@@ -62,12 +62,10 @@ class OursRun:
             compile_layers(self.model)
         use_liger = True if "liger" in levers else False if "tiled" in levers else None
         if wl.engine == "fsdp2":
-            self.engine = shard_causal_lm(self.model, topo, param_dtype=wl.dtype, use_liger=use_liger)
-            self.optimizer = Fsdp2Optimizer(self.engine, wl)
+            self.engine = Fsdp2Engine(shard_causal_lm(self.model, topo, param_dtype=wl.dtype, use_liger=use_liger), wl)
         else:
             module = CausalLMLoss(self.model, topo, use_liger=use_liger)
             self.engine, *_ = ds_integration.initialize(module, topo, wl.ds_config())
-            self.optimizer = None
         full = wl.full_batch(seq_len, self.model.config.vocab_size)
         self.batch = to_device(shard_batch({"input_ids": full["input_ids"], "labels": full["labels"]}, topo), wl.device)
 
@@ -75,21 +73,13 @@ class OursRun:
         num_items = count_label_tokens(self.batch, self.topology)
         with sharded_rng(self.topology), lv.step_context(self.levers):
             loss = self.engine(self.batch, num_items)
-            if self.optimizer is None:
-                self.engine.backward(loss, scale_wrt_gas=False)
-            else:
-                loss.backward()
+            self.engine.backward(loss, scale_wrt_gas=False)
         return loss.detach()
 
     def update(self) -> None:
-        (self.engine if self.optimizer is None else self.optimizer).step()
-
-    def grad_norm(self):
-        """The last step's gradient norm before clipping (None where the engine does not keep it)."""
-        return self.engine.get_global_grad_norm() if self.optimizer is None else self.optimizer.grad_norm
+        self.engine.step()
 
     def close(self) -> None:
-        if self.optimizer is None:
-            ds_integration.destroy(self.engine)
+        release(self.engine)
         remove(self.model)
-        self.engine = self.model = self.batch = self.optimizer = None
+        self.engine = self.model = self.batch = None

@@ -78,8 +78,8 @@ def zero_partition_ranks(model: torch.nn.Module) -> int | None:
     return None if group is None else dist.get_world_size(group)
 
 
-def _grad_norm(run) -> float | None:
-    norm = run.grad_norm()
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
 
 
@@ -123,7 +123,7 @@ def _timed(run, workload: Workload, measure: Measure, record: dict, build_peak: 
         times.append(time.perf_counter() - start)
         step_peak = max(step_peak, _memory(device)[0])
         losses.append(float(loss))
-        norms.append(_grad_norm(run))
+        norms.append(_grad_norm(run.engine))
     times = _world_max(times, device)
     record.update(
         losses=losses,

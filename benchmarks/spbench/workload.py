@@ -15,8 +15,6 @@ import transformers
 from ulysses_sp.train.presets import build_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-#: the engines a configuration can run under (``--engine``)
-ENGINES = ("deepspeed", "fsdp2")
 #: gradient clipping of both engines
 GRADIENT_CLIPPING = 1.0
 
@@ -34,7 +32,7 @@ class Workload:
     batch_size: int
     zero_stage: int
     lr: float
-    engine: str  # one of ENGINES
+    engine: str  # "deepspeed" or "fsdp2" (--engine)
     seed: int
 
     def config(self, attn_implementation: str) -> transformers.PretrainedConfig:

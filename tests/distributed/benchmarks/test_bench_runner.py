@@ -15,6 +15,11 @@ from tests.helpers import tiny_model
 pytestmark = cpu_only("CPU/gloo checks of the benchmark runner's OOM agreement")
 
 
+class _Engine:
+    def get_global_grad_norm(self):
+        return 1.0
+
+
 _MODEL = []
 
 
@@ -22,7 +27,7 @@ class _Run:
     def __init__(self, oom_above: int, seq_len: int):
         if not _MODEL:
             _MODEL.append(tiny_model("tiny-llama"))
-        self.model = _MODEL[0]
+        self.model, self.engine = _MODEL[0], _Engine()
         self.oom = seq_len > oom_above
 
     def forward_backward(self):
@@ -33,9 +38,6 @@ class _Run:
 
     def update(self):
         pass
-
-    def grad_norm(self):
-        return 1.0
 
     def close(self):
         pass
