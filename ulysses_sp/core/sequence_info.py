@@ -74,6 +74,11 @@ class SequenceInfo:
     def is_plain(self) -> bool:
         return self.doc_ids is None and self.key_valid is None
 
+    @property
+    def rows(self) -> int | None:
+        """B, the rows the layout describes; None for a plain info (every row alike)."""
+        return None if self.is_plain else (self.doc_ids if self.doc_ids is not None else self.key_valid).shape[0]
+
     def to(self, device: torch.device) -> SequenceInfo:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return SequenceInfo(

@@ -115,7 +115,7 @@ def pair_mask(info: SequenceInfo, causal: bool, window, q_pos: range, k_pos: ran
     """(the pair's list of VarlenCall, whether it is empty) for queries at global positions ``q_pos``
     and keys at ``k_pos``; one host transfer of the pair's documents and padding."""
     L = len(q_pos)
-    rows = 1 if info.is_plain else (info.doc_ids if info.doc_ids is not None else info.key_valid).shape[0]
+    rows = info.rows or 1
     doc = torch.zeros(rows, info.seq_len, dtype=torch.int32) if info.doc_ids is None else info.doc_ids.cpu()
     ok = torch.ones(rows, info.seq_len, dtype=torch.bool) if info.key_valid is None else info.key_valid.cpu()
     groups: dict[tuple, tuple[list, list, list, list]] = {}

@@ -13,7 +13,7 @@ gradient w.r.t. the global softmax is taken through the merge. With the merged
 and flex's backward of (o_b, lse_b) with these gives ``ds = p_b w_b (dp - delta) = p (dp - delta)``,
 block.py's formula. It recomputes the pair's forward in the backward (flex keeps nothing between
 calls), so a pair costs two flex forwards and one flex backward. torch has no flex backward on CPU:
-there the ring runs flex forward-only (``check_trainable``); the formula is tested on CPU through
+there the ring runs flex forward-only (``ring.check_supported`` refuses training); the formula is tested on CPU through
 :func:`backward_through_merge` with the torch kernel's forward, flex's own on a GPU.
 """
 
@@ -38,8 +38,7 @@ def pair_mask(info: SequenceInfo, causal: bool, window, q_pos: range, k_pos: ran
     def shifted(b, h, q, k):  # block-local (q, k) -> the rule at global positions
         return rule(b, h, q + q0, k + k0)
 
-    batch = None if info.is_plain else (info.doc_ids if info.doc_ids is not None else info.key_valid).shape[0]
-    block_mask = flex.block_mask(shifted, batch, None, len(q_pos), len(k_pos), device)
+    block_mask = flex.block_mask(shifted, info.rows, None, len(q_pos), len(k_pos), device)
     if torch.compiler.is_compiling():
         return block_mask, False
     full = block_mask.full_kv_num_blocks
