@@ -84,6 +84,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="skip the extra profiled step that measures exposed communication",
     )
     p.add_argument(
+        "--memory-sites",
+        action="store_true",
+        help="eager configurations: one more forward + backward per configuration that names the allocations "
+        "live at its peak (spbench/sites.py; on CPU the storages ops made); two lengths give each site's growth "
+        "per token",
+    )
+    p.add_argument(
         "--peak-flops",
         type=float,
         default=989e12,
@@ -186,7 +193,9 @@ def main(argv=None) -> None:
     }
     results = Results(args.out, settings, device, rank)
     peak = args.peak_flops
-    measure = Measure(warmup=args.warmup, steps=args.steps, profile=args.profile and device_type == "cuda")
+    measure = Measure(
+        warmup=args.warmup, steps=args.steps, profile=args.profile and device_type == "cuda", sites=args.memory_sites
+    )
     results.log(
         f"{len(args.seq_lens)} lengths x {len(configs)} configurations on {world} ranks (sp {sp}), "
         f"attn {attn}; results -> {args.out}"
@@ -235,6 +244,13 @@ def _problems(args, configs, device_type: str, attn: str, sp: int) -> list[str]:
             for s in args.seq_lens
             if s % (2 * sp)
         ]
+    if args.memory_sites:
+        problems += [
+            f"{spec}: --memory-sites names ops by the dispatcher, which compiled layers bypass; drop 'compile'"
+            for spec, _, levers in configs
+            if "compile" in levers
+        ]
+        problems += [f"{spec}: --memory-sites measures ours and hf" for spec, side, _ in configs if side == "alst"]
     if not args.seq_lens and not args.max_len_search:
         problems.append("nothing to do: give --seq-lens and/or --max-len-search")
     return problems

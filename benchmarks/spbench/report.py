@@ -19,6 +19,8 @@ import torch
 
 from ulysses_sp.train import flops
 
+from . import sites
+
 _ENV_KEYS = (
     "PYTORCH_CUDA_ALLOC_CONF",
     "NCCL_NVLS_ENABLE",
@@ -119,6 +121,7 @@ class Results:
         self.data["runs"].append(record)
         self.data["ratios"] = ratios(self.data["runs"], self.data["settings"]["baseline"])
         self.data["parity"] = parity(self.data["runs"])
+        self.data["memory_site_slopes"] = sites.slopes(self.data["runs"])
         self.write()
 
     def add_search(self, result: dict) -> None:
@@ -268,6 +271,7 @@ def format_table(data: dict) -> str:
             for p in data["parity"]
         )
         lines += ["", f"parity (first-step loss, same weights and batch): {pairs}"]
+    lines += _sites_lines(data)
     for x in data.get("searches", []):
         fit = x.get("memory_fit") or {}
         lines.append(
@@ -277,3 +281,35 @@ def format_table(data: dict) -> str:
             f"{_fmt(fit.get('extrapolated_max_len'), 'd')} extrapolated)"
         )
     return "\n".join(lines)
+
+
+def _sites_lines(data: dict) -> list[str]:
+    """The --memory-sites tables: live allocations at each run's forward + backward peak, then each
+    site's growth per token where a configuration ran at two lengths (sites.py)."""
+    gib, kib = 2**30, 2**10
+    lines = []
+    for r in data["runs"]:
+        m = r.get("memory_sites")
+        if not m:
+            continue
+        inside = m["peak_inside_op"]
+        lines += [
+            "",
+            f"memory at the fwd+bwd peak, {r['config']} at {r['seq_len']} ({m['tokens']} local tokens): allocated "
+            f"{m['state_peak_bytes'] / gib:.2f} GiB between ops, {m['peak_inside_op_bytes'] / gib:.2f} GiB inside "
+            f"{inside['op']} (its own {inside['own_bytes'] / gib:.2f} GiB)",
+        ]
+        lines += [f"{x['bytes'] / gib:>9.3f} GiB {x['blocks']:>5} blocks  {x['site']}" for x in m["sites"]]
+    for x in data.get("memory_site_slopes", []):
+        lines += [
+            "",
+            f"growth per local token, {x['config']} ({x['tokens'][0]} -> {x['tokens'][1]} tokens): "
+            f"{x['state_peak_bytes_per_token'] / kib:.1f} KiB between ops, "
+            f"{x['peak_inside_op_bytes_per_token'] / kib:.1f} KiB at the peak inside an op",
+        ]
+        lines += [
+            f"{s['bytes_per_token'] / kib:>9.2f} KiB  {s['site']}"
+            for s in x["sites"]
+            if abs(s["bytes_per_token"]) >= kib / 4
+        ]
+    return lines

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ulysses_sp.train import flops
 
-from . import comm
+from . import comm, sites
 from .workload import Workload, synchronize
 
 _STATUS = {0: "ok", 1: "oom", 2: "error"}
@@ -42,6 +42,7 @@ class Measure:
     warmup: int
     steps: int
     profile: bool
+    sites: bool = False  # one more forward + backward, where its peak memory goes (sites.py)
 
 
 def _world_max(values: list[float], device: torch.device) -> list[float]:
@@ -153,6 +154,11 @@ def _timed(run, workload: Workload, measure: Measure, record: dict, build_peak: 
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, summary)
         record["comm"] = _aggregate(gathered)
+    if measure.sites:
+        dist.barrier()
+        tokens = run.batch["input_ids"].numel()  # this rank's tokens, the "s" of the site names
+        record["memory_sites"] = sites.measure(run.forward_backward, run.model, device, tokens)
+        run.update()
 
 
 def _failure(exc: BaseException, phase: str, spec: str, seq_len: int, record: dict) -> int:
