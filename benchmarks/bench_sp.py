@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--memory-sites",
         action="store_true",
-        help="eager configurations: one more forward + backward per configuration that names the allocations "
+        help="ours and hf, eager: one more forward + backward per configuration that names the allocations "
         "live at its peak (spbench/sites.py; on CPU the storages ops made); two lengths give each site's growth "
         "per token",
     )
@@ -250,7 +250,6 @@ def _problems(args, configs, device_type: str, attn: str, sp: int) -> list[str]:
             for spec, _, levers in configs
             if "compile" in levers
         ]
-        problems += [f"{spec}: --memory-sites measures ours and hf" for spec, side, _ in configs if side == "alst"]
     if not args.seq_lens and not args.max_len_search:
         problems.append("nothing to do: give --seq-lens and/or --max-len-search")
     return problems

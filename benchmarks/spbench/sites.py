@@ -51,6 +51,15 @@ def shape_label(shape: torch.Size, tokens: int) -> str:
     return "[" + ", ".join("s" if n == tokens and tokens > 1 else str(n) for n in shape) + "]"
 
 
+def _address(t: torch.Tensor) -> int | None:
+    """The data address of a tensor's storage; None for a tensor without one of its own (a wrapper
+    subclass such as an in-flight collective's result, a meta or fake tensor)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 class CudaAllocator:
     """What the mode reads of torch's CUDA caching allocator on one device."""
 
@@ -141,13 +150,13 @@ class SiteMode(TorchDispatchMode):
         before = self.allocator.allocated()
         self.allocator.reset_peak()
         out = func(*args, **kwargs)
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs = {_address(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         phase, where = self._where()
         op = str(func.overloadpacket)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device == self.device:
-                address = t.untyped_storage().data_ptr()
-                if address not in inputs:
+                address = _address(t)
+                if address is not None and address not in inputs:
                     dtype = _DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch."))
                     self.maker[address] = f"{phase} {where} {op} {shape_label(t.shape, self.tokens)} {dtype}"
                     if self.allocator.track is not None:
