@@ -40,6 +40,8 @@ from torch.utils._pytree import tree_leaves
 RESOLUTION = 32 << 20
 #: sites kept per measurement (the rest are summed as "other")
 TOP = 30
+#: the allocator's rounding of a block above the bytes it was asked for (2 MiB pages of large blocks)
+STALE_SLACK = 2 << 20
 BEFORE = "before the step"
 UNLABELLED = "unlabelled"
 _LAYER_INDEX = re.compile(r"\.\d+(?=\.|$)")
@@ -132,7 +134,7 @@ class SiteMode(TorchDispatchMode):
     def __init__(self, allocator, device: torch.device, tokens: int, scope: list[str]):
         super().__init__()
         self.allocator, self.device, self.tokens, self.scope = allocator, device, tokens, scope
-        self.maker: dict[int, str] = {}  # storage address -> the site that made it
+        self.maker: dict[int, tuple[str, int]] = {}  # storage address -> (the site that made it, its bytes)
         self.before = allocator.live_blocks()
         self.best, self.at_best = allocator.allocated(), dict(self.before)
         self.inside_best, self.inside_op = 0, None
@@ -158,7 +160,8 @@ class SiteMode(TorchDispatchMode):
                 address = _address(t)
                 if address is not None and address not in inputs:
                     dtype = _DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch."))
-                    self.maker[address] = f"{phase} {where} {op} {shape_label(t.shape, self.tokens)} {dtype}"
+                    name = f"{phase} {where} {op} {shape_label(t.shape, self.tokens)} {dtype}"
+                    self.maker[address] = (name, t.untyped_storage().nbytes())
                     if self.allocator.track is not None:
                         self.allocator.track(t.untyped_storage())
         inside = self.allocator.peak()
@@ -173,7 +176,15 @@ class SiteMode(TorchDispatchMode):
     def summary(self) -> dict:
         sites: dict[str, list[int]] = {}
         for address, size in self.at_best.items():
-            name = self.maker.get(address) or (BEFORE if address in self.before else UNLABELLED)
+            made = self.maker.get(address)
+            if made is None:
+                name = BEFORE if address in self.before else UNLABELLED
+            elif size > made[1] + max(made[1] // 4, STALE_SLACK):
+                # a block larger than the storage named at its address: something the mode did not see
+                # (an op's internal allocation, the autograd engine's) reused the address since
+                name = f"{UNLABELLED} (last named there: {made[0]})"
+            else:
+                name = made[0]
             entry = sites.setdefault(name, [0, 0])
             entry[0] += size
             entry[1] += 1

@@ -18,7 +18,10 @@ the inverse all-to-all run per group under a non-reentrant checkpoint. The full-
 of one group exist at a time, in the forward and in the backward (which recomputes the group's
 all-to-alls and kernel forward), so the attention's working set is 1/C of all heads' [B, S, n, H];
 each head's math is unchanged, so the gradients are exact. Cost: one more kernel forward and
-all-to-all round per layer and step (what selective checkpointing would have saved).
+all-to-all round per layer and step (what selective checkpointing would have saved). The chunks'
+gradients are written into one buffer per input (:class:`_HeadChunk`): a plain slice's backward
+would make a zero-padded full-size gradient per chunk, and autograd would hold and sum C of them,
+more than the chunking saves (measured: 3 of them live at the peak of a 128K step).
 """
 
 from __future__ import annotations
@@ -98,6 +101,10 @@ class UlyssesAttention:
             out = self._attend(query, key, value, attention_mask, s_aux, spec)
         else:  # C groups of whole kv heads with their query heads (module docstring)
             nq, nkv = Nq // C, key.shape[1] // C
+            # one gradient buffer each for q, k, v; under torch.compile plain slices (dynamo cannot trace a
+            # backward that mutates state outside the graph; it would run the whole layer eagerly)
+            compiling = torch.compiler.is_compiling()
+            grads = [None] * 3 if compiling else [_ChunkGrads(t, C) for t in (query, key, value)]
             outs = []
             for c in range(C):
                 q_c, kv_c = slice(c * nq, (c + 1) * nq), slice(c * nkv, (c + 1) * nkv)
@@ -105,7 +112,10 @@ class UlyssesAttention:
                 if torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[1] == Nq:
                     mask = mask[:, q_c]  # a per-head mask follows its heads
                 sinks = None if s_aux is None else s_aux[q_c]
-                chunk = (query[:, q_c], key[:, kv_c], value[:, kv_c])  # [B, nq|nkv, s, H]
+                chunk = [
+                    t[:, heads] if compiling else _HeadChunk.apply(t, heads, g)
+                    for t, heads, g in zip((query, key, value), (q_c, kv_c, kv_c), grads)
+                ]  # [B, nq|nkv, s, H]
                 outs.append(checkpoint(self._attend, *chunk, mask, sinks, spec, use_reentrant=False))
             out = torch.cat(outs, dim=2)  # [B, s, Nq, Hv]
         # contiguous, as transformers' own kernels return it: models .view() it (JetMoE, AFMoE), and with
@@ -171,6 +181,44 @@ class UlyssesAttention:
                 )
             mask = mask[:, my_heads]  # [B, nq, S, S]
         return mask
+
+
+class _ChunkGrads:
+    """The gradient of one input [B, N, s, H] of head-chunked attention, assembled chunk by chunk:
+    the first chunk's backward allocates it, each writes its heads, the last returns it (and resets).
+    Keeps the input's shape and layout, not the input: a tensor held outside save_for_backward would
+    escape the layer's checkpoint and stay alive until the backward."""
+
+    def __init__(self, x: torch.Tensor, chunks: int):
+        self.like = torch.empty_like(x, device="meta")  # x's layout where it is dense, else contiguous
+        self.device, self.chunks, self.left, self.full = x.device, chunks, chunks, None
+
+    def add(self, heads: slice, grad: torch.Tensor | None) -> torch.Tensor | None:
+        if self.full is None:
+            self.full = torch.empty_like(self.like, device=self.device)
+        if grad is None:
+            self.full[:, heads].zero_()
+        else:
+            self.full[:, heads].copy_(grad)
+        self.left -= 1
+        if self.left:
+            return None  # autograd adds nothing for None: the buffer is returned once, whole
+        full, self.full, self.left = self.full, None, self.chunks
+        return full
+
+
+class _HeadChunk(torch.autograd.Function):
+    """``x[:, heads]`` of a head-chunked input [B, N, s, H] -> [B, n, s, H], whose backward writes
+    into the input's :class:`_ChunkGrads` instead of returning a zero-padded full-size gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, heads: slice, grads: _ChunkGrads) -> torch.Tensor:
+        ctx.heads, ctx.grads = heads, grads
+        return x[:, heads]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.grads.add(ctx.heads, grad), None, None
 
 
 def chunk_size(module: torch.nn.Module) -> int | None:

@@ -82,7 +82,7 @@ def _body_sp2(ctx):
         "full+heads": ("full", False, None, False, 2, 5),
         "full+heads+tiled+offload+norms": ("full", True, 7, True, 2, 5),
     }
-    results, default_tile = {}, rms_norm.TILE_ELEMENTS
+    results, slice_grads, default_tile = {}, {}, rms_norm.TILE_ELEMENTS
     for name, (policy, offload, tile, norms, chunks, bwd_a2a) in cases.items():
         model = clone(base)
         kernels = _fused_kernels() if "fused" in name.split("+") else None
@@ -103,11 +103,14 @@ def _body_sp2(ctx):
         finally:
             rms_norm.TILE_ELEMENTS = default_tile
         assert fwd.counts[A2A] == 2 * chunks * layers, (name, fwd.counts[A2A])
+        slice_grads[name] = bwd.counts["aten::slice_backward"]
         if ctx.device.type == "cpu":  # CUDA runs the backward on the autograd engine's device thread
             assert bwd.counts[A2A] == bwd_a2a * chunks * layers, (name, bwd.counts[A2A])
         if kernels:  # every op on the kernels: norms, MLPs and RoPE in the forward and the recomputation
             assert min(kernels.calls.values()) >= layers, (name, kernels.calls)
         results[name] = (loss.detach(), _grads(model))
+    # head chunks write their gradients into one buffer per input, not a zero-padded full-size one per chunk
+    assert slice_grads["heads"] == slice_grads["none"] and slice_grads["full+heads"] == slice_grads["full"], slice_grads
     ref_loss, ref = results["none"]
     for name, (loss, grads) in results.items():
         # recomputation and copies are bitwise; tiles and the closed-form norm backward sum in another

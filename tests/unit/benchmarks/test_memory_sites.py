@@ -59,7 +59,7 @@ class _EveryName(sites.SiteMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        self.names = getattr(self, "names", set()) | set(self.maker.values())
+        self.names = getattr(self, "names", set()) | {name for name, _ in self.maker.values()}
         return out
 
 
@@ -84,7 +84,7 @@ def test_summary_sums_live_blocks_by_name_at_the_highest_allocation():
         a = torch.ones(4, 3)
         b = torch.ones(4, 3)
         allocator.now = sites.RESOLUTION  # the next op reaches the maximum: its blocks are read
-        allocator.blocks = {1: 100, a.data_ptr(): 48, b.data_ptr(): 48, 7: 5}
+        allocator.blocks = {1: 100, a.data_ptr(): 48, b.data_ptr(): 48 + (8 << 20), 7: 5}  # b's block: reused
         a.add_(1)  # in place: a keeps its maker's name
         allocator.now = sites.RESOLUTION // 2  # lower: the blocks at the maximum stay
         allocator.blocks = {}
@@ -92,8 +92,13 @@ def test_summary_sums_live_blocks_by_name_at_the_highest_allocation():
     summary = mode.summary()
     assert summary["state_peak_bytes"] == sites.RESOLUTION
     assert summary["sites"] == [
+        {
+            "site": "unlabelled (last named there: fwd model aten.ones [s, 3] fp32)",
+            "bytes": 48 + (8 << 20),
+            "blocks": 1,
+        },
         {"site": "before the step", "bytes": 100, "blocks": 1},
-        {"site": "fwd model aten.ones [s, 3] fp32", "bytes": 96, "blocks": 2},
+        {"site": "fwd model aten.ones [s, 3] fp32", "bytes": 48, "blocks": 1},
         {"site": "unlabelled", "bytes": 5, "blocks": 1},
     ]
 
