@@ -93,38 +93,38 @@ class CudaAllocator:
 
 
 class TrackingAllocator:
-    """Any device (CPU runs): the storages the mode saw ops make, each counted until its last reference
-    goes (a weakref on the storage). Workspace inside an op is not seen, so the peak inside an op is
-    the level after it; nothing made before the step is counted."""
+    """Any device (CPU runs): the storages the mode saw ops make, each counted while it holds memory
+    (a weakref on the storage, read at each count: a storage can outlive its memory, as FSDP2's
+    ``resize_(0)`` of gathered parameters does). Workspace inside an op is not seen, so the peak
+    inside an op is the level after it; nothing made before the step is counted."""
 
     resolution = 1  # its blocks are a dict: read at every new maximum
 
     def __init__(self):
-        self.live: dict[int, int] = {}
-        self.total = 0
+        self.storages: dict[int, weakref.ref] = {}  # address -> the newest storage made there
 
     def track(self, storage: torch.UntypedStorage) -> None:
-        address, size = storage.data_ptr(), storage.nbytes()
-        if address in self.live or size == 0:
-            return
-        self.live[address] = size
-        self.total += size
-        weakref.finalize(storage, self._free, address)
+        if storage.nbytes():
+            self.storages[storage.data_ptr()] = weakref.ref(storage)
 
-    def _free(self, address: int) -> None:
-        self.total -= self.live.pop(address)
+    def live_blocks(self) -> dict[int, int]:
+        out = {}
+        for address, ref in list(self.storages.items()):
+            storage = ref()
+            if storage is None or storage.nbytes() == 0 or storage.data_ptr() != address:
+                del self.storages[address]  # freed, resized to nothing, or moved
+            else:
+                out[address] = storage.nbytes()
+        return out
 
     def allocated(self) -> int:
-        return self.total
+        return sum(self.live_blocks().values())
 
     def reset_peak(self) -> None:
         pass
 
     def peak(self) -> int:
-        return self.total
-
-    def live_blocks(self) -> dict[int, int]:
-        return dict(self.live)
+        return self.allocated()
 
 
 class SiteMode(TorchDispatchMode):

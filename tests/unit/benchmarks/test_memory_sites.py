@@ -135,3 +135,14 @@ def test_slopes_per_site_between_the_shortest_and_longest_length():
 def test_shape_label_names_the_token_dimension():
     assert sites.shape_label(torch.Size([1, 32, 65536, 128]), 65536) == "[1, 32, s, 128]"
     assert sites.shape_label(torch.Size([1, 1]), 1) == "[1, 1]"
+
+
+def test_tracking_allocator_counts_storages_while_they_hold_memory():
+    allocator = sites.TrackingAllocator()
+    kept, freed, emptied = torch.ones(100), torch.ones(50), torch.ones(25)
+    for t in (kept, freed, emptied):
+        allocator.track(t.untyped_storage())
+    assert allocator.allocated() == 4 * 175
+    del freed
+    emptied.untyped_storage().resize_(0)  # FSDP2 frees gathered parameters so: the storage outlives its memory
+    assert allocator.live_blocks() == {kept.data_ptr(): 400}
