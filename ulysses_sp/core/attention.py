@@ -193,13 +193,10 @@ class _ChunkGrads:
         self.like = torch.empty_like(x, device="meta")  # x's layout where it is dense, else contiguous
         self.device, self.chunks, self.left, self.full = x.device, chunks, chunks, None
 
-    def add(self, heads: slice, grad: torch.Tensor | None) -> torch.Tensor | None:
+    def add(self, heads: slice, grad: torch.Tensor) -> torch.Tensor | None:
         if self.full is None:
             self.full = torch.empty_like(self.like, device=self.device)
-        if grad is None:
-            self.full[:, heads].zero_()
-        else:
-            self.full[:, heads].copy_(grad)
+        self.full[:, heads].copy_(grad)  # autograd materialises a chunk's missing gradient as zeros
         self.left -= 1
         if self.left:
             return None  # autograd adds nothing for None: the buffer is returned once, whole
