@@ -10,23 +10,39 @@ per local token, ``b`` = 2 in bf16):
 * no checkpointing, per layer: two RMSNorms (an fp32 copy of the input and the bf16 output, 3bd
   each; b·d each with the norm recompute), the attention kernel's q, k, v and output and the
   output's contiguous copy for o_proj (3bd + 2bk), the MLP's gate, up, SiLU and product (4bf; none
-  with the tiled MLP, which keeps only its input);
+  with the tiled MLP, which keeps only its input); the layer being backpropagated adds the gate's
+  and up's gradients (2bf, untiled);
 * full checkpointing, per layer: the layer input (bd; 0 with offload), plus one layer's worth of
-  the above while it is recomputed and backpropagated (its gradients replace it as they come);
+  the above while it is recomputed and backpropagated (its gradients replace it as they come), or,
+  where larger, its attention phase: the layer without the MLP's activations (freed by then) plus
+  the attention kernel's backward, the output's gradient, dq, dk, dv and the kernel's fp32 dq
+  accumulator (2bd + 2bk + 4d). ``bench_sp.py --memory-sites`` (H100, cuDNN, 128K tokens, full
+  checkpointing, tiled MLP, offload, norm recompute) found the fwd+bwd peak inside that kernel,
+  which allocates 44 KiB per token: once the MLP is tiled this phase is the layer's largest;
 * selective: full's, plus the saved kernel and all-to-all outputs, b(3d + 2k) + 2bd at P > 1 and
   b·d at P = 1 (no all-to-all);
 * compiled layers without checkpointing (``--compile``, Inductor): its partitioner recomputes the
   elementwise work in the backward and keeps the matmul and kernel outputs: the norms' inputs (2bd),
   q, k, v before and after RoPE and the kernel's output (3bd + 4bk), the MLP's gate and up (2bf).
-  Measured on an H200 (64K tokens): 66.2 GiB, this model says 65.2. A checkpointed layer's recompute
-  peaks as the eager one does (selective + compiled at 110K tokens: 56.6 GiB measured, 59.7 here);
-* head chunks divide the attention's share of the recomputed layer by their number;
-* the loss's working set by its path (loss/tiled_ce.py): full logits 10 s V bytes (bf16 logits,
-  fp32 logits and their gradient), else 3 GiB (three fp32 tiles of 1 GiB; liger's chunks and fp32
-  weight gradient stay below), plus the backbone's output and its gradient (2bd);
+  A checkpointed layer's recompute peaks as the eager one does;
+* head chunks divide the attention's share of the recomputed layer, and its backward's, by their number;
+* the residual stream's gradient (bd) while the layers are backpropagated; the loss's working set
+  comes before them and is freed by then: by its path (loss/tiled_ce.py) full logits 10 s V bytes
+  (bf16 logits, fp32 logits and their gradient), else 3 GiB (three fp32 tiles of 1 GiB; liger's
+  chunks and fp32 weight gradient stay below), plus the backbone's output and its gradient (2bd);
+  the larger of the two counts;
 * static: 16 bytes per parameter (weights, gradients, AdamW's two moments; fp32, or bf16 with fp32
   masters), 4 of them divided by the ranks that shard weights and gradients (ZeRO-3, FSDP2), 12 by
-  those that shard the optimizer state (ZeRO 1-3, FSDP2).
+  those that shard the optimizer state (ZeRO 1-3, FSDP2);
+* a layer-wise sharding engine (ZeRO-3, FSDP2; also on one rank) holds two layers' parameters
+  gathered in the compute dtype (the running one and the prefetched one) and, under FSDP2, two
+  layers' unsharded gradients in fp32 before their reduce-scatter (``--memory-sites`` on one H100
+  found 3 to 5 such 0.93 GiB blocks live at a 128K backward's peak, as many as the reduce-scatter
+  stream had not yet consumed).
+
+Six peaks measured on GPUs (H200 and H100; no checkpointing compiled, selective, every feature;
+64K to 128K tokens; torch engine and FSDP2) lie within 2 % below and 11 % above this model
+(tests/unit/train/test_memory_plan.py holds them).
 
 Candidates are tried in the order of their measured cost (docs/performance.md: none, selective,
 then the norm recompute and offload at under 1 % each, full, the tiled MLP at ~6 %, head chunks);
@@ -122,33 +138,42 @@ def predicted_peak(
     static_shards: int,
     optimizer_shards: int,
     compiled: bool = False,
+    gathered_by: str | None = None,
 ) -> int:
     """Predicted peak bytes of one rank: static memory plus the activations of ``tokens`` local tokens
     under ``features`` (module docstring). ``static_shards``: ranks sharding weights and gradients
     (ZeRO-3, FSDP2), ``optimizer_shards``: ranks sharding the optimizer state; ``compiled``: the
-    decoder layers run compiled by Inductor."""
+    decoder layers run compiled by Inductor; ``gathered_by``: "zero3" or "fsdp2" when that engine
+    gathers each layer's parameters for its forward and backward (its in-flight buffers)."""
     b, d, k, f = dtype_bytes, shape.d, shape.k, shape.f
     norms = 2 * (b * d if features.recompute_norms else 3 * b * d)
     attention = 3 * b * d + 2 * b * k
+    kernel_backward = 2 * b * d + 2 * b * k + 4 * d
     mlp = 0 if features.tiled_mlp else 4 * b * f
+    mlp_backward = 0 if features.tiled_mlp else 2 * b * f  # the gate's and up's gradients
     layer = norms + attention + mlp  # one layer's activations, no checkpointing
     if features.grad_ckpt == "none":
         if compiled:
             layer = 2 * b * d + 3 * b * d + 4 * b * k + (0 if features.tiled_mlp else 2 * b * f)
         stack = shape.layers * layer
-        working = layer  # the gradients of the layer being backpropagated
+        working = layer + mlp_backward  # the gradients of the layer being backpropagated
     else:
         stack = shape.layers * (0 if features.offload_activations else b * d)
         if features.grad_ckpt == "selective":
             stack += shape.layers * (b * (3 * d + 2 * k) + 2 * b * d if sp > 1 else b * d)
         # the recomputed layer's activations; its gradients replace them as the backward walks back
-        # (measured on an H200: selective at 110K tokens peaked at 56.6 GiB, this model says 60)
-        working = layer - attention + attention // features.head_chunks
-    # the loss's working set, plus the backbone's output and its gradient
+        chunks = features.head_chunks
+        mlp_phase = layer - attention + attention // chunks + mlp_backward
+        working = max(mlp_phase, layer - mlp + (attention + kernel_backward) // chunks)
+    # the loss's working set, plus the backbone's output and its gradient; freed before the layers'
+    # backward, which carries the residual stream's gradient (b·d) instead
     full = fits_full(tokens, shape.vocab, DEFAULT_FULL_LOGITS_BYTES)
     loss = (10 * tokens * shape.vocab if full else 3 * DEFAULT_TILE_BYTES) + 2 * b * d * tokens
     static = shape.params * 4 // static_shards + shape.params * 12 // optimizer_shards
-    return static + tokens * (stack + working) + loss
+    if gathered_by is not None:
+        layer_params = 2 * d * d + 2 * d * k + 3 * d * f  # q, o; k, v; gate, up, down
+        static += 2 * layer_params * b + (2 * layer_params * 4 if gathered_by == "fsdp2" else 0)
+    return static + tokens * stack + max(loss, tokens * (working + b * d))
 
 
 def choose(
@@ -161,23 +186,25 @@ def choose(
     optimizer_shards: int = 1,
     a2a_ranks: int | None = None,
     compiled: bool = False,
+    gathered_by: str | None = None,
 ) -> tuple[Features, int]:
     """The first of :data:`CANDIDATES` (cheapest first) whose predicted peak fits ``MARGIN`` of
     ``device_bytes``, with its prediction; ValueError when none does (with the numbers). Head chunks
     are considered only where apply takes them: whole kv heads per chunk, and at least one query head
     per chunk for each of the all-to-all's ``a2a_ranks`` (default ``sp``; the Ulysses size with a ring).
-    ``compiled``: the layers run compiled (a smaller per-layer footprint, module docstring)."""
+    ``compiled``: the layers run compiled (a smaller per-layer footprint, module docstring);
+    ``gathered_by``: as in :func:`predicted_peak`."""
     budget = int(MARGIN * device_bytes)
     a2a_ranks = sp if a2a_ranks is None else a2a_ranks
     for features in CANDIDATES:
         chunks = features.head_chunks
         if chunks > 1 and (shape.kv_heads % chunks or shape.heads // chunks < a2a_ranks):
             continue
-        peak = predicted_peak(shape, features, tokens, sp, dtype_bytes, static_shards, optimizer_shards, compiled)
+        peak = predicted_peak(shape, features, tokens, sp, dtype_bytes, static_shards, optimizer_shards, compiled, gathered_by)
         if peak <= budget:
             return features, peak
     best = CANDIDATES[-1]
-    peak = predicted_peak(shape, best, tokens, sp, dtype_bytes, static_shards, optimizer_shards, compiled)
+    peak = predicted_peak(shape, best, tokens, sp, dtype_bytes, static_shards, optimizer_shards, compiled, gathered_by)
     raise ValueError(
         f"--memory auto: {tokens} local tokens per rank need about {peak / GIB:.1f} GiB even with every memory "
         f"feature ({best.flags()}), more than {MARGIN:.0%} of the device's {device_bytes / GIB:.1f} GiB; use a "
@@ -226,4 +253,5 @@ def memory_features(
         optimizer_shards,
         a2a_ranks,
         compiled=config.compile is not None,
+        gathered_by="fsdp2" if plan.engine_name == "fsdp2" else "zero3" if plan.zero_stage == 3 else None,
     )
