@@ -44,7 +44,7 @@ def test_cheapest_fitting_set_is_chosen():
 #: measured peaks (GiB) of the Llama-3-8B shape with 4 layers at sp=1, bf16: (features, tokens, engine
 #: that gathers layers, compiled, whole step or forward + backward only (no AdamW moments yet), GiB)
 MEASURED = (
-    # H200, torch engine, launch/train.py --memory auto --compile (docs/memory.md)
+    # H200, compiled, docs/memory.md: DeepSpeed stage 0; launch/train.py --memory auto (torch engine)
     (Features(), 65536, None, True, "step", 66.2),
     (Features("selective"), 109647, None, True, "step", 56.6),
     # H100, FSDP2, bench_sp.py (docs/performance.md 4e)
