@@ -196,15 +196,21 @@ def choose(
     ``gathered_by``: as in :func:`predicted_peak`."""
     budget = int(MARGIN * device_bytes)
     a2a_ranks = sp if a2a_ranks is None else a2a_ranks
+
+    def peak_of(features: Features) -> int:
+        return predicted_peak(
+            shape, features, tokens, sp, dtype_bytes, static_shards, optimizer_shards, compiled, gathered_by
+        )
+
     for features in CANDIDATES:
         chunks = features.head_chunks
         if chunks > 1 and (shape.kv_heads % chunks or shape.heads // chunks < a2a_ranks):
             continue
-        peak = predicted_peak(shape, features, tokens, sp, dtype_bytes, static_shards, optimizer_shards, compiled, gathered_by)
+        peak = peak_of(features)
         if peak <= budget:
             return features, peak
     best = CANDIDATES[-1]
-    peak = predicted_peak(shape, best, tokens, sp, dtype_bytes, static_shards, optimizer_shards, compiled, gathered_by)
+    peak = peak_of(best)
     raise ValueError(
         f"--memory auto: {tokens} local tokens per rank need about {peak / GIB:.1f} GiB even with every memory "
         f"feature ({best.flags()}), more than {MARGIN:.0%} of the device's {device_bytes / GIB:.1f} GiB; use a "
