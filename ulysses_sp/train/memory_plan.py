@@ -40,8 +40,9 @@ per local token, ``b`` = 2 in bf16):
   found 3 to 5 such 0.93 GiB blocks live at a 128K backward's peak, as many as the reduce-scatter
   stream had not yet consumed).
 
-Six peaks measured on GPUs (H200 and H100; no checkpointing compiled, selective, every feature;
-64K to 128K tokens; torch engine and FSDP2) lie within 2 % below and 11 % above this model
+Eight peaks measured on GPUs (H200 and H100; no checkpointing compiled, selective, every feature
+with and without head chunks; 64K to 128K tokens; DeepSpeed and FSDP2) lie within 3 % below and
+11 % above this model
 (tests/unit/train/test_memory_plan.py holds them).
 
 Candidates are tried in the order of their measured cost (docs/performance.md: none, selective,

@@ -53,6 +53,8 @@ MEASURED = (
     # H100, FSDP2, bench_sp.py --memory-sites --steps 1 (the attention kernel's backward is the peak)
     (Features("full", True, True, True), 65536, "fsdp2", False, "fwd+bwd", 22.37),
     (Features("full", True, True, True), 131072, "fsdp2", False, "fwd+bwd", 29.23),
+    (Features("full", True, True, True, head_chunks=4), 65536, "fsdp2", False, "fwd+bwd", 21.30),
+    (Features("full", True, True, True, head_chunks=4), 131072, "fsdp2", False, "fwd+bwd", 25.98),
 )
 
 
