@@ -42,8 +42,7 @@ per local token, ``b`` = 2 in bf16):
 
 Eight peaks measured on GPUs (H200 and H100; no checkpointing compiled, selective, every feature
 with and without head chunks; 64K to 128K tokens; DeepSpeed and FSDP2) lie within 3 % below and
-11 % above this model
-(tests/unit/train/test_memory_plan.py holds them).
+11 % above this model (tests/unit/train/test_memory_plan.py holds them).
 
 Candidates are tried in the order of their measured cost (docs/performance.md: none, selective,
 then the norm recompute and offload at under 1 % each, full, the tiled MLP at ~6 %, head chunks);
@@ -146,6 +145,7 @@ def predicted_peak(
     (ZeRO-3, FSDP2), ``optimizer_shards``: ranks sharding the optimizer state; ``compiled``: the
     decoder layers run compiled by Inductor; ``gathered_by``: "zero3" or "fsdp2" when that engine
     gathers each layer's parameters for its forward and backward (its in-flight buffers)."""
+    assert gathered_by in (None, "zero3", "fsdp2"), gathered_by
     b, d, k, f = dtype_bytes, shape.d, shape.k, shape.f
     norms = 2 * (b * d if features.recompute_norms else 3 * b * d)
     attention = 3 * b * d + 2 * b * k
