@@ -11,6 +11,15 @@ What is compiled, per decoder layer (transformers' ``GradientCheckpointingLayer`
   cannot be traced, and from outside they still see the layer input the compiled checkpoint saves.
 * a layer without checkpointing: the module itself (``layer.compile``).
 
+The module's hooks stay outside the compiled region, as torchtitan orders checkpointing, compile and
+FSDP2: FSDP2's unshard/reshard hooks are ``torch._dynamo.disable``d, and such a call inside a
+checkpoint makes dynamo run the whole checkpoint eagerly (FSDP2 + compile then gained nothing on an
+H100). ``layer.compile`` runs the hooks before the compiled frame. For a checkpointed layer,
+transformers 5.17 checkpoints ``GradientCheckpointingLayer.__call__``, hooks included (later releases
+checkpoint ``forward``): :class:`CheckpointedForward` puts the compiled checkpoint into the layer's
+``forward`` (an instance attribute) and the layer's checkpoint function only calls through, so on
+every transformers release the hooks run eagerly before the compiled checkpoint.
+
 Per layer rather than the whole model: one graph serves every layer (same shapes and code), so the
 compile time does not grow with depth, and the backbone's per-step work (masks, the SP pre-hook)
 stays eager.
@@ -27,6 +36,8 @@ needs), and liger's fused ops (fused_ops.py) take their torch path while traced.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -47,6 +58,28 @@ class CompiledCheckpoint:
     def __call__(self, *args, **kwargs):
         with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
             return self.compiled(*args, **kwargs)
+
+
+class CheckpointedForward:
+    """A compiled layer's forward, run inside its checkpoint function (module docstring):
+    ``checkpoint_fn(forward, *args)`` while the layer trains with gradients, the plain forward
+    otherwise (as transformers' own checkpointing does)."""
+
+    def __init__(self, layer: torch.nn.Module, checkpoint_fn):
+        self.layer, self.checkpoint_fn = layer, checkpoint_fn
+        self.replaced = layer.__dict__.get("forward")  # another feature's instance forward, restored after
+        self.forward = layer.forward  # bound: that one or the class's
+
+    def __call__(self, *args, **kwargs):
+        if self.layer.training and torch.is_grad_enabled():
+            return self.checkpoint_fn(functools.partial(self.forward, **kwargs), *args)
+        return self.forward(*args, **kwargs)
+
+
+def _call_through(function, *args, **kwargs):
+    """The checkpoint function of a layer with a :class:`CheckpointedForward`: ``function`` is the
+    layer's ``Module.__call__`` (its hooks, then the checkpointed forward)."""
+    return function(*args, **kwargs)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -84,7 +117,9 @@ def compile_layers(model: torch.nn.Module, *, backend: str = "inductor", mode: s
         if isinstance(fn, OffloadLayerInput):
             fn.checkpoint_fn = CompiledCheckpoint(fn.checkpoint_fn, backend, mode)
         else:
-            layer._gradient_checkpointing_func = CompiledCheckpoint(fn, backend, mode)
+            fn = CompiledCheckpoint(fn, backend, mode)
+        layer.forward = CheckpointedForward(layer, fn)
+        layer._gradient_checkpointing_func = _call_through
     inner._ulysses_sp_compiled = layers
     return model
 
@@ -97,6 +132,13 @@ def uncompile_layers(model: torch.nn.Module):
         raise ValueError("the layers of this model are not compiled")
     for layer in layers:
         layer._compiled_call_impl = None
+        forward = layer.__dict__.get("forward")
+        if isinstance(forward, CheckpointedForward):
+            layer._gradient_checkpointing_func = forward.checkpoint_fn
+            if forward.replaced is None:
+                del layer.forward
+            else:
+                layer.forward = forward.replaced
         fn = getattr(layer, "_gradient_checkpointing_func", None)
         if isinstance(fn, OffloadLayerInput) and isinstance(fn.checkpoint_fn, CompiledCheckpoint):
             fn.checkpoint_fn = fn.checkpoint_fn.original
