@@ -152,7 +152,10 @@ class RMSNormFunction(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         d, rows = x.shape[-1], ctx.rows
         flat, grad_flat = x.reshape(-1, d), grad_out.reshape(-1, d)  # [R, d]
-        grad_x = torch.empty_like(flat) if need_x else None  # [R, d]
+        # returned whole, not as a view of a flat buffer: autograd adds the residual stream's gradient
+        # into a tensor in place only when nothing else holds its storage (tiled_mlp.py says more)
+        grad_x = x.new_empty(x.shape) if need_x else None  # [..., d]
+        grad_rows = None if grad_x is None else grad_x.view(-1, d)  # [R, d]
         grad_w = torch.zeros(d, dtype=torch.float32, device=x.device) if need_w else None  # [d]
         for start in range(0, flat.shape[0], rows):
             gx, gw = _grads(
@@ -164,10 +167,10 @@ class RMSNormFunction(torch.autograd.Function):
                 need_w,
             )
             if need_x:
-                grad_x[start : start + rows] = gx  # cast to x.dtype
+                grad_rows[start : start + rows] = gx  # cast to x.dtype
             if need_w:
                 grad_w += gw
-        return (grad_x.view(x.shape) if need_x else None, grad_w.to(weight.dtype) if need_w else None, None, None, None)
+        return (grad_x, grad_w.to(weight.dtype) if need_w else None, None, None, None)
 
 
 #: a norm's fused kernel (fused_ops.py): ``fused(x, weight, eps)`` -> the output, or None where it cannot run

@@ -213,7 +213,11 @@ class TiledMLP(torch.autograd.Function):
                 for nx in norm_x.detach().reshape(-1, d).tensor_split(ctx.tiles)
             )
         grads = grad_out.reshape(-1, grad_out.shape[-1])  # [T, d_out]
-        grad_x = grads.new_empty(grads.shape[0], d, dtype=ctx.x_dtype) if ctx.needs_input_grad[0] else None  # [T, d]
+        # allocated in x's shape and written through a flat view: returning a view would keep a second
+        # reference to the storage, and autograd then adds the residual stream's gradient to it out of
+        # place (one more [T, d] tensor at the backward's peak)
+        grad_x = grads.new_empty(ctx.x_shape, dtype=ctx.x_dtype) if ctx.needs_input_grad[0] else None  # [..., d]
+        grad_rows = None if grad_x is None else grad_x.view(-1, d)  # [T, d]
         device_type, enabled, dtype = ctx.autocast
         param_grads = [None] * len(ctx.params)  # each the parameter's shape, summed over the tiles
         start = 0
@@ -234,9 +238,9 @@ class TiledMLP(torch.autograd.Function):
                     if g is not None:
                         param_grads[j] = g if param_grads[j] is None else param_grads[j].add_(g)
             if grad_x is not None:
-                grad_x[start : start + tile.shape[0]] = tile_grad
+                grad_rows[start : start + tile.shape[0]] = tile_grad
             start += tile.shape[0]
-        return (None if grad_x is None else grad_x.view(ctx.x_shape)), None, None, None, *param_grads
+        return grad_x, None, None, None, *param_grads
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:

@@ -219,6 +219,16 @@ def choose(
     )
 
 
+def engine_sharding(engine_name: str, zero_stage: int | None, world: int) -> tuple[int, int, str | None]:
+    """(static_shards, optimizer_shards, gathered_by) of :func:`choose` for the run's engine: FSDP2 and
+    ZeRO-3 shard the weights and gradients over the ``world`` ranks and gather layers in flight,
+    ZeRO-1/2 shard the optimizer state only, DDP (engine "torch") and ZeRO-0 shard nothing."""
+    if engine_name == "fsdp2":
+        return world, world, "fsdp2"
+    stage = zero_stage or 0
+    return (world if stage == 3 else 1), (world if stage >= 1 else 1), ("zero3" if stage == 3 else None)
+
+
 def memory_features(
     plan: RunPlan, model: torch.nn.Module, topology: SPTopology, device: torch.device
 ) -> tuple[Features, int | None]:
@@ -242,9 +252,9 @@ def memory_features(
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     total = int(comm.all_reduce(torch.tensor(total, dtype=torch.int64, device=device), None, "min"))
-    world = topology.world_size
-    static_shards = world if plan.engine_name == "fsdp2" or plan.zero_stage == 3 else 1
-    optimizer_shards = world if plan.engine_name == "fsdp2" or (plan.zero_stage or 0) >= 1 else 1
+    static_shards, optimizer_shards, gathered_by = engine_sharding(
+        plan.engine_name, plan.zero_stage, topology.world_size
+    )
     params = sum(p.numel() for p in model.parameters())
     shape = Shape.of(plan.model_config, params)
     tokens = config.batch_size * -(-config.seq_len // topology.sp_size)
@@ -260,5 +270,5 @@ def memory_features(
         optimizer_shards,
         a2a_ranks,
         compiled=config.compile is not None,
-        gathered_by="fsdp2" if plan.engine_name == "fsdp2" else "zero3" if plan.zero_stage == 3 else None,
+        gathered_by=gathered_by,
     )

@@ -152,6 +152,34 @@ def test_tiled_mlp_recomputes_its_input_from_an_rms_norm_recompute():
     assert sources == [True, True] * layers + [False], sources  # the final norm's output is returned: none
 
 
+def test_residual_gradient_accumulates_in_place_through_norm_and_tiled_mlp():
+    """The tiled RMSNorm recompute and the tiled MLP return their input gradient whole, not as a view
+    of a flat buffer: where it reaches a tensor's gradient first (the final norm's, for the last
+    decoder layer), autograd adds the later gradient (the residual stream's) into it in place
+    (``add_``), not into a third [T, d] tensor. Counted by the profiler: under a dispatch mode autograd
+    adds out of place whatever the tensors."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ulysses_sp.memory.rms_norm import RMSNormFunction
+    from ulysses_sp.memory.tiled_mlp import TiledMLP
+
+    mlp = tiny_model("tiny-llama").model.layers[0].mlp
+    d = mlp.gate_proj.in_features
+    weight = torch.randn(d, requires_grad=True)
+    branches = {
+        "norm": lambda h: RMSNormFunction.apply(h, weight, 1e-6, 4),  # 4 rows per tile
+        "tiled mlp": lambda h: TiledMLP.apply(h, mlp, 3, list(mlp.parameters())),
+    }
+    for name, branch in branches.items():
+        h = torch.randn(2, 7, d, requires_grad=True) * 1  # a non-leaf: its gradient is accumulated
+        later = h.exp() * 2  # built first, so its backward runs after the branch's
+        loss = (branch(h) + later).pow(2).sum()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            loss.backward()
+        adds = [e.name for e in prof.events() if e.name in ("aten::add", "aten::add_") and [2, 7, d] in e.input_shapes]
+        assert adds == ["aten::add_"], (name, adds)
+
+
 def _saved_bytes(fn, x) -> int:
     """Bytes of the distinct tensors autograd saves for the backward of ``fn(x)`` (parameters excluded)."""
     saved = {}

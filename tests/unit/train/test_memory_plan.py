@@ -101,3 +101,15 @@ def test_head_chunks_only_where_kv_heads_divide():
     wide = Shape(d=64, k=64, f=128, layers=2, vocab=16, heads=4, kv_heads=4, params=10_000)
     with pytest.raises(ValueError, match="even with every memory feature"):
         choose(wide, tokens, 4, 2, int(predicted_peak(wide, CANDIDATES[-3], tokens, 4, 2, 1, 1) / 0.9) - 1)
+
+
+def test_each_engine_shards_and_gathers_what_it_does():
+    """--memory auto's view of the run's engine: what is sharded over the 8 ranks and who gathers."""
+    from ulysses_sp.train.memory_plan import engine_sharding
+
+    assert engine_sharding("fsdp2", None, 8) == (8, 8, "fsdp2")
+    assert engine_sharding("deepspeed", 3, 8) == (8, 8, "zero3")
+    assert engine_sharding("deepspeed", 2, 8) == (1, 8, None)
+    assert engine_sharding("deepspeed", 1, 8) == (1, 8, None)
+    assert engine_sharding("deepspeed", 0, 8) == (1, 1, None)
+    assert engine_sharding("torch", None, 8) == (1, 1, None)
