@@ -11,7 +11,10 @@ of [B, s, d] less per layer; equal up to the rounding of the norm's row reductio
 tile is run again with autograd and backpropagated at once (its intermediates are freed before the
 next tile), writing its slice of the input gradient and accumulating the parameter gradients. The
 gradients equal the untiled MLP's up to the summation order over tiles. Cost: one more MLP forward
-per layer and step; under activation checkpointing the recomputation runs the tiled forward again.
+per layer and step. Under a non-reentrant activation checkpoint the layer's recomputation stops
+after the last tensor the backward saved (torch's early stop); :class:`_TileSource` saves what the
+tiles are recomputed from in an op of its own, before the tiled forward, so the recomputation ends
+there and never reruns the tiled forward, whose output no backward reads.
 An untiled MLP keeps about 8 d_ff bytes per token in bf16 while it runs (gate, up, act, product):
 112 KiB for Llama-3-8B, 14x the layer's checkpoint.
 
@@ -150,9 +153,11 @@ def _make_tiled_forward(state: _TileState, forward):
         if torch.compiler.is_compiling():
             return _checkpointed_tiles(lambda h: forward(self, h), x, tiles)
         params = [p for p in self.parameters() if p.requires_grad]
+        x = _TileSource.apply(x)  # the same tensor, after saving its source (module docstring)
+        source = x.grad_fn  # None where nothing before the MLP requires grad: TiledMLP saves it then
         if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned (module docstring)
-            return TiledMLP.apply(x, lambda h: forward(self, h), tiles, params)
-        return TiledMLP.apply(x, lambda h: forward(self, h), tiles, [], *params)
+            return TiledMLP.apply(x, source, lambda h: forward(self, h), tiles, params)
+        return TiledMLP.apply(x, source, lambda h: forward(self, h), tiles, [], *params)
 
     return tiled_forward
 
@@ -170,25 +175,61 @@ def _checkpointed_tiles(mlp, x: torch.Tensor, tiles: int) -> torch.Tensor:
     return torch.cat(outs).view(*x.shape[:-1], outs[0].shape[-1])
 
 
+def _save_source(ctx, x: torch.Tensor) -> None:
+    """Save on ``ctx`` what the tiles of x [..., d] are recomputed from: x, or, where x is an RMSNorm
+    recompute's output, the norm's input and weight (kept by the norm anyway: one [..., d] less)."""
+    source = rms_norm.norm_source(x)
+    if source is None:
+        ctx.save_for_backward(x)
+    else:
+        ctx.save_for_backward(source.x, source.weight)
+        ctx.eps, ctx.norm_kernel = source.eps, source.kernel
+
+
+def _tile_inputs(ctx, tiles: int, d: int):
+    """The tiles [t, d] of the MLP input from what :func:`_save_source` saved on ``ctx``."""
+    saved = ctx.saved_tensors
+    if len(saved) == 1:
+        return saved[0].detach().reshape(-1, d).tensor_split(tiles)
+    norm_x, weight = saved
+    return (
+        rms_norm.recompute_output(nx, weight, ctx.eps, ctx.norm_kernel)
+        for nx in norm_x.detach().reshape(-1, d).tensor_split(tiles)
+    )
+
+
+class _TileSource(torch.autograd.Function):
+    """x [..., d] -> the same values (a view), saving the tiles' source (:func:`_save_source`) for
+    :class:`TiledMLP`'s backward. The layer's last op that saves a tensor, so that a checkpoint's
+    recomputation stops here (module docstring); its own backward passes the gradient through."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        _save_source(ctx, x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad
+
+
 class TiledMLP(torch.autograd.Function):
     """``mlp(x)`` over ``tiles`` token tiles, recomputed tile by tile in the backward.
 
-    x [..., d] -> [..., d_out]; ``mlp`` maps [1, t, d] -> [1, t, d_out] token-wise. ``zero3_params``:
+    x [..., d] -> [..., d_out]; ``source``: x's :class:`_TileSource` node, whose saved tensors the
+    backward reads (None: saved here); ``mlp`` maps [1, t, d] -> [1, t, d_out] token-wise. ``zero3_params``:
     ZeRO-3 partitioned parameters it uses (their ``ds_grad_is_ready`` flags DeepSpeed's hooks for the
     last tile only); ``params``: the other trainable ones, whose gradients the backward returns,
     summed over the tiles (module docstring).
     """
 
     @staticmethod
-    def forward(ctx, x, mlp, tiles: int, zero3_params: list[torch.nn.Parameter], *params: torch.nn.Parameter):
+    def forward(ctx, x, source, mlp, tiles: int, zero3_params: list[torch.nn.Parameter], *params: torch.nn.Parameter):
         ctx.mlp, ctx.tiles, ctx.zero3_params, ctx.params = mlp, tiles, zero3_params, params
         ctx.autocast = _autocast_state(x.device.type)
-        source = rms_norm.norm_source(x)
+        ctx.source = source
         if source is None:
-            ctx.save_for_backward(x)
-        else:  # x is an RMSNorm recompute's output: keep its input (kept by the norm anyway), not x
-            ctx.save_for_backward(source.x, source.weight)
-            ctx.eps, ctx.norm_kernel = source.eps, source.kernel
+            _save_source(ctx, x)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         flat = x.reshape(-1, x.shape[-1])  # [T, d]
         out, start = None, 0
@@ -202,16 +243,8 @@ class TiledMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
         d = ctx.x_shape[-1]
-        if len(saved) == 1:
-            inputs = saved[0].detach().reshape(-1, d).tensor_split(ctx.tiles)  # [t, d] each
-        else:  # recompute each tile of x from the norm's input
-            norm_x, weight = saved
-            inputs = (
-                rms_norm.recompute_output(nx, weight, ctx.eps, ctx.norm_kernel)
-                for nx in norm_x.detach().reshape(-1, d).tensor_split(ctx.tiles)
-            )
+        inputs = _tile_inputs(ctx.source if ctx.source is not None else ctx, ctx.tiles, d)  # [t, d] each
         grads = grad_out.reshape(-1, grad_out.shape[-1])  # [T, d_out]
         # allocated in x's shape and written through a flat view: returning a view would keep a second
         # reference to the storage, and autograd then adds the residual stream's gradient to it out of
@@ -240,7 +273,7 @@ class TiledMLP(torch.autograd.Function):
             if grad_x is not None:
                 grad_rows[start : start + tile.shape[0]] = tile_grad
             start += tile.shape[0]
-        return grad_x, None, None, None, *param_grads
+        return grad_x, None, None, None, None, *param_grads
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:

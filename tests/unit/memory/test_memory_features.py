@@ -93,7 +93,8 @@ def test_tile_mlp_is_scoped_and_undone():
 
 
 def test_tiled_mlp_under_autocast_and_checkpointing():
-    """The backward reruns the tiles in the forward's autocast state: bf16 like the untiled MLP."""
+    """The backward reruns the tiles in the forward's autocast state: bf16 like the untiled MLP; the
+    layer's recomputation under checkpointing runs none."""
     ref = tiny_model("tiny-llama")
     ckpt.enable_checkpointing(ref, "full")
     model = tile_mlp(clone(ref), 5)
@@ -103,7 +104,9 @@ def test_tiled_mlp_under_autocast_and_checkpointing():
     for m in (ref, model):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             m(input_ids=ids, labels=ids).loss.backward()
-    assert dtypes == [torch.bfloat16] * 30, dtypes  # 10 tiles: forward, recomputation, backward
+    # 10 tiles in the forward and in the backward; the checkpoint's recomputation stops before the
+    # tiled forward (the tiles' source is the layer's last saved tensor), so it runs no tile
+    assert dtypes == [torch.bfloat16] * 20, dtypes
     for (name, p), r in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, r.grad, rtol=2e-2, atol=2e-2 * r.grad.abs().max().item(), msg=name)
 
@@ -136,11 +139,13 @@ def test_tiled_mlp_recomputes_its_input_from_an_rms_norm_recompute():
     h = torch.randn(2, 7, ref.config.hidden_size, requires_grad=True)
     x = RMSNormFunction.apply(h, weight, 1e-6, 4, True)
     assert norm_source(x) is not None
-    saved = _saved_bytes(lambda t: TiledMLP.apply(t, mlp, 3, list(mlp.parameters())), x)
+    saved = _saved_bytes(lambda t: TiledMLP.apply(t, None, mlp, 3, list(mlp.parameters())), x)
     assert saved == h.nbytes + weight.nbytes, saved  # h (the norm's input) and the weight's copy, not x
     x_changed = RMSNormFunction.apply(h, weight, 1e-6, 4, True).mul_(1)  # allowed, as on transformers' norm
     assert norm_source(x_changed) is None
-    assert _saved_bytes(lambda t: TiledMLP.apply(t, mlp, 3, list(mlp.parameters())), x_changed) == x_changed.nbytes
+    assert (
+        _saved_bytes(lambda t: TiledMLP.apply(t, None, mlp, 3, list(mlp.parameters())), x_changed) == x_changed.nbytes
+    )
     model = clone(ref)
     enable_rms_norm_recompute(model)
     sources = []
@@ -168,7 +173,7 @@ def test_residual_gradient_accumulates_in_place_through_norm_and_tiled_mlp():
     weight = torch.randn(d, requires_grad=True)
     branches = {
         "norm": lambda h: RMSNormFunction.apply(h, weight, 1e-6, 4),  # 4 rows per tile
-        "tiled mlp": lambda h: TiledMLP.apply(h, mlp, 3, list(mlp.parameters())),
+        "tiled mlp": lambda h: TiledMLP.apply(h, None, mlp, 3, list(mlp.parameters())),
     }
     for name, branch in branches.items():
         h = torch.randn(2, 7, d, requires_grad=True) * 1  # a non-leaf: its gradient is accumulated
