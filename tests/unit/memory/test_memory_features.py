@@ -323,3 +323,32 @@ def test_rms_norm_recompute_leaves_other_norms_alone():
     gemma = small_model("GemmaConfig", num_attention_heads=2, num_key_value_heads=1, head_dim=16)  # norm: 1 + weight
     with pytest.raises(ValueError, match=r"no Llama-style RMSNorm .*GemmaRMSNorm"):
         enable_rms_norm_recompute(gemma)
+
+
+def test_compile_layers_keeps_hooks_outside_and_is_undone():
+    """compile_layers on checkpointed layers (with and without offload): each layer's forward runs the
+    compiled checkpoint and its checkpoint function only calls through, so module hooks (FSDP2's among
+    them) run eagerly before the compiled region, once per call, also where transformers (5.17)
+    checkpoints the module call; in eval the forward is the plain one; uncompile_layers restores
+    every layer's own forward and checkpoint function."""
+    from ulysses_sp.memory.compile import CheckpointedForward, compile_layers, uncompile_layers
+
+    for offload_inputs in (False, True):
+        model = tiny_model("tiny-llama")
+        ckpt.enable_checkpointing(model, "full", offload=offload_inputs)
+        layers = list(model.model.layers)
+        before = [layer._gradient_checkpointing_func for layer in layers]
+        compile_layers(model, backend="eager")
+        calls = []
+        layers[0].register_forward_pre_hook(lambda m, args: calls.append(torch.is_grad_enabled()))
+        for layer in layers:
+            assert isinstance(layer.__dict__["forward"], CheckpointedForward)
+        ids = tokens(1, 9)
+        model(input_ids=ids, labels=ids).loss.backward()  # the recomputation reruns no hook
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert calls == [True, False], calls
+        uncompile_layers(model)
+        for layer, fn in zip(layers, before):
+            assert "forward" not in layer.__dict__ and layer._gradient_checkpointing_func is fn
