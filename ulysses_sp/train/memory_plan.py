@@ -45,9 +45,13 @@ with and without head chunks; 64K to 128K tokens; DeepSpeed and FSDP2) lie withi
 11 % above this model (tests/unit/train/test_memory_plan.py holds them).
 
 Candidates are tried in the order of their measured cost (docs/performance.md: none, selective,
-then the norm recompute and offload at under 1 % each, full, the tiled MLP at ~6 %, head chunks);
-the first whose prediction fits ``MARGIN`` of the device's memory is chosen. The run then reports
-the measured peak next to the prediction.
+then the norm recompute and offload at under 1 % each, the tiled MLP (~6 % before its recomputation
+stopped rerunning the tiled forward, one MLP matmul per layer since), full checkpointing (+15 % over
+selective with the other features at 128K), head chunks); the first whose prediction fits
+``MARGIN`` of the device's memory is chosen. Where a costlier candidate predicts no less than a
+cheaper one it is never chosen (full checkpointing without the tiled MLP on a model of few layers
+at sp=1: their saved attention outputs are less than an untiled MLP's working set). The run then reports the
+measured peak next to the prediction.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ CANDIDATES = (
     Features("selective"),
     Features("selective", recompute_norms=True),
     Features("selective", offload_activations=True, recompute_norms=True),
+    Features("selective", offload_activations=True, recompute_norms=True, tiled_mlp=True),
     Features("full", offload_activations=True, recompute_norms=True),
     Features("full", offload_activations=True, recompute_norms=True, tiled_mlp=True),
     Features("full", offload_activations=True, recompute_norms=True, tiled_mlp=True, head_chunks=2),

@@ -12,17 +12,33 @@ from tests.helpers import ROOT
 from ulysses_sp.train.memory_plan import CANDIDATES, GIB, Features, Shape, choose, predicted_peak
 
 
-def _llama8b_4layers() -> Shape:
+def _llama8b(layers: int) -> Shape:
     with open(os.path.join(ROOT, "configs", "models", "llama-8b-4layers", "config.json")) as f:
-        config = type("Config", (), json.load(f))
-    return Shape.of(config, params=1_923_121_152)
+        config = type("Config", (), {**json.load(f), "num_hidden_layers": layers})
+    embeddings = 2 * config.vocab_size * config.hidden_size
+    return Shape.of(config, params=embeddings + layers * (1_923_121_152 - embeddings) // 4)
+
+
+def _llama8b_4layers() -> Shape:
+    return _llama8b(4)
+
+
+def _choosable(shape: Shape, sp: int) -> list[Features]:
+    """The candidates that predict less than every cheaper one: the only ones choose() can pick."""
+    peaks = [predicted_peak(shape, f, 65536, sp, 2, 1, 1) for f in CANDIDATES]
+    return [f for i, f in enumerate(CANDIDATES) if all(peaks[i] < p for p in peaks[:i])]
 
 
 def test_candidates_save_memory_in_order():
-    shape = _llama8b_4layers()
+    """In cost order each candidate predicts less than the cheaper ones, except full checkpointing
+    without the tiled MLP on 4 layers at sp=1: selective with the tiled MLP keeps less there (4
+    layers' saved attention outputs, no all-to-all outputs, against an untiled MLP's working set);
+    at sp=4 and on 32 layers every candidate counts."""
+    full_untiled = Features("full", offload_activations=True, recompute_norms=True)
+    assert _choosable(_llama8b_4layers(), 1) == [f for f in CANDIDATES if f != full_untiled]
+    assert _choosable(_llama8b_4layers(), 4) == list(CANDIDATES)
     for sp in (1, 4):
-        peaks = [predicted_peak(shape, f, 65536, sp, 2, 1, 1) for f in CANDIDATES]
-        assert all(a > b for a, b in zip(peaks, peaks[1:])), peaks
+        assert _choosable(_llama8b(layers=32), sp) == list(CANDIDATES)
 
 
 def test_cheapest_fitting_set_is_chosen():
