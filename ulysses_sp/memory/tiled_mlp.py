@@ -153,8 +153,9 @@ def _make_tiled_forward(state: _TileState, forward):
         if torch.compiler.is_compiling():
             return _checkpointed_tiles(lambda h: forward(self, h), x, tiles)
         params = [p for p in self.parameters() if p.requires_grad]
-        x = _TileSource.apply(x)  # the same tensor, after saving its source (module docstring)
-        source = x.grad_fn  # None where nothing before the MLP requires grad: TiledMLP saves it then
+        viewed = _TileSource.apply(x)  # the same values, after saving the tiles' source (module docstring)
+        source = viewed.grad_fn  # None where nothing before the MLP requires grad: TiledMLP saves it then
+        x = x if source is None else viewed
         if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned (module docstring)
             return TiledMLP.apply(x, source, lambda h: forward(self, h), tiles, params)
         return TiledMLP.apply(x, source, lambda h: forward(self, h), tiles, [], *params)
@@ -246,9 +247,9 @@ class TiledMLP(torch.autograd.Function):
         d = ctx.x_shape[-1]
         inputs = _tile_inputs(ctx.source if ctx.source is not None else ctx, ctx.tiles, d)  # [t, d] each
         grads = grad_out.reshape(-1, grad_out.shape[-1])  # [T, d_out]
-        # allocated in x's shape and written through a flat view: returning a view would keep a second
-        # reference to the storage, and autograd then adds the residual stream's gradient to it out of
-        # place (one more [T, d] tensor at the backward's peak)
+        # allocated in x's shape and written through a flat view: a returned view keeps a second
+        # reference to the storage, and autograd adds a later gradient of x (the attention's, where
+        # both read one norm's output) out of place, into one more [T, d] tensor
         grad_x = grads.new_empty(ctx.x_shape, dtype=ctx.x_dtype) if ctx.needs_input_grad[0] else None  # [..., d]
         grad_rows = None if grad_x is None else grad_x.view(-1, d)  # [T, d]
         device_type, enabled, dtype = ctx.autocast
