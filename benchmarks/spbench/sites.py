@@ -20,8 +20,8 @@ tensors, no kernel workspace, no allocator rounding; a quick proxy for a GPU's b
 
 The mode itself changes one thing: while a dispatch mode is active, autograd adds each gradient to
 the one already accumulated for a tensor out of place (a new tensor), where an untracked backward
-adds in place; gradient sums in progress therefore show one [s, d] tensor more
-than a plain step holds (docs/performance.md 4e). The timed steps' peaks are the measure.
+adds in place; gradient sums in progress therefore show one [s, d] tensor more than a plain step
+holds (docs/performance.md 4e). The timed steps' peaks are the measure.
 
 The labels come from torch's dispatcher, so compiled layers (Inductor's kernels are opaque to it)
 are not measured; torch's own allocation recorder, which would name Python frames, fails under

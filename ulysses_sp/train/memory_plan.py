@@ -50,8 +50,8 @@ stopped rerunning the tiled forward, one MLP matmul per layer since), full check
 selective with the other features at 128K), head chunks); the first whose prediction fits
 ``MARGIN`` of the device's memory is chosen. Where a costlier candidate predicts no less than a
 cheaper one it is never chosen (full checkpointing without the tiled MLP on a model of few layers
-at sp=1: their saved attention outputs are less than an untiled MLP's working set). The run then reports the
-measured peak next to the prediction.
+at sp=1: their saved attention outputs are less than an untiled MLP's working set). The run then
+reports the measured peak next to the prediction.
 """
 
 from __future__ import annotations
