@@ -192,6 +192,7 @@ def run_config(
     # each configuration compiles afresh: a graph cached by the one before (same layer code) would make
     # dynamo retrace for a second length with dynamic shapes, a path no single-length run takes
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         record["mem_before_gib"] = torch.cuda.memory_allocated(device) / 2**30
@@ -215,6 +216,8 @@ def run_config(
             _timed(run, workload, replace(measure, sites=measure.sites and side.name != "alst"), record, build_peak)
         except Exception as exc:
             code = _failure(exc, "steps", spec, seq_len, record)
+        # dynamo's count of graph breaks over this configuration's steps (0: each compiled layer is one graph)
+        record["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
     code = _agree(code, device)
     if run is not None:
         try:

@@ -11,7 +11,11 @@ of [B, s, d] less per layer; equal up to the rounding of the norm's row reductio
 tile is run again with autograd and backpropagated at once (its intermediates are freed before the
 next tile), writing its slice of the input gradient and accumulating the parameter gradients. The
 gradients equal the untiled MLP's up to the summation order over tiles. Cost: one more MLP forward
-per layer and step. Under a non-reentrant activation checkpoint the layer's recomputation stops
+per layer and step, less its last matmul where the MLP's output is a plain ``nn.Linear`` down
+projection's (Llama-style MLPs): the backward needs that projection's input, not its output, so the
+tile's rerun stops before it and its two gradient matmuls are done here (:func:`_rerun_to_down`);
+the MLP then costs the matmuls of an untiled checkpointed one, whose recomputation stops before the
+down projection too. Under a non-reentrant activation checkpoint the layer's recomputation stops
 after the last tensor the backward saved (torch's early stop); :class:`_TileSource` saves what the
 tiles are recomputed from in an op of its own, before the tiled forward, so the recomputation ends
 there and never reruns the tiled forward, whose output no backward reads.
@@ -41,6 +45,7 @@ from __future__ import annotations
 import inspect
 import math
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -156,11 +161,53 @@ def _make_tiled_forward(state: _TileState, forward):
         viewed = _TileSource.apply(x)  # the same values, after saving the tiles' source (module docstring)
         source = viewed.grad_fn  # None where nothing before the MLP requires grad: TiledMLP saves it then
         x = x if source is None else viewed
+        run = lambda h: forward(self, h)  # noqa: E731
         if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned (module docstring)
-            return TiledMLP.apply(x, source, lambda h: forward(self, h), tiles, params)
-        return TiledMLP.apply(x, source, lambda h: forward(self, h), tiles, [], *params)
+            # no down-projection skip: its weight is gathered inside its own call only
+            return TiledMLP.apply(x, source, MLPCall(run), tiles, params)
+        return TiledMLP.apply(x, source, MLPCall(run, _plain_down_projection(self)), tiles, [], *params)
 
     return tiled_forward
+
+
+@dataclass(frozen=True)
+class MLPCall:
+    """What :class:`TiledMLP` runs: ``run`` maps [1, t, d] -> [1, t, d_out] token-wise; ``down`` is
+    its plain down projection (:func:`_plain_down_projection`) or None."""
+
+    run: Callable[[torch.Tensor], torch.Tensor]
+    down: torch.nn.Linear | None = None
+
+
+def _plain_down_projection(mlp: torch.nn.Module) -> torch.nn.Linear | None:
+    """``mlp.down_proj`` where the backward may compute its gradients itself (:func:`_rerun_to_down`):
+    a plain ``nn.Linear`` that nothing hooks or overrides, so its call is exactly ``F.linear``. Whether
+    the MLP returns its output unchanged is checked on every forward (:meth:`TiledMLP.forward`)."""
+    down = getattr(mlp, "down_proj", None)
+    if type(down) is not torch.nn.Linear or "forward" in down.__dict__:
+        return None
+    hooks = (down._forward_hooks, down._forward_pre_hooks, torch.nn.modules.module._global_forward_hooks)
+    return None if any(hooks) or torch.nn.modules.module._global_forward_pre_hooks else down
+
+
+def _rerun_to_down(run, down: torch.nn.Linear, tile: torch.Tensor) -> torch.Tensor:
+    """The MLP on ``tile`` [1, t, d] up to its down projection: that projection's input [1, t, d_ff],
+    with autograd. The projection itself is not computed: its call returns an uninitialised
+    placeholder, which no one reads (the forward checked that the MLP returns the projection's output
+    as it is)."""
+    seen = []
+
+    def capture(h):
+        seen.append(h)
+        return h.new_empty(*h.shape[:-1], down.out_features)  # [1, t, d_out], never read
+
+    down.forward = capture
+    try:
+        run(tile)
+    finally:
+        del down.forward
+    assert len(seen) == 1, f"the MLP called its down projection {len(seen)} times in one forward, checked once"
+    return seen[0]
 
 
 def _checkpointed_tiles(mlp, x: torch.Tensor, tiles: int) -> torch.Tensor:
@@ -218,7 +265,7 @@ class TiledMLP(torch.autograd.Function):
     """``mlp(x)`` over ``tiles`` token tiles, recomputed tile by tile in the backward.
 
     x [..., d] -> [..., d_out]; ``source``: x's :class:`_TileSource` node, whose saved tensors the
-    backward reads (None: saved here); ``mlp`` maps [1, t, d] -> [1, t, d_out] token-wise. ``zero3_params``:
+    backward reads (None: saved here); ``mlp`` an :class:`MLPCall`. ``zero3_params``:
     ZeRO-3 partitioned parameters it uses (their ``ds_grad_is_ready`` flags DeepSpeed's hooks for the
     last tile only); ``params``: the other trainable ones, whose gradients the backward returns,
     summed over the tiles (module docstring).
@@ -233,13 +280,24 @@ class TiledMLP(torch.autograd.Function):
             _save_source(ctx, x)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         flat = x.reshape(-1, x.shape[-1])  # [T, d]
-        out, start = None, 0
-        for tile in flat.tensor_split(tiles):  # [t, d]; some may be empty
-            y = mlp(tile.unsqueeze(0)).squeeze(0)  # [t, d_out]
-            if out is None:
-                out = y.new_empty(flat.shape[0], y.shape[-1])  # [T, d_out]
-            out[start : start + tile.shape[0]] = y
-            start += tile.shape[0]
+        downs = []  # the down projection's outputs with their version: returned unchanged, or no skip
+        hook = None if mlp.down is None else mlp.down.register_forward_hook(lambda m, a, y: downs.append((y, y._version)))
+        out, start, returned = None, 0, []
+        try:
+            for tile in flat.tensor_split(tiles):  # [t, d]; some may be empty
+                y = mlp.run(tile.unsqueeze(0))  # [1, t, d_out]
+                returned.append((y, y._version))
+                if out is None:
+                    out = y.new_empty(flat.shape[0], y.shape[-1])  # [T, d_out]
+                out[start : start + tile.shape[0]] = y.squeeze(0)
+                start += tile.shape[0]
+        finally:
+            if hook is not None:
+                hook.remove()
+        unchanged = len(downs) == len(returned) and all(
+            r[0] is o[0] and r[1] == o[1] for r, o in zip(returned, downs)
+        )
+        ctx.down = mlp.down if unchanged else None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -254,13 +312,18 @@ class TiledMLP(torch.autograd.Function):
         grad_rows = None if grad_x is None else grad_x.view(-1, d)  # [T, d]
         device_type, enabled, dtype = ctx.autocast
         param_grads = [None] * len(ctx.params)  # each the parameter's shape, summed over the tiles
+        down = _down_in(ctx.down, ctx.params)
         start = 0
         for i, (tile, grad) in enumerate(zip(inputs, grads.tensor_split(ctx.tiles))):
             for p in ctx.zero3_params:
                 p.ds_grad_is_ready = i == ctx.tiles - 1  # DeepSpeed reduces after the last tile only
             tile = tile.detach().requires_grad_(grad_x is not None)
             with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                y = ctx.mlp(tile.unsqueeze(0)).squeeze(0)  # [t, d_out]
+                if down is None:
+                    y = ctx.mlp.run(tile.unsqueeze(0)).squeeze(0)  # [t, d_out]
+                else:
+                    y = _rerun_to_down(ctx.mlp.run, ctx.down, tile.unsqueeze(0)).squeeze(0)  # [t, d_ff]
+                    grad = _down_backward(ctx.down, y, grad, down, param_grads)  # [t, d_ff]
             if ctx.zero3_params:  # into .grad of the tile and of the parameters, through DeepSpeed's hooks
                 torch.autograd.backward(y, grad)
                 tile_grad = tile.grad
@@ -275,6 +338,35 @@ class TiledMLP(torch.autograd.Function):
                 grad_rows[start : start + tile.shape[0]] = tile_grad
             start += tile.shape[0]
         return grad_x, None, None, None, None, *param_grads
+
+
+def _down_in(down: torch.nn.Linear | None, params: tuple) -> dict[str, int | None] | None:
+    """Where the down projection's weight and bias sit in ``params`` (None: frozen, no gradient), or
+    None where its gradients cannot be returned from there (a trainable one not among them)."""
+    if down is None:
+        return None
+    found = {}
+    for name in ("weight", "bias"):
+        p = getattr(down, name)
+        found[name] = next((j for j, q in enumerate(params) if q is p), None)
+        if p is not None and p.requires_grad and found[name] is None:
+            return None
+    return found
+
+
+def _down_backward(down: torch.nn.Linear, h: torch.Tensor, grad: torch.Tensor, index: dict, param_grads: list):
+    """Backward of ``F.linear(h, W, b)`` as autograd runs it (in h's dtype, which autocast gave the
+    forward's cast of W): the gradients of W and b summed into ``param_grads``; returns h's.
+    h [t, d_ff], grad [t, d_out] -> [t, d_ff]."""
+    with torch.no_grad():
+        grad = grad.to(h.dtype)
+        sums = {"weight": lambda: grad.t() @ h, "bias": lambda: grad.sum(0)}  # [d_out, d_ff], [d_out]
+        for name, compute in sums.items():
+            j = index[name]
+            if j is not None:
+                g = compute().to(getattr(down, name).dtype)
+                param_grads[j] = g if param_grads[j] is None else param_grads[j].add_(g)
+        return grad @ down.weight.to(h.dtype)  # [t, d_out] @ [d_out, d_ff]
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:

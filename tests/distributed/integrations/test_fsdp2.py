@@ -7,6 +7,8 @@ hybrid SP, a ring of 2 ((u, r) = (1, 2)), in the same processes."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -67,6 +69,23 @@ def _check_count_exact_under_bf16(ctx, topo):
     assert len(caches) == 2 * len(model.model.layers) and all(c is caches[0] for c in caches[: len(caches) // 2])
 
 
+@contextlib.contextmanager
+def _linear_calls(weight_shape):
+    """The ``F.linear`` calls with a weight of ``weight_shape`` made inside the block (a list)."""
+    calls, linear = [], torch.nn.functional.linear
+
+    def counting(x, weight, bias=None):
+        if weight.shape == weight_shape:
+            calls.append(x.shape)
+        return linear(x, weight, bias)
+
+    torch.nn.functional.linear = counting
+    try:
+        yield calls
+    finally:
+        torch.nn.functional.linear = linear
+
+
 def _check(ctx, topo, tied: bool):
     sp_size = topo.sp_size
     tol = tolerances(ctx.dtype)
@@ -102,8 +121,14 @@ def _check(ctx, topo, tied: bool):
 
     local = ulysses_sp.shard_batch(batches[topo.dp_rank], topo)
     n = count_label_tokens(local, topo)
-    loss = loss_module(local, n)
-    loss.backward()
+    down_shape = ref.model.layers[0].mlp.down_proj.weight.shape
+    with _linear_calls(down_shape) as forward_calls:
+        loss = loss_module(local, n)
+    with _linear_calls(down_shape) as backward_calls:
+        loss.backward()
+    # the MLP tiles' backward computes the down projection's gradients itself (FSDP2's unsharded
+    # parameters are the ones the forward saw), so it never runs the projection
+    assert forward_calls and not backward_calls, (len(forward_calls), len(backward_calls))
     # this replica's sum / (N / dp): FSDP2's gradient mean over the dp*sp ranks then gives the step's sum / N
     torch.testing.assert_close(loss.detach(), ref_losses[topo.dp_rank].detach() * topo.dp_size, **tol)
     if not tied and _torch_at_least(GROUPED_HEAD_TORCH):

@@ -92,23 +92,79 @@ def test_tile_mlp_is_scoped_and_undone():
     assert ["forward" in layer.mlp.__dict__ for layer in moe.model.layers] == [True, False]
 
 
-def test_tiled_mlp_under_autocast_and_checkpointing():
+def _count_down_projections(monkeypatch, model) -> list[torch.dtype]:
+    """The output dtype of every ``F.linear`` call with a down projection's weight (its forward,
+    hooked without a module hook, which would turn the tiles' skip of it off)."""
+    weights = {id(layer.mlp.down_proj.weight) for layer in model.model.layers}
+    calls, linear = [], torch.nn.functional.linear
+
+    def counting(x, weight, bias=None):
+        y = linear(x, weight, bias)
+        if id(weight) in weights:
+            calls.append(y.dtype)
+        return y
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    return calls
+
+
+def test_tiled_mlp_under_autocast_and_checkpointing(monkeypatch):
     """The backward reruns the tiles in the forward's autocast state: bf16 like the untiled MLP; the
-    layer's recomputation under checkpointing runs none."""
+    layer's recomputation under checkpointing runs none, and the tiles' rerun stops before the down
+    projection, whose gradients the backward computes itself."""
     ref = tiny_model("tiny-llama")
     ckpt.enable_checkpointing(ref, "full")
     model = tile_mlp(clone(ref), 5)
-    dtypes = []
-    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     ids = tokens(2, 23)
-    for m in (ref, model):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            m(input_ids=ids, labels=ids).loss.backward()
-    # 10 tiles in the forward and in the backward; the checkpoint's recomputation stops before the
-    # tiled forward (the tiles' source is the layer's last saved tensor), so it runs no tile
-    assert dtypes == [torch.bfloat16] * 20, dtypes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref(input_ids=ids, labels=ids).loss.backward()
+        calls = _count_down_projections(monkeypatch, model)
+        model(input_ids=ids, labels=ids).loss.backward()
+    # 10 tiles in each layer's forward (2 layers); the checkpoint's recomputation stops before the
+    # tiled forward (the tiles' source is the layer's last saved tensor) and the backward's tiles
+    # before their down projection: no call in the backward
+    assert calls == [torch.bfloat16] * 20, calls
     for (name, p), r in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, r.grad, rtol=2e-2, atol=2e-2 * r.grad.abs().max().item(), msg=name)
+
+
+class _ScaledOutput(torch.nn.Module):
+    """An MLP whose output is its down projection's, changed in place: the tiles cannot skip it."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)).mul_(0.5)
+
+
+@pytest.mark.parametrize("case", ["bias", "frozen down", "hooked down", "output changed"])
+def test_tiled_mlp_down_projection_skip_is_exact_or_off(monkeypatch, case):
+    """The tiles' backward computes the down projection's gradients itself only where the MLP
+    returns that projection's output as it is and nothing hooks it; fp32 gradients equal the
+    untiled model's in every case, with or without the skip."""
+    ref = tiny_model("tiny-llama", mlp_bias=case == "bias")
+    if case == "output changed":
+        for layer in ref.model.layers:
+            layer.mlp = _ScaledOutput(layer.mlp)
+    if case == "frozen down":
+        for layer in ref.model.layers:
+            layer.mlp.down_proj.requires_grad_(False)
+    model = tile_mlp(clone(ref), 5)
+    if case == "hooked down":
+        for layer in model.model.layers:
+            layer.mlp.down_proj.register_forward_hook(lambda m, i, out: None)
+    ids = tokens(2, 23)
+    ref(input_ids=ids, labels=ids).loss.backward()
+    calls = _count_down_projections(monkeypatch, model)
+    model(input_ids=ids, labels=ids).loss.backward()
+    skipped = case in ("bias", "frozen down")
+    assert len(calls) == (20 if skipped else 40), (case, len(calls))
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (r.grad is None), name
+        if r.grad is not None:
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-6 * r.grad.abs().max().item(), msg=name)
 
 
 def test_tiled_mlp_recomputes_its_input_from_an_rms_norm_recompute():
@@ -117,7 +173,7 @@ def test_tiled_mlp_recomputes_its_input_from_an_rms_norm_recompute():
     saved. Gradients equal the untiled model's under every checkpointing policy; an input changed in
     place since the norm (or another producer) is saved as before."""
     from ulysses_sp.memory.rms_norm import RMSNormFunction, enable_rms_norm_recompute, norm_source
-    from ulysses_sp.memory.tiled_mlp import TiledMLP
+    from ulysses_sp.memory.tiled_mlp import MLPCall, TiledMLP
 
     ref = tiny_model("tiny-llama-gqa")
     ids = tokens(2, 23)
@@ -139,12 +195,12 @@ def test_tiled_mlp_recomputes_its_input_from_an_rms_norm_recompute():
     h = torch.randn(2, 7, ref.config.hidden_size, requires_grad=True)
     x = RMSNormFunction.apply(h, weight, 1e-6, 4, True)
     assert norm_source(x) is not None
-    saved = _saved_bytes(lambda t: TiledMLP.apply(t, None, mlp, 3, list(mlp.parameters())), x)
+    saved = _saved_bytes(lambda t: TiledMLP.apply(t, None, MLPCall(mlp), 3, list(mlp.parameters())), x)
     assert saved == h.nbytes + weight.nbytes, saved  # h (the norm's input) and the weight's copy, not x
     x_changed = RMSNormFunction.apply(h, weight, 1e-6, 4, True).mul_(1)  # allowed, as on transformers' norm
     assert norm_source(x_changed) is None
     assert (
-        _saved_bytes(lambda t: TiledMLP.apply(t, None, mlp, 3, list(mlp.parameters())), x_changed) == x_changed.nbytes
+        _saved_bytes(lambda t: TiledMLP.apply(t, None, MLPCall(mlp), 3, list(mlp.parameters())), x_changed) == x_changed.nbytes
     )
     model = clone(ref)
     enable_rms_norm_recompute(model)
@@ -166,14 +222,14 @@ def test_residual_gradient_accumulates_in_place_through_norm_and_tiled_mlp():
     from torch.profiler import ProfilerActivity, profile
 
     from ulysses_sp.memory.rms_norm import RMSNormFunction
-    from ulysses_sp.memory.tiled_mlp import TiledMLP
+    from ulysses_sp.memory.tiled_mlp import MLPCall, TiledMLP
 
     mlp = tiny_model("tiny-llama").model.layers[0].mlp
     d = mlp.gate_proj.in_features
     weight = torch.randn(d, requires_grad=True)
     branches = {
         "norm": lambda h: RMSNormFunction.apply(h, weight, 1e-6, 4),  # 4 rows per tile
-        "tiled mlp": lambda h: TiledMLP.apply(h, None, mlp, 3, list(mlp.parameters())),
+        "tiled mlp": lambda h: TiledMLP.apply(h, None, MLPCall(mlp), 3, list(mlp.parameters())),
     }
     for name, branch in branches.items():
         h = torch.randn(2, 7, d, requires_grad=True) * 1  # a non-leaf: its gradient is accumulated
