@@ -13,9 +13,10 @@ next tile), writing its slice of the input gradient and accumulating the paramet
 gradients equal the untiled MLP's up to the summation order over tiles. Cost: one more MLP forward
 per layer and step, less its last matmul where the MLP's output is a plain ``nn.Linear`` down
 projection's (Llama-style MLPs): the backward needs that projection's input, not its output, so the
-tile's rerun stops before it and its two gradient matmuls are done here (:func:`_rerun_to_down`);
-the MLP then costs the matmuls of an untiled checkpointed one, whose recomputation stops before the
-down projection too. Under a non-reentrant activation checkpoint the layer's recomputation stops
+tile's rerun stops before it and its two gradient matmuls are done here (:func:`_rerun_to_down`).
+The backward then runs 8 MLP matmuls per layer, one less than an untiled checkpointed MLP, whose
+recomputation runs the down projection to save its input again. Under a non-reentrant activation
+checkpoint the layer's recomputation stops
 after the last tensor the backward saved (torch's early stop); :class:`_TileSource` saves what the
 tiles are recomputed from in an op of its own, before the tiled forward, so the recomputation ends
 there and never reruns the tiled forward, whose output no backward reads.
@@ -281,7 +282,8 @@ class TiledMLP(torch.autograd.Function):
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         flat = x.reshape(-1, x.shape[-1])  # [T, d]
         downs = []  # the down projection's outputs with their version: returned unchanged, or no skip
-        hook = None if mlp.down is None else mlp.down.register_forward_hook(lambda m, a, y: downs.append((y, y._version)))
+        record = lambda module, args, y: downs.append((y, y._version))  # noqa: E731
+        hook = None if mlp.down is None else mlp.down.register_forward_hook(record)
         out, start, returned = None, 0, []
         try:
             for tile in flat.tensor_split(tiles):  # [t, d]; some may be empty
@@ -294,9 +296,7 @@ class TiledMLP(torch.autograd.Function):
         finally:
             if hook is not None:
                 hook.remove()
-        unchanged = len(downs) == len(returned) and all(
-            r[0] is o[0] and r[1] == o[1] for r, o in zip(returned, downs)
-        )
+        unchanged = len(downs) == len(returned) and all(r[0] is o[0] and r[1] == o[1] for r, o in zip(returned, downs))
         ctx.down = mlp.down if unchanged else None
         return out.view(*x.shape[:-1], out.shape[-1])
 

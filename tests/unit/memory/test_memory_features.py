@@ -199,9 +199,8 @@ def test_tiled_mlp_recomputes_its_input_from_an_rms_norm_recompute():
     assert saved == h.nbytes + weight.nbytes, saved  # h (the norm's input) and the weight's copy, not x
     x_changed = RMSNormFunction.apply(h, weight, 1e-6, 4, True).mul_(1)  # allowed, as on transformers' norm
     assert norm_source(x_changed) is None
-    assert (
-        _saved_bytes(lambda t: TiledMLP.apply(t, None, MLPCall(mlp), 3, list(mlp.parameters())), x_changed) == x_changed.nbytes
-    )
+    tiled = lambda t: TiledMLP.apply(t, None, MLPCall(mlp), 3, list(mlp.parameters()))  # noqa: E731
+    assert _saved_bytes(tiled, x_changed) == x_changed.nbytes
     model = clone(ref)
     enable_rms_norm_recompute(model)
     sources = []
