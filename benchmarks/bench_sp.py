@@ -10,7 +10,8 @@ step time (median of ``--steps`` timed steps, slowest rank), tokens/s per GPU, m
 MFU (formula in ulysses_sp/train/flops.py), peak memory (max over ranks of max_memory_allocated over the
 steps minus what was allocated before the configuration's build; the absolute value too), exposed
 all-to-all / communication time (spbench/comm.py), the first
-step's loss on both sides (parity), ratios against ``--baseline``. ``--max-len-search`` then
+step's loss on both sides (parity), dynamo's graph-break count (JSON: ``graph_breaks``; 0 where each
+compiled layer is one graph), ratios against ``--baseline``. ``--max-len-search`` then
 searches the longest sequence that fits for each of ``--search-configs``.
 """
 

@@ -14,6 +14,7 @@ it on (``enable_checkpointing(..., offload=True)``) and off (``disable_checkpoin
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -54,8 +55,12 @@ class OffloadLayerInput:
         if not (torch.is_tensor(hidden) and torch.is_grad_enabled()):
             return self.checkpoint_fn(function, *args, **kwargs)
 
+        # autograd keeps a saved tensor's pack hook alive with it: a closure over ``hidden`` itself
+        # would hold the device tensor until the layer's backward, the memory the offload frees
+        hidden_ref = weakref.ref(hidden)
+
         def pack(t: torch.Tensor):
-            return self._to_host(t) if t is hidden else t
+            return self._to_host(t) if t is hidden_ref() else t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, _from_host):
             return self.checkpoint_fn(function, *args, **kwargs)
