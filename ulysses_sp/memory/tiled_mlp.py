@@ -281,14 +281,16 @@ class TiledMLP(torch.autograd.Function):
             _save_source(ctx, x)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         flat = x.reshape(-1, x.shape[-1])  # [T, d]
-        downs = []  # the down projection's outputs with their version: returned unchanged, or no skip
+        downs = []  # this tile's down-projection output and its version (the hook's record)
         record = lambda module, args, y: downs.append((y, y._version))  # noqa: E731
         hook = None if mlp.down is None else mlp.down.register_forward_hook(record)
-        out, start, returned = None, 0, []
+        out, start, unchanged = None, 0, hook is not None
         try:
             for tile in flat.tensor_split(tiles):  # [t, d]; some may be empty
                 y = mlp.run(tile.unsqueeze(0))  # [1, t, d_out]
-                returned.append((y, y._version))
+                # the skip needs the MLP to return its one down-projection output as it is
+                unchanged = unchanged and len(downs) == 1 and downs[0][0] is y and downs[0][1] == y._version
+                downs.clear()  # no tile's output outlives its copy into ``out``
                 if out is None:
                     out = y.new_empty(flat.shape[0], y.shape[-1])  # [T, d_out]
                 out[start : start + tile.shape[0]] = y.squeeze(0)
@@ -296,7 +298,6 @@ class TiledMLP(torch.autograd.Function):
         finally:
             if hook is not None:
                 hook.remove()
-        unchanged = len(downs) == len(returned) and all(r[0] is o[0] and r[1] == o[1] for r, o in zip(returned, downs))
         ctx.down = mlp.down if unchanged else None
         return out.view(*x.shape[:-1], out.shape[-1])
 
