@@ -45,10 +45,10 @@ with and without head chunks; 64K to 128K tokens; DeepSpeed and FSDP2) lie withi
 11 % above this model (tests/unit/train/test_memory_plan.py holds them).
 
 Candidates are tried in the order of their measured cost (docs/performance.md: none, selective,
-then the norm recompute and offload at under 1 % each, the tiled MLP (~6 % before its recomputation
-stopped rerunning the tiled forward, one MLP matmul per layer since), full checkpointing (+15 % over
-selective with the other features at 128K), head chunks); the first whose prediction fits
-``MARGIN`` of the device's memory is chosen. Where a costlier candidate predicts no less than a
+then the norm recompute and offload at under 1 % each, the tiled MLP (+1.0 % at 128K on an H100 since
+its backward stopped rerunning the tiled forward and the down projection; ~6 % before), full
+checkpointing (+15 % over selective with the other features at 128K), head chunks); the first
+whose prediction fits ``MARGIN`` of the device's memory is chosen. Where a costlier candidate predicts no less than a
 cheaper one it is never chosen (full checkpointing without the tiled MLP on a model of few layers
 at sp=1: their saved attention outputs are less than an untiled MLP's working set). The run then
 reports the measured peak next to the prediction.
