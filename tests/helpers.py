@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
@@ -170,3 +171,23 @@ class CountingKernels:
             return op
 
         self.kernels = FusedKernels(counted("rms_norm"), counted("silu_mul"), counted("rope"), ops.device_type)
+
+
+@contextlib.contextmanager
+def linear_calls(matches):
+    """The output dtype of every ``F.linear`` call made in the block whose weight ``matches(weight)``
+    (a list). Counts a projection without a module hook, which the tiled MLP's down-projection skip
+    would see and turn itself off for."""
+    calls, linear = [], torch.nn.functional.linear
+
+    def counting(x, weight, bias=None):
+        y = linear(x, weight, bias)
+        if matches(weight):
+            calls.append(y.dtype)
+        return y
+
+    torch.nn.functional.linear = counting
+    try:
+        yield calls
+    finally:
+        torch.nn.functional.linear = linear

@@ -7,14 +7,12 @@ hybrid SP, a ring of 2 ((u, r) = (1, 2)), in the same processes."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import ulysses_sp
 from tests.distributed import harness
-from tests.helpers import clone, tiny_model, tokens, tolerances
+from tests.helpers import clone, linear_calls, tiny_model, tokens, tolerances
 from ulysses_sp.core import comm
 from ulysses_sp.integrations.fsdp2 import GROUPED_HEAD_TORCH, shard_causal_lm
 from ulysses_sp.loss.causal_lm import count_label_tokens
@@ -69,23 +67,6 @@ def _check_count_exact_under_bf16(ctx, topo):
     assert len(caches) == 2 * len(model.model.layers) and all(c is caches[0] for c in caches[: len(caches) // 2])
 
 
-@contextlib.contextmanager
-def _linear_calls(weight_shape):
-    """The ``F.linear`` calls with a weight of ``weight_shape`` made inside the block (a list)."""
-    calls, linear = [], torch.nn.functional.linear
-
-    def counting(x, weight, bias=None):
-        if weight.shape == weight_shape:
-            calls.append(x.shape)
-        return linear(x, weight, bias)
-
-    torch.nn.functional.linear = counting
-    try:
-        yield calls
-    finally:
-        torch.nn.functional.linear = linear
-
-
 def _check(ctx, topo, tied: bool):
     sp_size = topo.sp_size
     tol = tolerances(ctx.dtype)
@@ -122,9 +103,9 @@ def _check(ctx, topo, tied: bool):
     local = ulysses_sp.shard_batch(batches[topo.dp_rank], topo)
     n = count_label_tokens(local, topo)
     down_shape = ref.model.layers[0].mlp.down_proj.weight.shape
-    with _linear_calls(down_shape) as forward_calls:
+    with linear_calls(lambda weight: weight.shape == down_shape) as forward_calls:
         loss = loss_module(local, n)
-    with _linear_calls(down_shape) as backward_calls:
+    with linear_calls(lambda weight: weight.shape == down_shape) as backward_calls:
         loss.backward()
     # the MLP tiles' backward computes the down projection's gradients itself (FSDP2's unsharded
     # parameters are the ones the forward saw), so it never runs the projection

@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
-from tests.helpers import clone, small_model, tiny_model, tokens
+from tests.helpers import clone, linear_calls, small_model, tiny_model, tokens
 from ulysses_sp.memory import activation_checkpointing as ckpt
 from ulysses_sp.memory import offload
 from ulysses_sp.memory.tiled_mlp import is_mlp_tiled, tile_mlp, untile_mlp
@@ -126,23 +126,13 @@ def test_tile_mlp_is_scoped_and_undone():
     assert ["forward" in layer.mlp.__dict__ for layer in moe.model.layers] == [True, False]
 
 
-def _count_down_projections(monkeypatch, model) -> list[torch.dtype]:
-    """The output dtype of every ``F.linear`` call with a down projection's weight (its forward,
-    hooked without a module hook, which would turn the tiles' skip of it off)."""
+def _down_projections(model):
+    """:func:`linear_calls` of the down projections of ``model``'s decoder layers."""
     weights = {id(layer.mlp.down_proj.weight) for layer in model.model.layers}
-    calls, linear = [], torch.nn.functional.linear
-
-    def counting(x, weight, bias=None):
-        y = linear(x, weight, bias)
-        if id(weight) in weights:
-            calls.append(y.dtype)
-        return y
-
-    monkeypatch.setattr(torch.nn.functional, "linear", counting)
-    return calls
+    return linear_calls(lambda weight: id(weight) in weights)
 
 
-def test_tiled_mlp_under_autocast_and_checkpointing(monkeypatch):
+def test_tiled_mlp_under_autocast_and_checkpointing():
     """The backward reruns the tiles in the forward's autocast state: bf16 like the untiled MLP; the
     layer's recomputation under checkpointing runs none, and the tiles' rerun stops before the down
     projection, whose gradients the backward computes itself."""
@@ -152,8 +142,8 @@ def test_tiled_mlp_under_autocast_and_checkpointing(monkeypatch):
     ids = tokens(2, 23)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref(input_ids=ids, labels=ids).loss.backward()
-        calls = _count_down_projections(monkeypatch, model)
-        model(input_ids=ids, labels=ids).loss.backward()
+        with _down_projections(model) as calls:
+            model(input_ids=ids, labels=ids).loss.backward()
     # 10 tiles in each layer's forward (2 layers); the checkpoint's recomputation stops before the
     # tiled forward (the tiles' source is the layer's last saved tensor) and the backward's tiles
     # before their down projection: no call in the backward
@@ -174,7 +164,7 @@ class _ScaledOutput(torch.nn.Module):
 
 
 @pytest.mark.parametrize("case", ["bias", "frozen down", "hooked down", "output changed"])
-def test_tiled_mlp_down_projection_skip_is_exact_or_off(monkeypatch, case):
+def test_tiled_mlp_down_projection_skip_is_exact_or_off(case):
     """The tiles' backward computes the down projection's gradients itself only where the MLP
     returns that projection's output as it is and nothing hooks it; fp32 gradients equal the
     untiled model's in every case, with or without the skip."""
@@ -191,8 +181,8 @@ def test_tiled_mlp_down_projection_skip_is_exact_or_off(monkeypatch, case):
             layer.mlp.down_proj.register_forward_hook(lambda m, i, out: None)
     ids = tokens(2, 23)
     ref(input_ids=ids, labels=ids).loss.backward()
-    calls = _count_down_projections(monkeypatch, model)
-    model(input_ids=ids, labels=ids).loss.backward()
+    with _down_projections(model) as calls:
+        model(input_ids=ids, labels=ids).loss.backward()
     skipped = case in ("bias", "frozen down")
     assert len(calls) == (20 if skipped else 40), (case, len(calls))
     for (name, p), r in zip(model.named_parameters(), ref.parameters()):
